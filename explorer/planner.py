@@ -1,0 +1,390 @@
+"""Scores -> Plan: how many units each layer loses at a given sparsity, instantly.
+
+A *unit* is whatever a score tensor scores: one weight (unstructured pruning) or one
+output channel (structured pruning); the planner never needs to know which. The work
+is split in two so that the UI slider stays instant:
+
+* :func:`prepare` sorts every unit of every layer once (``O(N log N)``) into a
+  :class:`Ranking`;
+* :func:`plan` then answers "what does sparsity S do?" with a few binary searches per
+  layer (``O(layers · log N)``), returning a :class:`Plan`: plain, JSON-serialisable data.
+
+Ties are broken deterministically: by score ascending, then by the layer's position in
+the scores dict, then by the unit's flat index. Scores are ranked as float32, so scores
+that differ by less than float32 resolution count as ties.
+
+Example::
+
+    ranking = prepare(channel_scores(model, "magnitude"))
+    p = plan(ranking, 0.5, scope="global", protect=["fc"])
+    p.collapse_point       # pruned fraction at which the first layer would empty
+    pruned_indices(ranking, p, "features.0")
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from explorer.errors import ExplorerError
+
+SCOPES = ("local", "global")
+_INDEX_BITS = 32
+_INDEX_MASK = np.uint64((1 << _INDEX_BITS) - 1)
+_INFINITE_KEY = np.uint64(np.iinfo(np.uint64).max)
+
+
+@dataclass
+class Ranking:
+    """Every unit of every layer sorted once; the cache behind instant plans.
+
+    ``layer_keys[offsets[l]:offsets[l + 1]]`` holds layer ``l``'s sort keys in ascending
+    order and ``sorted_keys`` all keys of all layers in ascending order. A key packs the
+    float32 score (as an order-preserving unsigned integer) above the unit's global index,
+    so comparing keys compares (score, layer order, flat index) in one integer compare:
+    "how many of layer l's units are among the k lowest" is one ``searchsorted``.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    sizes: np.ndarray = field(repr=False)
+    offsets: np.ndarray = field(repr=False)
+    layer_keys: np.ndarray = field(repr=False)
+    sorted_keys: np.ndarray = field(repr=False)
+
+    @property
+    def total(self) -> int:
+        """Number of units over all layers."""
+        return int(self.offsets[-1])
+
+    def index_of(self, name: str) -> int:
+        """Position of layer ``name`` in the ranking's fixed layer order."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ExplorerError(
+                f"Layer {name!r} is not in this ranking; known layers: {', '.join(self.names)}."
+            ) from None
+
+    def keys_of(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s keys in ascending order (a view, not a copy)."""
+        return self.layer_keys[self.offsets[layer]:self.offsets[layer + 1]]
+
+    def order_of(self, layer: int) -> np.ndarray:
+        """Flat indices of layer ``layer``'s units from lowest to highest score (stable)."""
+        global_index = (self.keys_of(layer) & _INDEX_MASK).astype(np.int64)
+        return global_index - self.offsets[layer]
+
+    def count_below(self, layer: int, key: np.uint64) -> int:
+        """How many of layer ``layer``'s units sort strictly before ``key``."""
+        return int(np.searchsorted(self.keys_of(layer), key, side="left"))
+
+
+@dataclass
+class LayerPlan:
+    """One layer's share of a plan; ``source`` says which rule set its count."""
+
+    name: str
+    total: int
+    kept: int
+    pruned: int
+    sparsity: float
+    collapsed: bool
+    source: str  # "global", "local", "override" or "protected"
+
+
+@dataclass
+class Plan:
+    """What a sparsity does to each layer: pure data, no tensors, JSON-serialisable.
+
+    ``collapse_point`` is the smallest pruned fraction of the pool (the layers ranked by
+    ``scope``, i.e. all but overridden/protected ones) at which some pool layer keeps no
+    unit; ``collapse_layer`` names it. It is ``None`` when nothing in the pool can collapse
+    (``min_keep`` > 0, or an empty pool). ``target_met`` is False when ``min_keep`` made the
+    requested count impossible; ``note`` then says why.
+    """
+
+    scope: str
+    sparsity_requested: float
+    sparsity_actual: float
+    total: int
+    pruned: int
+    layers: list[LayerPlan]
+    collapsed: list[str]
+    collapse_point: float | None
+    collapse_layer: str | None
+    min_keep: float = 0.0
+    overrides: dict[str, float] = field(default_factory=dict)
+    protected: list[str] = field(default_factory=list)
+    target_met: bool = True
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain dict of built-in types (``json.dumps`` works on it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Plan:
+        """Inverse of :meth:`to_dict`."""
+        values = dict(data)
+        values["layers"] = [LayerPlan(**layer) for layer in values["layers"]]
+        return cls(**values)
+
+    def layer(self, name: str) -> LayerPlan:
+        """The :class:`LayerPlan` of layer ``name``."""
+        for layer_plan in self.layers:
+            if layer_plan.name == name:
+                return layer_plan
+        raise ExplorerError(f"Layer {name!r} is not in this plan.")
+
+
+def _sortable_uint32(values: np.ndarray) -> np.ndarray:
+    """Map float32 to uint32 so that unsigned integer order equals float order.
+
+    Positive floats get their sign bit set; negative floats have all bits flipped.
+    ``-0.0`` is first turned into ``+0.0`` so the two zeros tie.
+    """
+    bits = (values + np.float32(0.0)).view(np.int32)
+    flip = (bits >> 31) | np.int32(-(2**31))
+    return (bits ^ flip).view(np.uint32)
+
+
+def prepare(scores: Mapping[str, torch.Tensor]) -> Ranking:
+    """Sort all units once so that every later :func:`plan` is a lookup.
+
+    ``scores`` maps layer name -> score tensor (higher = more important = kept), as made by
+    :func:`explorer.criteria.weight_scores` (units = weights) or
+    :func:`explorer.criteria.channel_scores` (units = channels). The dict's order is the
+    layer order used to break ties. Costs one global sort plus one sort per layer.
+    """
+    if not scores:
+        raise ExplorerError("No scores to rank: the model has no prunable layers.")
+    names = tuple(scores)
+    shapes, flats = [], []
+    for name in names:
+        tensor = scores[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise ExplorerError(f"Scores of layer {name!r} must be a torch.Tensor, got {type(tensor).__name__}.")
+        if tensor.numel() == 0:
+            raise ExplorerError(f"Layer {name!r} has no units to rank.")
+        flat = tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()
+        if not np.isfinite(flat).all():
+            raise ExplorerError(
+                f"Scores of layer {name!r} contain NaN or inf (or exceed float32 range); "
+                "check the model's weights and calibration data, or choose another criterion."
+            )
+        shapes.append(tuple(tensor.shape))
+        flats.append(flat)
+    sizes = np.array([flat.size for flat in flats], dtype=np.int64)
+    offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    total = int(offsets[-1])
+    if total >= 1 << _INDEX_BITS:
+        raise ExplorerError(f"{total} units are too many to rank (limit {1 << _INDEX_BITS}); use channel scores.")
+
+    keys = np.empty(total, dtype=np.uint64)
+    for layer, flat in enumerate(flats):
+        keys[offsets[layer]:offsets[layer + 1]] = _sortable_uint32(flat)
+    keys <<= np.uint64(_INDEX_BITS)
+    keys |= np.arange(total, dtype=np.uint64)
+    for layer in range(len(names)):
+        keys[offsets[layer]:offsets[layer + 1]].sort()
+    return Ranking(
+        names=names,
+        shapes=tuple(shapes),
+        sizes=sizes,
+        offsets=offsets,
+        layer_keys=keys,
+        sorted_keys=np.sort(keys),
+    )
+
+
+def _check_fraction(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ExplorerError(f"{what} must be a number between 0 and 1, got {value!r}.")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ExplorerError(f"{what} must be between 0 and 1, got {value}.")
+    return value
+
+
+def _units_kept_at_least(min_keep: float, size: int) -> int:
+    """ceil(min_keep · size), forgiving float noise such as 0.05 · 100 = 5.000000000000001."""
+    return min(size, math.ceil(min_keep * size - 1e-9))
+
+
+def plan(
+    ranking: Ranking,
+    sparsity: float,
+    scope: str = "local",
+    *,
+    overrides: Mapping[str, float] | None = None,
+    protect: Iterable[str] = (),
+    min_keep: float = 0.0,
+) -> Plan:
+    """Decide how many units each layer loses; each layer always loses its lowest-scored ones.
+
+    * ``scope="local"``: every layer prunes ``round(S · n_l)`` of its ``n_l`` units.
+    * ``scope="global"``: exactly ``round(S · N)`` of the ``N`` units in the pool, wherever
+      they are, so low-scored layers lose more and may *collapse* (keep nothing).
+    * ``overrides={"layer": s}`` gives a layer its own sparsity (ranked within the layer)
+      and takes it out of the pool; ``protect`` is the same with ``s = 0`` (and wins over
+      an override of the same layer).
+    * ``min_keep`` (fraction): every pool layer keeps at least ``ceil(min_keep · n_l)``
+      units; in global scope the units it may not lose are taken from other layers, so the
+      total is still ``round(S · N)`` when possible (else ``target_met`` is False).
+
+    ``round`` is Python's (half to even), as in ``torch.nn.utils.prune``.
+    """
+    sparsity = _check_fraction(sparsity, "Sparsity")
+    min_keep = _check_fraction(min_keep, "min_keep")
+    if scope not in SCOPES:
+        raise ExplorerError(f"Unknown scope {scope!r}; choose one of {', '.join(SCOPES)}.")
+    if isinstance(protect, str):
+        protect = [protect]
+    protected = list(dict.fromkeys(protect))
+    override_values = {
+        name: _check_fraction(value, f"Override sparsity of {name!r}") for name, value in (overrides or {}).items()
+    }
+    for name in [*override_values, *protected]:
+        ranking.index_of(name)
+    override_values.update({name: 0.0 for name in protected})
+
+    sizes = [int(size) for size in ranking.sizes]
+    pool = [layer for layer, name in enumerate(ranking.names) if name not in override_values]
+    floors = {layer: _units_kept_at_least(min_keep, sizes[layer]) for layer in pool}
+    pool_total = sum(sizes[layer] for layer in pool)
+    pruned = [0] * len(sizes)
+    sources = ["global" if scope == "global" else "local"] * len(sizes)
+    for name, value in override_values.items():
+        layer = ranking.index_of(name)
+        pruned[layer] = round(value * sizes[layer])
+        sources[layer] = "protected" if name in protected else "override"
+
+    target_met, note = True, ""
+    if scope == "local":
+        for layer in pool:
+            wanted = round(sparsity * sizes[layer])
+            pruned[layer] = min(wanted, sizes[layer] - floors[layer])
+            if pruned[layer] < wanted:
+                target_met = False
+        if not target_met:
+            note = f"min_keep={min_keep} capped some layers below the requested sparsity."
+    else:
+        target = round(sparsity * pool_total)
+        caps = {layer: sizes[layer] - floors[layer] for layer in pool}
+        achieved = _global_counts(ranking, pool, caps, target, pruned)
+        if achieved < target:
+            target_met = False
+            note = (
+                f"min_keep={min_keep} leaves only {achieved} prunable units in the pool; "
+                f"pruned {achieved} instead of the requested {target}."
+            )
+
+    layer_plans = [
+        LayerPlan(
+            name=name,
+            total=sizes[layer],
+            kept=sizes[layer] - pruned[layer],
+            pruned=pruned[layer],
+            sparsity=pruned[layer] / sizes[layer],
+            collapsed=pruned[layer] == sizes[layer],
+            source=sources[layer],
+        )
+        for layer, name in enumerate(ranking.names)
+    ]
+    total_pruned = sum(pruned)
+    collapse_point, collapse_layer = _collapse_point(ranking, pool, scope, min_keep)
+    return Plan(
+        scope=scope,
+        sparsity_requested=sparsity,
+        sparsity_actual=total_pruned / ranking.total,
+        total=ranking.total,
+        pruned=total_pruned,
+        layers=layer_plans,
+        collapsed=[lp.name for lp in layer_plans if lp.collapsed],
+        collapse_point=collapse_point,
+        collapse_layer=collapse_layer,
+        min_keep=min_keep,
+        overrides=dict(overrides or {}),
+        protected=protected,
+        target_met=target_met,
+        note=note,
+    )
+
+
+def _global_counts(ranking: Ranking, pool: list[int], caps: dict[int, int], target: int, pruned: list[int]) -> int:
+    """Fill ``pruned`` for the pool layers with the ``target`` lowest pool units; return the count.
+
+    Walking the global order one unit at a time, the capped pool count rises by at most
+    one per step, so the smallest cut reaching ``target`` hits it exactly. Without
+    overrides or caps the cut is simply at position ``target``; otherwise it is found
+    by binary search over positions in the global order.
+    """
+    sorted_keys = ranking.sorted_keys
+    total = ranking.total
+
+    def key_at(position: int) -> np.uint64:
+        return _INFINITE_KEY if position >= total else sorted_keys[position]
+
+    def counts_at(position: int) -> list[int]:
+        key = key_at(position)
+        return [min(ranking.count_below(layer, key), caps[layer]) for layer in pool]
+
+    if len(pool) == len(ranking.names) and all(caps[layer] == ranking.sizes[layer] for layer in pool):
+        best = counts_at(target)
+    else:
+        low, high = 0, total
+        if sum(counts_at(high)) <= target:
+            low = high
+        while low < high:
+            middle = (low + high) // 2
+            if sum(counts_at(middle)) >= target:
+                high = middle
+            else:
+                low = middle + 1
+        best = counts_at(low)
+    for layer, count in zip(pool, best):
+        pruned[layer] = count
+    return sum(best)
+
+
+def _collapse_point(ranking: Ranking, pool: list[int], scope: str, min_keep: float) -> tuple[float | None, str | None]:
+    """Smallest pruned fraction of the pool at which some pool layer empties.
+
+    Global: a layer is empty once its highest-ranked unit is pruned; if that unit has
+    0-based rank ``r`` in the pool's order, that happens at ``k = r + 1`` pruned units,
+    i.e. at fraction ``(r + 1) / N_pool``; the layer whose best unit ranks lowest goes
+    first. Local: ``round(S · n) = n`` needs ``S >= 1 - 0.5 / n``, so the largest layer
+    holds out longest and the smallest layer collapses first at that bound.
+    """
+    if not pool or _units_kept_at_least(min_keep, 1) > 0:
+        return None, None
+    if scope == "local":
+        first = min(pool, key=lambda layer: (1 - 0.5 / ranking.sizes[layer], layer))
+        return 1 - 0.5 / float(ranking.sizes[first]), ranking.names[first]
+    first = min(pool, key=lambda layer: ranking.keys_of(layer)[-1])
+    best_key = ranking.keys_of(first)[-1]
+    rank = sum(ranking.count_below(layer, best_key) for layer in pool)
+    pool_total = sum(int(ranking.sizes[layer]) for layer in pool)
+    return (rank + 1) / pool_total, ranking.names[first]
+
+
+def pruned_indices(ranking: Ranking, plan: Plan, layer: str) -> torch.Tensor:
+    """Flat indices of ``layer``'s pruned units: its ``pruned`` lowest in its own stable order.
+
+    In global scope the units a layer loses are exactly its lowest-scored ones (the global
+    cut is a score threshold), so this is consistent for both scopes.
+    """
+    index = ranking.index_of(layer)
+    layer_plan = plan.layer(layer)
+    if layer_plan.total != int(ranking.sizes[index]):
+        raise ExplorerError(
+            f"The plan's layer {layer!r} has {layer_plan.total} units but the ranking has "
+            f"{int(ranking.sizes[index])}: the plan was made from a different ranking."
+        )
+    keys = ranking.keys_of(index)[: layer_plan.pruned]
+    return torch.from_numpy((keys & _INDEX_MASK).astype(np.int64) - ranking.offsets[index])
