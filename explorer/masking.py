@@ -1,0 +1,83 @@
+"""Apply an unstructured Plan as masks: zeros in dense tensors, fine-tunable.
+
+``torch.nn.utils.prune`` re-parametrises ``weight`` as ``weight_orig * weight_mask``, so a
+masked copy can be fine-tuned while its pruned weights stay zero. This shrinks the
+*compressed file*, not latency: dense kernels multiply zeros just as fast (structured
+removal lives in :mod:`explorer.structural`).
+
+Example::
+
+    ranking = prepare(weight_scores(model, "magnitude"))
+    pruned = apply(model, plan(ranking, 0.8, scope="global"), ranking)
+    sparsity_report(make_permanent(pruned))
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from explorer.criteria import prunable_layers
+from explorer.errors import ExplorerError
+from explorer.planner import Plan, Ranking, pruned_indices
+
+
+def masks(ranking: Ranking, plan: Plan) -> dict[str, torch.Tensor]:
+    """Boolean mask per layer, shaped like its scores (True = kept, False = pruned)."""
+    result = {}
+    for name, shape in zip(ranking.names, ranking.shapes):
+        keep = torch.ones(int(torch.Size(shape).numel()), dtype=torch.bool)
+        keep[pruned_indices(ranking, plan, name)] = False
+        result[name] = keep.reshape(shape)
+    return result
+
+
+def apply(model: nn.Module, plan: Plan, ranking: Ranking) -> nn.Module:
+    """A masked deep copy of ``model``: each planned layer gets ``weight_orig``/``weight_mask``.
+
+    The plan must be unstructured (one unit per weight). Applying to an already masked
+    model multiplies the masks, as iterative pruning expects. ``model`` is not modified.
+    """
+    layer_masks = masks(ranking, plan)
+    pruned_model = copy.deepcopy(model)
+    modules = dict(prunable_layers(pruned_model))
+    for name, mask in layer_masks.items():
+        if name not in modules:
+            raise ExplorerError(f"The plan names layer {name!r}, which this model does not have.")
+        weight = modules[name].weight
+        if mask.shape != weight.shape:
+            raise ExplorerError(
+                f"Layer {name!r}: the plan has {tuple(mask.shape)} units but the weight is "
+                f"{tuple(weight.shape)}; a channel plan is applied with explorer.structural, not masks."
+            )
+        prune.custom_from_mask(modules[name], "weight", mask.to(weight.device))
+    return pruned_model
+
+
+def is_masked(model: nn.Module) -> bool:
+    """True if any module of ``model`` carries a ``torch.nn.utils.prune`` re-parametrisation."""
+    return prune.is_pruned(model)
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """A copy with masks folded into plain ``weight`` tensors (``prune.remove``); zeros stay."""
+    permanent = copy.deepcopy(model)
+    for module in permanent.modules():
+        hooks = [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
+        for hook in hooks:
+            prune.remove(module, hook._tensor_name)
+    return permanent
+
+
+def sparsity_report(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer: (zeros, total)}`` counted in the effective weights, masked or not."""
+    report = {}
+    for name, module in prunable_layers(model):
+        if hasattr(module, "weight_mask"):  # recompute: .weight is refreshed only on forward
+            weight = (module.weight_orig * module.weight_mask).detach()
+        else:
+            weight = module.weight.detach()
+        report[name] = (int((weight == 0).sum()), weight.numel())
+    return report
