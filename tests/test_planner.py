@@ -1,0 +1,236 @@
+"""Planner results checked against an independent sort-and-count written here."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from explorer.criteria import weight_scores
+from explorer.errors import ExplorerError
+from explorer.planner import Plan, plan, prepare, pruned_indices
+
+
+def random_scores(seed=0, sizes=(30, 7, 120, 1, 55), ties=False):
+    generator = torch.Generator().manual_seed(seed)
+    scores = {}
+    for index, size in enumerate(sizes):
+        if ties:
+            scores[f"layer{index}"] = torch.randint(0, 4, (size,), generator=generator).float()
+        else:
+            scores[f"layer{index}"] = torch.rand(size, generator=generator) * (index + 1)
+    scores["conv"] = torch.rand(4, 3, 2, 2, generator=generator)
+    return scores
+
+
+def reference(scores, sparsity, scope, overrides=None, protect=(), min_keep=0.0):
+    """Brute force: the set of pruned (layer, flat index) units, one unit at a time."""
+    overrides = dict(overrides or {})
+    overrides.update({name: 0.0 for name in protect})
+    pruned = {name: set() for name in scores}
+    flat = {name: tensor.reshape(-1).tolist() for name, tensor in scores.items()}
+    names = list(scores)
+    for name, value in overrides.items():
+        order = sorted(range(len(flat[name])), key=lambda i: (flat[name][i], i))
+        pruned[name] = set(order[: round(value * len(order))])
+    pool = [name for name in names if name not in overrides]
+    floor = {name: math.ceil(min_keep * len(flat[name]) - 1e-9) for name in pool}
+    if scope == "local":
+        for name in pool:
+            order = sorted(range(len(flat[name])), key=lambda i: (flat[name][i], i))
+            pruned[name] = set(order[: min(round(sparsity * len(order)), len(order) - floor[name])])
+        return pruned
+    units = sorted(
+        (flat[name][i], names.index(name), i) for name in pool for i in range(len(flat[name]))
+    )
+    target = round(sparsity * len(units))
+    count = 0
+    for _, layer, i in units:
+        if count == target:
+            break
+        name = names[layer]
+        if len(pruned[name]) < len(flat[name]) - floor[name]:
+            pruned[name].add(i)
+            count += 1
+    return pruned
+
+
+def assert_matches(ranking, result, expected):
+    for layer in result.layers:
+        got = set(pruned_indices(ranking, result, layer.name).tolist())
+        assert got == expected[layer.name], layer.name
+        assert layer.pruned == len(expected[layer.name])
+        assert layer.kept + layer.pruned == layer.total
+        assert layer.collapsed == (layer.kept == 0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.33, 0.5, 0.77, 0.95, 1.0])
+def test_plan_matches_brute_force(ties, scope, sparsity):
+    scores = random_scores(seed=3, ties=ties)
+    ranking = prepare(scores)
+    result = plan(ranking, sparsity, scope)
+    assert_matches(ranking, result, reference(scores, sparsity, scope))
+    total = sum(t.numel() for t in scores.values())
+    assert result.total == total
+    if scope == "global":
+        assert result.pruned == round(sparsity * total)
+    else:
+        for layer in result.layers:
+            assert layer.pruned == round(sparsity * layer.total)
+    assert result.sparsity_actual == pytest.approx(result.pruned / total)
+
+
+def test_prepare_does_not_modify_scores_and_ties_follow_layer_order():
+    scores = {"a": torch.zeros(3), "b": torch.zeros(3)}
+    before = {name: tensor.clone() for name, tensor in scores.items()}
+    ranking = prepare(scores)
+    result = plan(ranking, 0.5, "global")
+    assert [layer.pruned for layer in result.layers] == [3, 0]
+    assert pruned_indices(ranking, result, "a").tolist() == [0, 1, 2]
+    assert all(torch.equal(scores[name], before[name]) for name in scores)
+
+
+def test_negative_zero_ties_with_zero():
+    ranking = prepare({"a": torch.tensor([0.0, -0.0, -1.0, 1.0])})
+    result = plan(ranking, 0.75, "global")
+    assert pruned_indices(ranking, result, "a").tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_overrides_and_protect(scope):
+    scores = random_scores(seed=5)
+    ranking = prepare(scores)
+    overrides = {"layer2": 0.9, "conv": 0.25}
+    result = plan(ranking, 0.6, scope, overrides=overrides, protect=["layer0"])
+    assert_matches(ranking, result, reference(scores, 0.6, scope, overrides, ["layer0"]))
+    assert result.layer("layer0").pruned == 0 and result.layer("layer0").source == "protected"
+    assert result.layer("layer2").pruned == round(0.9 * 120) and result.layer("layer2").source == "override"
+    if scope == "global":
+        pool = [layer for layer in result.layers if layer.source == "global"]
+        assert sum(layer.pruned for layer in pool) == round(0.6 * sum(layer.total for layer in pool))
+
+
+def test_protect_wins_over_override():
+    ranking = prepare(random_scores())
+    result = plan(ranking, 0.5, "global", overrides={"layer0": 0.8}, protect=["layer0"])
+    assert result.layer("layer0").pruned == 0
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.7, 0.85])
+def test_min_keep_keeps_floor_and_meets_target(sparsity):
+    scores = random_scores(seed=7)
+    scores["layer1"] = scores["layer1"] * 1e-6  # would collapse first
+    ranking = prepare(scores)
+    result = plan(ranking, sparsity, "global", min_keep=0.1)
+    assert_matches(ranking, result, reference(scores, sparsity, "global", min_keep=0.1))
+    for layer in result.layers:
+        assert layer.kept >= math.ceil(0.1 * layer.total)
+    assert result.pruned == round(sparsity * result.total)
+    assert result.target_met and not result.collapsed and result.collapse_point is None
+
+
+def test_min_keep_reports_unreachable_target():
+    scores = random_scores(seed=8)
+    ranking = prepare(scores)
+    result = plan(ranking, 1.0, "global", min_keep=0.2)
+    floors = sum(math.ceil(0.2 * t.numel()) for t in scores.values())
+    assert not result.target_met and "min_keep" in result.note
+    assert result.pruned == result.total - floors
+    assert_matches(ranking, result, reference(scores, 1.0, "global", min_keep=0.2))
+
+
+def test_min_keep_in_local_scope():
+    ranking = prepare(random_scores())
+    result = plan(ranking, 1.0, "local", min_keep=0.5)
+    for layer in result.layers:
+        assert layer.kept == math.ceil(0.5 * layer.total)
+    assert not result.target_met
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_collapse_point_matches_brute_force(seed):
+    scores = random_scores(seed=seed, sizes=(5, 9, 3, 12))
+    scores["layer2"] = scores["layer2"] * 0.2
+    total = sum(t.numel() for t in scores.values())
+    first_k, first_layer = None, None
+    for k in range(1, total + 1):
+        pruned = reference(scores, k / total, "global")
+        empty = [name for name in scores if len(pruned[name]) == scores[name].numel()]
+        if empty:
+            first_k, first_layer = k, empty[0]
+            break
+    result = plan(prepare(scores), 0.1, "global")
+    assert result.collapse_point == pytest.approx(first_k / total)
+    assert result.collapse_layer == first_layer
+    ranking = prepare(scores)
+    assert first_layer in plan(ranking, result.collapse_point, "global").collapsed
+    assert not plan(ranking, (first_k - 1) / total, "global").collapsed
+
+
+def test_collapse_point_with_protected_pool():
+    scores = {"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3, 0.9, 1.0]), "c": torch.tensor([0.05])}
+    result = plan(prepare(scores), 0.0, "global", protect=["c"])
+    assert result.collapse_point == pytest.approx(2 / 5) and result.collapse_layer == "a"
+
+
+def test_local_collapse_point_bound():
+    scores = {"a": torch.rand(4), "b": torch.rand(10)}
+    result = plan(prepare(scores), 0.2, "local")
+    assert result.collapse_point == pytest.approx(1 - 0.5 / 4) and result.collapse_layer == "a"
+    assert plan(prepare(scores), 0.85, "local").collapsed == []
+
+
+def test_tiny_layer_collapses_globally_not_locally():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 5))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)
+    ranking = prepare(weight_scores(model, "magnitude"))
+    global_plan = plan(ranking, 0.6, "global")
+    assert global_plan.collapsed == ["2"]
+    assert global_plan.collapse_layer == "2"
+    assert global_plan.collapse_point == pytest.approx(400 / 700)
+    assert plan(ranking, 0.6, "local").collapsed == []
+
+
+def test_sparsity_one_collapses_everything():
+    ranking = prepare(random_scores())
+    for scope in ("local", "global"):
+        result = plan(ranking, 1.0, scope)
+        assert result.collapsed == list(ranking.names) and result.sparsity_actual == 1.0
+
+
+def test_plan_is_json_serialisable_and_round_trips():
+    result = plan(prepare(random_scores()), 0.4, "global", overrides={"layer0": 0.5}, protect=["conv"])
+    data = json.loads(json.dumps(result.to_dict()))
+    assert Plan.from_dict(data) == result
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.01, float("nan"), "0.5", None, True])
+def test_bad_sparsity(bad):
+    with pytest.raises(ExplorerError):
+        plan(prepare(random_scores()), bad, "global")
+
+
+def test_bad_arguments():
+    ranking = prepare(random_scores())
+    with pytest.raises(ExplorerError, match="scope"):
+        plan(ranking, 0.5, "layerwise")
+    with pytest.raises(ExplorerError, match="nope"):
+        plan(ranking, 0.5, "global", overrides={"nope": 0.5})
+    with pytest.raises(ExplorerError, match="nope"):
+        plan(ranking, 0.5, "global", protect=["nope"])
+    with pytest.raises(ExplorerError):
+        plan(ranking, 0.5, "global", overrides={"layer0": 2.0})
+    with pytest.raises(ExplorerError):
+        plan(ranking, 0.5, "global", min_keep=-1)
+    with pytest.raises(ExplorerError, match="NaN"):
+        prepare({"a": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(ExplorerError, match="NaN"):
+        prepare({"a": torch.tensor([1.0, float("inf")])})
+    with pytest.raises(ExplorerError):
+        prepare({})
+    with pytest.raises(ExplorerError):
+        pruned_indices(ranking, plan(prepare({"x": torch.rand(3)}), 0.5), "x")
