@@ -1,0 +1,373 @@
+"""Honest numbers for any model: parameters, FLOPs, file size, latency, peak memory.
+
+Nothing here knows how a model was pruned. A masked model (``torch.nn.utils.prune``), a
+model with channels physically removed, and a dense model are measured the same way, so
+the dashboard can put *theoretical* gains (fewer non-zero parameters, fewer effective
+FLOPs) next to *measured* ones (latency, compressed file size). The lesson they show:
+zeros inside a dense tensor shrink the compressed file but not the latency; removing
+channels shrinks latency and memory.
+
+Every number carries its unit in its name: ``flops``, ``latency_ms``, ``size_bytes``.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import zlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.utils.benchmark as benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from explorer.errors import ExplorerError
+
+_MASK_SUFFIX = "_mask"
+_ORIG_SUFFIX = "_orig"
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Total and non-zero parameters; a masked weight counts its masked entries as zeros.
+
+    ``torch.nn.utils.prune`` keeps the dense ``weight_orig`` as the parameter and computes
+    ``weight = weight_orig * weight_mask``; we count that effective ``weight``. Shared
+    parameters are counted once.
+    """
+    total = nonzero = 0
+    for tensor in _effective_tensors(model).values():
+        total += tensor.numel()
+        nonzero += int(torch.count_nonzero(tensor))
+    return {"total": total, "nonzero": nonzero}
+
+
+def flops(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """Forward FLOPs of one batch, dense and effective, overall and per layer.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode``, whose convention is **2 FLOPs
+    per multiply-accumulate** (a conv is ``2·Cout·Cin/groups·k·k·Hout·Wout`` per sample) and
+    which counts matmul/conv-like ops only (no bias adds, activations or norms).
+    ``effective`` scales each layer's dense count by the density of its weight (non-zero
+    fraction, masks applied): what a sparse kernel could at best skip. ``per_layer`` is
+    keyed by module name.
+    """
+    with _inference(model):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(example_input)
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__
+    dense_total = int(sum(counts.get("Global", {}).values()))
+    weights = _effective_weights(model)
+    per_layer = {}
+    for name, module in model.named_modules():
+        key = f"{prefix}.{name}" if name else prefix
+        if name == "" or any(True for _ in module.children()) or key not in counts:
+            continue
+        dense = int(sum(counts[key].values()))
+        weight = weights.get(name)
+        density = float(torch.count_nonzero(weight)) / weight.numel() if weight is not None and weight.numel() else 1.0
+        per_layer[name] = {"dense": dense, "effective": int(round(dense * density))}
+    saved = sum(layer["dense"] - layer["effective"] for layer in per_layer.values())
+    return {"dense": dense_total, "effective": dense_total - saved, "per_layer": per_layer}
+
+
+def latency(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+    warmup: int = 3,
+) -> dict:
+    """Median wall-clock time of one forward pass (eval mode, no autograd).
+
+    ``torch.utils.benchmark.Timer`` runs the model in blocks until ``min_run_time``
+    seconds are spent, with a fixed thread count and CUDA synchronisation; we report the
+    median and inter-quartile range over blocks, after ``warmup`` untimed passes. The
+    batch is the example's first dimension. The model is copied if it must move device.
+    """
+    return compare_latency(model, None, example_input, device=device, threads=threads,
+                           min_run_time=min_run_time, warmup=warmup)["dense"]
+
+
+def compare_latency(
+    dense_model: nn.Module,
+    pruned_model: nn.Module | None,
+    example_input: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+    warmup: int = 3,
+    rounds: int = 4,
+) -> dict:
+    """Time two models with the same input, batch, device and threads, interleaved.
+
+    The total ``min_run_time`` per model is split into ``rounds`` alternating slices
+    (dense, pruned, dense, ...), so drift in clock speed or background load hits both
+    alike. Returns ``{"dense": {...}, "pruned": {...}, "speedup_measured": float}`` where
+    speed-up is dense median / pruned median.
+    """
+    device = torch.device(device) if device is not None else _device_of(dense_model)
+    threads = int(threads) if threads else torch.get_num_threads()
+    inputs = example_input.to(device)
+    models = {"dense": dense_model} if pruned_model is None else {"dense": dense_model, "pruned": pruned_model}
+    prepared = {label: _on_device(m, device) for label, m in models.items()}
+    times: dict[str, list[float]] = {label: [] for label in prepared}
+    previous_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for label, model in prepared.items():
+                with _eval(model):
+                    for _ in range(warmup):
+                        model(inputs)
+            for _ in range(max(1, rounds)):
+                for label, model in prepared.items():
+                    with _eval(model):
+                        timer = benchmark.Timer(
+                            stmt="model(inputs)", globals={"model": model, "inputs": inputs},
+                            num_threads=threads,
+                        )
+                        times[label].extend(timer.blocked_autorange(min_run_time=min_run_time / max(1, rounds)).times)
+    finally:
+        torch.set_num_threads(previous_threads)
+    result = {label: _summary(t, device, inputs, threads) for label, t in times.items()}
+    if "pruned" in result:
+        result["speedup_measured"] = result["dense"]["median_ms"] / result["pruned"]["median_ms"]
+    return result
+
+
+def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]:
+    """Serialised state-dict size, raw and deflate-compressed.
+
+    Masks are made permanent first (only effective weights are saved, no ``*_orig`` or
+    ``*_mask``), so a masked and a truly sparse model of equal weights weigh the same.
+    Raw size does not shrink with zeros; the compressed size does: this is where
+    unstructured sparsity pays.
+    """
+    buffer = io.BytesIO()
+    torch.save(_permanent_state_dict(model), buffer)
+    raw = buffer.getvalue()
+    return {"raw": len(raw), "compressed": len(zlib.compress(raw, level))}
+
+
+def peak_memory_bytes(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """Peak memory of one inference forward pass, and how it was obtained.
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` around the pass (parameters,
+    activations and workspace; ``method="cuda_max_memory_allocated"``). On CPU there is no
+    allocator statistic, so we estimate: parameter and buffer bytes plus the input plus
+    every leaf module's output bytes (``method="estimate_params_plus_activations"``), an
+    upper bound for inference that also approximates what training keeps for backward.
+    """
+    device = _device_of(model)
+    if device.type == "cuda":
+        inputs = example_input.to(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with _inference(model):
+            model(inputs)
+        torch.cuda.synchronize(device)
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "method": "cuda_max_memory_allocated",
+                "device": str(device)}
+    activation_bytes = [example_input.numel() * example_input.element_size()]
+
+    def record(_module, _inputs, output):
+        for tensor in _tensors_in(output):
+            activation_bytes.append(tensor.numel() * tensor.element_size())
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(record) for m in leaves]
+    try:
+        with _inference(model):
+            model(example_input.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {"bytes": int(state_bytes + sum(activation_bytes)), "method": "estimate_params_plus_activations",
+            "device": str(device)}
+
+
+@dataclass
+class Metrics:
+    """The standard numbers of one model (and, with a baseline, its speed-ups).
+
+    ``speedup_flops`` is baseline effective FLOPs / this model's effective FLOPs (the
+    theoretical promise); ``speedup_measured`` is baseline median latency / this one's,
+    measured interleaved with the same batch and threads. Side by side they show whether
+    a pruning structure pays in practice.
+    """
+
+    params_total: int
+    params_nonzero: int
+    flops_dense: int
+    flops_effective: int
+    size_raw_bytes: int
+    size_compressed_bytes: int
+    peak_memory_bytes: int
+    peak_memory_method: str
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+    device: str | None = None
+    batch: int | None = None
+    threads: int | None = None
+    baseline_params_total: int | None = None
+    baseline_flops_effective: int | None = None
+    baseline_size_compressed_bytes: int | None = None
+    baseline_latency_ms: float | None = None
+    speedup_flops: float | None = None
+    speedup_measured: float | None = None
+    compression_ratio: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def report(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    baseline: nn.Module | None = None,
+    latency: bool = True,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+) -> Metrics:
+    """Measure ``model`` (and compare with ``baseline`` if given) in one call."""
+    params = count_params(model)
+    model_flops = flops(model, example_input)
+    size = compressed_size_bytes(model)
+    memory = peak_memory_bytes(model, example_input)
+    metrics = Metrics(
+        params_total=params["total"], params_nonzero=params["nonzero"],
+        flops_dense=model_flops["dense"], flops_effective=model_flops["effective"],
+        size_raw_bytes=size["raw"], size_compressed_bytes=size["compressed"],
+        peak_memory_bytes=memory["bytes"], peak_memory_method=memory["method"],
+    )
+    if baseline is not None:
+        base_flops = flops(baseline, example_input)["effective"]
+        base_size = compressed_size_bytes(baseline)["compressed"]
+        metrics.baseline_params_total = count_params(baseline)["total"]
+        metrics.baseline_flops_effective = base_flops
+        metrics.baseline_size_compressed_bytes = base_size
+        metrics.speedup_flops = base_flops / max(1, model_flops["effective"])
+        metrics.compression_ratio = base_size / max(1, size["compressed"])
+    if latency:
+        timing = compare_latency(baseline if baseline is not None else model,
+                                 model if baseline is not None else None, example_input,
+                                 device=device, threads=threads, min_run_time=min_run_time)
+        own = timing["pruned"] if baseline is not None else timing["dense"]
+        metrics.latency_ms, metrics.latency_iqr_ms = own["median_ms"], own["iqr_ms"]
+        metrics.device, metrics.batch, metrics.threads = own["device"], own["batch"], own["threads"]
+        if baseline is not None:
+            metrics.baseline_latency_ms = timing["dense"]["median_ms"]
+            metrics.speedup_measured = timing["speedup_measured"]
+    return metrics
+
+
+# --- internals -------------------------------------------------------------------------
+
+
+def _effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as the forward pass sees it (masks applied), keyed by name, deduped."""
+    seen: set[int] = set()
+    tensors = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            tensor = param
+            if param_name.endswith(_ORIG_SUFFIX):
+                base = param_name[: -len(_ORIG_SUFFIX)]
+                mask = getattr(module, base + _MASK_SUFFIX, None)
+                if mask is not None:
+                    tensor, param_name = param * mask, base
+            tensors[f"{module_name}.{param_name}" if module_name else param_name] = tensor.detach()
+    return tensors
+
+
+def _effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each module's effective ``weight`` keyed by module name."""
+    weights = {}
+    for name, tensor in _effective_tensors(model).items():
+        module_name, _, param_name = name.rpartition(".")
+        if param_name == "weight":
+            weights[module_name] = tensor
+    return weights
+
+
+def _permanent_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with every ``X_orig``/``X_mask`` pair replaced by ``X = X_orig * X_mask``."""
+    state = model.state_dict()
+    permanent = {}
+    for key, tensor in state.items():
+        if key.endswith(_MASK_SUFFIX) and key[: -len(_MASK_SUFFIX)] + _ORIG_SUFFIX in state:
+            continue
+        if key.endswith(_ORIG_SUFFIX) and key[: -len(_ORIG_SUFFIX)] + _MASK_SUFFIX in state:
+            base = key[: -len(_ORIG_SUFFIX)]
+            permanent[base] = (tensor * state[base + _MASK_SUFFIX]).contiguous()
+        else:
+            permanent[key] = tensor
+    return permanent
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself if already there, else a moved copy (never move the caller's model)."""
+    if _device_of(model) == device:
+        return model
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExplorerError(f"device {device} is not available here: measure on cpu")
+    return copy.deepcopy(model).to(device)
+
+
+@contextmanager
+def _eval(model: nn.Module):
+    """Eval mode for the duration, then every module's own flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextmanager
+def _inference(model: nn.Module):
+    with _eval(model), torch.no_grad():
+        yield model
+
+
+def _tensors_in(output):
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, (list, tuple)):
+        for item in output:
+            yield from _tensors_in(item)
+    elif isinstance(output, dict):
+        for item in output.values():
+            yield from _tensors_in(item)
+
+
+def _summary(times_s: list[float], device: torch.device, inputs: torch.Tensor, threads: int) -> dict:
+    times_ms = sorted(t * 1e3 for t in times_s)
+    if len(times_ms) >= 2:
+        quartiles = statistics.quantiles(times_ms, n=4)
+        iqr = quartiles[2] - quartiles[0]
+    else:
+        iqr = 0.0
+    return {"median_ms": statistics.median(times_ms), "iqr_ms": iqr, "device": str(device),
+            "batch": int(inputs.shape[0]) if inputs.dim() else 1, "threads": threads}
