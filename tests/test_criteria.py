@@ -1,0 +1,247 @@
+"""Every criterion on a small conv + BN + linear model, against independent computations."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explorer.criteria import (
+    CRITERIA,
+    batchnorm_after,
+    channel_scores,
+    prunable_layers,
+    weight_scores,
+)
+from explorer.errors import ExplorerError
+
+LAYERS = ["0", "3", "7"]
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+    with torch.no_grad():
+        model[1].weight.uniform_(-2, 2)
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+
+
+def calib_batches(count=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 5, (6,), generator=generator)) for _ in range(count)]
+
+
+def manual_grads(model, batches):
+    """Per-batch weight gradients of the eval-mode model, by plain loss.backward()."""
+    model = copy.deepcopy(model).eval()
+    per_batch = []
+    for inputs, labels in batches:
+        model.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        per_batch.append({name: module.weight.grad.clone() for name, module in prunable_layers(model)})
+    return per_batch
+
+
+def weights(model):
+    return {name: module.weight.detach() for name, module in prunable_layers(model)}
+
+
+def test_prunable_layers_and_registry():
+    assert [name for name, _ in prunable_layers(small_model())] == LAYERS
+    assert set(CRITERIA) == {"magnitude", "random", "gradient", "taylor", "bn_scale", "conductance", "snip", "synflow"}
+    for name, criterion in CRITERIA.items():
+        assert criterion.name == name and criterion.description and isinstance(criterion.needs_data, bool)
+    assert [name for name, c in CRITERIA.items() if c.needs_data] == ["gradient", "taylor", "conductance", "snip"]
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+def test_every_criterion_shapes_and_leaves_model_untouched(name):
+    model = small_model().train()
+    before = copy.deepcopy(model.state_dict())
+    calib = calib_batches(1)
+    by_weight = weight_scores(model, name, calib)
+    by_channel = channel_scores(model, name, calib)
+    for layer, module in prunable_layers(model):
+        assert by_weight[layer].shape == module.weight.shape
+        assert by_channel[layer].shape == (module.weight.shape[0],)
+        assert by_weight[layer].dtype == torch.float32 and torch.isfinite(by_weight[layer]).all()
+        assert (by_weight[layer] >= 0).all() and (by_channel[layer] >= 0).all()
+        assert module.weight.grad is None and module.weight.requires_grad
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_magnitude():
+    model = small_model()
+    by_weight = weight_scores(model, "magnitude")
+    l1 = channel_scores(model, "magnitude")
+    l2 = channel_scores(model, "magnitude", norm="l2")
+    for name, weight in weights(model).items():
+        assert torch.equal(by_weight[name], weight.abs())
+        rows = weight.reshape(weight.shape[0], -1)
+        assert torch.allclose(l1[name], rows.abs().sum(1))
+        assert torch.allclose(l2[name], (rows**2).sum(1).sqrt())
+
+
+def test_random_is_seeded():
+    model = small_model()
+    first = weight_scores(model, "random", seed=3)
+    assert all(torch.equal(first[n], weight_scores(model, "random", seed=3)[n]) for n in LAYERS)
+    assert not torch.equal(first["0"], weight_scores(model, "random", seed=4)["0"])
+    assert torch.equal(channel_scores(model, "random", seed=1)["3"], channel_scores(model, "random", seed=1)["3"])
+
+
+def test_gradient_and_taylor_against_manual_backward():
+    model, calib = small_model(), calib_batches(3)
+    grads = manual_grads(model, calib)
+    gradient = weight_scores(model, "gradient", calib)
+    gradient_channels = channel_scores(model, "gradient", calib, norm="l2")
+    taylor = weight_scores(model, "taylor", calib)
+    taylor_channels = channel_scores(model, "taylor", calib)
+    for name, weight in weights(model).items():
+        expected_gradient = sum(g[name].abs() for g in grads)
+        assert torch.allclose(gradient[name], expected_gradient, atol=1e-6)
+        assert torch.allclose(gradient_channels[name], expected_gradient.flatten(1).norm(dim=1), atol=1e-6)
+        assert torch.allclose(taylor[name], sum((weight * g[name]).abs() for g in grads), atol=1e-6)
+        expected_channels = sum((weight * g[name]).flatten(1).sum(1).abs() for g in grads)
+        assert torch.allclose(taylor_channels[name], expected_channels, atol=1e-6)
+
+
+def test_max_batches_limits_calibration():
+    model, calib = small_model(), calib_batches(3)
+    limited = weight_scores(model, "gradient", calib, max_batches=1)
+    single = weight_scores(model, "gradient", calib[:1])
+    assert all(torch.equal(limited[n], single[n]) for n in LAYERS)
+
+
+def test_snip_on_one_batch():
+    model, calib = small_model(), calib_batches(1)
+    (grads,) = manual_grads(model, calib)
+    snip = weight_scores(model, "snip", calib)
+    snip_channels = channel_scores(model, "snip", calib)
+    for name, weight in weights(model).items():
+        assert torch.allclose(snip[name], (weight * grads[name]).abs(), atol=1e-7)
+        assert torch.allclose(snip_channels[name], (weight * grads[name]).abs().flatten(1).sum(1), atol=1e-6)
+
+
+def test_bn_scale_uses_following_batchnorm_and_falls_back_to_l1():
+    model = small_model()
+    assert batchnorm_after(model) == {"0": "1"}
+    channels = channel_scores(model, "bn_scale")
+    assert torch.equal(channels["0"], model[1].weight.detach().abs())
+    assert torch.allclose(channels["3"], model[3].weight.detach().abs().flatten(1).sum(1))
+    by_weight = weight_scores(model, "bn_scale")
+    assert torch.equal(by_weight["0"][:, 1, 2, 0], channels["0"])
+    assert (by_weight["0"] == channels["0"].reshape(-1, 1, 1, 1)).all()
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow defeats torch.fx: pairs come from module order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.norm(self.conv(x))
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_bn_pairs_fall_back_to_module_order():
+    assert batchnorm_after(Untraceable()) == {"conv": "norm"}
+
+
+def test_conductance_of_logit_layer_is_logit_change():
+    """For the output layer, conductance of neuron c towards target c is logit_c(x) − logit_c(0)."""
+    model, calib = small_model(), calib_batches(2)
+    scores = channel_scores(model, "conductance", calib)
+    eval_model = copy.deepcopy(model).eval()
+    expected = torch.zeros(5)
+    count = 0
+    with torch.no_grad():
+        for inputs, labels in calib:
+            change = eval_model(inputs) - eval_model(torch.zeros_like(inputs))
+            for row, label in enumerate(labels.tolist()):
+                expected[label] += change[row, label].abs()
+            count += len(labels)
+    assert torch.allclose(scores["7"], expected / count, atol=1e-4)
+    by_weight = weight_scores(model, "conductance", calib)
+    assert torch.allclose(by_weight["7"][:, 0], scores["7"])
+
+
+def test_synflow_matches_closed_form_and_is_data_free():
+    """Two linear layers: R = 1ᵀ|W2|(|W1|1 + |b1|) + Σ|b2|, so the scores have a closed form."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    scores = weight_scores(model, "synflow", input_shape=(4,))
+    w1, b1, w2 = (p.detach().double().abs() for p in (model[0].weight, model[0].bias, model[2].weight))
+    expected_first = w1 * w2.sum(0).unsqueeze(1)
+    expected_second = w2 * (w1.sum(1) + b1).unsqueeze(0)
+    ratio = scores["0"].double().max() / expected_first.max()
+    assert torch.allclose(scores["0"].double(), expected_first * ratio, rtol=1e-5)
+    assert torch.allclose(scores["2"].double(), expected_second * ratio, rtol=1e-5)
+    assert torch.allclose(channel_scores(model, "synflow", input_shape=(4,))["2"], scores["2"].sum(1))
+
+
+def test_synflow_on_conv_model_needs_only_the_shape():
+    model = small_model()
+    free = weight_scores(model, "synflow", input_shape=(3, 8, 8))
+    from_calib = weight_scores(model, "synflow", calib_batches(1))
+    for name in LAYERS:
+        assert torch.equal(free[name], from_calib[name])
+        assert (free[name] > 0).all()
+    with pytest.raises(ExplorerError, match="input_shape"):
+        weight_scores(model, "synflow")
+    with pytest.raises(ExplorerError, match="all-ones"):
+        weight_scores(model, "synflow", input_shape=(5, 8))
+
+
+def test_errors():
+    model = small_model()
+    with pytest.raises(ExplorerError, match="Unknown criterion"):
+        weight_scores(model, "l0-norm")
+    for name in ("gradient", "taylor", "snip", "conductance"):
+        with pytest.raises(ExplorerError, match="calibration"):
+            channel_scores(model, name)
+    with pytest.raises(ExplorerError, match="empty"):
+        weight_scores(model, "gradient", [])
+    with pytest.raises(ExplorerError, match="pairs"):
+        weight_scores(model, "gradient", [torch.randn(2, 3, 8, 8)])
+    with pytest.raises(ExplorerError, match="no Conv1d"):
+        weight_scores(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), "magnitude")
+    with pytest.raises(ExplorerError, match="norm"):
+        channel_scores(model, "magnitude", norm="l3")
+    with pytest.raises(ExplorerError, match="max_batches"):
+        weight_scores(model, "gradient", calib_batches(1), max_batches=0)
+    broken = small_model()
+    with torch.no_grad():
+        broken[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ExplorerError, match="NaN"):
+        weight_scores(broken, "magnitude")
+    with pytest.raises(ExplorerError, match="NaN"):
+        channel_scores(broken, "taylor", calib_batches(1))
+
+
+def test_conv1d_and_linear_on_sequences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6, 4))
+    calib = [(torch.randn(5, 2, 8), torch.randint(0, 4, (5,)))]
+    for name in CRITERIA:
+        scores = channel_scores(model, name, calib)
+        assert scores["0"].shape == (3,) and scores["3"].shape == (4,)
