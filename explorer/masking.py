@@ -13,13 +13,11 @@ Example::
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from explorer.criteria import prunable_layers
+from explorer.criteria import copy_model, prunable_layers
 from explorer.errors import ExplorerError
 from explorer.planner import Plan, Ranking, pruned_indices
 
@@ -41,7 +39,7 @@ def apply(model: nn.Module, plan: Plan, ranking: Ranking) -> nn.Module:
     model multiplies the masks, as iterative pruning expects. ``model`` is not modified.
     """
     layer_masks = masks(ranking, plan)
-    pruned_model = copy.deepcopy(model)
+    pruned_model = copy_model(model)
     modules = dict(prunable_layers(pruned_model))
     for name, mask in layer_masks.items():
         if name not in modules:
@@ -63,12 +61,7 @@ def is_masked(model: nn.Module) -> bool:
 
 def make_permanent(model: nn.Module) -> nn.Module:
     """A copy with masks folded into plain ``weight`` tensors (``prune.remove``); zeros stay."""
-    permanent = copy.deepcopy(model)
-    for module in permanent.modules():
-        hooks = [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
-        for hook in hooks:
-            prune.remove(module, hook._tensor_name)
-    return permanent
+    return copy_model(model, fold_masks=True)
 
 
 def sparsity_report(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -245,3 +245,18 @@ def test_conv1d_and_linear_on_sequences():
     for name in CRITERIA:
         scores = channel_scores(model, name, calib)
         assert scores["0"].shape == (3,) and scores["3"].shape == (4,)
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+def test_criteria_on_a_masked_model_score_the_effective_weights(name):
+    from explorer.masking import apply
+    from explorer.planner import plan, prepare
+
+    model = small_model()
+    ranking = prepare(weight_scores(model, "magnitude"))
+    masked = apply(model, plan(ranking, 0.5, "local"), ranking)
+    masked(calib_batches(1)[0][0])  # a forward makes .weight a non-leaf tensor
+    scores = weight_scores(masked, name, calib_batches(1), input_shape=(3, 8, 8))
+    assert scores["0"].shape == (6, 3, 3, 3)
+    if name in ("magnitude", "taylor", "snip", "synflow"):
+        assert (scores["0"][masked[0].weight_mask == 0] == 0).all()
