@@ -1,0 +1,142 @@
+"""Does FLOPs speed-up turn into measured speed-up? Structured vs unstructured, 50 %.
+
+A ResNet-18-shaped network (defined here; no torchvision), 3x224x224, on CPU:
+
+* structured: 50 % of every channel group removed (filter L1 magnitude, local scope)
+  through ``explorer.structural.apply`` -- the network really gets thinner;
+* unstructured: 50 % of every conv/linear weight set to zero in place on a copy -- same
+  shapes, dense kernels, so no measured gain is expected.
+
+Both are timed against the dense model interleaved, with the same batch and threads.
+Run from the repository root: ``python -m bench.bench_speedup [--batch 1] [--threads N] [--min-run-time 3]``;
+it prints a Markdown table (paste it into ``bench/RESULTS_speedup.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+
+import torch
+import torch.nn as nn
+
+from explorer import criteria, measure, planner, structural
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The ImageNet ResNet-18 layout: 7x7 stem, max-pool, 4 stages of 2 basic blocks."""
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        stages, in_channels = [], 64
+        for channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(in_channels, channels, stride), BasicBlock(channels, channels)))
+            in_channels = channels
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def structured_half(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """50 % of every channel group, lowest filter-L1 first (local scope), removed."""
+    groups = structural.channel_groups(model, example)
+    scores = structural.group_scores(model, groups, criteria.channel_scores(model, "magnitude", norm="l1"))
+    ranking = planner.prepare(scores)
+    return structural.apply_plan(model, planner.plan(ranking, 0.5, "local"), ranking, example)
+
+
+def unstructured_half(model: nn.Module) -> nn.Module:
+    """A copy with the 50 % smallest |w| of every conv/linear weight set to zero."""
+    zeroed = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for module in zeroed.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                threshold = module.weight.abs().flatten().kthvalue(module.weight.numel() // 2).values
+                module.weight[module.weight.abs() <= threshold] = 0
+    return zeroed
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--min-run-time", type=float, default=6.0, help="seconds of timing per model")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved dense/pruned slices")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    dense = ResNet18().eval()
+    with torch.no_grad():  # non-trivial BN statistics and weights of varied scale
+        for module in dense.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.running_var.uniform_(0.5, 2.0)
+    example = torch.randn(args.batch, 3, 224, 224)
+    structured = structured_half(dense, example)
+    unstructured = unstructured_half(dense)
+
+    dense_flops = measure.flops(dense, example)["dense"]
+    rows = []
+    for label, model in (("structured 50 % (channels removed)", structured),
+                         ("unstructured 50 % (zeros in place)", unstructured)):
+        model_flops = measure.flops(model, example)
+        timing = measure.compare_latency(dense, model, example, threads=args.threads,
+                                         min_run_time=args.min_run_time, rounds=args.rounds)
+        flops_speedup = dense_flops / model_flops["effective"]
+        rows.append((label, measure.count_params(model), model_flops, timing, flops_speedup))
+
+    print(f"- date: {datetime.date.today().isoformat()}")
+    print(f"- machine: {cpu_model()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}, threads {args.threads}, batch {args.batch}, input 3x224x224, device cpu")
+    print(f"- dense: {measure.count_params(dense)['total'] / 1e6:.2f} M params, {dense_flops / 1e9:.2f} GFLOPs "
+          "(FlopCounterMode, 2 FLOPs per MAC)\n")
+    print("| variant | params (non-zero) | GFLOPs dense / effective | dense ms (IQR) | pruned ms (IQR) "
+          "| FLOPs speed-up | measured speed-up | measured / FLOPs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, params, model_flops, timing, flops_speedup in rows:
+        measured = timing["speedup_measured"]
+        print(f"| {label} | {params['total'] / 1e6:.2f} M ({params['nonzero'] / 1e6:.2f} M) "
+              f"| {model_flops['dense'] / 1e9:.2f} / {model_flops['effective'] / 1e9:.2f} "
+              f"| {timing['dense']['median_ms']:.1f} ({timing['dense']['iqr_ms']:.1f}) "
+              f"| {timing['pruned']['median_ms']:.1f} ({timing['pruned']['iqr_ms']:.1f}) "
+              f"| {flops_speedup:.2f}x | {measured:.2f}x | {measured / flops_speedup:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
