@@ -1,0 +1,211 @@
+"""The pruning chain in four calls: prepare -> preview -> apply -> measure_run.
+
+This is the seam the UI, the CLI and recipes share, so they produce the same numbers:
+
+* `prepare` scores a model once for a (structure, criterion) and sorts the scores
+  (seconds, at most); for channel pruning it also finds the coupled channel groups.
+* `preview` turns a sparsity / scope into a Plan in milliseconds, and `estimate` gives
+  live parameter and FLOP counts for it, so a slider never re-prunes the model.
+* `apply` makes the pruned copy: masks for unstructured, physical removal for channels.
+* `measure_run` puts accuracy, theoretical and measured numbers of base and pruned side by side.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from explorer import criteria, masking, measure, planner, structural
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.train import evaluate
+
+STRUCTURES: dict[str, str] = {
+    "unstructured": "Single weights are zeroed by masks; the tensors keep their dense shape.",
+    "channel": "Whole filters / neurons are removed, with every coupled layer shrinking too.",
+}
+
+
+@dataclass
+class Prepared:
+    """Scores of one model under one (structure, criterion), sorted once for instant plans.
+
+    ``units`` are weights (unstructured) or channel groups (channel, keyed by the group's
+    root layer). ``layer_flops`` are the dense FLOPs of each prunable layer, used by
+    `estimate`. Keep one per (model, structure, criterion) and reuse it for every slider move.
+    """
+
+    structure: str
+    criterion: str
+    scores: dict[str, torch.Tensor]
+    ranking: planner.Ranking
+    example_input: torch.Tensor
+    groups: list[structural.ChannelGroup] = field(default_factory=list)
+    layer_kinds: dict[str, str] = field(default_factory=dict)
+    layer_params: dict[str, int] = field(default_factory=dict)
+    layer_flops: dict[str, int] = field(default_factory=dict)
+    params_total: int = 0
+    flops_dense: int = 0
+    seconds: float = 0.0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.ranking.names
+
+
+def _layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+        return "depthwise conv2d"
+    return type(module).__name__.lower()
+
+
+def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Dataset | None = None,
+            calib_batches: int = 4, batch_size: int = 64, norm: str = "l1", seed: int = 0,
+            example_input: torch.Tensor | None = None) -> Prepared:
+    """Score ``model`` and sort the scores; the slow step, done once per choice of criterion."""
+    if structure not in STRUCTURES:
+        raise ExplorerError(f"Unknown structure '{structure}': use one of {', '.join(STRUCTURES)}.")
+    if criterion not in criteria.CRITERIA:
+        raise ExplorerError(f"Unknown criterion '{criterion}': use one of {', '.join(criteria.CRITERIA)}.")
+    started = time.perf_counter()
+    if example_input is None:
+        if dataset is None:
+            raise ExplorerError("Preparing a plan needs a dataset or an example input.")
+        example_input = dataset.example_input(1)
+    needs_data = criteria.CRITERIA[criterion].needs_data
+    calib = None
+    if needs_data:
+        if dataset is None:
+            raise ExplorerError(f"Criterion '{criterion}' needs data: choose a dataset, or a data-free "
+                                "criterion (magnitude, random, bn_scale, synflow).")
+        calib = dataset.calibration(calib_batches, batch_size, seed=seed)
+    input_shape = tuple(example_input.shape[1:])
+    layers = dict(criteria.prunable_layers(model))
+    per_layer_flops = measure.flops(model, example_input)["per_layer"]
+    prepared_groups: list[structural.ChannelGroup] = []
+    if structure == "unstructured":
+        scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape)
+    else:
+        prepared_groups = structural.channel_groups(model, example_input)
+        if not prepared_groups:
+            raise ExplorerError("This model has no channels that can be removed (only the classifier's "
+                                "outputs, which are never pruned). Use unstructured pruning.")
+        channel = criteria.channel_scores(model, criterion, calib, norm=norm, seed=seed, input_shape=input_shape)
+        scores = structural.group_scores(model, prepared_groups, channel)
+    ranking = planner.prepare(scores)
+    return Prepared(
+        structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
+        groups=prepared_groups,
+        layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
+        layer_params={name: module.weight.numel() for name, module in layers.items()},
+        layer_flops={name: int(per_layer_flops.get(name, {}).get("dense", 0)) for name in layers},
+        params_total=measure.count_params(model)["total"],
+        flops_dense=int(measure.flops(model, example_input)["dense"]),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def preview(prepared: Prepared, sparsity: float, scope: str = "local", *, overrides: dict[str, float] | None = None,
+            protect=(), min_keep: float = 0.0) -> planner.Plan:
+    """The Plan for a sparsity: milliseconds, no model touched."""
+    return planner.plan(prepared.ranking, sparsity, scope, overrides=overrides, protect=protect, min_keep=min_keep)
+
+
+def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:
+    out_keep: dict[str, float] = {}
+    in_keep: dict[str, float] = {}
+    for layer_plan in plan.layers:
+        group = next(g for g in prepared.groups if g.name == layer_plan.name)
+        ratio = layer_plan.kept / max(1, layer_plan.total)
+        for member in group.members:
+            if member.cut == "out":
+                out_keep[member.layer] = ratio
+            elif member.layer not in out_keep or not member.depthwise:
+                in_keep[member.layer] = ratio
+    return out_keep, in_keep
+
+
+def estimate(prepared: Prepared, plan: planner.Plan) -> dict:
+    """Live numbers for a plan, without pruning: parameters and FLOPs of the prunable layers.
+
+    Unstructured: non-zero weights and effective FLOPs (dense FLOPs x density) are exact.
+    Channel: each layer's weights and FLOPs scale with the kept fraction of its output
+    channels times the kept fraction of its input channels (a depthwise conv only once);
+    biases and BatchNorm are left out, so this is an estimate, replaced by exact counts on Apply.
+    """
+    prunable_params = sum(prepared.layer_params.values())
+    if prepared.structure == "unstructured":
+        removed = sum(layer.pruned for layer in plan.layers)
+        flops_after = prepared.flops_dense - sum(
+            prepared.layer_flops.get(layer.name, 0) * layer.pruned / max(1, layer.total) for layer in plan.layers)
+        params_after = prepared.params_total - removed
+        exact = True
+    else:
+        out_keep, in_keep = _keep_factors(prepared, plan)
+        removed_params, removed_flops = 0.0, 0.0
+        for name, params in prepared.layer_params.items():
+            keep = out_keep.get(name, 1.0) * (1.0 if prepared.layer_kinds[name].startswith("depthwise")
+                                              else in_keep.get(name, 1.0))
+            removed_params += params * (1 - keep)
+            removed_flops += prepared.layer_flops.get(name, 0) * (1 - keep)
+        params_after = prepared.params_total - int(round(removed_params))
+        flops_after = prepared.flops_dense - removed_flops
+        exact = False
+    flops_after = max(0, int(round(flops_after)))
+    return {
+        "params_total": prepared.params_total,
+        "params_after": int(params_after),
+        "prunable_params": prunable_params,
+        "flops_dense": prepared.flops_dense,
+        "flops_after": flops_after,
+        "speedup_flops": prepared.flops_dense / max(1, flops_after),
+        "size_bytes_dense": 4 * prepared.params_total,
+        "size_bytes_estimate": 4 * int(params_after),
+        "exact": exact,
+    }
+
+
+def thresholds(prepared: Prepared, plan: planner.Plan) -> dict[str, float | None]:
+    """Per layer, the highest score that is pruned (None when the layer loses nothing).
+
+    For unstructured magnitude pruning this is the |w| cut to draw on a weight histogram.
+    """
+    result: dict[str, float | None] = {}
+    for layer_plan in plan.layers:
+        if layer_plan.pruned == 0:
+            result[layer_plan.name] = None
+            continue
+        index = planner.pruned_indices(prepared.ranking, plan, layer_plan.name)
+        result[layer_plan.name] = float(prepared.scores[layer_plan.name].reshape(-1)[index].max())
+    return result
+
+
+def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module:
+    """The pruned copy: masks (unstructured) or channels physically removed. ``model`` is untouched."""
+    if plan.collapsed:
+        names = ", ".join(plan.collapsed[:3])
+        raise ExplorerError(f"This plan empties {names}: the network would be cut in two. Lower the sparsity, "
+                            "switch to local scope, protect the layer or set a min_keep guard.")
+    if prepared.structure == "unstructured":
+        return masking.apply(model, plan, prepared.ranking)
+    return structural.apply_plan(model, plan, prepared.ranking, prepared.example_input)
+
+
+def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset, *, latency: bool = True,
+                device: str | None = None, batch: int = 64, threads: int | None = None,
+                min_run_time: float = 0.5, base_accuracy: float | None = None) -> dict:
+    """Accuracy plus theoretical and measured cost of a pruned model next to its base.
+
+    Latency of both models is measured in the same call, with the same batch and threads.
+    """
+    example = dataset.example_input(batch)
+    metrics = measure.report(pruned_model, example, baseline=base_model, latency=latency, device=device,
+                             threads=threads, min_run_time=min_run_time).to_dict()
+    accuracy = evaluate(pruned_model, dataset, "test")["accuracy"]
+    if base_accuracy is None:
+        base_accuracy = evaluate(base_model, dataset, "test")["accuracy"]
+    metrics.update(accuracy=accuracy, base_accuracy=base_accuracy, delta_accuracy=accuracy - base_accuracy,
+                   sparsity_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1))
+    return metrics

@@ -1,0 +1,125 @@
+"""Per-layer summaries and histograms of weights, gradients and attributions.
+
+What the Inspect page and ``python -m explorer inspect`` show: for every prunable layer
+(Conv1d, Conv2d, Linear) the distribution of its weights, of the loss gradient over a few
+calibration batches, and, for one chosen layer, captum conductance per output channel.
+Looking first is how one guesses which layers a global threshold will hit hardest.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explorer import criteria, measure
+from explorer.errors import ExplorerError
+from explorer.models import clone_model
+
+
+def summarize(values: torch.Tensor, *, bins: int = 40, value_range: tuple[float, float] | None = None) -> dict:
+    """count, mean, std, min, max, mean |v|, fraction of exact zeros and a histogram."""
+    flat = values.detach().reshape(-1).to(torch.float64).cpu()
+    if flat.numel() == 0:
+        raise ExplorerError("Cannot summarise an empty tensor.")
+    if not torch.isfinite(flat).all():
+        raise ExplorerError("The tensor holds NaN or infinite values; the model's weights may be corrupt.")
+    low, high = value_range if value_range is not None else (float(flat.min()), float(flat.max()))
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    counts = torch.histc(flat, bins=bins, min=low, max=high)
+    edges = torch.linspace(low, high, bins + 1)
+    return {
+        "count": flat.numel(),
+        "mean": float(flat.mean()),
+        "std": float(flat.std()) if flat.numel() > 1 else 0.0,
+        "min": float(flat.min()),
+        "max": float(flat.max()),
+        "mean_abs": float(flat.abs().mean()),
+        "zeros_fraction": float((flat == 0).double().mean()),
+        "hist": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]},
+    }
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
+        return module.weight_orig * module.weight_mask
+    return module.weight
+
+
+def _summaries(tensors: dict[str, torch.Tensor], kinds: dict[str, str], bins: int, shared_range: bool) -> dict:
+    value_range = None
+    if shared_range and tensors:
+        value_range = (min(float(t.min()) for t in tensors.values()), max(float(t.max()) for t in tensors.values()))
+    return {name: {"kind": kinds[name], "shape": list(t.shape), **summarize(t, bins=bins, value_range=value_range)}
+            for name, t in tensors.items()}
+
+
+def weight_stats(model: nn.Module, *, bins: int = 40, shared_range: bool = False) -> dict[str, dict]:
+    """Summary and histogram of each prunable layer's (effective, i.e. masked) weight."""
+    layers = criteria.prunable_layers(model)
+    if not layers:
+        raise ExplorerError("The model has no Conv1d, Conv2d or Linear layer to inspect.")
+    tensors = {name: _effective_weight(m).detach() for name, m in layers}
+    kinds = {name: type(m).__name__ for name, m in layers}
+    return _summaries(tensors, kinds, bins, shared_range)
+
+
+def gradient_stats(model: nn.Module, calib, *, bins: int = 40, shared_range: bool = False) -> dict[str, dict]:
+    """Summary of each prunable layer's loss gradient, averaged over the calibration batches.
+
+    Runs on a copy in eval mode (BatchNorm statistics stay put); the model is not modified.
+    """
+    batches = list(calib or [])
+    if not batches:
+        raise ExplorerError("Gradient statistics need at least one calibration batch of data.")
+    work = clone_model(model).eval()
+    layers = dict(criteria.prunable_layers(work))
+    if not layers:
+        raise ExplorerError("The model has no Conv1d, Conv2d or Linear layer to inspect.")
+    weights = {name: (m.weight_orig if hasattr(m, "weight_orig") else m.weight) for name, m in layers.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    sums = {name: torch.zeros_like(w) for name, w in weights.items()}
+    device = next(work.parameters()).device
+    for x, y in batches:
+        work.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(work(x.to(device)), y.to(device))
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+        for (name, _), grad in zip(weights.items(), grads):
+            if grad is not None:
+                sums[name] += grad.detach()
+    mean_grads = {name: s / len(batches) for name, s in sums.items()}
+    kinds = {name: type(m).__name__ for name, m in layers.items()}
+    return _summaries(mean_grads, kinds, bins, shared_range)
+
+
+def attribution(model: nn.Module, layer_name: str, calib) -> torch.Tensor:
+    """Mean |conductance| (captum) of each output channel / neuron of one layer."""
+    layers = dict(criteria.prunable_layers(model))
+    if layer_name not in layers:
+        raise ExplorerError(f"'{layer_name}' is not a prunable layer; choose one of {', '.join(layers)}.")
+    from explorer.criteria import channel_scores
+
+    scores = channel_scores(model, "conductance", calib)
+    return scores[layer_name]
+
+
+def layer_table(model: nn.Module, example_input: torch.Tensor) -> list[dict]:
+    """One row per module with parameters of its own: name, kind, weight shape, params, FLOPs."""
+    per_layer = measure.flops(model, example_input)["per_layer"]
+    prunable = {name for name, _ in criteria.prunable_layers(model)}
+    rows = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        weight = getattr(module, "weight", None)
+        rows.append({
+            "name": name,
+            "kind": type(module).__name__,
+            "shape": "x".join(str(d) for d in weight.shape) if isinstance(weight, torch.Tensor) else "",
+            "params": sum(p.numel() for p in own),
+            "flops": int(per_layer.get(name, {}).get("dense", 0)),
+            "prunable": name in prunable,
+        })
+    return rows
