@@ -13,22 +13,30 @@ Example::
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from explorer.criteria import copy_model, prunable_layers
 from explorer.errors import ExplorerError
-from explorer.planner import Plan, Ranking, pruned_indices
+from explorer.planner import Plan, Ranking
 
 
 def masks(ranking: Ranking, plan: Plan) -> dict[str, torch.Tensor]:
     """Boolean mask per layer, shaped like its scores (True = kept, False = pruned)."""
     result = {}
-    for name, shape in zip(ranking.names, ranking.shapes):
-        keep = torch.ones(int(torch.Size(shape).numel()), dtype=torch.bool)
-        keep[pruned_indices(ranking, plan, name)] = False
-        result[name] = keep.reshape(shape)
+    for index, (name, shape) in enumerate(zip(ranking.names, ranking.shapes)):
+        total, pruned = int(ranking.sizes[index]), plan.layer(name).pruned
+        if plan.layer(name).total != total:
+            raise ExplorerError(f"The plan does not fit this ranking (layer {name!r}): re-plan from the same scores.")
+        if pruned <= total // 2:  # write whichever side is smaller
+            keep = np.ones(total, dtype=bool)
+            keep[ranking.units(index, 0, pruned)] = False
+        else:
+            keep = np.zeros(total, dtype=bool)
+            keep[ranking.units(index, pruned)] = True
+        result[name] = torch.from_numpy(keep).reshape(shape)
     return result
 
 

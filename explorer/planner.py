@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -32,6 +33,7 @@ import torch
 from explorer.errors import ExplorerError
 
 SCOPES = ("local", "global")
+GRID_SIZE = 4096
 _INDEX_BITS = 32
 _INDEX_MASK = np.uint64((1 << _INDEX_BITS) - 1)
 _INFINITE_KEY = np.uint64(np.iinfo(np.uint64).max)
@@ -42,10 +44,12 @@ class Ranking:
     """Every unit of every layer sorted once; the cache behind instant plans.
 
     ``layer_keys[offsets[l]:offsets[l + 1]]`` holds layer ``l``'s sort keys in ascending
-    order and ``sorted_keys`` all keys of all layers in ascending order. A key packs the
+    order. A key packs the
     float32 score (as an order-preserving unsigned integer) above the unit's global index,
     so comparing keys compares (score, layer order, flat index) in one integer compare:
     "how many of layer l's units are among the k lowest" is one ``searchsorted``.
+    ``grid_counts[l, g]`` caches that count at about ``GRID_SIZE`` cuts spread evenly over
+    the global order (approximate quantiles), so a global plan only refines one bracket.
     """
 
     names: tuple[str, ...]
@@ -53,7 +57,7 @@ class Ranking:
     sizes: np.ndarray = field(repr=False)
     offsets: np.ndarray = field(repr=False)
     layer_keys: np.ndarray = field(repr=False)
-    sorted_keys: np.ndarray = field(repr=False)
+    grid_counts: np.ndarray = field(repr=False)
 
     @property
     def total(self) -> int:
@@ -73,10 +77,11 @@ class Ranking:
         """Layer ``layer``'s keys in ascending order (a view, not a copy)."""
         return self.layer_keys[self.offsets[layer]:self.offsets[layer + 1]]
 
-    def order_of(self, layer: int) -> np.ndarray:
-        """Flat indices of layer ``layer``'s units from lowest to highest score (stable)."""
-        global_index = (self.keys_of(layer) & _INDEX_MASK).astype(np.int64)
-        return global_index - self.offsets[layer]
+    def units(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Flat indices of layer ``layer``'s units ranked ``start .. stop - 1`` (lowest score first)."""
+        global_index = self.keys_of(layer)[start:stop] & _INDEX_MASK
+        global_index -= np.uint64(self.offsets[layer])
+        return global_index.view(np.int64)
 
     def count_below(self, layer: int, key: np.uint64) -> int:
         """How many of layer ``layer``'s units sort strictly before ``key``."""
@@ -152,13 +157,49 @@ def _sortable_uint32(values: np.ndarray) -> np.ndarray:
     return (bits ^ flip).view(np.uint32)
 
 
+def _pack_keys(flats: list[np.ndarray], offsets: np.ndarray) -> np.ndarray:
+    """One uint64 key per unit: the sortable score in the high half, its global index in the low half.
+
+    Written through a uint32 view of the key array (two half-words per key), which avoids
+    64-bit temporaries: this is the slowest part of :func:`prepare` after the sorts.
+    """
+    keys = np.empty(int(offsets[-1]), dtype=np.uint64)
+    halves = keys.view(np.uint32).reshape(-1, 2)
+    high, low = (1, 0) if sys.byteorder == "little" else (0, 1)
+    for layer, flat in enumerate(flats):
+        start, stop = int(offsets[layer]), int(offsets[layer + 1])
+        if flat.min() >= 0:  # the usual case: the bit pattern of a non-negative float sorts like it
+            halves[start:stop, high] = (flat + np.float32(0.0)).view(np.uint32)
+            halves[start:stop, high] |= np.uint32(1 << 31)
+        else:
+            halves[start:stop, high] = _sortable_uint32(flat)
+        halves[start:stop, low] = np.arange(start, stop, dtype=np.uint32)
+    return keys
+
+
+def _grid_keys(keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """About ``GRID_SIZE`` cut keys at approximate quantiles of all keys, from 0 to 'infinity'.
+
+    Every ``step``-th key of each (sorted) layer is sampled, the samples are sorted and
+    ``GRID_SIZE`` of them picked evenly. Between two cuts every layer then has at most a
+    few ``step`` units, which bounds the bracket a plan must refine.
+    """
+    total = int(offsets[-1])
+    step = max(1, total // (GRID_SIZE * 16))
+    samples = np.sort(
+        np.concatenate([keys[offsets[layer]:offsets[layer + 1]][step - 1 :: step] for layer in range(len(offsets) - 1)])
+    )
+    picks = samples[np.linspace(0, samples.size - 1, min(GRID_SIZE, samples.size)).round().astype(np.int64)]
+    return np.unique(np.concatenate([[np.uint64(0)], picks, [_INFINITE_KEY]]).astype(np.uint64))
+
+
 def prepare(scores: Mapping[str, torch.Tensor]) -> Ranking:
     """Sort all units once so that every later :func:`plan` is a lookup.
 
     ``scores`` maps layer name -> score tensor (higher = more important = kept), as made by
     :func:`explorer.criteria.weight_scores` (units = weights) or
     :func:`explorer.criteria.channel_scores` (units = channels). The dict's order is the
-    layer order used to break ties. Costs one global sort plus one sort per layer.
+    layer order used to break ties. Costs one sort per layer and a small sampled grid.
     """
     if not scores:
         raise ExplorerError("No scores to rank: the model has no prunable layers.")
@@ -185,20 +226,20 @@ def prepare(scores: Mapping[str, torch.Tensor]) -> Ranking:
     if total >= 1 << _INDEX_BITS:
         raise ExplorerError(f"{total} units are too many to rank (limit {1 << _INDEX_BITS}); use channel scores.")
 
-    keys = np.empty(total, dtype=np.uint64)
-    for layer, flat in enumerate(flats):
-        keys[offsets[layer]:offsets[layer + 1]] = _sortable_uint32(flat)
-    keys <<= np.uint64(_INDEX_BITS)
-    keys |= np.arange(total, dtype=np.uint64)
+    keys = _pack_keys(flats, offsets)
     for layer in range(len(names)):
         keys[offsets[layer]:offsets[layer + 1]].sort()
+    grid_keys = _grid_keys(keys, offsets)
+    grid_counts = np.stack(
+        [np.searchsorted(keys[offsets[layer]:offsets[layer + 1]], grid_keys) for layer in range(len(names))]
+    ).astype(np.int64)
     return Ranking(
         names=names,
         shapes=tuple(shapes),
         sizes=sizes,
         offsets=offsets,
         layer_keys=keys,
-        sorted_keys=np.sort(keys),
+        grid_counts=grid_counts,
     )
 
 
@@ -319,37 +360,40 @@ def plan(
 def _global_counts(ranking: Ranking, pool: list[int], caps: dict[int, int], target: int, pruned: list[int]) -> int:
     """Fill ``pruned`` for the pool layers with the ``target`` lowest pool units; return the count.
 
-    Walking the global order one unit at a time, the capped pool count rises by at most
-    one per step, so the smallest cut reaching ``target`` hits it exactly. Without
-    overrides or caps the cut is simply at position ``target``; otherwise it is found
-    by binary search over positions in the global order.
+    Walk the global order and let each unit in: it counts if its layer is in the pool and
+    still under its cap. The capped count rises by at most one per unit, so the first cut
+    where it reaches ``target`` is exact. The grid of per-layer counts made by
+    :func:`prepare` locates the bracket holding that cut with arithmetic on a small
+    matrix; only the few thousand units inside the bracket are then sorted and walked.
     """
-    sorted_keys = ranking.sorted_keys
-    total = ranking.total
-
-    def key_at(position: int) -> np.uint64:
-        return _INFINITE_KEY if position >= total else sorted_keys[position]
-
-    def counts_at(position: int) -> list[int]:
-        key = key_at(position)
-        return [min(ranking.count_below(layer, key), caps[layer]) for layer in pool]
-
-    if len(pool) == len(ranking.names) and all(caps[layer] == ranking.sizes[layer] for layer in pool):
-        best = counts_at(target)
+    if not pool:
+        return 0
+    layer_caps = np.array([caps[layer] for layer in pool], dtype=np.int64)
+    grid = ranking.grid_counts[pool]
+    capped_totals = np.minimum(grid, layer_caps[:, None]).sum(axis=0)
+    if capped_totals[-1] < target:
+        counts = grid[:, -1]
     else:
-        low, high = 0, total
-        if sum(counts_at(high)) <= target:
-            low = high
-        while low < high:
-            middle = (low + high) // 2
-            if sum(counts_at(middle)) >= target:
-                high = middle
-            else:
-                low = middle + 1
-        best = counts_at(low)
-    for layer, count in zip(pool, best):
-        pruned[layer] = count
-    return sum(best)
+        column = int(np.argmax(capped_totals >= target))
+        counts = grid[:, column].copy()
+        if column > 0:
+            counts = grid[:, column - 1].copy()
+            slices = [
+                ranking.keys_of(layer)[counts[row]:grid[row, column]] for row, layer in enumerate(pool)
+            ]
+            lengths = np.array([piece.size for piece in slices], dtype=np.int64)
+            starts = np.cumsum(lengths) - lengths
+            order = np.argsort(np.concatenate(slices))
+            rows = np.repeat(np.arange(len(pool)), lengths)[order]
+            occurrence = (np.arange(order.size) - np.repeat(starts, lengths))[order]
+            counted = counts[rows] + occurrence < layer_caps[rows]
+            reached = capped_totals[column - 1] + np.cumsum(counted)
+            last = int(np.argmax(reached >= target))
+            counts += np.bincount(rows[: last + 1], minlength=len(pool))
+    counts = np.minimum(counts, layer_caps)
+    for row, layer in enumerate(pool):
+        pruned[layer] = int(counts[row])
+    return int(counts.sum())
 
 
 def _collapse_point(ranking: Ranking, pool: list[int], scope: str, min_keep: float) -> tuple[float | None, str | None]:
@@ -386,5 +430,4 @@ def pruned_indices(ranking: Ranking, plan: Plan, layer: str) -> torch.Tensor:
             f"The plan's layer {layer!r} has {layer_plan.total} units but the ranking has "
             f"{int(ranking.sizes[index])}: the plan was made from a different ranking."
         )
-    keys = ranking.keys_of(index)[: layer_plan.pruned]
-    return torch.from_numpy((keys & _INDEX_MASK).astype(np.int64) - ranking.offsets[index])
+    return torch.from_numpy(ranking.units(index, 0, layer_plan.pruned))

@@ -112,6 +112,12 @@ def test_overrides_and_protect(scope):
         assert sum(layer.pruned for layer in pool) == round(0.6 * sum(layer.total for layer in pool))
 
 
+def test_everything_protected_leaves_an_empty_pool():
+    scores = random_scores()
+    result = plan(prepare(scores), 0.5, "global", protect=list(scores))
+    assert result.pruned == 0 and result.collapse_point is None
+
+
 def test_protect_wins_over_override():
     ranking = prepare(random_scores())
     result = plan(ranking, 0.5, "global", overrides={"layer0": 0.8}, protect=["layer0"])
@@ -234,3 +240,22 @@ def test_bad_arguments():
         prepare({})
     with pytest.raises(ExplorerError):
         pruned_indices(ranking, plan(prepare({"x": torch.rand(3)}), 0.5), "x")
+
+
+@pytest.mark.parametrize("options", [{}, {"min_keep": 0.3}, {"protect": ["b"], "overrides": {"c": 0.5}}])
+@pytest.mark.parametrize("sparsity", [0.013, 0.5, 0.8, 0.97])
+def test_large_ranking_matches_brute_force(options, sparsity):
+    """Enough units (~80 k, more than the grid's cuts) that a global plan refines a bracket."""
+    generator = torch.Generator().manual_seed(11)
+    scores = {
+        "a": torch.randint(0, 50, (40_000,), generator=generator).float(),
+        "b": torch.rand(300, 40, generator=generator),
+        "c": torch.randn(20_000, generator=generator),
+        "d": torch.rand(9_000, generator=generator) * 0.01,
+        "e": torch.randint(0, 3, (77,), generator=generator).float() - 1,
+    }
+    ranking = prepare(scores)
+    result = plan(ranking, sparsity, "global", **options)
+    expected = reference(scores, sparsity, "global", options.get("overrides"), options.get("protect", ()),
+                         options.get("min_keep", 0.0))
+    assert_matches(ranking, result, expected)
