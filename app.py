@@ -1,0 +1,35 @@
+"""Pruning Explorer: `streamlit run app.py`.
+
+The entry point only sets up navigation over the five steps in ``pages/`` and the sidebar
+card of the session's current model; every page is a thin layer over ``explorer/``.
+"""
+import streamlit as st
+
+from explorer.train import choose_device
+from pages import common
+
+st.set_page_config(page_title="Pruning Explorer", page_icon=":material/content_cut:", layout="wide")
+
+navigation = st.navigation([
+    st.Page("pages/model.py", title="Model", icon=":material/model_training:", default=True),
+    st.Page("pages/inspect.py", title="Inspect", icon=":material/query_stats:"),
+    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/finetune.py", title="Fine-tune", icon=":material/tune:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:"),
+])
+
+with st.sidebar:
+    st.markdown("### Current model")
+    model = common.current_model()
+    if model is None:
+        st.caption("None loaded yet: pick one on the Model page.")
+    else:
+        st.markdown(f"**{model['label']}**  \non **{model['dataset'].name}**")
+        st.caption(f"Baseline accuracy: **{common.fmt_pct(model['base_accuracy'])}** (test split)")
+        pruned = st.session_state.get(common.PRUNED)
+        if pruned is not None and pruned.get("model_key") == model["key"]:
+            st.caption(f"Pruned copy: {pruned['settings']['structure']}, {pruned['settings']['criterion']}, "
+                       f"{pruned['settings']['scope']} {common.fmt_pct(pruned['settings']['sparsity'])}")
+    st.caption(f"Device for training: **{choose_device()}**")
+
+navigation.run()

@@ -1,0 +1,178 @@
+"""Model: choose what to prune (zoo model, model file or Python factory) and the data it sees."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from explorer import baselines, stats
+from explorer.data import DATASETS, tensors
+from explorer.errors import ExplorerError
+from explorer.models import ZOO, load_model
+from explorer.train import TrainConfig, evaluate, train
+from pages import common
+
+st.title("Model")
+common.explain("""
+Pruning starts from a **trained** network: the question is how much of it can go before it
+forgets what it learned. Pick one of three sources:
+
+* **Built-in zoo** - small architectures chosen because each shows a pruning idea: an MLP
+  (neurons), LeNet-5 (a small CNN), a VGG-style stack (filters), ResNet-20 (residual adds tie
+  channels together) and a small MobileNetV2 (depthwise convolutions). The first time a pair is
+  chosen it is trained (the *baseline*) and kept on disk, so next time it loads in a moment.
+* **Model file** - your own weights: a state dict (`.pt`, `.pth`, `.safetensors`, plus the
+  architecture it belongs to), TorchScript, a `torch.export` program (`.pt2`) or a file saved
+  by this app. Files are read without running code from them; a pickled model needs your
+  explicit trust.
+* **Python factory** - `package.module:function`, called with the input shape and class count.
+
+The table lists every layer with parameters: its kind, weight shape, parameter count and
+FLOPs (multiply-adds counted as two operations, for one input). Conv and Linear layers are the
+ones pruning can touch. The **baseline accuracy** is measured on the held-out test split; every
+pruned model is compared with it.
+""")
+
+DATASET_LABELS = {name: f"{name} - {DATASETS[name].description}" for name in (*common.ZOO_DATASETS, "tensors")}
+
+
+def pick_dataset(prefix: str, default: str = "digits"):
+    """Dataset selector; for 'tensors' also a file uploader. Returns a Dataset or None."""
+    names = list(DATASET_LABELS)
+    name = st.selectbox("Dataset", names, index=names.index(default), format_func=DATASET_LABELS.get,
+                        key=f"{prefix}_dataset")
+    if name != "tensors":
+        return common.shared_dataset(name)
+    upload = st.file_uploader("Data file (.pt dict or .npz with x and y)", type=["pt", "npz"], key=f"{prefix}_data")
+    if upload is None:
+        st.info("Upload a data file to continue.")
+        return None
+    return tensors(upload.getvalue(), name="tensors")
+
+
+def train_with_progress(module, data, epochs: int):
+    """Train a fresh (file or factory) model for a few epochs, showing progress."""
+    bar = st.progress(0.0, text="Training ...")
+    result = train(module, data, TrainConfig(epochs=epochs, lr=1e-3),
+                   progress=lambda p: bar.progress(p.fraction, text=f"Training: epoch {p.epoch}/{p.epochs}, "
+                                                                    f"loss {p.loss:.3f}"))
+    bar.empty()
+    return result.model
+
+
+def load_zoo(model_name: str, dataset_name: str, data) -> dict:
+    if dataset_name == "tensors":
+        bar = st.progress(0.0, text="Training the baseline on your data ...")
+        base = baselines.baseline(model_name, data, use_cache=False,
+                                  progress=lambda p: bar.progress(p.fraction, text=f"Training: epoch "
+                                                                                   f"{p.epoch}/{p.epochs}"))
+        bar.empty()
+        key = f"zoo:{model_name}:tensors:{id(data)}"
+    else:
+        base = common.baseline_with_progress(model_name, dataset_name)
+        key = f"zoo:{model_name}:{dataset_name}"
+    origin = "loaded from the baseline cache" if base.from_cache else f"trained in {base.train_seconds:.1f} s"
+    return {"module": base.model, "label": model_name, "arch": model_name, "dataset": data, "source": "zoo",
+            "base_accuracy": base.accuracy, "key": key, "origin": origin}
+
+
+def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -> dict:
+    suffix = Path(upload.name).suffix or ".pt"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"upload{suffix}"
+        path.write_bytes(upload.getvalue())
+        module = load_model(str(path), input_shape=data.input_shape, num_classes=data.num_classes, arch=arch,
+                            trust_pickle=trust_pickle)
+    module.eval()
+    if epochs:
+        module = train_with_progress(module, data, epochs)
+    accuracy = evaluate(module, data, "test")["accuracy"]
+    return {"module": module, "label": upload.name, "arch": arch, "dataset": data, "source": "file",
+            "base_accuracy": accuracy, "key": f"file:{upload.file_id}:{arch}:{data.name}:{epochs}",
+            "origin": f"uploaded file{f', trained {epochs} epochs' if epochs else ''}"}
+
+
+def load_factory(spec: str, data, epochs: int) -> dict:
+    module = load_model(spec.strip(), input_shape=data.input_shape, num_classes=data.num_classes)
+    if epochs:
+        module = train_with_progress(module, data, epochs)
+    module.eval()
+    accuracy = evaluate(module, data, "test")["accuracy"]
+    return {"module": module, "label": spec.strip(), "arch": spec.strip(), "dataset": data, "source": "factory",
+            "base_accuracy": accuracy, "key": f"factory:{spec.strip()}:{data.name}:{epochs}",
+            "origin": f"built by the factory{f', trained {epochs} epochs' if epochs else ' (untrained)'}"}
+
+
+source = st.radio("Source", ["Built-in zoo", "Model file", "Python factory"], horizontal=True, key="model_source")
+loaded = None
+try:
+    if source == "Built-in zoo":
+        left, right = st.columns(2)
+        with left:
+            model_name = st.selectbox("Architecture", list(ZOO), key="zoo_model",
+                                      format_func=lambda n: f"{n} - {ZOO[n].description}")
+            st.caption(f"Usual dataset for {model_name}: **{ZOO[model_name].default_dataset}**. "
+                       "The first load of a pair trains it; mlp on digits takes seconds, conv nets on shapes minutes.")
+        with right:
+            data = pick_dataset("zoo")
+        clicked = st.button("Load model", type="primary", key="zoo_load")
+        first_visit = common.current_model() is None and not st.session_state.get("model_autoloaded")
+        if data is not None and (clicked or first_visit):
+            st.session_state["model_autoloaded"] = True
+            loaded = load_zoo(model_name, data.name, data)
+    elif source == "Model file":
+        left, right = st.columns(2)
+        with left:
+            upload = st.file_uploader("Model file", type=["pt", "pth", "safetensors", "ts", "pt2"], key="model_file")
+            arch_choice = st.selectbox("Architecture (for a plain state dict)", ["(stored in the file)", *ZOO],
+                                       key="file_arch")
+            trust = st.checkbox("I trust this file: allow a pickled model (runs code from the file)", key="file_trust")
+        with right:
+            data = pick_dataset("file")
+            epochs = st.number_input("Train epochs before pruning (0 = use as is)", 0, 100, 0, key="file_epochs")
+        if st.button("Load file", type="primary", key="file_load", disabled=upload is None or data is None):
+            arch = None if arch_choice.startswith("(") else arch_choice
+            loaded = load_file(upload, data, arch, trust, int(epochs))
+    else:
+        left, right = st.columns(2)
+        with left:
+            spec = st.text_input("Factory (package.module:callable)", "explorer.models:mlp", key="factory_spec",
+                                 help="Called with input_shape and num_classes if it accepts them.")
+        with right:
+            data = pick_dataset("factory")
+            epochs = st.number_input("Train epochs (a factory gives untrained weights)", 0, 100, 5, key="factory_epochs")
+        if st.button("Build", type="primary", key="factory_load", disabled=data is None):
+            loaded = load_factory(spec, data, int(epochs))
+except ExplorerError as exc:
+    st.error(str(exc))
+
+if loaded is not None:
+    common.set_model(loaded)
+    st.rerun()  # so the sidebar card shows the new model
+
+model = common.current_model()
+if model is None:
+    st.stop()
+
+st.subheader(f"{model['label']} on {model['dataset'].name}")
+st.caption(f"{model['origin']}. {model['dataset'].description}")
+try:
+    rows = stats.layer_table(model["module"], model["dataset"].example_input(1))
+except ExplorerError as exc:
+    st.error(str(exc))
+    st.stop()
+table = pd.DataFrame(rows)
+sizes = model["dataset"].sizes
+cols = st.columns(4)
+cols[0].metric("Baseline accuracy (test)", common.fmt_pct(model["base_accuracy"]))
+cols[1].metric("Parameters", common.fmt_int(table["params"].sum()))
+cols[2].metric("FLOPs per input", common.fmt_int(table["flops"].sum()))
+cols[3].metric("Train / val / test", f"{sizes['train']:,} / {sizes['val']:,} / {sizes['test']:,}")
+st.dataframe(table, hide_index=True, column_config={
+    "params": st.column_config.NumberColumn("parameters", format="localized"),
+    "flops": st.column_config.NumberColumn("FLOPs", format="localized"),
+    "prunable": st.column_config.CheckboxColumn("prunable"),
+})
+st.page_link("pages/inspect.py", label="Next: look inside the layers", icon=":material/arrow_forward:")
