@@ -46,7 +46,11 @@ def apply(model: nn.Module, plan: Plan, ranking: Ranking) -> nn.Module:
     The plan must be unstructured (one unit per weight). Applying to an already masked
     model multiplies the masks, as iterative pruning expects. ``model`` is not modified.
     """
-    layer_masks = masks(ranking, plan)
+    return apply_masks(model, masks(ranking, plan))
+
+
+def apply_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``model`` with ``torch.nn.utils.prune.custom_from_mask`` on each named layer."""
     pruned_model = copy_model(model)
     modules = dict(prunable_layers(pruned_model))
     for name, mask in layer_masks.items():
@@ -60,6 +64,30 @@ def apply(model: nn.Module, plan: Plan, ranking: Ranking) -> nn.Module:
             )
         prune.custom_from_mask(modules[name], "weight", mask.to(weight.device))
     return pruned_model
+
+
+def nm_masks(scores: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
+    """Semi-structured N:M masks: in every run of ``m`` consecutive weights keep the ``n`` best.
+
+    Runs are taken along each filter's flattened weights (``weight.flatten(1)``, i.e. along
+    the input features of a Linear), which is the 2:4 pattern sparse tensor cores accelerate
+    for Linear layers. Sparsity is exactly ``1 - n/m`` in every layer; ties keep the lower index.
+    Apply the result with :func:`apply_masks`.
+    """
+    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)) or not 0 <= n <= m or m < 1:
+        raise ExplorerError(f"N:M needs integers 0 <= N <= M and M >= 1, got {n}:{m}.")
+    result = {}
+    for name, score in scores.items():
+        if score.dim() < 2 or score[0].numel() % m:
+            raise ExplorerError(
+                f"Layer {name!r}: each filter has {score[0].numel() if score.dim() else 1} weights, not a "
+                f"multiple of {m}; protect it or pick another M."
+            )
+        groups = score.detach().reshape(score.shape[0], -1, m)
+        best = torch.argsort(groups, dim=-1, descending=True, stable=True)[..., :n]
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, best, True)
+        result[name] = keep.reshape(score.shape)
+    return result
 
 
 def is_masked(model: nn.Module) -> bool:

@@ -116,3 +116,27 @@ def test_plan_for_another_model_is_rejected():
     ranking = prepare({"missing": torch.rand(3)})
     with pytest.raises(ExplorerError, match="missing"):
         apply(model, plan(ranking, 0.5, "local"), ranking)
+
+
+def test_nm_masks_keep_the_best_two_of_every_four():
+    from explorer.masking import apply_masks, nm_masks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Linear(8, 3))
+    scores = weight_scores(model, "magnitude")
+    scores.pop("0")  # 27 weights per filter: not a multiple of 4
+    layer_masks = nm_masks(scores, 2, 4)
+    for name, keep in layer_masks.items():
+        groups = scores[name].reshape(scores[name].shape[0], -1, 4)
+        kept = keep.reshape(groups.shape)
+        assert (kept.sum(-1) == 2).all()
+        lowest_kept = torch.where(kept, groups, torch.inf).min(-1).values
+        highest_dropped = torch.where(kept, -torch.inf, groups).max(-1).values
+        assert (lowest_kept >= highest_dropped).all()
+    pruned = apply_masks(model, layer_masks)
+    report = sparsity_report(pruned)
+    assert report == {"0": (0, 216), "1": (16, 32), "2": (12, 24)}
+    with pytest.raises(ExplorerError, match="multiple of 4"):
+        nm_masks(weight_scores(model, "magnitude"), 2, 4)
+    with pytest.raises(ExplorerError):
+        nm_masks(scores, 5, 4)
