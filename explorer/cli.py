@@ -1,0 +1,241 @@
+"""Headless command line: ``python -m explorer inspect | prune``.
+
+The same core calls as the app, so the numbers match for the same seed. With ``--json``
+the output is machine-readable: ``inspect`` prints one JSON object; ``prune`` prints one
+JSON object per requested sparsity, one per line. Any bad argument or input exits with
+status 2 and a one-line reason on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from explorer import criteria, measure, pipeline, planner, stats
+from explorer.data import DATASETS, Dataset, load_dataset
+from explorer.errors import ExplorerError
+from explorer.models import SAVE_FORMAT, ZOO, load_model, read_saved_metadata, save_model
+
+
+def _sparsities(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be numbers separated by commas, got '{text}'") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one sparsity")
+    for value in values:
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"sparsity {value} is outside [0, 1]")
+    return values
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{text}'") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m explorer", description="Pruning Explorer, headless.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True,
+                       help=f"zoo name ({', '.join(ZOO)}), a model file, or package.module:callable")
+        p.add_argument("--data", choices=[d for d in DATASETS if d != "tensors"] + ["tensors"],
+                       help="dataset (default: the zoo model's usual one, else digits)")
+        p.add_argument("--data-file", help="the .pt/.npz file for --data tensors")
+        p.add_argument("--arch", help="architecture for a state-dict file (zoo name or module:callable)")
+        p.add_argument("--weights", help="weights file for a zoo model or factory")
+        p.add_argument("--baseline", action="store_true",
+                       help="use the trained baseline of a zoo model (trains once, then cached)")
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow pickled nn.Module files (they can run code: only for files you trust)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    inspect = sub.add_parser("inspect", help="per-layer weight (and gradient) statistics")
+    model_args(inspect)
+    inspect.add_argument("--calib-batches", type=_positive, default=None,
+                         help="also summarise gradients over N calibration batches")
+    inspect.add_argument("--bins", type=_positive, default=30)
+
+    prune = sub.add_parser("prune", help="plan (and optionally apply and measure) pruning")
+    model_args(prune)
+    prune.add_argument("--structure", choices=list(pipeline.STRUCTURES), default="unstructured")
+    prune.add_argument("--criterion", choices=list(criteria.CRITERIA), default="magnitude")
+    prune.add_argument("--scope", choices=list(planner.SCOPES), default="local")
+    prune.add_argument("--sparsity", type=_sparsities, required=True, help="S or S1,S2,... in [0, 1]")
+    prune.add_argument("--protect", nargs="+", default=[], metavar="LAYER", help="layers never pruned")
+    prune.add_argument("--min-keep", type=_fraction, default=0.0, help="global scope: keep this fraction of every layer")
+    prune.add_argument("--norm", choices=["l1", "l2"], default="l1", help="channel magnitude norm")
+    prune.add_argument("--calib-batches", type=_positive, default=4)
+    prune.add_argument("--measure", action="store_true", help="measure latency of dense and pruned models")
+    prune.add_argument("--batch", type=_positive, default=1, help="batch size for FLOPs and latency")
+    prune.add_argument("--save", help="write the pruned model (last sparsity; with several, FILE gets -S suffixes)")
+    return parser
+
+
+def _resolve(args) -> tuple[torch.nn.Module, Dataset, str]:
+    """Load the dataset and the model; returns (model, dataset, architecture name for saving)."""
+    spec = args.model
+    saved = None
+    if spec not in ZOO and Path(spec).is_file():
+        try:
+            saved = read_saved_metadata(spec)
+        except ExplorerError:
+            saved = None
+    data_name = args.data or (ZOO[spec].default_dataset if spec in ZOO else None) or "digits"
+    dataset = load_dataset(data_name, seed=args.seed, path=args.data_file)
+    if saved is not None and tuple(saved["input_shape"]) != dataset.input_shape and args.data is None:
+        raise ExplorerError(f"'{spec}' was saved for inputs {tuple(saved['input_shape'])}; pass the matching --data.")
+    if args.baseline:
+        if spec not in ZOO:
+            raise ExplorerError("--baseline works with zoo names only.")
+        from explorer.baselines import baseline
+
+        model = baseline(spec, dataset, seed=args.seed).model
+    else:
+        torch.manual_seed(args.seed)
+        model = load_model(spec, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                           weights=args.weights, arch=args.arch, trust_pickle=args.trust_pickle)
+    arch = saved["arch"] if saved is not None else (args.arch or spec)
+    return model.eval(), dataset, arch
+
+
+def cmd_inspect(args) -> list[dict]:
+    model, dataset, _ = _resolve(args)
+    weights = stats.weight_stats(model, bins=args.bins)
+    gradients = None
+    if args.calib_batches:
+        gradients = stats.gradient_stats(model, dataset.calibration(args.calib_batches, seed=args.seed), bins=args.bins)
+    layers = []
+    for name, summary in weights.items():
+        row = {"name": name, **summary}
+        if gradients is not None:
+            row["gradient"] = {k: v for k, v in gradients[name].items() if k not in ("kind", "shape")}
+        layers.append(row)
+    return [{"model": args.model, "data": dataset.name, "layers": layers}]
+
+
+def _save_path(base: str, sparsity: float, many: bool) -> Path:
+    path = Path(base)
+    return path.with_name(f"{path.stem}-{sparsity:g}{path.suffix or '.pt'}") if many else path
+
+
+def cmd_prune(args) -> list[dict]:
+    model, dataset, arch = _resolve(args)
+    example = dataset.example_input(args.batch)
+    prepared = pipeline.prepare(model, args.structure, args.criterion, dataset=dataset,
+                                calib_batches=args.calib_batches, norm=args.norm, seed=args.seed,
+                                example_input=example)
+    kinds = {g.name: g.kind for g in prepared.groups} or prepared.layer_kinds
+    base_params = measure.count_params(model)
+    results = []
+    for sparsity in args.sparsity:
+        plan = pipeline.preview(prepared, sparsity, args.scope, protect=args.protect, min_keep=args.min_keep)
+        result = {
+            "model": args.model, "data": dataset.name, "structure": args.structure, "criterion": args.criterion,
+            "scope": args.scope, "sparsity": sparsity, "sparsity_actual": plan.sparsity_actual,
+            "layers": [{"name": lp.name, "kind": kinds.get(lp.name, ""), "total": lp.total, "kept": lp.kept,
+                        "sparsity": lp.sparsity, "collapsed": lp.collapsed} for lp in plan.layers],
+            "collapsed": list(plan.collapsed),
+            "collapse_point": plan.collapse_point,
+            "collapse_layer": plan.collapse_layer,
+        }
+        if plan.note:
+            result["note"] = plan.note
+        if plan.collapsed:
+            estimate = pipeline.estimate(prepared, plan)
+            result["params"] = {"total": base_params["total"], "nonzero": estimate["params_after"], "estimated": True}
+            result["flops"] = {"dense": prepared.flops_dense, "effective": estimate["flops_after"], "estimated": True}
+            result["error"] = (f"not applied: the plan empties {', '.join(plan.collapsed)}; lower the sparsity, "
+                               "use --scope local or --min-keep")
+            results.append(result)
+            continue
+        pruned = pipeline.apply(model, prepared, plan)
+        params = measure.count_params(pruned)
+        flops = measure.flops(pruned, example)
+        result["params"] = {"total": params["total"], "nonzero": params["nonzero"],
+                            "dense_total": base_params["total"]}
+        result["flops"] = {"dense": flops["dense"], "effective": flops["effective"],
+                           "base": prepared.flops_dense}
+        result["size_bytes"] = measure.compressed_size_bytes(pruned)
+        if args.measure:
+            timing = measure.compare_latency(model, pruned, example)
+            result["latency_ms"] = {"dense": timing["dense"]["median_ms"], "pruned": timing["pruned"]["median_ms"],
+                                    "device": timing["dense"]["device"], "batch": timing["dense"]["batch"],
+                                    "threads": timing["dense"]["threads"]}
+            result["speedup"] = {"flops": prepared.flops_dense / max(1, flops["effective"]),
+                                 "measured": timing["speedup_measured"]}
+        if args.save:
+            path = _save_path(args.save, sparsity, len(args.sparsity) > 1)
+            save_model(pruned, path, arch=arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                       metadata={"plan": plan.to_dict() if len(plan.layers) < 500 else None,
+                                 "structure": args.structure, "criterion": args.criterion, "format": SAVE_FORMAT})
+            result["saved"] = str(path)
+        results.append(result)
+    return results
+
+
+def _print_human(command: str, results: list[dict]) -> None:
+    for result in results:
+        if command == "inspect":
+            print(f"{'layer':32s} {'kind':8s} {'count':>9s} {'mean|w|':>9s} {'std':>9s} {'zeros':>6s}")
+            for layer in result["layers"]:
+                print(f"{layer['name']:32s} {layer['kind']:8s} {layer['count']:9d} {layer['mean_abs']:9.4f} "
+                      f"{layer['std']:9.4f} {layer['zeros_fraction']:6.1%}")
+            continue
+        point = result["collapse_point"]
+        print(f"sparsity {result['sparsity']:.1%} ({result['scope']} {result['criterion']} {result['structure']}); "
+              f"collapse point {'none' if point is None else f'{point:.1%}'}")
+        for layer in result["layers"]:
+            flag = "  COLLAPSED" if layer["collapsed"] else ""
+            print(f"  {layer['name']:32s} kept {layer['kept']:>9d}/{layer['total']:<9d} {layer['sparsity']:6.1%}{flag}")
+        print(f"  params {result['params']['nonzero']:,} non-zero of {result['params']['total']:,}; "
+              f"FLOPs {result['flops']['effective']:,}")
+        if "latency_ms" in result:
+            lat = result["latency_ms"]
+            print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "
+                  f"{lat['threads']} threads); speed-up FLOPs {result['speedup']['flops']:.2f}x, "
+                  f"measured {result['speedup']['measured']:.2f}x")
+        if "error" in result:
+            print(f"  {result['error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = cmd_inspect(args) if args.command == "inspect" else cmd_prune(args)
+    except ExplorerError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        for result in results:
+            print(json.dumps(result))
+    else:
+        _print_human(args.command, results)
+    return 0

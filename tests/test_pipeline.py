@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from explorer import measure, pipeline
+from explorer.data import load_dataset
+from explorer.errors import ExplorerError
+from explorer.models import build
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_unstructured_estimate_is_exact_and_apply_leaves_the_base_untouched(digits):
+    torch.manual_seed(0)
+    model = build("lenet5", digits.input_shape, digits.num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = pipeline.prepare(model, "unstructured", "magnitude", dataset=digits)
+    plan = pipeline.preview(prepared, 0.6, "local")
+    estimate = pipeline.estimate(prepared, plan)
+    pruned = pipeline.apply(model, prepared, plan)
+    counted = measure.count_params(pruned)
+    assert estimate["params_after"] == counted["nonzero"]
+    assert estimate["flops_after"] == measure.flops(pruned, digits.example_input(1))["effective"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the thresholds are the largest pruned |w| of each layer: every kept weight is at least that large
+    cut = pipeline.thresholds(prepared, plan)
+    for name, module in dict(pruned.named_modules()).items():
+        if name in cut and cut[name] is not None:
+            kept = module.weight[module.weight_mask.bool()].abs()
+            assert float(kept.min()) >= cut[name]
+
+
+def test_channel_estimate_close_to_the_real_pruned_model(digits):
+    torch.manual_seed(0)
+    model = build("resnet20", digits.input_shape, digits.num_classes)
+    prepared = pipeline.prepare(model, "channel", "magnitude", dataset=digits)
+    plan = pipeline.preview(prepared, 0.5, "local")
+    estimate = pipeline.estimate(prepared, plan)
+    pruned = pipeline.apply(model, prepared, plan)
+    real = measure.count_params(pruned)["total"]
+    assert real < 0.5 * measure.count_params(model)["total"]
+    assert abs(estimate["params_after"] - real) / real < 0.05
+    real_flops = measure.flops(pruned, digits.example_input(1))["dense"]
+    assert abs(estimate["flops_after"] - real_flops) / real_flops < 0.05
+    out = pruned(digits.x_test[:4])
+    assert out.shape == (4, 10)
+
+
+def test_collapsed_plans_are_refused_with_advice(digits):
+    model = build("mlp", digits.input_shape, digits.num_classes)
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-4)
+    prepared = pipeline.prepare(model, "unstructured", "magnitude", dataset=digits)
+    plan = pipeline.preview(prepared, 0.7, "global")
+    assert "fc2" in plan.collapsed
+    with pytest.raises(ExplorerError, match="local scope"):
+        pipeline.apply(model, prepared, plan)
+    assert not pipeline.preview(prepared, 0.7, "local").collapsed
+
+
+def test_bad_choices(digits):
+    model = build("mlp", digits.input_shape, digits.num_classes)
+    with pytest.raises(ExplorerError, match="structure"):
+        pipeline.prepare(model, "blocks", "magnitude", dataset=digits)
+    with pytest.raises(ExplorerError, match="criterion"):
+        pipeline.prepare(model, "unstructured", "oracle", dataset=digits)
+    with pytest.raises(ExplorerError, match="needs data"):
+        pipeline.prepare(model, "unstructured", "taylor", example_input=digits.example_input(1))
+    linear_only = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ExplorerError, match="no channels"):
+        pipeline.prepare(linear_only, "channel", "magnitude", dataset=digits)
+
+
+def test_measure_run_reports_theory_and_measurement_side_by_side(digits):
+    model = build("mlp", digits.input_shape, digits.num_classes)
+    prepared = pipeline.prepare(model, "channel", "magnitude", dataset=digits)
+    pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, 0.5, "local"))
+    metrics = pipeline.measure_run(model, pruned, digits, min_run_time=0.05, batch=8)
+    for key in ("accuracy", "delta_accuracy", "speedup_flops", "speedup_measured", "latency_ms",
+                "baseline_latency_ms", "size_compressed_bytes", "device", "batch", "threads"):
+        assert metrics[key] is not None, key
+    assert metrics["speedup_flops"] == pytest.approx(
+        measure.flops(model, digits.example_input(8))["dense"] / measure.flops(pruned, digits.example_input(8))["dense"])
