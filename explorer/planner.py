@@ -292,6 +292,7 @@ def plan(
     }
     for name in [*override_values, *protected]:
         ranking.index_of(name)
+    requested_overrides = dict(override_values)
     override_values.update({name: 0.0 for name in protected})
 
     sizes = [int(size) for size in ranking.sizes]
@@ -350,7 +351,7 @@ def plan(
         collapse_point=collapse_point,
         collapse_layer=collapse_layer,
         min_keep=min_keep,
-        overrides=dict(overrides or {}),
+        overrides=requested_overrides,
         protected=protected,
         target_met=target_met,
         note=note,
