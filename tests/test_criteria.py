@@ -260,3 +260,25 @@ def test_criteria_on_a_masked_model_score_the_effective_weights(name):
     assert scores["0"].shape == (6, 3, 3, 3)
     if name in ("magnitude", "taylor", "snip", "synflow"):
         assert (scores["0"][masked[0].weight_mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["gradient", "taylor", "snip"])
+def test_one_forward_per_calibration_batch(name):
+    model = small_model()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(1))  # travels with deepcopy
+    weight_scores(model, name, calib_batches(3))
+    assert len(calls) == 3
+    calls.clear()
+    channel_scores(model, name, calib_batches(3), max_batches=2)
+    assert len(calls) == 2
+
+
+def test_dataloader_and_generator_calibration():
+    model = small_model()
+    inputs = torch.randn(12, 3, 8, 8)
+    labels = torch.randint(0, 5, (12,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=6)
+    from_loader = weight_scores(model, "taylor", loader)
+    from_generator = weight_scores(model, "taylor", ((inputs[i : i + 6], labels[i : i + 6]) for i in (0, 6)))
+    assert all(torch.allclose(from_loader[n], from_generator[n]) for n in LAYERS)
