@@ -14,6 +14,7 @@ it prints a Markdown table (paste it into ``bench/RESULTS_speedup.md``).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import platform
@@ -72,7 +73,7 @@ def structured_half(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 def unstructured_half(model: nn.Module) -> nn.Module:
     """A copy with the 50 % smallest |w| of every conv/linear weight set to zero."""
-    zeroed = __import__("copy").deepcopy(model)
+    zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for module in zeroed.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--min-run-time", type=float, default=6.0, help="seconds of timing per model")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="time all models (and the input) in channels_last memory format")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved dense/pruned slices")
     args = parser.parse_args()
 
@@ -111,6 +114,10 @@ def main() -> None:
     structured = structured_half(dense, example)
     unstructured = unstructured_half(dense)
 
+    if args.channels_last:
+        dense, structured, unstructured = (m.to(memory_format=torch.channels_last)
+                                           for m in (dense, structured, unstructured))
+        example = example.to(memory_format=torch.channels_last)
     dense_flops = measure.flops(dense, example)["dense"]
     rows = []
     for label, model in (("structured 50 % (channels removed)", structured),
@@ -123,7 +130,8 @@ def main() -> None:
 
     print(f"- date: {datetime.date.today().isoformat()}")
     print(f"- machine: {cpu_model()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}, threads {args.threads}, batch {args.batch}, input 3x224x224, device cpu")
+          f"load average {os.getloadavg()[0]:.1f}, threads {args.threads}, batch {args.batch}, input 3x224x224, "
+          f"{'channels_last' if args.channels_last else 'contiguous (NCHW)'}, device cpu")
     print(f"- dense: {measure.count_params(dense)['total'] / 1e6:.2f} M params, {dense_flops / 1e9:.2f} GFLOPs "
           "(FlopCounterMode, 2 FLOPs per MAC)\n")
     print("| variant | params (non-zero) | GFLOPs dense / effective | dense ms (IQR) | pruned ms (IQR) "
