@@ -8,10 +8,15 @@ below.
 """
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass, field
+
 import streamlit as st
 
 from explorer import baselines, pipeline
 from explorer.store import Run, RunStore
+from explorer.train import Progress, TrainConfig, TrainResult, train
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 
@@ -116,6 +121,60 @@ def measure_and_save(model: dict, pruned_module, settings: dict, *, history=None
                         "num_classes": data.num_classes, "model_source": model["source"]},
               metrics=metrics, history=list(history or []), name=name)
     return RunStore().save(run, pruned_module if model["arch"] else None)
+
+
+@dataclass
+class FinetuneJob:
+    """One fine-tune running in a background thread; the page polls it and never blocks.
+
+    ``cancel`` is the flag `explorer.train.train` checks before every step: setting it stops
+    training and keeps the partially trained copy. The thread only writes plain Python data
+    here (no Streamlit calls), under ``lock``.
+    """
+
+    config: TrainConfig
+    source_run_id: int | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    fraction: float = 0.0
+    status: str = "starting"
+    step_losses: list = field(default_factory=list)   # (step, loss)
+    epochs: list = field(default_factory=list)        # {"epoch", "loss", "val_accuracy"}
+    result: TrainResult | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    saved_run: Run | None = None
+    thread: threading.Thread | None = None
+
+    def start(self, module, dataset) -> "FinetuneJob":
+        self.thread = threading.Thread(target=self._work, args=(module, dataset), daemon=True, name="finetune")
+        self.thread.start()
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def _on_progress(self, progress: Progress) -> None:
+        with self.lock:
+            self.fraction = progress.fraction
+            step = (progress.epoch - 1) * progress.steps_per_epoch + progress.step
+            if progress.metric is None:
+                self.step_losses.append((step, progress.loss))
+                self.status = f"epoch {progress.epoch}/{progress.epochs}, step {progress.step}/{progress.steps_per_epoch}"
+            else:
+                self.epochs.append({"epoch": progress.epoch, "step": step, "loss": progress.loss,
+                                    "val_accuracy": progress.metric})
+
+    def _work(self, module, dataset) -> None:
+        try:
+            result = train(module, dataset, self.config, progress=self._on_progress, cancel=self.cancel)
+        except ExplorerError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - shown to the user instead of dying silently in a thread
+            self.error = f"Fine-tuning failed unexpectedly: {type(exc).__name__}: {exc}"
+        else:
+            self.result = result
 
 
 def fmt_int(value) -> str:

@@ -1,0 +1,124 @@
+"""Fine-tune: a short training of the pruned copy, live, cancellable, then measured and saved."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from explorer.errors import ExplorerError
+from explorer.train import OPTIMIZERS, TrainConfig, available_devices
+from pages import common
+
+st.title("Fine-tune")
+common.explain("""
+Pruning removes weights the network was relying on, a little or a lot: accuracy right after the
+cut is usually below the baseline. **Fine-tuning** trains the pruned copy for a few more epochs
+so the remaining weights take over the work. Masks stay in force while training, so an
+unstructured model keeps its zeros and a channel-pruned model keeps its smaller shape.
+
+A few epochs at a small learning rate are usually enough to win back most of the loss at
+moderate sparsity; at very high sparsity no amount of fine-tuning brings it back, which is the
+sign the cut went too deep. The curve shows the training loss after every step and the
+validation accuracy after every epoch. **Cancel** stops at the next step and keeps what was
+learned so far. The result is evaluated on the test split, measured like every other run, and
+saved as a new run next to the un-tuned one, so Compare shows what fine-tuning bought.
+Training uses the GPU when there is one (`auto`), otherwise the CPU.
+""")
+
+model = common.require_model()
+pruned = st.session_state.get(common.PRUNED)
+if pruned is None or pruned["model_key"] != model["key"]:
+    st.info("Nothing to fine-tune yet: apply a plan on the Prune page first.")
+    st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
+    st.stop()
+
+before = pruned["metrics"]
+st.markdown(f"Pruned copy: **{pruned['run_name']}** - accuracy before fine-tuning "
+            f"**{common.fmt_pct(before['accuracy'])}** (baseline {common.fmt_pct(model['base_accuracy'])}).")
+
+job: common.FinetuneJob | None = st.session_state.get(common.FINETUNE_JOB)
+running = job is not None and not job.done
+with st.form("finetune_form", border=True):
+    c = st.columns(5)
+    epochs = c[0].number_input("Epochs", 1, 100, 3, key="ft_epochs")
+    lr = c[1].number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="ft_lr")
+    optimizer = c[2].selectbox("Optimizer", OPTIMIZERS, key="ft_optimizer")
+    batch_size = c[3].selectbox("Batch size", [32, 64, 128, 256], index=1, key="ft_batch")
+    device = c[4].selectbox("Device", ["auto", *available_devices()], key="ft_device")
+    start = st.form_submit_button("Start fine-tuning", type="primary", disabled=running, key="ft_start")
+
+if start and not running:
+    config = TrainConfig(epochs=int(epochs), lr=float(lr), optimizer=optimizer, batch_size=int(batch_size),
+                         device=device)
+    try:
+        config.validate()
+    except ExplorerError as exc:
+        st.error(str(exc))
+    else:
+        job = common.FinetuneJob(config=config, source_run_id=pruned["run_id"]).start(pruned["module"],
+                                                                                       model["dataset"])
+        st.session_state[common.FINETUNE_JOB] = job
+        running = True
+
+
+def curve(job: common.FinetuneJob) -> go.Figure:
+    with job.lock:
+        steps = list(job.step_losses)
+        epochs = list(job.epochs)
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(go.Scatter(x=[s for s, _ in steps], y=[v for _, v in steps], name="training loss (step)",
+                                line=dict(width=1)), secondary_y=False)
+    figure.add_trace(go.Scatter(x=[e["step"] for e in epochs], y=[e["val_accuracy"] for e in epochs],
+                                name="validation accuracy (epoch)", mode="lines+markers"), secondary_y=True)
+    figure.update_layout(height=340, margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12),
+                         xaxis_title="step")
+    figure.update_yaxes(title_text="loss", secondary_y=False)
+    figure.update_yaxes(title_text="accuracy", tickformat=".0%", secondary_y=True, range=[0, 1])
+    return figure
+
+
+@st.fragment(run_every=0.5 if running else None)
+def live() -> None:
+    """Redrawn twice a second while training; hands over to a full rerun when it ends."""
+    job: common.FinetuneJob | None = st.session_state.get(common.FINETUNE_JOB)
+    if job is None:
+        return
+    if not job.done:
+        st.progress(job.fraction, text=f"Fine-tuning on {job.config.device}: {job.status}")
+        st.button("Cancel (keep the partial result)", key="ft_cancel", on_click=job.cancel.set,
+                  disabled=job.cancel.is_set())
+    st.plotly_chart(curve(job), key="ft_curve")
+    if job.done and job.saved_run is None and running:
+        st.rerun(scope="app")
+
+
+live()
+
+if job is not None and job.done:
+    if job.error is not None:
+        st.error(job.error)
+    elif job.saved_run is None:
+        result = job.result
+        settings = {**pruned["settings"], "finetune": {**job.config.to_dict(), "epochs_done": result.epochs_done,
+                                                       "cancelled": result.cancelled, "seconds": result.seconds}}
+        tag = f"+ fine-tune {result.epochs_done} ep{' (cancelled)' if result.cancelled else ''}"
+        try:
+            job.saved_run = common.measure_and_save(model, result.model, settings, history=result.history,
+                                                    name=f"{pruned['run_name']} {tag}")
+        except ExplorerError as exc:
+            st.error(str(exc))
+    if job.saved_run is not None:
+        result, after = job.result, job.saved_run.metrics
+        if result.cancelled:
+            st.warning(f"Cancelled after {result.steps} steps ({result.epochs_done} full epochs): "
+                       "the partially trained copy was kept and measured.")
+        st.success(f"Saved **{job.saved_run.name}** ({result.seconds:.1f} s on {result.device}).")
+        cols = st.columns(4)
+        cols[0].metric("Accuracy after fine-tune", common.fmt_pct(after["accuracy"]),
+                       f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pts vs. before")
+        cols[1].metric("vs. baseline", f"{100 * after['delta_accuracy']:+.1f} pts", delta_color="off")
+        cols[2].metric("Non-zero params", common.fmt_int(after["params_nonzero"]))
+        cols[3].metric("Speed-up measured / FLOPs",
+                       f"{after['speedup_measured']:.2f}x / {after['speedup_flops']:.2f}x"
+                       if after.get("speedup_measured") else f"- / {after['speedup_flops']:.2f}x")
+        st.page_link("pages/compare.py", label="Next: compare the runs", icon=":material/arrow_forward:")

@@ -1,0 +1,157 @@
+"""Inspect: what the weights, their gradients and the channels' attributions look like, layer by layer."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from explorer import pipeline, stats
+from explorer.errors import ExplorerError
+from pages import common
+
+st.title("Inspect")
+common.explain("""
+Before cutting, look. Each **histogram** shows the values of one layer's weights. Trained
+weights pile up around zero with long tails; magnitude pruning bets that the ones near zero
+matter least. The red dashed lines mark the current cut: at the sparsity and scope chosen on the
+Prune page, unstructured magnitude pruning removes every weight between them. With a **global**
+scope the cut is the same |w| in every layer, so a layer whose weights are all small overall (here
+or after a different initialisation) is hit hardest, and can be emptied (layer collapse).
+A **shared axis** makes that comparison visible; a **log count** shows the tails.
+
+**Gradients** are the derivative of the loss with respect to each weight, averaged over a few
+calibration batches of training data. A large gradient means the loss is sensitive to that weight
+right now; gradient, Taylor (|w·g|) and SNIP criteria build on this.
+
+**Attribution** (captum layer conductance) asks, for one layer, how much each output channel or
+neuron contributes to the score of the correct class, averaged over the calibration batches. Units
+with almost no conductance are candidates for removal whatever their weight norm says.
+""")
+
+model = common.require_model()
+pruned = st.session_state.get(common.PRUNED)
+target_module, target_label = model["module"], "base model"
+if pruned is not None and pruned["model_key"] == model["key"]:
+    which = st.radio("Inspect", ["base model", "pruned copy"], horizontal=True, key="inspect_which",
+                     help="The pruned copy shows the spike of zeros (unstructured) or its smaller layers (channel).")
+    if which == "pruned copy":
+        target_module, target_label = pruned["module"], f"pruned copy ({pruned['run_name']})"
+
+c = st.columns(4)
+shared = c[0].toggle("Shared x axis", key="inspect_shared")
+log_count = c[1].toggle("Log count", key="inspect_log")
+bins = c[2].slider("Bins", 10, 100, 40, 5, key="inspect_bins")
+calib_batches = c[3].slider("Calibration batches", 1, 16, 4, key="inspect_calib",
+                            help="Batches of 64 training samples for gradients and attributions.")
+
+try:
+    weights = stats.weight_stats(target_module, bins=bins, shared_range=shared)
+except ExplorerError as exc:
+    st.error(str(exc))
+    st.stop()
+layers = list(weights)
+chosen = st.multiselect("Layers", layers, default=layers[:9], key="inspect_layers")
+
+# The |w| cut of unstructured magnitude pruning at the Prune page's sparsity and scope.
+prune_settings = st.session_state.get(common.PRUNE_SETTINGS) or {}
+if prune_settings.get("model_key") != model["key"]:
+    prune_settings = {}
+sparsity, scope = prune_settings.get("sparsity", 0.5), prune_settings.get("scope", "global")
+cuts: dict[str, float | None] = {}
+if target_label == "base model":
+    try:
+        magnitude = common.prepared_for(model, "unstructured", "magnitude")
+        protect = [n for n in prune_settings.get("protect", []) if n in magnitude.names]
+        overrides = {n: v for n, v in prune_settings.get("overrides", {}).items() if n in magnitude.names}
+        cut_plan = pipeline.preview(magnitude, sparsity, scope, protect=protect, overrides=overrides,
+                                    min_keep=prune_settings.get("min_keep", 0.0))
+        cuts = pipeline.thresholds(magnitude, cut_plan)
+        st.caption(f"Red dashed lines: the |w| cut of unstructured magnitude pruning at {sparsity:.0%} sparsity, "
+                   f"{scope} scope (set on the Prune page); weights between them would be removed.")
+    except ExplorerError as exc:
+        st.warning(f"No pruning threshold to draw: {exc}")
+
+
+def histograms(summaries: dict[str, dict], names: list[str], title: str, thresholds: dict | None = None) -> go.Figure:
+    columns = 3
+    rows = max(1, math.ceil(len(names) / columns))
+    figure = make_subplots(rows=rows, cols=columns, subplot_titles=[
+        f"{n} ({summaries[n]['kind']} {'x'.join(map(str, summaries[n]['shape']))})" for n in names])
+    for i, name in enumerate(names):
+        s = summaries[name]
+        edges, counts = s["hist"]["edges"], s["hist"]["counts"]
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        row, col = i // columns + 1, i % columns + 1
+        figure.add_trace(go.Bar(x=centers, y=counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])],
+                                marker_color="#1f77b4", showlegend=False, name=name,
+                                hovertemplate="%{x:.4f}: %{y}<extra>" + name + "</extra>"), row=row, col=col)
+        cut = (thresholds or {}).get(name)
+        if cut is not None:
+            for x in (-cut, cut):
+                figure.add_vline(x=x, line_dash="dash", line_color="#d62728", row=row, col=col)
+        if log_count:
+            figure.update_yaxes(type="log", row=row, col=col)
+    figure.update_layout(title=title, height=260 * rows + 60, margin=dict(t=80, b=30), bargap=0)
+    return figure
+
+
+if chosen:
+    st.plotly_chart(histograms(weights, chosen, f"Weight distributions - {target_label}", cuts), key="inspect_weights")
+
+st.subheader("Gradients")
+grad_key = ("inspect_gradients", model["key"], target_label, calib_batches, bins, shared)
+if st.button(f"Collect gradients over {calib_batches} calibration batches", key="inspect_collect"):
+    try:
+        with st.spinner("Running forward and backward passes ..."):
+            calib = model["dataset"].calibration(calib_batches, 64)
+            st.session_state["inspect_gradients"] = (grad_key, stats.gradient_stats(
+                target_module, calib, bins=bins, shared_range=shared))
+    except ExplorerError as exc:
+        st.error(str(exc))
+stored = st.session_state.get("inspect_gradients")
+gradients = stored[1] if stored is not None and stored[0] == grad_key else None
+if gradients is None:
+    st.caption("Press the button to average the loss gradient of every layer over the calibration batches.")
+elif chosen:
+    st.plotly_chart(histograms(gradients, [n for n in chosen if n in gradients],
+                               f"Gradient distributions (mean over {calib_batches} batches)"), key="inspect_grads")
+
+summary = pd.DataFrame([{"layer": n, "mean |w|": weights[n]["mean_abs"], "std of w": weights[n]["std"],
+                         "zeros": weights[n]["zeros_fraction"],
+                         "mean |g|": gradients[n]["mean_abs"] if gradients and n in gradients else None}
+                        for n in layers])
+figure = make_subplots(specs=[[{"secondary_y": True}]])
+figure.add_trace(go.Bar(x=summary["layer"], y=summary["mean |w|"], name="mean |w|"))
+figure.add_trace(go.Bar(x=summary["layer"], y=summary["std of w"], name="std of w"))
+if gradients:
+    figure.add_trace(go.Scatter(x=summary["layer"], y=summary["mean |g|"], name="mean |g| (right axis)",
+                                mode="lines+markers"), secondary_y=True)
+figure.update_layout(title="Per-layer summary", barmode="group", height=360, margin=dict(t=50, b=30))
+st.plotly_chart(figure, key="inspect_summary")
+st.dataframe(summary, hide_index=True, column_config={"zeros": st.column_config.NumberColumn(format="percent")})
+
+st.subheader("Attribution per channel")
+attr_layer = st.selectbox("Layer", layers, key="inspect_attr_layer")
+attr_key = ("inspect_attribution", model["key"], target_label, attr_layer, calib_batches)
+if st.button("Compute conductance", key="inspect_attr"):
+    try:
+        with st.spinner(f"captum layer conductance for {attr_layer} ..."):
+            calib = model["dataset"].calibration(calib_batches, 64)
+            st.session_state["inspect_attribution"] = (attr_key, stats.attribution(target_module, attr_layer, calib))
+    except ExplorerError as exc:
+        st.error(str(exc))
+stored = st.session_state.get("inspect_attribution")
+if stored is not None and stored[0] == attr_key:
+    values = stored[1].tolist()
+    figure = go.Figure(go.Bar(x=list(range(len(values))), y=values, marker_color="#2ca02c"))
+    figure.update_layout(title=f"Mean |conductance| per output unit of {attr_layer}", xaxis_title="channel / neuron",
+                         yaxis_title="mean |conductance|", height=320, margin=dict(t=50, b=40))
+    st.plotly_chart(figure, key="inspect_attr_chart")
+    low = sorted(range(len(values)), key=values.__getitem__)[:5]
+    st.caption(f"Lowest-attribution units: {', '.join(map(str, low))}. "
+               f"{sum(v == 0 for v in values)} of {len(values)} units have exactly zero conductance.")
+else:
+    st.caption("Choose a layer and press the button (a few seconds on a small model).")
