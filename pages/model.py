@@ -10,7 +10,7 @@ import streamlit as st
 from explorer import baselines, stats
 from explorer.data import DATASETS, tensors
 from explorer.errors import ExplorerError
-from explorer.models import ZOO, load_model
+from explorer.models import ZOO, load_model, read_saved_metadata
 from explorer.train import TrainConfig, evaluate, train
 from pages import common
 
@@ -81,10 +81,15 @@ def load_zoo(model_name: str, dataset_name: str, data) -> dict:
 def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -> dict:
     suffix = Path(upload.name).suffix or ".pt"
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"upload{suffix}"
+        path = Path(folder) / (Path(upload.name).name or f"upload{suffix}")
         path.write_bytes(upload.getvalue())
         module = load_model(str(path), input_shape=data.input_shape, num_classes=data.num_classes, arch=arch,
                             trust_pickle=trust_pickle)
+        if arch is None:  # a file saved by this app knows its architecture; runs then keep their weights
+            try:
+                arch = read_saved_metadata(path)["arch"]
+            except ExplorerError:
+                arch = None
     module.eval()
     if epochs:
         module = train_with_progress(module, data, epochs)

@@ -1,0 +1,160 @@
+"""The Streamlit app through AppTest: every page renders, the main path works, bad input is an error.
+
+Runs the real script (app.py + pages/) in-process; conftest gives every test session its own
+baseline cache and run database, so the first test trains the mlp/digits baseline once.
+"""
+import time
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from explorer.data import load_dataset
+from explorer.models import build, save_model
+
+PAGES = ["pages/model.py", "pages/inspect.py", "pages/prune.py", "pages/finetune.py", "pages/compare.py"]
+
+
+def start() -> AppTest:
+    """A fresh session on the Model page, which loads the default mlp on digits."""
+    at = AppTest.from_file("../app.py", default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert at.session_state["current_model"]["label"] == "mlp"
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_every_page_renders_without_exception():
+    at = start()
+    assert "mlp" in texts(at.sidebar.markdown)
+    assert at.dataframe[0].value["name"].tolist() == ["fc1", "fc2", "classifier"]
+    for page in PAGES:
+        goto(at, page)
+        assert not at.error, texts(at.error)
+        assert any(e.label == "What am I looking at?" for e in at.expander), page
+
+
+def test_main_path_inspect_prune_finetune_compare():
+    at = start()
+    base_accuracy = at.session_state["current_model"]["base_accuracy"]
+    assert base_accuracy > 0.9
+
+    goto(at, "pages/inspect.py")
+    at.button(key="inspect_collect").click().run()
+    assert not at.exception and not at.error
+    assert "inspect_gradients" in at.session_state
+
+    goto(at, "pages/prune.py")
+    assert at.radio(key="prune_scope").value == "global"
+    at.slider(key="prune_sparsity").set_value(0.8).run()
+    metrics = {m.label: m.value for m in at.metric}
+    units = 64 * 256 + 256 * 128 + 128 * 10  # the mlp's weights on 8x8 digits
+    assert metrics["Units pruned"] == f"{round(0.8 * units):,} / {units:,}"
+    at.button(key="prune_apply").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    pruned = at.session_state["pruned_result"]
+    assert pruned["metrics"]["params_nonzero"] < 0.25 * pruned["metrics"]["params_total"]
+    # the cached base model is shared between sessions and must not have been touched
+    base = at.session_state["current_model"]["module"]
+    assert float((base.fc1.weight == 0).float().mean()) < 0.01
+
+    goto(at, "pages/finetune.py")
+    at.number_input(key="ft_epochs").set_value(1)
+    at.button(key="ft_start").click().run()
+    deadline = time.time() + 60
+    while not at.session_state["finetune_job"].done and time.time() < deadline:
+        time.sleep(0.3)
+        at.run()
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    job = at.session_state["finetune_job"]
+    assert job.result.epochs_done == 1 and not job.result.cancelled
+    assert job.saved_run is not None
+    assert "fine-tune 1 ep" in texts(at.success)
+
+    goto(at, "pages/compare.py")
+    table = at.dataframe[0].value
+    assert len(table) == 2
+    tuned = table[table["fine-tune epochs"] == 1].iloc[0]
+    assert tuned["sparsity"] == pytest.approx(0.8)
+    assert 0 < tuned["accuracy"] <= 1 and tuned["latency (ms)"] > 0
+    assert tuned["speed-up FLOPs"] > 3  # 80 % of the weights gone: about 5x fewer effective FLOPs
+    assert tuned["non-zero params"] == pruned["metrics"]["params_nonzero"]
+
+
+def crafted_model_file(tmp_path) -> bytes:
+    """An mlp whose fc2 weights are 1000x smaller than the rest: global magnitude pruning empties it."""
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build("mlp", data.input_shape, data.num_classes)
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-3)
+    path = save_model(model, tmp_path / "tiny_fc2.pt", arch="mlp", input_shape=data.input_shape,
+                      num_classes=data.num_classes)
+    return path.read_bytes()
+
+
+def load_upload(at: AppTest, name: str, content: bytes) -> AppTest:
+    at.radio(key="model_source").set_value("Model file").run()
+    at.file_uploader(key="model_file").set_value((name, content, "application/octet-stream")).run()
+    at.button(key="file_load").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_collapse_warning_and_one_click_fixes(tmp_path):
+    at = load_upload(start(), "tiny_fc2.pt", crafted_model_file(tmp_path))
+    assert at.session_state["current_model"]["label"] == "tiny_fc2.pt"
+    goto(at, "pages/prune.py")
+    at.slider(key="prune_sparsity").set_value(0.8).run()
+    assert "Layer collapse" in texts(at.warning) and "`fc2`" in texts(at.warning)
+    assert "empties `fc2` beyond" in texts(at.info)
+
+    at.button(key="fix_local").click().run()
+    assert at.radio(key="prune_scope").value == "local"
+    assert not at.warning
+
+    at.radio(key="prune_scope").set_value("global").run()
+    assert "Layer collapse" in texts(at.warning)
+    at.button(key="fix_min_keep").click().run()
+    assert at.slider(key="prune_min_keep").value == pytest.approx(0.05)
+    assert not at.warning
+    at.button(key="prune_apply").click().run()
+    assert not at.error and at.session_state["pruned_result"]["metrics"]["params_nonzero"] > 0
+
+
+def test_corrupt_upload_shows_error_not_traceback():
+    at = load_upload(start(), "broken.pt", b"this is not a model file")
+    assert at.error, "a corrupt file must give a message"
+    assert "broken.pt" in texts(at.error)
+    assert at.session_state["current_model"]["label"] == "mlp"  # the previous model is kept
+
+
+def test_sparsity_one_shows_error_not_traceback():
+    at = goto(start(), "pages/prune.py")
+    at.slider(key="prune_sparsity").set_value(1.0).run()
+    assert "Layer collapse" in texts(at.warning)
+    at.button(key="prune_apply").click().run()
+    assert not at.exception
+    assert "empties" in texts(at.error)
+    assert "pruned_result" not in at.session_state
+
+
+def test_channel_structure_shows_coupled_group():
+    at = goto(start(), "pages/prune.py")
+    at.radio(key="prune_structure").set_value("channel").run()
+    assert not at.exception and not at.error
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Channels in group"] == "256"  # fc1's neurons
+    # one fc1 neuron is its weight row and bias (64 + 1) plus its column in fc2 (128)
+    assert metrics["Params per channel, naive"] == "65"
+    assert metrics["Params per channel, real"] == "193"
