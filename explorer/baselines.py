@@ -30,9 +30,9 @@ DEFAULT_CONFIGS: dict[tuple[str, str], TrainConfig] = {
     ("mobilenetv2_small", "digits"): TrainConfig(epochs=20, lr=2e-3, batch_size=32),
     ("conv1d", "mnist1d"): TrainConfig(epochs=20, lr=2e-3, batch_size=64, weight_decay=1e-4, optimizer="adamw"),
     ("mlp", "mnist1d"): TrainConfig(epochs=30, lr=2e-3, batch_size=64),
-    ("vgg_small", "shapes"): TrainConfig(epochs=4, lr=2e-3, batch_size=64),
-    ("resnet20", "shapes"): TrainConfig(epochs=4, lr=2e-3, batch_size=64),
-    ("mobilenetv2_small", "shapes"): TrainConfig(epochs=5, lr=3e-3, batch_size=64),
+    ("vgg_small", "shapes"): TrainConfig(epochs=3, lr=2e-3, batch_size=64),
+    ("resnet20", "shapes"): TrainConfig(epochs=3, lr=2e-3, batch_size=64),
+    ("mobilenetv2_small", "shapes"): TrainConfig(epochs=3, lr=3e-3, batch_size=64),
     ("lenet5", "shapes"): TrainConfig(epochs=8, lr=2e-3, batch_size=64),
     ("mlp", "shapes"): TrainConfig(epochs=8, lr=1e-3, batch_size=64),
 }

@@ -143,7 +143,7 @@ def _shape_masks(kind: np.ndarray, dx: np.ndarray, dy: np.ndarray, r: np.ndarray
     return np.take_along_axis(masks, kind[None, :, None, None], axis=0)[0]
 
 
-def shapes(seed: int = 0, num_samples: int = 12000, side: int = 32) -> Dataset:
+def shapes(seed: int = 0, num_samples: int = 6000, side: int = 32) -> Dataset:
     """Synthetic colour images of eight shapes; generated deterministically from ``seed``.
 
     Each image has a random dark background, a shape of random colour, size and position,
@@ -234,7 +234,7 @@ class DatasetEntry:
 DATASETS: dict[str, DatasetEntry] = {entry.name: entry for entry in (
     DatasetEntry("digits", "scikit-learn 8x8 handwritten digits (real, 1,797 images).", digits),
     DatasetEntry("mnist1d", "mnist1d generated locally (1-D signals, 10 classes).", mnist1d),
-    DatasetEntry("shapes", "Synthetic 3x32x32 colour shapes (8 classes, 12,000 images).", shapes),
+    DatasetEntry("shapes", "Synthetic 3x32x32 colour shapes (8 classes, 6,000 images).", shapes),
     DatasetEntry("tensors", "Your own .pt / .npz file with x and y.", tensors),
 )}
 

@@ -11,7 +11,6 @@ Every number carries its unit in its name: ``flops``, ``latency_ms``, ``size_byt
 """
 from __future__ import annotations
 
-import copy
 import io
 import statistics
 import zlib
@@ -24,6 +23,7 @@ import torch.utils.benchmark as benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from explorer.errors import ExplorerError
+from explorer.models import clone_model
 
 _MASK_SUFFIX = "_mask"
 _ORIG_SUFFIX = "_orig"
@@ -330,7 +330,7 @@ def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ExplorerError(f"device {device} is not available here: measure on cpu")
-    return copy.deepcopy(model).to(device)
+    return clone_model(model).to(device)
 
 
 @contextmanager

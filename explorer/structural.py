@@ -19,7 +19,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from explorer.errors import ExplorerError
+from explorer.models import clone_model
 
 _EMPTIED_HINT = "lower sparsity, use local scope or min_keep"
 _REDUCTIONS = ("mean", "sum", "max", "first")
@@ -222,7 +222,7 @@ def apply_plan(model: nn.Module, plan, ranking, example_input: torch.Tensor) -> 
 
 def _copy_for_tracing(model: nn.Module) -> nn.Module:
     """Deep copy; tracing switches the copy to eval mode (BN statistics must not move)."""
-    traced = copy.deepcopy(model)
+    traced = clone_model(model)
     traced.eval()
     return traced
 
@@ -352,7 +352,7 @@ def _params_removed(module: nn.Module, handlers: list, channels: int) -> float:
     if not units:
         return 0
     unit = min(units)
-    trial = copy.deepcopy(module)
+    trial = clone_model(module)
     before = sum(p.numel() for p in trial.parameters())
     for dep, unit_to_idx in handlers:
         if unit in unit_to_idx:
