@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--min-run-time", type=float, default=6.0, help="seconds of timing per model")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="time all models (and the input) in channels_last memory format")
+    parser.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last",
+                        help="memory format of both models and the input (the app measures channels_last)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved dense/pruned slices")
     args = parser.parse_args()
 
@@ -114,24 +114,22 @@ def main() -> None:
     structured = structured_half(dense, example)
     unstructured = unstructured_half(dense)
 
-    if args.channels_last:
-        dense, structured, unstructured = (m.to(memory_format=torch.channels_last)
-                                           for m in (dense, structured, unstructured))
-        example = example.to(memory_format=torch.channels_last)
+    channels_last = args.layout == "channels_last"
     dense_flops = measure.flops(dense, example)["dense"]
     rows = []
     for label, model in (("structured 50 % (channels removed)", structured),
                          ("unstructured 50 % (zeros in place)", unstructured)):
         model_flops = measure.flops(model, example)
         timing = measure.compare_latency(dense, model, example, threads=args.threads,
-                                         min_run_time=args.min_run_time, rounds=args.rounds)
+                                         min_run_time=args.min_run_time, rounds=args.rounds,
+                                         channels_last=channels_last)
         flops_speedup = dense_flops / model_flops["effective"]
         rows.append((label, measure.count_params(model), model_flops, timing, flops_speedup))
 
     print(f"- date: {datetime.date.today().isoformat()}")
     print(f"- machine: {cpu_model()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}, threads {args.threads}, batch {args.batch}, input 3x224x224, "
-          f"{'channels_last' if args.channels_last else 'contiguous (NCHW)'}, device cpu")
+          f"{args.layout}, device cpu")
     print(f"- dense: {measure.count_params(dense)['total'] / 1e6:.2f} M params, {dense_flops / 1e9:.2f} GFLOPs "
           "(FlopCounterMode, 2 FLOPs per MAC)\n")
     print("| variant | params (non-zero) | GFLOPs dense / effective | dense ms (IQR) | pruned ms (IQR) "
