@@ -1,0 +1,202 @@
+"""One real-browser smoke test: `streamlit run app.py` headless, driven by Debian's Chromium.
+
+Opens the app, waits for the default model, goes to the Prune page, moves the sparsity slider
+with the keyboard and checks that the per-layer chart changed. Screenshots go to a temporary
+folder and, with SAVE_SCREENSHOTS=1, one per page to docs/screenshots/ for the README.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+    pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The app served headless on a free port, with its own data and cache folders; always stopped."""
+    port = free_port()
+    env = {**os.environ, "PRUNING_EXPLORER_DATA": os.environ.get("PRUNING_EXPLORER_DATA", str(tmp_path / "data")),
+           "PRUNING_EXPLORER_CACHE": os.environ.get("PRUNING_EXPLORER_CACHE", str(tmp_path / "cache"))}
+    log = open(tmp_path / "streamlit.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError("streamlit did not start:\n" + (tmp_path / "streamlit.log").read_text())
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1500,1300"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition, timeout: float = 120, message: str = ""):
+    def safe(d):
+        try:
+            return condition(d)
+        except (StaleElementReferenceException, WebDriverException):
+            return False
+    return WebDriverWait(driver, timeout, poll_frequency=0.25).until(safe, message)
+
+
+def idle(driver) -> bool:
+    """The script finished its run: Streamlit shows no 'running' indicator."""
+    return not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+
+
+def settle(driver, timeout: float = 120) -> None:
+    time.sleep(0.5)
+    wait_for(driver, idle, timeout, "the app kept running")
+    time.sleep(0.5)
+
+
+def open_page(driver, title: str) -> None:
+    link = wait_for(driver, lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNavLink"]')
+                                            if a.text.strip().splitlines()[-1:] == [title]), None), 30, f"no link to {title}")
+    link.click()
+    wait_for(driver, lambda d: any(h.text.strip() == title for h in d.find_elements(By.TAG_NAME, "h1")), 60,
+             f"page {title} did not open")
+    settle(driver)
+
+
+def bar_heights(driver) -> list:
+    return driver.execute_script(
+        "const plot = document.querySelector('[data-testid=\"stPlotlyChart\"] .js-plotly-plot');"
+        "if (!plot || !plot._fullData || !plot._fullData.length) return null;"
+        "return Array.from(plot._fullData[0].y);")  # _fullData: plotly's decoded copy of the figure
+
+
+def sparsity_thumb(driver):
+    for slider in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"]'):
+        if "Sparsity (fraction" in slider.text:
+            return slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')  # react-aria's focusable thumb
+    return None
+
+
+def shoot(driver, tmp_path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    assert driver.save_screenshot(str(path)), f"screenshot {name} failed"
+    if os.environ.get("SAVE_SCREENSHOTS") == "1":
+        target = ROOT / "docs" / "screenshots"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / f"{name}.png")
+    return path
+
+
+def click_button(driver, label: str) -> None:
+    button = wait_for(driver, lambda d: next((b for b in d.find_elements(By.TAG_NAME, "button")
+                                              if b.text.strip().startswith(label) and b.is_enabled()), None),
+                      30, f"no button {label!r}")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
+    button.click()
+    settle(driver)
+
+
+def test_slider_moves_chart(server, browser, tmp_path):
+    browser.get(server)
+    wait_for(browser, lambda d: "Baseline accuracy" in d.find_element(By.TAG_NAME, "body").text, 300,
+             "the default model (mlp on digits) did not load")
+    settle(browser)
+    shoot(browser, tmp_path, "model")
+
+    open_page(browser, "Prune")
+    wait_for(browser, lambda d: bar_heights(d) is not None and sparsity_thumb(d) is not None, 60, "no prune chart")
+    before = bar_heights(browser)
+    assert before and all(abs(y - 0.5) < 0.3 for y in before), before  # 50 % global by default
+
+    thumb = sparsity_thumb(browser)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", thumb)
+    keys = ActionChains(browser)
+    for _ in range(25):
+        keys.send_keys(Keys.ARROW_RIGHT)
+    keys.perform()
+    wait_for(browser, lambda d: float(sparsity_thumb(d).get_attribute("value")) > 0.5, 30, "the slider did not move")
+    settle(browser)
+    wait_for(browser, lambda d: bar_heights(d) != before, 60, "the chart did not change")
+    after = bar_heights(browser)
+    assert sum(after) > sum(before), (before, after)
+    assert float(sparsity_thumb(browser).get_attribute("value")) == pytest.approx(0.75)
+    screenshot = shoot(browser, tmp_path, "prune")
+    assert screenshot.stat().st_size > 10_000
+
+    if os.environ.get("SAVE_SCREENSHOTS") == "1":
+        tour_for_screenshots(browser, tmp_path)
+
+
+def tour_for_screenshots(driver, tmp_path) -> None:
+    """The remaining pages with something on them: two applied plans, a fine-tune, the dashboard."""
+    click_button(driver, "Apply")
+    wait_for(driver, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 120, "apply did not finish")
+    shoot(driver, tmp_path, "prune")
+    open_page(driver, "Inspect")
+    click_button(driver, "Collect gradients")
+    shoot(driver, tmp_path, "inspect")
+    open_page(driver, "Fine-tune")
+    click_button(driver, "Start fine-tuning")
+    wait_for(driver, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 300, "fine-tune did not finish")
+    settle(driver)
+    shoot(driver, tmp_path, "finetune")
+    open_page(driver, "Prune")
+    driver.find_element(By.XPATH, "//label[.//p[text()='channel']]").click()
+    settle(driver)
+    click_button(driver, "Apply")
+    wait_for(driver, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 120, "apply did not finish")
+    shoot(driver, tmp_path, "prune_channel")
+    open_page(driver, "Compare")
+    shoot(driver, tmp_path, "compare")
