@@ -73,7 +73,8 @@ def curve(job: common.FinetuneJob) -> go.Figure:
     figure.update_layout(height=340, margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12),
                          xaxis_title="step")
     figure.update_yaxes(title_text="loss", secondary_y=False)
-    figure.update_yaxes(title_text="accuracy", tickformat=".0%", secondary_y=True, range=[0, 1])
+    figure.update_yaxes(title_text="accuracy", tickformat=".0%", secondary_y=True, range=[0, 1.02],
+                         showgrid=False)
     return figure
 
 
@@ -116,7 +117,7 @@ if job is not None and job.done:
         cols = st.columns(4)
         cols[0].metric("Accuracy after fine-tune", common.fmt_pct(after["accuracy"]),
                        f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pts vs. before")
-        cols[1].metric("vs. baseline", f"{100 * after['delta_accuracy']:+.1f} pts", delta_color="off")
+        cols[1].metric("vs. baseline", f"{100 * after['delta_accuracy']:+.1f} pts", delta_color="off", delta_arrow="off")
         cols[2].metric("Non-zero params", common.fmt_int(after["params_nonzero"]))
         cols[3].metric("Speed-up measured / FLOPs",
                        f"{after['speedup_measured']:.2f}x / {after['speedup_flops']:.2f}x"

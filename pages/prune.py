@@ -117,13 +117,13 @@ with collapse_col:
 
 cols = st.columns(4)
 cols[0].metric("Parameters after", common.fmt_int(estimate["params_after"]),
-               f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}", delta_color="off")
+               f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}", delta_color="off", delta_arrow="off")
 cols[1].metric("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
-               f"{estimate['speedup_flops']:.2f}x fewer", delta_color="off")
+               f"{estimate['speedup_flops']:.2f}x fewer", delta_color="off", delta_arrow="off")
 cols[2].metric("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
-               f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}", delta_color="off")
+               f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}", delta_color="off", delta_arrow="off")
 cols[3].metric("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual),
-               delta_color="off")
+               delta_color="off", delta_arrow="off")
 if not estimate["exact"]:
     st.caption("Channel estimates leave out biases and BatchNorm; Apply replaces them with exact counts. "
                "Unstructured: non-zero parameters, and FLOPs a sparse kernel would do.")
@@ -154,7 +154,7 @@ if structure == "channel":
     if group is not None:
         removed = plan.layer(group.name).pruned if group.name in prepared.names else 0
         g1, g2, g3 = st.columns(3)
-        g1.metric("Channels in group", group.channels, f"{removed} removed by this plan", delta_color="off")
+        g1.metric("Channels in group", group.channels, f"{removed} removed by this plan", delta_color="off", delta_arrow="off")
         g2.metric("Params per channel, real", f"{group.params_per_channel_real:,.0f}")
         g3.metric("Params per channel, naive", f"{group.params_per_channel_naive:,}",
                   help="Only the root filter (weight slice and bias): what a per-layer view suggests.")
@@ -175,6 +175,7 @@ if st.button("Apply: prune a copy, measure it, save the run", type="primary", ke
         st.session_state[common.PRUNED] = {"module": pruned_module, "settings": settings, "plan": plan.to_dict(),
                                            "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
                                            "run_name": run.name}
+        st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy
 
 pruned = st.session_state.get(common.PRUNED)
 if pruned is not None and pruned["model_key"] == model["key"]:
@@ -183,10 +184,10 @@ if pruned is not None and pruned["model_key"] == model["key"]:
     r = st.columns(5)
     r[0].metric("Accuracy", common.fmt_pct(m["accuracy"]), f"{100 * m['delta_accuracy']:+.1f} pts")
     r[1].metric("Non-zero params", common.fmt_int(m["params_nonzero"]), f"of {common.fmt_int(m['params_total'])}",
-                delta_color="off")
+                delta_color="off", delta_arrow="off")
     r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
-                f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off")
+                f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off", delta_arrow="off")
     r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")
     r[4].metric("Speed-up, measured", f"{m['speedup_measured']:.2f}x" if m.get("speedup_measured") else "-",
-                f"{m.get('device')}, batch {m.get('batch')}", delta_color="off")
+                f"{m.get('device')}, batch {m.get('batch')}", delta_color="off", delta_arrow="off")
     st.page_link("pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
