@@ -82,9 +82,11 @@ def test_main_path_inspect_prune_finetune_compare():
     assert "fine-tune 1 ep" in texts(at.success)
 
     goto(at, "pages/compare.py")
-    table = at.dataframe[0].value
-    assert len(table) == 2
-    tuned = table[table["fine-tune epochs"] == 1].iloc[0]
+    table = at.dataframe[0].value.set_index("id")
+    assert {pruned["run_id"], job.saved_run.id} <= set(table.index)  # other tests may have saved runs too
+    assert table.loc[pruned["run_id"], "fine-tune epochs"] == 0
+    tuned = table.loc[job.saved_run.id]
+    assert tuned["fine-tune epochs"] == 1
     assert tuned["sparsity"] == pytest.approx(0.8)
     assert 0 < tuned["accuracy"] <= 1 and tuned["latency (ms)"] > 0
     assert tuned["speed-up FLOPs"] > 3  # 80 % of the weights gone: about 5x fewer effective FLOPs
@@ -158,3 +160,47 @@ def test_channel_structure_shows_coupled_group():
     # one fc1 neuron is its weight row and bias (64 + 1) plus its column in fc2 (128)
     assert metrics["Params per channel, naive"] == "65"
     assert metrics["Params per channel, real"] == "193"
+
+
+def wait_for_job(at: AppTest, timeout: float = 90):
+    deadline = time.time() + timeout
+    while not at.session_state["finetune_job"].done and time.time() < deadline:
+        time.sleep(0.3)
+        at.run()
+    at.run()
+    return at.session_state["finetune_job"]
+
+
+def test_cancel_keeps_the_partial_result():
+    at = goto(start(), "pages/prune.py")
+    at.button(key="prune_apply").click().run()
+    goto(at, "pages/finetune.py")
+    at.number_input(key="ft_epochs").set_value(100)
+    at.button(key="ft_start").click().run()
+    deadline = time.time() + 30
+    while not at.session_state["finetune_job"].step_losses and time.time() < deadline:
+        time.sleep(0.1)
+    at.run()
+    at.button(key="ft_cancel").click().run()
+    job = wait_for_job(at)
+    assert not at.exception and not at.error, texts(at.error)
+    assert job.result.cancelled and job.result.steps > 0
+    assert job.result.epochs_done < 100
+    assert "(cancelled)" in job.saved_run.name
+    assert "Cancelled after" in texts(at.warning)
+
+
+def test_sessions_are_isolated_and_runs_persist():
+    first = goto(start(), "pages/prune.py")
+    first.slider(key="prune_sparsity").set_value(0.3).run()
+    first.button(key="prune_apply").click().run()
+    run_name = first.session_state["pruned_result"]["run_name"]
+
+    second = start()  # another browser session
+    goto(second, "pages/prune.py")
+    assert second.slider(key="prune_sparsity").value == pytest.approx(0.5)
+    assert "pruned_result" not in second.session_state
+    goto(second, "pages/finetune.py")
+    assert "apply a plan on the Prune page first" in texts(second.info)
+    goto(second, "pages/compare.py")  # but saved runs are on disk for everyone, across restarts
+    assert run_name in second.dataframe[0].value["name"].tolist()
