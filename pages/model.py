@@ -119,7 +119,8 @@ try:
             model_name = st.selectbox("Architecture", list(ZOO), key="zoo_model",
                                       format_func=lambda n: f"{n} - {ZOO[n].description}")
             st.caption(f"Usual dataset for {model_name}: **{ZOO[model_name].default_dataset}**. "
-                       "The first load of a pair trains it; mlp on digits takes seconds, conv nets on shapes minutes.")
+                       "The first load of a pair trains it once (then it is cached on disk): seconds for mlp on digits, "
+                       "minutes for the conv nets on a CPU.")
         with right:
             data = pick_dataset("zoo")
         clicked = st.button("Load model", type="primary", key="zoo_load")
