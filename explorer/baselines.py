@@ -57,6 +57,12 @@ def cache_key(model_name: str, dataset_name: str, config: TrainConfig) -> str:
     return f"{model_name}-{dataset_name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+def is_cached(model_name: str, dataset_name: str, config: TrainConfig) -> bool:
+    """Whether a trained baseline for these settings is already on disk (no training needed)."""
+    key = cache_key(model_name, dataset_name, config)
+    return (cache_dir() / f"{key}.pt").exists() and (cache_dir() / f"{key}.json").exists()
+
+
 @dataclass(frozen=True)
 class Baseline:
     """A trained model with its test accuracy and where it came from."""

@@ -155,7 +155,7 @@ def shapes(seed: int = 0, num_samples: int = 6000, side: int = 32) -> Dataset:
     n = int(num_samples)
     kind = np.arange(n) % len(SHAPE_CLASSES)
     rng.shuffle(kind)
-    radius = rng.uniform(0.18, 0.34, n) * side
+    radius = rng.uniform(0.13, 0.32, n) * side
     cx = rng.uniform(radius, side - radius)
     cy = rng.uniform(radius, side - radius)
     grid = np.arange(side, dtype=np.float32) + 0.5
@@ -165,7 +165,7 @@ def shapes(seed: int = 0, num_samples: int = 6000, side: int = 32) -> Dataset:
     background = rng.uniform(0.0, 0.35, (n, 3, 1, 1)).astype(np.float32)
     colour = rng.uniform(0.45, 1.0, (n, 3, 1, 1)).astype(np.float32)
     images = background + (colour - background) * mask[:, None]
-    images += rng.normal(0.0, 0.12, images.shape).astype(np.float32)
+    images += rng.normal(0.0, 0.3, images.shape).astype(np.float32)
     images = (images - 0.45) / 0.3
     return _split("shapes", images.astype(np.float32), kind.astype(np.int64), seed, class_names=SHAPE_CLASSES,
                   fractions=(0.8, 0.1),

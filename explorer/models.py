@@ -522,8 +522,9 @@ def load_model(spec: str | Path, *, input_shape: tuple[int, ...] | None = None, 
 
 
 def _looks_pickled_module(exc: Exception) -> bool:
+    """A refused global (a class to import) means pickled code; anything else is a damaged file."""
     text = str(exc)
-    return "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
+    return "Unsupported global" in text or "GLOBAL " in text
 
 
 def _load_pickled(path: Path, data: bytes) -> nn.Module:

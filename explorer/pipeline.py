@@ -199,8 +199,12 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     """Accuracy plus theoretical and measured cost of a pruned model next to its base.
 
     Latency of both models is measured in the same call, with the same batch and threads.
+    A masked model is measured as deployed: masks folded into plain weights (its zeros stay),
+    so the pruning hook's own overhead is not mistaken for the cost of sparsity.
     """
     example = dataset.example_input(batch)
+    if masking.is_masked(pruned_model):
+        pruned_model = masking.make_permanent(pruned_model)
     metrics = measure.report(pruned_model, example, baseline=base_model, latency=latency, device=device,
                              threads=threads, min_run_time=min_run_time).to_dict()
     accuracy = evaluate(pruned_model, dataset, "test")["accuracy"]

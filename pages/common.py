@@ -50,7 +50,7 @@ def baseline_with_progress(model_name: str, dataset_name: str) -> baselines.Base
     """
     data = shared_dataset(dataset_name)
     config = baselines.default_config(model_name, dataset_name)
-    on_disk = (baselines.cache_dir() / f"{baselines.cache_key(model_name, dataset_name, config)}.pt").exists()
+    on_disk = baselines.is_cached(model_name, dataset_name, config)
     if not on_disk:
         bar = st.progress(0.0, text=f"Training the {model_name} baseline on {dataset_name} ...")
 

@@ -22,9 +22,8 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
   the measured one is the ratio of median latencies of base and pruned model, timed in the same
   call, same batch and threads. **Unstructured runs sit near 1x measured**: their zeros are still
   stored in dense tensors, and a dense matrix multiply does the same work whether a weight is 0 or
-  not. On small models they can even land *below* 1x, because the masked copy multiplies each
-  weight by its mask on every forward pass. Their gain is the *compressed file size*. Channel pruning produces genuinely smaller dense
-  tensors, so it does get faster, though usually less than FLOPs say (memory traffic, overheads and
+  not (they are timed with masks folded into plain weights, as they would be deployed). Their gain
+  is the *compressed file size*. Channel pruning produces genuinely smaller dense tensors, so it does get faster, though usually less than FLOPs say (memory traffic, overheads and
   small layers do not shrink in proportion). Points on the dashed line y = x keep their promise.
 * **Accuracy vs latency** - the Pareto front joins the runs no other run beats on both at once:
   the only ones worth choosing from.

@@ -185,3 +185,11 @@ def test_clone_model_copies_masked_models_without_touching_the_original():
         copy.features.conv1.weight_orig.mul_(0)
     assert model.features.conv1.weight_orig.abs().sum() > 0
     assert int((copy.features.conv1.weight_mask == 0).sum()) == 75
+
+
+def test_garbage_is_called_corrupt_not_pickled(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00\x01 this is not a model at all")
+    with pytest.raises(ExplorerError) as info:
+        load_model(junk)
+    assert "pickled" not in str(info.value) and "corrupt" in str(info.value)

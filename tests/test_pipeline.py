@@ -84,3 +84,20 @@ def test_measure_run_reports_theory_and_measurement_side_by_side(digits):
         assert metrics[key] is not None, key
     assert metrics["speedup_flops"] == pytest.approx(
         measure.flops(model, digits.example_input(8))["dense"] / measure.flops(pruned, digits.example_input(8))["dense"])
+
+
+def test_masked_runs_are_timed_with_masks_folded(digits, monkeypatch):
+    model = build("mlp", digits.input_shape, digits.num_classes)
+    prepared = pipeline.prepare(model, "unstructured", "magnitude", dataset=digits)
+    pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, 0.5, "local"))
+    timed = []
+    real_report = measure.report
+
+    def spy(candidate, *args, **kwargs):
+        timed.append(candidate)
+        return real_report(candidate, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "report", spy)
+    metrics = pipeline.measure_run(model, pruned, digits, min_run_time=0.05, batch=8)
+    assert not any(hasattr(m, "weight_mask") for m in timed[0].modules())
+    assert metrics["params_nonzero"] == measure.count_params(pruned)["nonzero"]
