@@ -84,7 +84,7 @@ with left:
     figure = px.line(plot_data.sort_values("sparsity"), x="sparsity", y="accuracy", color="method",
                      symbol="tuned", symbol_map={"fine-tuned": "diamond", "pruned only": "circle"},
                      markers=True, hover_name="name", title="Accuracy vs sparsity")
-    figure.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=400, legend_title_text="")
+    figure.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=460, legend_title_text="", legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
     st.plotly_chart(figure, key="cmp_accuracy")
 with right:
     timed = plot_data.dropna(subset=["speed-up measured"])
@@ -93,7 +93,7 @@ with right:
     top = max([1.0, *timed["speed-up FLOPs"].tolist(), *timed["speed-up measured"].tolist()]) * 1.05
     figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="y = x (promise kept)",
                                 line=dict(dash="dash", color="grey")))
-    figure.update_layout(height=400, xaxis_range=[0, top], yaxis_range=[0, top], legend_title_text="")
+    figure.update_layout(height=460, xaxis_range=[0, top], yaxis_range=[0, top], legend_title_text="", legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
     st.plotly_chart(figure, key="cmp_speedup")
 
 timed = plot_data.dropna(subset=["latency (ms)", "accuracy"]).sort_values(["latency (ms)", "accuracy"],
@@ -109,7 +109,7 @@ if front:
     front_frame = pd.DataFrame(front)
     figure.add_trace(go.Scatter(x=front_frame["latency (ms)"], y=front_frame["accuracy"], mode="lines",
                                 line=dict(shape="hv", color="black", dash="dot"), name="Pareto front"))
-figure.update_layout(yaxis_tickformat=".0%", height=400, legend_title_text="")
+figure.update_layout(yaxis_tickformat=".0%", height=460, legend_title_text="", legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
 st.plotly_chart(figure, key="cmp_pareto")
 
 st.subheader("Manage runs")
