@@ -18,6 +18,7 @@ from explorer import criteria, measure, pipeline, planner, stats
 from explorer.data import DATASETS, Dataset, load_dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, load_model, read_saved_metadata, save_model
+from explorer.train import evaluate
 
 
 def _sparsities(text: str) -> list[float]:
@@ -154,6 +155,7 @@ def cmd_prune(args) -> list[dict]:
                                 example_input=example)
     kinds = {g.name: g.kind for g in prepared.groups} or prepared.layer_kinds
     base_params = measure.count_params(model)
+    base_accuracy = evaluate(model, dataset, "test")["accuracy"]
     results = []
     for sparsity in args.sparsity:
         plan = pipeline.preview(prepared, sparsity, args.scope, protect=args.protect, min_keep=args.min_keep)
@@ -184,6 +186,8 @@ def cmd_prune(args) -> list[dict]:
         result["flops"] = {"dense": flops["dense"], "effective": flops["effective"],
                            "base": prepared.flops_dense}
         result["size_bytes"] = measure.compressed_size_bytes(pruned)
+        result["accuracy"] = {"base": base_accuracy, "pruned": evaluate(pruned, dataset, "test")["accuracy"],
+                              "split": "test", "fine_tuned": False}
         if args.measure:
             timing = measure.compare_latency(model, pruned, example)
             result["latency_ms"] = {"dense": timing["dense"]["median_ms"], "pruned": timing["pruned"]["median_ms"],
@@ -217,6 +221,9 @@ def _print_human(command: str, results: list[dict]) -> None:
             print(f"  {layer['name']:32s} kept {layer['kept']:>9d}/{layer['total']:<9d} {layer['sparsity']:6.1%}{flag}")
         print(f"  params {result['params']['nonzero']:,} non-zero of {result['params']['total']:,}; "
               f"FLOPs {result['flops']['effective']:,}")
+        if "accuracy" in result:
+            print(f"  test accuracy {result['accuracy']['base']:.1%} -> {result['accuracy']['pruned']:.1%} "
+                  "(no fine-tune)")
         if "latency_ms" in result:
             lat = result["latency_ms"]
             print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "

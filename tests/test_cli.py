@@ -39,6 +39,11 @@ def test_prune_measure_and_save_round_trip(capsys, tmp_path):
     model = load_model(path)
     assert sum(p.numel() for p in model.parameters()) == result["params"]["total"]
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    from explorer.data import load_dataset
+    data = load_dataset("digits")
+    with torch.no_grad():
+        manual = (model.eval()(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert result["accuracy"]["pruned"] == pytest.approx(manual)
 
 
 def test_inspect_json_with_gradients(capsys):
