@@ -110,6 +110,11 @@ def load_factory(spec: str, data, epochs: int) -> dict:
             "origin": f"built by the factory{f', trained {epochs} epochs' if epochs else ' (untrained)'}"}
 
 
+def use_usual_dataset() -> None:
+    """Picking an architecture also picks the dataset it is usually shown on (the user can change it)."""
+    st.session_state["zoo_dataset"] = ZOO[st.session_state["zoo_model"]].default_dataset
+
+
 source = st.radio("Source", ["Built-in zoo", "Model file", "Python factory"], horizontal=True, key="model_source")
 loaded = None
 try:
@@ -117,7 +122,8 @@ try:
         left, right = st.columns(2)
         with left:
             model_name = st.selectbox("Architecture", list(ZOO), key="zoo_model",
-                                      format_func=lambda n: f"{n} - {ZOO[n].description}")
+                                      format_func=lambda n: f"{n} - {ZOO[n].description}",
+                                      on_change=use_usual_dataset)
             st.caption(f"Usual dataset for {model_name}: **{ZOO[model_name].default_dataset}**. "
                        "The first load of a pair trains it once (then it is cached on disk): seconds for mlp on digits, "
                        "minutes for the conv nets on a CPU.")

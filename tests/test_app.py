@@ -204,3 +204,10 @@ def test_sessions_are_isolated_and_runs_persist():
     assert "apply a plan on the Prune page first" in texts(second.info)
     goto(second, "pages/compare.py")  # but saved runs are on disk for everyone, across restarts
     assert run_name in second.dataframe[0].value["name"].tolist()
+
+
+def test_choosing_an_architecture_picks_its_usual_dataset():
+    at = start()
+    at.selectbox(key="zoo_model").set_value("conv1d").run()
+    assert at.selectbox(key="zoo_dataset").value == "mnist1d"
+    assert not at.exception
