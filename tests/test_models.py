@@ -1,5 +1,3 @@
-import io
-import zipfile
 
 import pytest
 import torch
