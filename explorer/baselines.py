@@ -8,6 +8,7 @@ is trained again. The cache lives in ``$PRUNING_EXPLORER_CACHE`` (default
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 from dataclasses import dataclass, replace
@@ -38,9 +39,19 @@ DEFAULT_CONFIGS: dict[tuple[str, str], TrainConfig] = {
 }
 
 
-def default_config(model_name: str, dataset_name: str, seed: int = 0) -> TrainConfig:
-    """The recorded hyper-parameters for a pair, or a safe generic choice."""
-    config = DEFAULT_CONFIGS.get((model_name, dataset_name), TrainConfig(epochs=10, lr=1e-3))
+def default_config(model_name: str, dataset_name: str, seed: int = 0, train_size: int | None = None) -> TrainConfig:
+    """The recorded hyper-parameters for a pair, or a generic choice sized to the data.
+
+    The generic choice aims at about 400 optimiser steps (between 10 and 100 epochs), so a
+    small user dataset is not left under-trained and a large one does not take all day.
+    """
+    config = DEFAULT_CONFIGS.get((model_name, dataset_name))
+    if config is None:
+        epochs = 10
+        if train_size:
+            steps_per_epoch = math.ceil(train_size / 64)
+            epochs = max(10, min(100, math.ceil(400 / steps_per_epoch)))
+        config = TrainConfig(epochs=epochs, lr=2e-3, batch_size=64)
     return replace(config, seed=seed)
 
 
@@ -82,7 +93,7 @@ def baseline(model_name: str, dataset: Dataset, *, config: TrainConfig | None = 
              use_cache: bool = True, progress: Callable[[Progress], None] | None = None,
              cancel: CancelFlag | None = None) -> Baseline:
     """Return the trained baseline of a zoo model on a dataset, training it if not cached."""
-    config = config or default_config(model_name, dataset.name, seed)
+    config = config or default_config(model_name, dataset.name, seed, train_size=len(dataset.y_train))
     key = cache_key(model_name, dataset.name, config)
     weights_path = cache_dir() / f"{key}.pt"
     info_path = cache_dir() / f"{key}.json"

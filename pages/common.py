@@ -49,7 +49,7 @@ def baseline_with_progress(model_name: str, dataset_name: str) -> baselines.Base
     progress bar created outside it); the cached call then reads the weights from disk.
     """
     data = shared_dataset(dataset_name)
-    config = baselines.default_config(model_name, dataset_name)
+    config = baselines.default_config(model_name, dataset_name, train_size=len(data.y_train))
     on_disk = baselines.is_cached(model_name, dataset_name, config)
     if not on_disk:
         bar = st.progress(0.0, text=f"Training the {model_name} baseline on {dataset_name} ...")

@@ -211,3 +211,32 @@ def test_choosing_an_architecture_picks_its_usual_dataset():
     at.selectbox(key="zoo_model").set_value("conv1d").run()
     assert at.selectbox(key="zoo_dataset").value == "mnist1d"
     assert not at.exception
+
+
+def _npz_bytes(x, y) -> bytes:
+    import io
+
+    import numpy as np
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    return buffer.getvalue()
+
+
+def test_user_tensors_train_a_zoo_model_and_nan_data_is_refused():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 3
+    x = (rng.normal(size=(200, 1, 6)) + 3 * y[:, None, None]).astype(np.float32)  # separable by the mean
+    at = start()
+    at.selectbox(key="zoo_dataset").set_value("tensors").run()
+    at.file_uploader(key="zoo_data").set_value(("mine.npz", _npz_bytes(x, y), "application/octet-stream")).run()
+    at.button(key="zoo_load").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    current = at.session_state["current_model"]
+    assert current["label"] == "mlp" and current["base_accuracy"] > 0.8
+
+    bad = x.copy()
+    bad[0, 0, 0] = np.nan
+    at.file_uploader(key="zoo_data").set_value(("bad.npz", _npz_bytes(bad, y), "application/octet-stream")).run()
+    assert not at.exception
+    assert "NaN" in texts(at.error)
