@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m explorer inspect | prune``.
+"""Headless command line: ``python -m explorer inspect | prune | run``.
 
 The same core calls as the app, so the numbers match for the same seed. With ``--json``
 the output is machine-readable: ``inspect`` prints one JSON object; ``prune`` prints one
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from explorer import criteria, measure, pipeline, planner, stats
-from explorer.data import DATASETS, Dataset, load_dataset
+from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
-from explorer.models import SAVE_FORMAT, ZOO, load_model, read_saved_metadata, save_model
+from explorer.models import SAVE_FORMAT, ZOO, save_model
 from explorer.train import evaluate
 
 
@@ -97,34 +97,41 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--measure", action="store_true", help="measure latency of dense and pruned models")
     prune.add_argument("--batch", type=_positive, default=1, help="batch size for FLOPs and latency")
     prune.add_argument("--save", help="write the pruned model (last sparsity; with several, FILE gets -S suffixes)")
+    run = sub.add_parser("run", help="replay a recipe (or a downloaded run.yaml) end to end")
+    run.add_argument("--recipe", required=True, help="YAML/JSON recipe, or the run.yaml of a downloaded run")
+    run.add_argument("--save", help="write the pruned (and fine-tuned) model to FILE")
+    run.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    run.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def _resolve(args) -> tuple[torch.nn.Module, Dataset, str]:
-    """Load the dataset and the model; returns (model, dataset, architecture name for saving)."""
-    spec = args.model
-    saved = None
-    if spec not in ZOO and Path(spec).is_file():
-        try:
-            saved = read_saved_metadata(spec)
-        except ExplorerError:
-            saved = None
-    data_name = args.data or (ZOO[spec].default_dataset if spec in ZOO else None) or "digits"
-    dataset = load_dataset(data_name, seed=args.seed, path=args.data_file)
-    if saved is not None and tuple(saved["input_shape"]) != dataset.input_shape and args.data is None:
-        raise ExplorerError(f"'{spec}' was saved for inputs {tuple(saved['input_shape'])}; pass the matching --data.")
-    if args.baseline:
-        if spec not in ZOO:
-            raise ExplorerError("--baseline works with zoo names only.")
-        from explorer.baselines import baseline
+def cmd_run(args) -> list[dict]:
+    from dataclasses import replace
 
-        model = baseline(spec, dataset, seed=args.seed).model
-    else:
-        torch.manual_seed(args.seed)
-        model = load_model(spec, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                           weights=args.weights, arch=args.arch, trust_pickle=args.trust_pickle)
-    arch = saved["arch"] if saved is not None else (args.arch or spec)
-    return model.eval(), dataset, arch
+    from explorer.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.no_latency:
+        recipe = replace(recipe, measure_latency=False)
+    outcome = run_recipe(recipe)
+    plan = outcome["plan"]
+    result = {"recipe": outcome["recipe"], "sparsity_actual": plan.sparsity_actual,
+              "collapsed": list(plan.collapsed), "collapse_point": plan.collapse_point,
+              "metrics": outcome["metrics"], "history": outcome["history"]}
+    if args.save:
+        dataset = outcome["dataset"]
+        save_model(outcome["model"], args.save, arch=outcome["arch"], input_shape=dataset.input_shape,
+                   num_classes=dataset.num_classes, metadata={"recipe": outcome["recipe"]})
+        result["saved"] = args.save
+    return [result]
+
+
+def _resolve(args) -> tuple[torch.nn.Module, Dataset, str]:
+    if args.baseline and args.model not in ZOO:
+        raise ExplorerError("--baseline works with zoo names only.")
+    return pipeline.resolve_model(args.model, data=args.data, data_file=args.data_file, seed=args.seed,
+                         use_baseline=args.baseline, weights=args.weights, arch=args.arch,
+                         trust_pickle=args.trust_pickle)
 
 
 def cmd_inspect(args) -> list[dict]:
@@ -207,6 +214,16 @@ def cmd_prune(args) -> list[dict]:
 
 def _print_human(command: str, results: list[dict]) -> None:
     for result in results:
+        if command == "run":
+            m, recipe = result["metrics"], result["recipe"]
+            print(f"{recipe['model']} on {recipe['data'] or 'its usual dataset'}: {recipe['structure']} {recipe['criterion']} "
+                  f"{recipe['scope']} {recipe['sparsity']:.0%}"
+                  f"{' + fine-tune' if recipe['finetune'] else ''}")
+            print(f"  test accuracy {m['base_accuracy']:.1%} -> {m['accuracy']:.1%}; params {m['params_nonzero']:,} "
+                  f"non-zero of {m['baseline_params_total']:,}; speed-up FLOPs {m['speedup_flops']:.2f}x"
+                  + (f", measured {m['speedup_measured']:.2f}x ({m['device']}, batch {m['batch']})"
+                     if m.get("speedup_measured") else ""))
+            continue
         if command == "inspect":
             print(f"{'layer':32s} {'kind':8s} {'count':>9s} {'mean|w|':>9s} {'std':>9s} {'zeros':>6s}")
             for layer in result["layers"]:
@@ -236,7 +253,7 @@ def _print_human(command: str, results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        results = cmd_inspect(args) if args.command == "inspect" else cmd_prune(args)
+        results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run}[args.command](args)
     except ExplorerError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The pruning chain in four calls: prepare -> preview -> apply -> measure_run.
 
-This is the seam the UI, the CLI and recipes share, so they produce the same numbers:
+This is the seam the UI, the CLI and recipes share, so they produce the same numbers
+(`resolve_model` turns a model spec and a dataset name into the pair they start from):
 
 * `prepare` scores a model once for a (structure, criterion) and sorts the scores
   (seconds, at most); for channel pruning it also finds the coupled channel groups.
@@ -12,14 +13,16 @@ This is the seam the UI, the CLI and recipes share, so they produce the same num
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from explorer import criteria, masking, measure, planner, structural
-from explorer.data import Dataset
+from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
+from explorer.models import ZOO, load_model, read_saved_metadata
 from explorer.train import evaluate
 
 STRUCTURES: dict[str, str] = {
@@ -59,6 +62,34 @@ def _layer_kind(module: nn.Module) -> str:
     if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
         return "depthwise conv2d"
     return type(module).__name__.lower()
+
+
+def resolve_model(spec: str, *, data: str | None = None, data_file: str | None = None, seed: int = 0,
+                  use_baseline: bool = False, weights: str | None = None, arch: str | None = None,
+                  trust_pickle: bool = False) -> tuple[torch.nn.Module, Dataset, str]:
+    """Load the dataset and the model; returns (model in eval mode, dataset, architecture name for saving)."""
+    saved = None
+    if spec not in ZOO and Path(spec).is_file():
+        try:
+            saved = read_saved_metadata(spec)
+        except ExplorerError:
+            saved = None
+    data_name = data or (ZOO[spec].default_dataset if spec in ZOO else None) or "digits"
+    dataset = load_dataset(data_name, seed=seed, path=data_file)
+    if saved is not None and tuple(saved["input_shape"]) != dataset.input_shape:
+        raise ExplorerError(f"'{spec}' was saved for inputs {tuple(saved['input_shape'])}, but '{dataset.name}' "
+                            f"gives {dataset.input_shape}; pass the matching --data.")
+    if use_baseline and spec in ZOO:
+        from explorer.baselines import baseline
+
+        model = baseline(spec, dataset, seed=seed).model
+    elif use_baseline and weights is None and not Path(spec).is_file() and ":" not in spec:
+        raise ExplorerError(f"'{spec}' is not a zoo model ({', '.join(ZOO)}), a model file or a module:callable.")
+    else:
+        torch.manual_seed(seed)
+        model = load_model(spec, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                           weights=weights, arch=arch, trust_pickle=trust_pickle)
+    return model.eval(), dataset, saved["arch"] if saved is not None else (arch or spec)
 
 
 def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Dataset | None = None,
