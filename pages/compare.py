@@ -129,6 +129,7 @@ with actions_col:
         st.download_button("Download model + settings (.zip)", store.export(run_id), file_name=f"run-{run_id}.zip",
                            mime="application/zip", key="cmp_download",
                            help="The pruned weights (readable by load_model) with run.json and run.yaml.")
+        st.caption("Replay it headless: `python -m explorer run --recipe run.yaml` (zoo models on built-in data).")
     except ExplorerError as exc:
         st.error(str(exc))
     if st.button("Delete this run", key="cmp_delete"):
