@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import prune
 
 from explorer.errors import ExplorerError
 from explorer.models import clone_model
@@ -44,22 +43,6 @@ Scores = dict[str, torch.Tensor]
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every Conv1d, Conv2d and Linear of ``model`` with its name, in ``named_modules`` order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
-
-
-def copy_model(model: nn.Module, *, fold_masks: bool = False) -> nn.Module:
-    """Deep copy that works on masked models too (see :func:`explorer.models.clone_model`).
-
-    With ``fold_masks`` the copy's ``torch.nn.utils.prune`` masks are made permanent
-    (``prune.remove``): each ``weight`` becomes an ordinary Parameter holding its zeros,
-    so gradients and scores refer to the effective, masked weights.
-    """
-    copied = clone_model(model)
-    if fold_masks:
-        for module in copied.modules():
-            hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
-            for hook in hooks:
-                prune.remove(module, hook._tensor_name)
-    return copied
 
 
 @dataclass
@@ -132,7 +115,7 @@ def _batches(request: _Request):
 
 def _working_copy(request: _Request) -> tuple[nn.Module, list[torch.Tensor]]:
     """Eval-mode deep copy whose prunable weights (and nothing else) require grad."""
-    model = copy_model(request.model, fold_masks=True).eval()
+    model = clone_model(request.model, fold_masks=True).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     weights = [module.weight for module in _modules(model, request.layer_names)]
@@ -275,7 +258,7 @@ def _conductance_channels(request: _Request) -> Scores:
     """
     from captum.attr import LayerConductance
 
-    model = copy_model(request.model).eval()
+    model = clone_model(request.model).eval()
     modules = _modules(model, request.layer_names)
     sums: list[torch.Tensor | None] = [None] * len(modules)
     examples = 0
@@ -318,7 +301,7 @@ def _synflow_weights(request: _Request) -> Scores:
     so that they fit in float32.
     """
     shape = _synflow_input_shape(request)
-    model = copy_model(request.model, fold_masks=True).double().eval()
+    model = clone_model(request.model, fold_masks=True).double().eval()
     with torch.no_grad():
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from explorer.criteria import copy_model, prunable_layers
+from explorer.criteria import prunable_layers
 from explorer.errors import ExplorerError
+from explorer.models import clone_model
 from explorer.planner import Plan, Ranking
 
 
@@ -51,7 +52,7 @@ def apply(model: nn.Module, plan: Plan, ranking: Ranking) -> nn.Module:
 
 def apply_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) -> nn.Module:
     """A deep copy of ``model`` with ``torch.nn.utils.prune.custom_from_mask`` on each named layer."""
-    pruned_model = copy_model(model)
+    pruned_model = clone_model(model)
     modules = dict(prunable_layers(pruned_model))
     for name, mask in layer_masks.items():
         if name not in modules:
@@ -97,16 +98,24 @@ def is_masked(model: nn.Module) -> bool:
 
 def make_permanent(model: nn.Module) -> nn.Module:
     """A copy with masks folded into plain ``weight`` tensors (``prune.remove``); zeros stay."""
-    return copy_model(model, fold_masks=True)
+    return clone_model(model, fold_masks=True)
 
 
 def sparsity_report(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{layer: (zeros, total)}`` counted in the effective weights, masked or not."""
     report = {}
     for name, module in prunable_layers(model):
-        if hasattr(module, "weight_mask"):  # recompute: .weight is refreshed only on forward
-            weight = (module.weight_orig * module.weight_mask).detach()
-        else:
-            weight = module.weight.detach()
+        weight = effective_weight(module).detach()
         report[name] = (int((weight == 0).sum()), weight.numel())
     return report
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the forward pass uses: ``weight_orig * weight_mask`` on a masked module.
+
+    Recomputed rather than read from ``module.weight``, which the pruning hook refreshes only
+    on the next forward pass.
+    """
+    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
+        return module.weight_orig * module.weight_mask
+    return module.weight

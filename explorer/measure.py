@@ -163,7 +163,7 @@ def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]
     unstructured sparsity pays.
     """
     buffer = io.BytesIO()
-    torch.save(_permanent_state_dict(model), buffer)
+    torch.save(clone_model(model, fold_masks=True).state_dict(), buffer)
     raw = buffer.getvalue()
     return {"raw": len(raw), "compressed": len(zlib.compress(raw, level))}
 
@@ -313,21 +313,6 @@ def _effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         if param_name == "weight":
             weights[module_name] = tensor
     return weights
-
-
-def _permanent_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with every ``X_orig``/``X_mask`` pair replaced by ``X = X_orig * X_mask``."""
-    state = model.state_dict()
-    permanent = {}
-    for key, tensor in state.items():
-        if key.endswith(_MASK_SUFFIX) and key[: -len(_MASK_SUFFIX)] + _ORIG_SUFFIX in state:
-            continue
-        if key.endswith(_ORIG_SUFFIX) and key[: -len(_ORIG_SUFFIX)] + _MASK_SUFFIX in state:
-            base = key[: -len(_ORIG_SUFFIX)]
-            permanent[base] = (tensor * state[base + _MASK_SUFFIX]).contiguous()
-        else:
-            permanent[key] = tensor
-    return permanent
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from explorer.errors import ExplorerError
 from explorer.zoo import ZOO, ZooEntry, build  # noqa: F401 - re-exported: the zoo is part of the model API
@@ -26,12 +27,14 @@ SAVE_FORMAT = "pruning-explorer/model-v1"
 
 
 # --------------------------------------------------------------------------- copying
-def clone_model(model: nn.Module) -> nn.Module:
+def clone_model(model: nn.Module, *, fold_masks: bool = False) -> nn.Module:
     """Deep copy a model, masked (torch.nn.utils.prune) models included.
 
     A masked module keeps its effective ``weight`` as a non-leaf tensor that ``copy.deepcopy``
     refuses; we hand deepcopy a detached stand-in (the pruning hook recomputes it on the next
-    forward anyway) so the cached original stays untouched.
+    forward anyway) so the cached original stays untouched. With ``fold_masks`` the copy's
+    masks are made permanent (``prune.remove``): each ``weight`` becomes an ordinary Parameter
+    holding its zeros, as the model would be saved or deployed.
     """
     memo: dict[int, object] = {}
     for module in model.modules():
@@ -42,7 +45,13 @@ def clone_model(model: nn.Module) -> nn.Module:
                 current = module.__dict__.get(tensor_name)
                 if isinstance(current, torch.Tensor) and not current.is_leaf:
                     memo[id(current)] = current.detach().clone()
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    if fold_masks:
+        for module in copied.modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    prune.remove(module, hook._tensor_name)
+    return copied
 
 
 # --------------------------------------------------------------------------- loading
@@ -99,12 +108,7 @@ def save_model(model: nn.Module, path: str | Path, *, arch: str, input_shape: tu
     counts, so a channel-pruned model is rebuilt from its architecture name (a zoo name or a
     ``module:callable`` factory) and reshaped before the weights go in: no pickled code.
     """
-    model = clone_model(model)
-    import torch.nn.utils.prune as prune_utils
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune_utils.BasePruningMethod):
-                prune_utils.remove(module, hook._tensor_name)
+    model = clone_model(model, fold_masks=True)
     attributes = {}
     for name, module in model.named_modules():
         attrs = {a: getattr(module, a) for a in _SHAPE_ATTRIBUTES if isinstance(getattr(module, a, None), int)}
@@ -319,8 +323,3 @@ def read_saved_metadata(path: str | Path) -> dict:
     if not (isinstance(payload, dict) and payload.get("format") == SAVE_FORMAT):
         raise ExplorerError(f"'{path.name}' was not written by Pruning Explorer's save_model.")
     return {k: payload[k] for k in ("arch", "input_shape", "num_classes", "metadata")}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (elements), masked ones included."""
-    return sum(p.numel() for p in model.parameters())

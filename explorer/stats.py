@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explorer import criteria, measure
+from explorer.masking import effective_weight
 from explorer.errors import ExplorerError
 from explorer.models import clone_model
 
@@ -40,12 +41,6 @@ def summarize(values: torch.Tensor, *, bins: int = 40, value_range: tuple[float,
     }
 
 
-def _effective_weight(module: nn.Module) -> torch.Tensor:
-    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
-        return module.weight_orig * module.weight_mask
-    return module.weight
-
-
 def _summaries(tensors: dict[str, torch.Tensor], kinds: dict[str, str], bins: int, shared_range: bool) -> dict:
     value_range = None
     if shared_range and tensors:
@@ -59,7 +54,7 @@ def weight_stats(model: nn.Module, *, bins: int = 40, shared_range: bool = False
     layers = criteria.prunable_layers(model)
     if not layers:
         raise ExplorerError("The model has no Conv1d, Conv2d or Linear layer to inspect.")
-    tensors = {name: _effective_weight(m).detach() for name, m in layers}
+    tensors = {name: effective_weight(m).detach() for name, m in layers}
     kinds = {name: type(m).__name__ for name, m in layers}
     return _summaries(tensors, kinds, bins, shared_range)
 
@@ -98,10 +93,7 @@ def attribution(model: nn.Module, layer_name: str, calib) -> torch.Tensor:
     layers = dict(criteria.prunable_layers(model))
     if layer_name not in layers:
         raise ExplorerError(f"'{layer_name}' is not a prunable layer; choose one of {', '.join(layers)}.")
-    from explorer.criteria import channel_scores
-
-    scores = channel_scores(model, "conductance", calib)
-    return scores[layer_name]
+    return criteria.channel_scores(model, "conductance", calib)[layer_name]
 
 
 def layer_table(model: nn.Module, example_input: torch.Tensor) -> list[dict]:
