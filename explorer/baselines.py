@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from explorer.data import Dataset
@@ -97,7 +98,7 @@ def baseline(model_name: str, dataset: Dataset, *, config: TrainConfig | None = 
     key = cache_key(model_name, dataset.name, config)
     weights_path = cache_dir() / f"{key}.pt"
     info_path = cache_dir() / f"{key}.json"
-    if use_cache and weights_path.exists() and info_path.exists() and dataset.name != "tensors":
+    if use_cache and dataset.name != "tensors" and is_cached(model_name, dataset.name, config):
         try:
             model = load_model(str(weights_path))
             info = json.loads(info_path.read_text())
@@ -105,8 +106,6 @@ def baseline(model_name: str, dataset: Dataset, *, config: TrainConfig | None = 
                             info["train_seconds"], True, weights_path)
         except (ExplorerError, KeyError, ValueError):
             pass  # a damaged cache entry is simply retrained
-    import torch
-
     torch.manual_seed(config.seed)
     fresh = build(model_name, dataset.input_shape, dataset.num_classes)
     result = train(fresh, dataset, config, progress=progress, cancel=cancel)

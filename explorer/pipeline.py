@@ -67,7 +67,10 @@ def _layer_kind(module: nn.Module) -> str:
 def resolve_model(spec: str, *, data: str | None = None, data_file: str | None = None, seed: int = 0,
                   use_baseline: bool = False, weights: str | None = None, arch: str | None = None,
                   trust_pickle: bool = False) -> tuple[torch.nn.Module, Dataset, str]:
-    """Load the dataset and the model; returns (model in eval mode, dataset, architecture name for saving)."""
+    """Load the dataset and the model; returns (model in eval mode, dataset, architecture name for saving).
+
+    ``use_baseline`` applies to zoo names: their trained, cached baseline replaces fresh weights.
+    """
     saved = None
     if spec not in ZOO and Path(spec).is_file():
         try:
@@ -83,8 +86,6 @@ def resolve_model(spec: str, *, data: str | None = None, data_file: str | None =
         from explorer.baselines import baseline
 
         model = baseline(spec, dataset, seed=seed).model
-    elif use_baseline and weights is None and not Path(spec).is_file() and ":" not in spec:
-        raise ExplorerError(f"'{spec}' is not a zoo model ({', '.join(ZOO)}), a model file or a module:callable.")
     else:
         torch.manual_seed(seed)
         model = load_model(spec, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
@@ -114,7 +115,7 @@ def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Datase
         calib = dataset.calibration(calib_batches, batch_size, seed=seed)
     input_shape = tuple(example_input.shape[1:])
     layers = dict(criteria.prunable_layers(model))
-    per_layer_flops = measure.flops(model, example_input)["per_layer"]
+    model_flops = measure.flops(model, example_input)
     prepared_groups: list[structural.ChannelGroup] = []
     if structure == "unstructured":
         scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape)
@@ -131,9 +132,9 @@ def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Datase
         groups=prepared_groups,
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
         layer_params={name: module.weight.numel() for name, module in layers.items()},
-        layer_flops={name: int(per_layer_flops.get(name, {}).get("dense", 0)) for name in layers},
+        layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
         params_total=measure.count_params(model)["total"],
-        flops_dense=int(measure.flops(model, example_input)["dense"]),
+        flops_dense=int(model_flops["dense"]),
         seconds=time.perf_counter() - started,
     )
 
@@ -145,10 +146,11 @@ def preview(prepared: Prepared, sparsity: float, scope: str = "local", *, overri
 
 
 def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:
+    groups = {group.name: group for group in prepared.groups}
     out_keep: dict[str, float] = {}
     in_keep: dict[str, float] = {}
     for layer_plan in plan.layers:
-        group = next(g for g in prepared.groups if g.name == layer_plan.name)
+        group = groups[layer_plan.name]
         ratio = layer_plan.kept / max(1, layer_plan.total)
         for member in group.members:
             if member.cut == "out":
