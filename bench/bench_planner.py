@@ -26,6 +26,7 @@ from torch.nn.utils import prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import ResNet18, cpu_model  # noqa: E402
 from explorer.criteria import prunable_layers, weight_scores  # noqa: E402
 from explorer.masking import apply, masks  # noqa: E402
 from explorer.planner import plan, prepare  # noqa: E402
@@ -41,33 +42,6 @@ def synthetic_model() -> nn.Module:
     return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 768), *linears)
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, inputs: int, outputs: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(outputs)
-        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(outputs)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or inputs != outputs:
-            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-def resnet18(classes: int = 1000) -> nn.Module:
-    """ImageNet ResNet-18 (11.69 M parameters), written out so torchvision is not needed."""
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    width = 64
-    for outputs, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-        layers += [BasicBlock(width, outputs, stride), BasicBlock(outputs, outputs, 1)]
-        width = outputs
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
-    return nn.Sequential(*layers)
-
-
 def timed(function, repeats: int) -> list[float]:
     """Wall-clock milliseconds of ``repeats`` calls."""
     times = []
@@ -80,16 +54,6 @@ def timed(function, repeats: int) -> list[float]:
 
 def summary(times_ms: list[float]) -> str:
     return f"{statistics.median(times_ms):.2f} | {min(times_ms):.2f} | {max(times_ms):.2f}"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -149,7 +113,7 @@ def main() -> None:
     report(f"Building all boolean masks for one plan (`masks()`, 25 M booleans): median {statistics.median(mask_ms):.0f} ms.")
     report()
 
-    net = resnet18()
+    net = ResNet18()
     net_layers = prunable_layers(net)
     net_parameters = sum(module.weight.numel() for _, module in net_layers)
     report(f"## ResNet-18 shape: {net_parameters / 1e6:.2f} M prunable weights in {len(net_layers)} layers")
