@@ -70,11 +70,7 @@ def test_main_path_inspect_prune_finetune_compare():
     goto(at, "pages/finetune.py")
     at.number_input(key="ft_epochs").set_value(1)
     at.button(key="ft_start").click().run()
-    deadline = time.time() + 60
-    while not at.session_state["finetune_job"].done and time.time() < deadline:
-        time.sleep(0.3)
-        at.run()
-    at.run()
+    wait_for_job(at, timeout=60)
     assert not at.exception and not at.error, texts(at.error)
     job = at.session_state["finetune_job"]
     assert job.result.epochs_done == 1 and not job.result.cancelled
