@@ -5,7 +5,7 @@ card of the session's current model; every page is a thin layer over ``explorer/
 """
 import streamlit as st
 
-from explorer.train import choose_device
+from explorer.layers import choose_device
 from pages import common
 
 st.set_page_config(page_title="Pruning Explorer", page_icon=":material/content_cut:", layout="wide")

@@ -27,7 +27,8 @@ from torch.nn.utils import prune
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ResNet18, cpu_model  # noqa: E402
-from explorer.criteria import prunable_layers, weight_scores  # noqa: E402
+from explorer.criteria import weight_scores  # noqa: E402
+from explorer.layers import prunable_layers  # noqa: E402
 from explorer.masking import apply, masks  # noqa: E402
 from explorer.planner import plan, prepare  # noqa: E402
 

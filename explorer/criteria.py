@@ -30,19 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from explorer.errors import ExplorerError
-from explorer.models import clone_model
+from explorer.layers import clone_model, prunable_layers
 
-PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = ("l1", "l2")
 CONDUCTANCE_STEPS = 16
 _BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 Scores = dict[str, torch.Tensor]
-
-
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Conv1d, Conv2d and Linear of ``model`` with its name, in ``named_modules`` order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
 
 
 @dataclass

@@ -9,7 +9,7 @@ Example::
 
     ranking = prepare(weight_scores(model, "magnitude"))
     pruned = apply(model, plan(ranking, 0.8, scope="global"), ranking)
-    sparsity_report(make_permanent(pruned))
+    sparsity_report(pruned)
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from explorer.criteria import prunable_layers
 from explorer.errors import ExplorerError
-from explorer.models import clone_model
+from explorer.layers import clone_model, effective_weight, prunable_layers
 from explorer.planner import Plan, Ranking
 
 
@@ -91,16 +90,6 @@ def nm_masks(scores: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> dict[st
     return result
 
 
-def is_masked(model: nn.Module) -> bool:
-    """True if any module of ``model`` carries a ``torch.nn.utils.prune`` re-parametrisation."""
-    return prune.is_pruned(model)
-
-
-def make_permanent(model: nn.Module) -> nn.Module:
-    """A copy with masks folded into plain ``weight`` tensors (``prune.remove``); zeros stay."""
-    return clone_model(model, fold_masks=True)
-
-
 def sparsity_report(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{layer: (zeros, total)}`` counted in the effective weights, masked or not."""
     report = {}
@@ -108,14 +97,3 @@ def sparsity_report(model: nn.Module) -> dict[str, tuple[int, int]]:
         weight = effective_weight(module).detach()
         report[name] = (int((weight == 0).sum()), weight.numel())
     return report
-
-
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the forward pass uses: ``weight_orig * weight_mask`` on a masked module.
-
-    Recomputed rather than read from ``module.weight``, which the pruning hook refreshes only
-    on the next forward pass.
-    """
-    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
-        return module.weight_orig * module.weight_mask
-    return module.weight

@@ -23,10 +23,11 @@ import torch.utils.benchmark as benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from explorer.errors import ExplorerError
-from explorer.models import clone_model
+from explorer.layers import clone_model, effective_tensors, effective_weights, fold_masks, is_masked, model_device, on_device
 
-_MASK_SUFFIX = "_mask"
-_ORIG_SUFFIX = "_orig"
+def as_deployed(model: nn.Module) -> nn.Module:
+    """``model`` itself, or for a masked model a copy with its masks folded in (zeros kept)."""
+    return fold_masks(model) if is_masked(model) else model
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -37,7 +38,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
     parameters are counted once.
     """
     total = nonzero = 0
-    for tensor in _effective_tensors(model).values():
+    for tensor in effective_tensors(model).values():
         total += tensor.numel()
         nonzero += int(torch.count_nonzero(tensor))
     return {"total": total, "nonzero": nonzero}
@@ -60,7 +61,7 @@ def flops(model: nn.Module, example_input: torch.Tensor) -> dict:
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
     dense_total = int(sum(counts.get("Global", {}).values()))
-    weights = _effective_weights(model)
+    weights = effective_weights(model)
     per_layer = {}
     for name, module in model.named_modules():
         key = f"{prefix}.{name}" if name else prefix
@@ -112,16 +113,19 @@ def compare_latency(
     the input in the channels-last memory format, which oneDNN's convolutions prefer on
     CPU; both models always share the layout, so the speed-up compares like with like.
 
+    A masked model is timed as deployed (`as_deployed`: masks folded into plain weights, the
+    zeros kept), so the pruning hook's own overhead is never mistaken for the cost of sparsity.
+
     The total ``min_run_time`` per model is split into ``rounds`` alternating slices
     (dense, pruned, dense, ...), so drift in clock speed or background load hits both
     alike. Returns ``{"dense": {...}, "pruned": {...}, "speedup_measured": float}`` where
     speed-up is dense median / pruned median.
     """
-    device = torch.device(device) if device is not None else _device_of(dense_model)
+    device = torch.device(device) if device is not None else model_device(dense_model)
     threads = int(threads) if threads else torch.get_num_threads()
     inputs = example_input.to(device)
     models = {"dense": dense_model} if pruned_model is None else {"dense": dense_model, "pruned": pruned_model}
-    prepared = {label: _on_device(m, device) for label, m in models.items()}
+    prepared = {label: on_device(as_deployed(m), device) for label, m in models.items()}
     if channels_last is None:
         channels_last = inputs.dim() == 4
     if channels_last:
@@ -163,7 +167,7 @@ def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]
     unstructured sparsity pays.
     """
     buffer = io.BytesIO()
-    torch.save(clone_model(model, fold_masks=True).state_dict(), buffer)
+    torch.save(as_deployed(model).state_dict(), buffer)
     raw = buffer.getvalue()
     return {"raw": len(raw), "compressed": len(zlib.compress(raw, level))}
 
@@ -177,7 +181,7 @@ def peak_memory_bytes(model: nn.Module, example_input: torch.Tensor) -> dict:
     every leaf module's output bytes (``method="estimate_params_plus_activations"``), an
     upper bound for inference that also approximates what training keeps for backward.
     """
-    device = _device_of(model)
+    device = model_device(model)
     if device.type == "cuda":
         inputs = example_input.to(device)
         torch.cuda.synchronize(device)
@@ -251,7 +255,13 @@ def report(
     threads: int | None = None,
     min_run_time: float = 1.0,
 ) -> Metrics:
-    """Measure ``model`` (and compare with ``baseline`` if given) in one call."""
+    """Measure ``model`` (and compare with ``baseline`` if given) in one call.
+
+    Masked models are measured as deployed (`as_deployed`), whoever calls: a metric never
+    needs to know how a model was pruned.
+    """
+    model = as_deployed(model)
+    baseline = as_deployed(baseline) if baseline is not None else None
     params = count_params(model)
     model_flops = flops(model, example_input)
     size = compressed_size_bytes(model)
@@ -284,50 +294,6 @@ def report(
 
 
 # --- internals -------------------------------------------------------------------------
-
-
-def _effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as the forward pass sees it (masks applied), keyed by name, deduped."""
-    seen: set[int] = set()
-    tensors = {}
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            tensor = param
-            if param_name.endswith(_ORIG_SUFFIX):
-                base = param_name[: -len(_ORIG_SUFFIX)]
-                mask = getattr(module, base + _MASK_SUFFIX, None)
-                if mask is not None:
-                    tensor, param_name = param * mask, base
-            tensors[f"{module_name}.{param_name}" if module_name else param_name] = tensor.detach()
-    return tensors
-
-
-def _effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each module's effective ``weight`` keyed by module name."""
-    weights = {}
-    for name, tensor in _effective_tensors(model).items():
-        module_name, _, param_name = name.rpartition(".")
-        if param_name == "weight":
-            weights[module_name] = tensor
-    return weights
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` itself if already there, else a moved copy (never move the caller's model)."""
-    if _device_of(model) == device:
-        return model
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExplorerError(f"device {device} is not available here: measure on cpu")
-    return clone_model(model).to(device)
 
 
 @contextmanager

@@ -8,7 +8,6 @@ Loading is defensive: model files come from users. State dicts are read with
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import inspect
 import io
@@ -18,40 +17,12 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from explorer.errors import ExplorerError
+from explorer.layers import clone_model
 from explorer.zoo import ZOO, ZooEntry, build  # noqa: F401 - re-exported: the zoo is part of the model API
 
 SAVE_FORMAT = "pruning-explorer/model-v1"
-
-
-# --------------------------------------------------------------------------- copying
-def clone_model(model: nn.Module, *, fold_masks: bool = False) -> nn.Module:
-    """Deep copy a model, masked (torch.nn.utils.prune) models included.
-
-    A masked module keeps its effective ``weight`` as a non-leaf tensor that ``copy.deepcopy``
-    refuses; we hand deepcopy a detached stand-in (the pruning hook recomputes it on the next
-    forward anyway) so the cached original stays untouched. With ``fold_masks`` the copy's
-    masks are made permanent (``prune.remove``): each ``weight`` becomes an ordinary Parameter
-    holding its zeros, as the model would be saved or deployed.
-    """
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            names = [h._tensor_name for h in getattr(hook, "_pruning_methods", [hook])
-                     if hasattr(h, "_tensor_name")]
-            for tensor_name in names:
-                current = module.__dict__.get(tensor_name)
-                if isinstance(current, torch.Tensor) and not current.is_leaf:
-                    memo[id(current)] = current.detach().clone()
-    copied = copy.deepcopy(model, memo)
-    if fold_masks:
-        for module in copied.modules():
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    prune.remove(module, hook._tensor_name)
-    return copied
 
 
 # --------------------------------------------------------------------------- loading

@@ -236,8 +236,6 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     so the pruning hook's own overhead is not mistaken for the cost of sparsity.
     """
     example = dataset.example_input(batch)
-    if masking.is_masked(pruned_model):
-        pruned_model = masking.make_permanent(pruned_model)
     metrics = measure.report(pruned_model, example, baseline=base_model, latency=latency, device=device,
                              threads=threads, min_run_time=min_run_time).to_dict()
     accuracy = evaluate(pruned_model, dataset, "test")["accuracy"]

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explorer import criteria, measure
-from explorer.masking import effective_weight
+from explorer import measure
 from explorer.errors import ExplorerError
-from explorer.models import clone_model
+from explorer.layers import clone_model, effective_weight, prunable_layers
 
 
 def summarize(values: torch.Tensor, *, bins: int = 40, value_range: tuple[float, float] | None = None) -> dict:
@@ -51,7 +50,7 @@ def _summaries(tensors: dict[str, torch.Tensor], kinds: dict[str, str], bins: in
 
 def weight_stats(model: nn.Module, *, bins: int = 40, shared_range: bool = False) -> dict[str, dict]:
     """Summary and histogram of each prunable layer's (effective, i.e. masked) weight."""
-    layers = criteria.prunable_layers(model)
+    layers = prunable_layers(model)
     if not layers:
         raise ExplorerError("The model has no Conv1d, Conv2d or Linear layer to inspect.")
     tensors = {name: effective_weight(m).detach() for name, m in layers}
@@ -68,7 +67,7 @@ def gradient_stats(model: nn.Module, calib, *, bins: int = 40, shared_range: boo
     if not batches:
         raise ExplorerError("Gradient statistics need at least one calibration batch of data.")
     work = clone_model(model).eval()
-    layers = dict(criteria.prunable_layers(work))
+    layers = dict(prunable_layers(work))
     if not layers:
         raise ExplorerError("The model has no Conv1d, Conv2d or Linear layer to inspect.")
     weights = {name: (m.weight_orig if hasattr(m, "weight_orig") else m.weight) for name, m in layers.items()}
@@ -90,7 +89,7 @@ def gradient_stats(model: nn.Module, calib, *, bins: int = 40, shared_range: boo
 
 def attribution(model: nn.Module, layer_name: str, calib) -> torch.Tensor:
     """Mean |conductance| (captum) of each output channel / neuron of one layer."""
-    layers = dict(criteria.prunable_layers(model))
+    layers = dict(prunable_layers(model))
     if layer_name not in layers:
         raise ExplorerError(f"'{layer_name}' is not a prunable layer; choose one of {', '.join(layers)}.")
     return criteria.channel_scores(model, "conductance", calib)[layer_name]
@@ -99,7 +98,7 @@ def attribution(model: nn.Module, layer_name: str, calib) -> torch.Tensor:
 def layer_table(model: nn.Module, example_input: torch.Tensor) -> list[dict]:
     """One row per module with parameters of its own: name, kind, weight shape, params, FLOPs."""
     per_layer = measure.flops(model, example_input)["per_layer"]
-    prunable = {name for name, _ in criteria.prunable_layers(model)}
+    prunable = {name for name, _ in prunable_layers(model)}
     rows = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))

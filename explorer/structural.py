@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from explorer.errors import ExplorerError
-from explorer.models import clone_model
+from explorer.layers import clone_model
 
 _EMPTIED_HINT = "lower sparsity, use local scope or min_keep"
 _REDUCTIONS = ("mean", "sum", "max", "first")

@@ -19,7 +19,7 @@ from torch import nn
 
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
-from explorer.models import clone_model
+from explorer.layers import choose_device, clone_model, model_device
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -86,35 +86,6 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     device: str = "cpu"
-
-
-def available_devices() -> list[str]:
-    """Devices this machine can train on, best first."""
-    devices = []
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    devices.append("cpu")
-    return devices
-
-
-def choose_device(preference: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit choice must be available."""
-    available = available_devices()
-    if preference in (None, "", "auto"):
-        return torch.device(available[0])
-    kind = str(preference).split(":")[0]
-    if kind not in available:
-        raise ExplorerError(f"Device '{preference}' is not available here; available: {', '.join(available)}.")
-    return torch.device(preference)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()

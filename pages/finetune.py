@@ -6,7 +6,8 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from explorer.errors import ExplorerError
-from explorer.train import OPTIMIZERS, TrainConfig, available_devices
+from explorer.layers import available_devices
+from explorer.train import OPTIMIZERS, TrainConfig
 from pages import common
 
 st.title("Fine-tune")

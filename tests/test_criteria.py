@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explorer.layers import prunable_layers
 from explorer.criteria import (
     CRITERIA,
     batchnorm_after,
     channel_scores,
-    prunable_layers,
     weight_scores,
 )
 from explorer.errors import ExplorerError

@@ -8,7 +8,8 @@ from torch import nn
 
 from explorer.criteria import channel_scores, weight_scores
 from explorer.errors import ExplorerError
-from explorer.masking import apply, is_masked, make_permanent, masks, sparsity_report
+from explorer.layers import fold_masks, is_masked
+from explorer.masking import apply, masks, sparsity_report
 from explorer.planner import plan, prepare
 
 
@@ -81,10 +82,10 @@ def test_masked_copy_trains_with_masks_enforced(pruned_setup):
         assert report[layer.name][0] >= layer.pruned
 
 
-def test_make_permanent_removes_reparametrisation(pruned_setup):
+def test_fold_masks_removes_reparametrisation(pruned_setup):
     model, ranking, result = pruned_setup
     pruned = apply(model, result, ranking)
-    permanent = make_permanent(pruned)
+    permanent = fold_masks(pruned)
     assert is_masked(pruned) and not is_masked(permanent)
     for name, module in permanent.named_modules():
         assert not hasattr(module, "weight_orig") and not hasattr(module, "weight_mask")
@@ -100,7 +101,7 @@ def test_repeated_masking_combines_masks():
     ranking = prepare(weight_scores(model, "magnitude"))
     once = apply(model, plan(ranking, 0.3, "local"), ranking)
     twice = apply(once, plan(ranking, 0.5, "local"), ranking)
-    report = sparsity_report(make_permanent(twice))
+    report = sparsity_report(fold_masks(twice))
     assert report["0"][0] == round(0.5 * 162)
 
 

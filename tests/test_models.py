@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from explorer.errors import ExplorerError
-from explorer.models import ZOO, build, clone_model, load_model, read_saved_metadata, save_model
+from explorer.layers import clone_model
+from explorer.models import ZOO, build, load_model, read_saved_metadata, save_model
 
 SHAPES = {3: (3, 32, 32), 2: (1, 40), None: (1, 8, 8)}
 

@@ -87,17 +87,21 @@ def test_measure_run_reports_theory_and_measurement_side_by_side(digits):
 
 
 def test_masked_runs_are_timed_with_masks_folded(digits, monkeypatch):
+    """Whoever calls, the timer only ever sees deployed models: no pruning hook, zeros kept."""
     model = build("mlp", digits.input_shape, digits.num_classes)
     prepared = pipeline.prepare(model, "unstructured", "magnitude", dataset=digits)
     pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, 0.5, "local"))
     timed = []
-    real_report = measure.report
+    real_timer = measure.benchmark.Timer
 
-    def spy(candidate, *args, **kwargs):
-        timed.append(candidate)
-        return real_report(candidate, *args, **kwargs)
+    def spy(*args, **kwargs):
+        timed.append(kwargs["globals"]["model"])
+        return real_timer(*args, **kwargs)
 
-    monkeypatch.setattr(measure, "report", spy)
+    monkeypatch.setattr(measure.benchmark, "Timer", spy)
     metrics = pipeline.measure_run(model, pruned, digits, min_run_time=0.05, batch=8)
-    assert not any(hasattr(m, "weight_mask") for m in timed[0].modules())
+    measure.compare_latency(model, pruned, digits.example_input(8), min_run_time=0.05)
+    assert timed and not any(hasattr(m, "weight_mask") for t in timed for m in t.modules())
+    folded_zeros = [float((m.fc1.weight == 0).float().mean()) for m in timed if m.fc1.weight.abs().sum() > 0]
+    assert max(folded_zeros) == pytest.approx(0.5, abs=0.01)  # the pruned copy, zeros kept
     assert metrics["params_nonzero"] == measure.count_params(pruned)["nonzero"]

@@ -7,7 +7,8 @@ from explorer.baselines import baseline, cache_key, default_config
 from explorer.data import load_dataset, shapes
 from explorer.errors import ExplorerError
 from explorer.models import build
-from explorer.train import TrainConfig, available_devices, choose_device, evaluate, train
+from explorer.layers import available_devices, choose_device
+from explorer.train import TrainConfig, evaluate, train
 
 
 def test_training_lowers_loss_and_beats_chance_without_touching_the_input_model():
