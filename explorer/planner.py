@@ -13,6 +13,11 @@ Ties are broken deterministically: by score ascending, then by the layer's posit
 the scores dict, then by the unit's flat index. Scores are ranked as float32, so scores
 that differ by less than float32 resolution count as ties.
 
+Pruning over time (iterative, gradual, sparse training) plans again on a model that is
+already masked: ``prepare(scores, kept=mask)`` ranks the units the mask has pruned below
+every live unit (their score counts as -inf, whatever the criterion said), and a plan
+never revives them, so round after round the pruned sets grow and the counts stay exact.
+
 Example::
 
     ranking = prepare(channel_scores(model, "magnitude"))
@@ -50,6 +55,8 @@ class Ranking:
     "how many of layer l's units are among the k lowest" is one ``searchsorted``.
     ``grid_counts[l, g]`` caches that count at about ``GRID_SIZE`` cuts spread evenly over
     the global order (approximate quantiles), so a global plan only refines one bracket.
+    ``already_pruned[l]`` counts layer ``l``'s units the current mask has pruned: they hold
+    the layer's lowest keys (score -inf), and every plan prunes at least them.
     """
 
     names: tuple[str, ...]
@@ -58,6 +65,7 @@ class Ranking:
     offsets: np.ndarray = field(repr=False)
     layer_keys: np.ndarray = field(repr=False)
     grid_counts: np.ndarray = field(repr=False)
+    already_pruned: np.ndarray = field(repr=False)
 
     @property
     def total(self) -> int:
@@ -109,7 +117,10 @@ class Plan:
     ``scope``, i.e. all but overridden/protected ones) at which some pool layer keeps no
     unit; ``collapse_layer`` names it. It is ``None`` when nothing in the pool can collapse
     (``min_keep`` > 0, or an empty pool). ``target_met`` is False when ``min_keep`` made the
-    requested count impossible; ``note`` then says why.
+    requested count impossible, or when the current mask (``prepare(..., kept=...)``)
+    already prunes more than requested, which a plan never revives; ``note`` then says why.
+    A pool layer the current mask has emptied is collapsed at any sparsity
+    (``collapse_point`` 0.0).
     """
 
     scope: str
@@ -193,17 +204,29 @@ def _grid_keys(keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([[np.uint64(0)], picks, [_INFINITE_KEY]]).astype(np.uint64))
 
 
-def prepare(scores: Mapping[str, torch.Tensor]) -> Ranking:
+def prepare(scores: Mapping[str, torch.Tensor], *, kept: Mapping[str, torch.Tensor] | None = None) -> Ranking:
     """Sort all units once so that every later :func:`plan` is a lookup.
 
     ``scores`` maps layer name -> score tensor (higher = more important = kept), as made by
     :func:`explorer.criteria.weight_scores` (units = weights) or
     :func:`explorer.criteria.channel_scores` (units = channels). The dict's order is the
     layer order used to break ties. Costs one sort per layer and a small sampled grid.
+
+    ``kept`` is the current mask, ``{layer: tensor shaped like its scores}`` with nonzero /
+    True = live and 0 / False = already pruned (layers left out are all live); make it with
+    :func:`explorer.masking.kept_units`. Already-pruned units score -inf, so they rank below
+    every live unit (ties among them by layer order, then flat index) and plans keep them pruned.
     """
     if not scores:
         raise ExplorerError("No scores to rank: the model has no prunable layers.")
     names = tuple(scores)
+    kept = dict(kept or {})
+    unknown = [name for name in kept if name not in scores]
+    if unknown:
+        raise ExplorerError(
+            f"The current mask names layer {unknown[0]!r}, which has no scores; scored layers: {', '.join(names)}."
+        )
+    already_pruned = np.zeros(len(names), dtype=np.int64)
     shapes, flats = [], []
     for name in names:
         tensor = scores[name]
@@ -217,6 +240,11 @@ def prepare(scores: Mapping[str, torch.Tensor]) -> Ranking:
                 f"Scores of layer {name!r} contain NaN or inf (or exceed float32 range); "
                 "check the model's weights and calibration data, or choose another criterion."
             )
+        if name in kept:
+            live = _live_units(name, kept[name], tuple(tensor.shape))
+            already_pruned[len(flats)] = live.size - int(live.sum())
+            if already_pruned[len(flats)]:
+                flat = np.where(live, flat, np.float32(-np.inf))
         shapes.append(tuple(tensor.shape))
         flats.append(flat)
     sizes = np.array([flat.size for flat in flats], dtype=np.int64)
@@ -240,7 +268,19 @@ def prepare(scores: Mapping[str, torch.Tensor]) -> Ranking:
         offsets=offsets,
         layer_keys=keys,
         grid_counts=grid_counts,
+        already_pruned=already_pruned,
     )
+
+
+def _live_units(name: str, mask: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Layer ``name``'s current mask as a flat boolean array (True = live), checked against its scores' shape."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ExplorerError(
+            f"The current mask of layer {name!r} is {got}; expected shape {shape}, the shape of its scores "
+            "(explorer.masking.kept_units turns weight masks into channel masks)."
+        )
+    return (mask.detach().to("cpu").reshape(-1) != 0).numpy()
 
 
 def _check_fraction(value, what: str) -> float:
@@ -277,6 +317,10 @@ def plan(
     * ``min_keep`` (fraction): every pool layer keeps at least ``ceil(min_keep · n_l)``
       units; in global scope the units it may not lose are taken from other layers, so the
       total is still ``round(S · N)`` when possible (else ``target_met`` is False).
+    * Units the current mask pruned (``prepare(..., kept=...)``) stay pruned in every rule,
+      protect included: a layer loses at least them, then its lowest-scored live units. Below
+      the current sparsity the plan prunes more than asked (``target_met`` False); to let
+      units grow back, choose them yourself and call :func:`explorer.masking.set_masks`.
 
     ``round`` is Python's (half to even), as in ``torch.nn.utils.prune``.
     """
@@ -296,6 +340,7 @@ def plan(
     override_values.update({name: 0.0 for name in protected})
 
     sizes = [int(size) for size in ranking.sizes]
+    already = [int(count) for count in ranking.already_pruned]
     pool = [layer for layer, name in enumerate(ranking.names) if name not in override_values]
     floors = {layer: _units_kept_at_least(min_keep, sizes[layer]) for layer in pool}
     pool_total = sum(sizes[layer] for layer in pool)
@@ -303,28 +348,37 @@ def plan(
     sources = ["global" if scope == "global" else "local"] * len(sizes)
     for name, value in override_values.items():
         layer = ranking.index_of(name)
-        pruned[layer] = round(value * sizes[layer])
+        pruned[layer] = max(already[layer], round(value * sizes[layer]))
         sources[layer] = "protected" if name in protected else "override"
 
-    target_met, note = True, ""
+    notes = []
     if scope == "local":
+        wanted = {layer: round(sparsity * sizes[layer]) for layer in pool}
         for layer in pool:
-            wanted = round(sparsity * sizes[layer])
-            pruned[layer] = min(wanted, sizes[layer] - floors[layer])
-            if pruned[layer] < wanted:
-                target_met = False
-        if not target_met:
-            note = f"min_keep={min_keep} capped some layers below the requested sparsity."
+            pruned[layer] = max(already[layer], min(wanted[layer], sizes[layer] - floors[layer]))
+        if any(pruned[layer] < wanted[layer] for layer in pool):
+            notes.append(f"min_keep={min_keep} capped some layers below the requested sparsity.")
+        if any(pruned[layer] > wanted[layer] for layer in pool):
+            notes.append("The current mask already prunes more than requested in some layers; plans never revive "
+                         "pruned units (regrow them with explorer.masking.set_masks).")
     else:
         target = round(sparsity * pool_total)
-        caps = {layer: sizes[layer] - floors[layer] for layer in pool}
+        caps = {layer: max(already[layer], sizes[layer] - floors[layer]) for layer in pool}
         achieved = _global_counts(ranking, pool, caps, target, pruned)
+        for layer in pool:
+            pruned[layer] = max(already[layer], pruned[layer])
+        already_pool = sum(already[layer] for layer in pool)
         if achieved < target:
-            target_met = False
-            note = (
+            notes.append(
                 f"min_keep={min_keep} leaves only {achieved} prunable units in the pool; "
                 f"pruned {achieved} instead of the requested {target}."
             )
+        elif already_pool > target:
+            notes.append(
+                f"The current mask already prunes {already_pool} units of the pool, more than the requested "
+                f"{target}; plans never revive pruned units (regrow them with explorer.masking.set_masks)."
+            )
+    target_met, note = not notes, " ".join(notes)
 
     layer_plans = [
         LayerPlan(
@@ -404,8 +458,12 @@ def _collapse_point(ranking: Ranking, pool: list[int], scope: str, min_keep: flo
     0-based rank ``r`` in the pool's order, that happens at ``k = r + 1`` pruned units,
     i.e. at fraction ``(r + 1) / N_pool``; the layer whose best unit ranks lowest goes
     first. Local: ``round(S · n) = n`` needs ``S >= 1 - 0.5 / n``, so the largest layer
-    holds out longest and the smallest layer collapses first at that bound.
+    holds out longest and the smallest layer collapses first at that bound. A layer the
+    current mask has already emptied is collapsed at any sparsity: 0.0.
     """
+    emptied = [layer for layer in pool if ranking.already_pruned[layer] == ranking.sizes[layer]]
+    if emptied:
+        return 0.0, ranking.names[emptied[0]]
     if not pool or _units_kept_at_least(min_keep, 1) > 0:
         return None, None
     if scope == "local":

@@ -259,3 +259,184 @@ def test_large_ranking_matches_brute_force(options, sparsity):
     expected = reference(scores, sparsity, "global", options.get("overrides"), options.get("protect", ()),
                          options.get("min_keep", 0.0))
     assert_matches(ranking, result, expected)
+
+
+# --- Planning on top of a current mask: already-pruned units score -inf and stay pruned. ---
+
+def reference_with_mask(scores, kept, sparsity, scope, overrides=None, protect=(), min_keep=0.0):
+    """Brute force with a current mask: dead units score -inf, every rule prunes at least them.
+
+    Sorts (score or -inf, layer order, flat index) tuples and counts, one unit at a time.
+    """
+    overrides = dict(overrides or {})
+    overrides.update({name: 0.0 for name in protect})
+    names = list(scores)
+    flat = {}
+    for name, tensor in scores.items():
+        live = kept[name].reshape(-1).tolist() if name in kept else [True] * tensor.numel()
+        flat[name] = [value if alive else -math.inf for value, alive in zip(tensor.reshape(-1).tolist(), live)]
+    dead = {name: sum(value == -math.inf for value in flat[name]) for name in names}
+    pruned = {name: set() for name in names}
+
+    def lowest(name, count):
+        order = sorted(range(len(flat[name])), key=lambda i: (flat[name][i], i))
+        return set(order[:count])
+
+    for name, value in overrides.items():
+        pruned[name] = lowest(name, max(dead[name], round(value * len(flat[name]))))
+    pool = [name for name in names if name not in overrides]
+    floor = {name: math.ceil(min_keep * len(flat[name]) - 1e-9) for name in pool}
+    if scope == "local":
+        for name in pool:
+            wanted = min(round(sparsity * len(flat[name])), len(flat[name]) - floor[name])
+            pruned[name] = lowest(name, max(dead[name], wanted))
+        return pruned
+    units = sorted((flat[name][i], names.index(name), i) for name in pool for i in range(len(flat[name])))
+    target, count = round(sparsity * len(units)), 0
+    for _, layer, i in units:
+        name = names[layer]
+        if count < target and len(pruned[name]) < max(dead[name], len(flat[name]) - floor[name]):
+            pruned[name].add(i)
+            count += 1
+    for name in pool:
+        pruned[name] |= {i for i, value in enumerate(flat[name]) if value == -math.inf}
+    return pruned
+
+
+def random_kept(scores, seed, dead_fraction=0.4):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(tensor.shape, generator=generator) >= dead_fraction for name, tensor in scores.items()}
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.4, 0.6, 0.9, 1.0])
+def test_plan_with_current_mask_matches_brute_force(ties, scope, sparsity):
+    scores = random_scores(seed=13, ties=ties)
+    kept = random_kept(scores, seed=14)
+    kept.pop("layer4")  # a layer without a mask is all live
+    ranking = prepare(scores, kept=kept)
+    result = plan(ranking, sparsity, scope)
+    expected = reference_with_mask(scores, kept, sparsity, scope)
+    assert_matches(ranking, result, expected)
+    dead = {name: {i for i, alive in enumerate(mask.reshape(-1).tolist()) if not alive} for name, mask in kept.items()}
+    assert all(dead[name] <= expected[name] for name in dead)
+    assert result.target_met == (result.pruned == (round(sparsity * result.total) if scope == "global" else
+                                                   sum(round(sparsity * layer.total) for layer in result.layers)))
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("options", [{"protect": ["layer0"], "overrides": {"conv": 0.1}}, {"min_keep": 0.5}])
+def test_current_mask_with_protect_overrides_and_min_keep(scope, options):
+    scores = random_scores(seed=21)
+    kept = random_kept(scores, seed=22, dead_fraction=0.6)
+    ranking = prepare(scores, kept=kept)
+    result = plan(ranking, 0.7, scope, **options)
+    expected = reference_with_mask(scores, kept, 0.7, scope, options.get("overrides"), options.get("protect", ()),
+                                   options.get("min_keep", 0.0))
+    assert_matches(ranking, result, expected)
+    for name, mask in kept.items():
+        assert result.layer(name).pruned >= int((~mask).sum())
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_iterating_with_random_scores_gives_exact_counts_and_nested_sets(scope):
+    """Round 1 at 50 %, round 2 at 75 %, round 3 at 90 %, each with fresh random scores."""
+    sizes = {name: tensor.numel() for name, tensor in random_scores().items()}
+    pruned_before = {name: set() for name in sizes}
+    kept = None
+    for round_index, sparsity in enumerate([0.5, 0.75, 0.9]):
+        scores = random_scores(seed=100 + round_index)  # dead units get ordinary, often high, scores
+        ranking = prepare(scores, kept=kept)
+        result = plan(ranking, sparsity, scope)
+        pruned_now = {name: set(pruned_indices(ranking, result, name).tolist()) for name in sizes}
+        if scope == "global":
+            assert sum(len(units) for units in pruned_now.values()) == round(sparsity * sum(sizes.values()))
+        else:
+            assert all(len(pruned_now[name]) == round(sparsity * size) for name, size in sizes.items())
+        assert all(pruned_before[name] <= pruned_now[name] for name in sizes)
+        assert result.target_met
+        kept = {}
+        for name, tensor in scores.items():
+            live = torch.ones(tensor.numel(), dtype=torch.bool)
+            live[sorted(pruned_now[name])] = False
+            kept[name] = live.reshape(tensor.shape)
+        pruned_before = pruned_now
+
+
+def test_all_live_mask_changes_nothing():
+    scores = random_scores(seed=4)
+    all_live = {name: torch.ones_like(tensor, dtype=torch.bool) for name, tensor in scores.items()}
+    for scope in ("local", "global"):
+        assert plan(prepare(scores, kept=all_live), 0.6, scope) == plan(prepare(scores), 0.6, scope)
+
+
+def test_plan_below_the_current_sparsity_revives_nothing():
+    scores = random_scores(seed=6)
+    kept = random_kept(scores, seed=7, dead_fraction=0.5)
+    dead = sum(int((~mask).sum()) for mask in kept.values())
+    ranking = prepare(scores, kept=kept)
+    for scope in ("local", "global"):
+        result = plan(ranking, 0.1, scope)
+        assert result.pruned == dead and not result.target_met and "set_masks" in result.note
+        assert_matches(ranking, result, reference_with_mask(scores, kept, 0.1, scope))
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_layer_emptied_by_the_mask_is_collapsed_at_any_sparsity(scope):
+    scores = random_scores(seed=9)
+    kept = {"layer2": torch.zeros(120, dtype=torch.bool), "layer1": torch.zeros(7, dtype=torch.bool)}
+    ranking = prepare(scores, kept=kept)
+    for sparsity in (0.0, 0.3, 1.0):
+        result = plan(ranking, sparsity, scope)
+        assert result.collapse_point == 0.0 and result.collapse_layer == "layer1"
+        assert {"layer1", "layer2"} <= set(result.collapsed)
+    protected = plan(ranking, 0.3, scope, protect=["layer1", "layer2"])
+    assert protected.collapse_layer not in ("layer1", "layer2")
+    assert protected.layer("layer2").pruned == 120
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_collapse_point_with_current_mask_matches_brute_force(seed):
+    scores = random_scores(seed=seed, sizes=(5, 9, 3, 12))
+    kept = random_kept(scores, seed=seed + 50, dead_fraction=0.5)
+    kept["layer2"][0] = True  # not emptied by the mask: it collapses at some sparsity
+    total = sum(t.numel() for t in scores.values())
+    first_k, first_layer = None, None
+    for k in range(total + 1):
+        pruned = reference_with_mask(scores, kept, k / total, "global")
+        empty = [name for name in scores if len(pruned[name]) == scores[name].numel()]
+        if empty:
+            first_k, first_layer = k, empty[0]
+            break
+    ranking = prepare(scores, kept=kept)
+    result = plan(ranking, 0.9, "global")
+    assert result.collapse_point == pytest.approx(first_k / total) and result.collapse_layer == first_layer
+    assert first_layer in plan(ranking, result.collapse_point, "global").collapsed
+    assert not plan(ranking, (first_k - 1) / total, "global").collapsed
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.6, 0.93])
+def test_large_ranking_with_current_mask_matches_brute_force(sparsity):
+    """Enough units that the global cut is refined inside a bracket of the grid."""
+    generator = torch.Generator().manual_seed(12)
+    scores = {
+        "a": torch.randint(0, 50, (40_000,), generator=generator).float(),
+        "b": torch.rand(300, 40, generator=generator),
+        "c": torch.randn(20_000, generator=generator),
+    }
+    kept = {"a": torch.rand(40_000, generator=generator) > 0.5, "c": torch.rand(20_000, generator=generator) > 0.3}
+    ranking = prepare(scores, kept=kept)
+    result = plan(ranking, sparsity, "global", protect=["b"] if sparsity > 0.9 else ())
+    expected = reference_with_mask(scores, kept, sparsity, "global", protect=["b"] if sparsity > 0.9 else ())
+    assert_matches(ranking, result, expected)
+
+
+def test_current_mask_errors_name_the_layer_and_the_shape():
+    scores = {"a": torch.rand(4, 3), "b": torch.rand(5)}
+    with pytest.raises(ExplorerError, match=r"'a'.*\(4, 3\)"):
+        prepare(scores, kept={"a": torch.ones(3, 4, dtype=torch.bool)})
+    with pytest.raises(ExplorerError, match="'zzz'.*a, b"):
+        prepare(scores, kept={"zzz": torch.ones(5, dtype=torch.bool)})
+    with pytest.raises(ExplorerError, match="'b'"):
+        prepare(scores, kept={"b": [True] * 5})
