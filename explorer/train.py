@@ -1,9 +1,15 @@
-"""Training and evaluation: baselines, fine-tunes after pruning, and the device they run on.
+"""Training and evaluation: baselines, fine-tunes after pruning, and methods that act while training.
 
 `train` works on a *copy* of the model it is given and returns it, so a cached base model is
 never changed. It reports progress through a callback (epoch, step, loss, metric) and checks a
 cancellation flag every step: a cancelled run keeps the partially trained copy. Masks from
 ``torch.nn.utils.prune`` stay enforced during training (pruned weights stay zero).
+
+Methods that act *during* training (gradual pruning, SET / RigL, L1 or group-lasso penalties,
+lottery-ticket snapshots) never copy this loop: they subclass `Callback`, which `train` calls at
+fixed points of every step. The learning rate is a pure function of the step (`lr_at`), so a
+run can start at step k of a schedule (``train(..., start_step=k)``) and get exactly the rates
+the original run had from step k on, as learning-rate rewinding needs.
 Determinism: the seed fixes initial shuffling and dropout; CPU runs repeat bit-for-bit.
 """
 from __future__ import annotations
@@ -11,17 +17,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explorer import jobs
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.layers import choose_device, clone_model, model_device
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+ANNEALS = ("cos", "linear")
 
 
 class CancelFlag(Protocol):
@@ -30,7 +38,11 @@ class CancelFlag(Protocol):
 
 @dataclass(frozen=True)
 class Progress:
-    """What a progress callback receives after every step (``metric`` is set at epoch ends)."""
+    """What a progress callback receives after every step and every epoch (``metric`` is set at epoch ends).
+
+    ``epoch`` and ``step`` (1-based, within the epoch) are positions in the whole schedule, also for
+    a run started part-way (``start_step``).
+    """
 
     epoch: int
     epochs: int
@@ -40,14 +52,45 @@ class Progress:
     metric: float | None = None
 
     @property
+    def global_step(self) -> int:
+        """Steps of the schedule done so far, this one included."""
+        return (self.epoch - 1) * self.steps_per_epoch + self.step
+
+    @property
     def fraction(self) -> float:
         total = max(1, self.epochs * self.steps_per_epoch)
-        return min(1.0, ((self.epoch - 1) * self.steps_per_epoch + self.step) / total)
+        return min(1.0, self.global_step / total)
+
+
+def _fail(name: str, allowed: str, value) -> ExplorerError:
+    return ExplorerError(f"Training setting '{name}' must be {allowed}, got {value!r}.")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(name, f"an integer >= {minimum}", value)
+
+
+def _check_number(name: str, value, allowed: str, accept: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not accept(value):
+        raise _fail(name, allowed, value)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise _fail(name, "one of " + ", ".join(choices), value)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one training run; plain data, so it can key a cache and a recipe."""
+    """Hyper-parameters of one training run; plain data, so it can key a cache and a recipe.
+
+    ``lr`` is the base learning rate (the peak of ``one_cycle``) and ``schedule`` how it changes
+    with the step (see `LR_SCHEDULES`). ``step_epochs`` and ``gamma`` shape ``step``;
+    ``warmup_fraction``, ``anneal``, ``div_factor`` and ``final_div_factor`` shape ``one_cycle``
+    and mean what torch's ``OneCycleLR`` calls pct_start, anneal_strategy, div_factor and
+    final_div_factor.
+    """
 
     epochs: int = 5
     lr: float = 1e-3
@@ -55,33 +98,174 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     momentum: float = 0.9
-    schedule: str = "cosine"  # "cosine" or "constant"
+    schedule: str = "cosine"
     seed: int = 0
     amp: bool = False
     device: str = "auto"
+    step_epochs: int = 10
+    gamma: float = 0.1
+    warmup_fraction: float = 0.3
+    anneal: str = "cos"
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
 
     def validate(self) -> "TrainConfig":
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ExplorerError("Epochs must be >= 0 and batch size >= 1.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ExplorerError(f"Learning rate must be a positive number, got {self.lr}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ExplorerError(f"Unknown optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}.")
-        if self.schedule not in ("cosine", "constant"):
-            raise ExplorerError(f"Unknown schedule '{self.schedule}': use cosine or constant.")
+        """Check every field; the error names the field and what it accepts."""
+        _check_int("epochs", self.epochs, 0)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("step_epochs", self.step_epochs, 1)
+        _check_int("seed", self.seed, 0)
+        _check_number("lr", self.lr, "a positive learning rate", lambda v: v > 0)
+        _check_number("weight_decay", self.weight_decay, "a number >= 0", lambda v: v >= 0)
+        _check_number("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _check_number("gamma", self.gamma, "a factor in (0, 1]", lambda v: 0 < v <= 1)
+        _check_number("warmup_fraction", self.warmup_fraction, "a fraction in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_number("div_factor", self.div_factor, "a number >= 1", lambda v: v >= 1)
+        _check_number("final_div_factor", self.final_div_factor, "a number >= 1", lambda v: v >= 1)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, tuple(LR_SCHEDULES))
+        _check_choice("anneal", self.anneal, ANNEALS)
+        if not isinstance(self.amp, bool):
+            raise _fail("amp", "true or false", self.amp)
+        if not isinstance(self.device, str):
+            raise _fail("device", "a device name such as auto, cpu or cuda", self.device)
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _constant(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """``lr`` at every step."""
+    return config.lr
+
+
+def _step(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """``lr * gamma ** (epoch // step_epochs)``: a drop by ``gamma`` every ``step_epochs`` epochs
+    (the classic ResNet schedule; torch's ``StepLR`` stepped once per epoch)."""
+    epoch = step // steps_per_epoch
+    return config.lr * config.gamma ** (epoch // config.step_epochs)
+
+
+def _cosine(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """``lr * (1 + cos(pi * t / T)) / 2`` over the run's T steps: a smooth decay towards 0
+    (Loshchilov & Hutter, SGDR, 2017, without restarts; torch's ``CosineAnnealingLR(T_max=T)``)."""
+    total = config.epochs * steps_per_epoch
+    return config.lr * (1 + math.cos(math.pi * step / total)) / 2
+
+
+def _anneal(kind: str, start: float, end: float, pct: float) -> float:
+    if kind == "cos":
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    return (end - start) * pct + start
+
+
+def _one_cycle(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Warm up from ``lr / div_factor`` to ``lr`` over the first ``warmup_fraction`` of the run,
+    then anneal to ``lr / (div_factor * final_div_factor)``, both along ``anneal`` (cos or linear)
+    (Smith & Topin, super-convergence, 2019; torch's ``OneCycleLR`` with the same phase
+    boundaries, except that momentum is not cycled)."""
+    total = config.epochs * steps_per_epoch
+    start, peak = config.lr / config.div_factor, config.lr
+    warmup_end = float(config.warmup_fraction * total) - 1
+    if step <= warmup_end:
+        return _anneal(config.anneal, start, peak, step / warmup_end if warmup_end > 0 else 1.0)
+    end = start / config.final_div_factor
+    return _anneal(config.anneal, peak, end, (step - warmup_end) / (total - 1 - warmup_end))
+
+
+# name -> lr(config, step, steps_per_epoch); each entry's docstring states its formula.
+LR_SCHEDULES: dict[str, Callable[[TrainConfig, int, int], float]] = {
+    "constant": _constant, "step": _step, "cosine": _cosine, "one_cycle": _one_cycle,
+}
+
+
+def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based, counted from the start of the run).
+
+    A pure function of the step, with no scheduler state: replaying a schedule from step k, as
+    learning-rate rewinding does (Renda et al., 2020), gives exactly the original rates. The run
+    has ``config.epochs * steps_per_epoch`` steps (see `steps_per_epoch`).
+
+    >>> lr_at(TrainConfig(epochs=2, lr=0.1, schedule="cosine"), step=10, steps_per_epoch=10)
+    0.05
+    """
+    total = config.epochs * steps_per_epoch
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < max(total, 1):
+        raise ExplorerError(f"Step {step!r} is outside the schedule: a run of {config.epochs} epochs x "
+                            f"{steps_per_epoch} steps has steps 0 to {total - 1}.")
+    return LR_SCHEDULES[config.validate().schedule](config, step, steps_per_epoch)
+
+
+def steps_per_epoch(dataset: Dataset, config: TrainConfig) -> int:
+    """Optimiser steps in one epoch: the training split in batches of ``config.batch_size``."""
+    return max(1, math.ceil(len(dataset.y_train) / config.batch_size))
+
+
 @dataclass
-class TrainResult:
-    """A trained copy of the model plus what happened while training it."""
+class TrainState:
+    """What a `Callback` sees: the live model and optimiser, where the run stands, the current batch.
+
+    ``epoch`` and ``step`` (within the epoch) are 1-based; ``global_step`` is the 0-based index of
+    the step being taken in the whole schedule (so a run started at step k sees k, k+1, ...), and
+    ``lr`` its learning rate. ``loss`` is the batch's cross-entropy without penalties, set after the
+    optimiser step (None before). ``val_accuracy`` is set at epoch ends. Set ``stop`` to end training.
+    """
 
     model: nn.Module
-    history: list[dict] = field(default_factory=list)  # one row per epoch: epoch, loss, val_accuracy
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    steps_per_epoch: int
+    total_steps: int
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    lr: float = 0.0
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    loss: float | None = None
+    val_accuracy: float | None = None
+    stop: bool = False
+
+
+class Callback:
+    """A hook into `train` for methods that act during training; override only what you need.
+
+    Every step, in this order: ``on_step_start`` (before the forward pass: e.g. regrow or
+    resample masks), ``penalty`` (a scalar tensor added to the loss before ``backward``: e.g.
+    ``lam * sum|w|`` for L1, ``lam * sum_g ||w_g||_2`` for group lasso; None adds nothing), the
+    optimiser step, then ``on_step_end`` (e.g. re-apply or update masks, snapshot weights for a
+    lottery ticket). ``on_epoch_end`` follows the validation of every completed epoch. Several
+    callbacks run in list order at each point. Setting ``state.stop`` ends training after the
+    current step (or epoch), keeping the model as it is.
+    """
+
+    def on_step_start(self, state: TrainState) -> None:
+        """Before the forward pass of a step."""
+
+    def penalty(self, state: TrainState) -> torch.Tensor | None:
+        """A scalar added to the loss of this step before backward, or None."""
+        return None
+
+    def on_step_end(self, state: TrainState) -> None:
+        """After the optimiser step."""
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        """After a completed epoch has been validated (``state.val_accuracy``)."""
+
+
+@dataclass
+class TrainResult:
+    """A trained copy of the model plus what happened while training it.
+
+    ``steps`` counts the steps this run took; ``epochs_done`` the epochs whose last step it took.
+    ``cancelled``: the cancel flag stopped it; ``stopped``: a callback did.
+    """
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)  # one row per epoch: epoch, loss, val_accuracy, partial
     cancelled: bool = False
+    stopped: bool = False
     epochs_done: int = 0
     steps: int = 0
     seconds: float = 0.0
@@ -135,69 +319,124 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _take_step(state: TrainState, callbacks: Sequence[Callback], scaler: torch.amp.GradScaler,
+               use_amp: bool) -> float:
+    """One optimiser step on ``state.x, state.y`` with the callbacks around it; returns the cross-entropy."""
+    state.lr, state.loss = lr_at(state.config, state.global_step, state.steps_per_epoch), None
+    for group in state.optimizer.param_groups:
+        group["lr"] = state.lr
+    for callback in callbacks:
+        callback.on_step_start(state)
+    state.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=state.x.device.type, dtype=torch.float16, enabled=use_amp):
+        loss = F.cross_entropy(state.model(state.x), state.y)
+    penalties = [term for term in (callback.penalty(state) for callback in callbacks) if term is not None]
+    objective = loss + sum(penalties) if penalties else loss
+    if not torch.isfinite(objective):
+        raise ExplorerError(f"Training diverged (loss is {objective.item()}) at epoch {state.epoch}, step {state.step}. "
+                            f"Lower the learning rate{' or the penalty strength' if penalties else ''}.")
+    scaler.scale(objective).backward()
+    scaler.step(state.optimizer)
+    scaler.update()
+    state.loss = loss.item()
+    for callback in callbacks:
+        callback.on_step_end(state)
+    return state.loss
+
+
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *,
           progress: Callable[[Progress], None] | None = None, cancel: CancelFlag | None = None,
-          step_hook: Callable[[nn.Module, int], None] | None = None) -> TrainResult:
+          callbacks: Sequence[Callback] = (), start_step: int = 0) -> TrainResult:
     """Train a copy of ``model`` on the training split; return it with its history.
 
-    ``progress`` is called after every step; ``cancel.is_set()`` is checked before every step
-    and stops training early, keeping what was learned. ``step_hook(model, global_step)`` runs
-    after each optimiser step (used by schedules such as gradual pruning or sparse training).
-    Mixed precision (``amp``) is used only on CUDA.
+    ``progress`` is called after every step and after every epoch's validation; ``cancel.is_set()``
+    is checked before every step and stops training early, keeping what was learned. ``callbacks``
+    let methods act during training (see `Callback`). ``start_step`` begins at that step of the
+    schedule, with the learning rates, epoch numbers and batch order the full run has from there
+    (learning-rate rewinding). Mixed precision (``amp``) is used only on CUDA.
     """
     config = (config or TrainConfig()).validate()
+    per_epoch = steps_per_epoch(dataset, config)
+    total_steps = per_epoch * config.epochs
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= total_steps:
+        raise ExplorerError(f"start_step must be a step of the schedule, 0 to {total_steps} "
+                            f"({config.epochs} epochs x {per_epoch} steps), got {start_step!r}.")
     device = choose_device(config.device)
     torch.manual_seed(config.seed)
     trained = clone_model(model).to(device)
     trained.train()
-    optimizer = _optimizer(trained, config)
-    steps_per_epoch = max(1, math.ceil(len(dataset.y_train) / config.batch_size))
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = None
-    if config.schedule == "cosine" and total_steps > 0:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    state = TrainState(trained, _optimizer(trained, config), config, per_epoch, total_steps)
     use_amp = bool(config.amp and device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     result = TrainResult(model=trained, device=str(device))
     started = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
+    first_epoch, skipped = divmod(start_step, per_epoch)
+    for epoch in range(first_epoch + 1, config.epochs + 1):
         loss_sum, seen = 0.0, 0
-        for step, (x, y) in enumerate(dataset.batches("train", config.batch_size, shuffle=True,
-                                                      seed=config.seed * 1000 + epoch), start=1):
+        batches = dataset.batches("train", config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch)
+        for step, (x, y) in enumerate(batches, start=1):
+            if epoch == first_epoch + 1 and step <= skipped:
+                continue  # the run being replayed took these steps before start_step
             if cancel is not None and cancel.is_set():
                 result.cancelled = True
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = F.cross_entropy(trained(x), y)
-            if not torch.isfinite(loss):
-                raise ExplorerError(f"Training diverged (loss is {loss.item()}) at epoch {epoch}, step {step}. "
-                                    "Lower the learning rate.")
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
+            state.epoch, state.step, state.global_step = epoch, step, (epoch - 1) * per_epoch + step - 1
+            state.x, state.y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss_value = _take_step(state, callbacks, scaler, use_amp)
             result.steps += 1
-            if step_hook is not None:
-                step_hook(trained, result.steps)
-            loss_value = loss.item()
             loss_sum += loss_value * len(y)
             seen += len(y)
             if progress is not None:
-                progress(Progress(epoch, config.epochs, step, steps_per_epoch, loss_value))
+                progress(Progress(epoch, config.epochs, step, per_epoch, loss_value))
+            if state.stop:
+                break
         if seen:
-            val = evaluate(trained, dataset, "val") if len(dataset.y_val) else {"accuracy": float("nan")}
-            trained.train()
-            result.history.append({"epoch": epoch, "loss": loss_sum / seen, "val_accuracy": val["accuracy"],
-                                   "partial": result.cancelled})
-            if progress is not None:
-                progress(Progress(epoch, config.epochs, steps_per_epoch, steps_per_epoch, loss_sum / seen,
-                                  val["accuracy"]))
-            result.epochs_done = epoch - (1 if result.cancelled else 0)
-        if result.cancelled:
+            _end_epoch(state, dataset, result, loss_sum / seen, callbacks, progress)
+        if result.cancelled or state.stop:
             break
     trained.eval()
+    result.stopped = state.stop
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _end_epoch(state: TrainState, dataset: Dataset, result: TrainResult, loss: float,
+               callbacks: Sequence[Callback], progress: Callable[[Progress], None] | None) -> None:
+    """Validate, record the history row, report, and call ``on_epoch_end`` if the epoch completed."""
+    complete = state.step == state.steps_per_epoch
+    val = evaluate(state.model, dataset, "val") if len(dataset.y_val) else {"accuracy": float("nan")}
+    state.model.train()
+    result.history.append({"epoch": state.epoch, "loss": loss, "val_accuracy": val["accuracy"],
+                           "partial": not complete})
+    if progress is not None:
+        progress(Progress(state.epoch, state.config.epochs, state.step, state.steps_per_epoch, loss, val["accuracy"]))
+    if complete:
+        result.epochs_done += 1
+        state.val_accuracy = val["accuracy"]
+        for callback in callbacks:
+            callback.on_epoch_end(state)
+
+
+def start_training(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *,
+                   callbacks: Sequence[Callback] = (), start_step: int = 0, name: str = "Training",
+                   meta: dict | None = None) -> jobs.Job:
+    """`train` in a background `explorer.jobs.Job`, for pages that must not block.
+
+    The job's payload grows into a live curve: ``step_loss`` gets (global step, loss) after every
+    step and ``val_accuracy`` (global step, accuracy) after every epoch; ``status`` reads
+    'epoch e/E, step s/S'. ``job.cancel.set()`` stops at the next step and ``job.result`` is then
+    the partially trained `TrainResult` (``cancelled=True``).
+    """
+    def work(context: jobs.JobContext) -> TrainResult:
+        def report(progress: Progress) -> None:
+            if progress.metric is None:
+                context.append("step_loss", (progress.global_step, progress.loss))
+                context.report(progress.fraction, f"epoch {progress.epoch}/{progress.epochs}, "
+                                                  f"step {progress.step}/{progress.steps_per_epoch}")
+            else:
+                context.append("val_accuracy", (progress.global_step, progress.metric))
+
+        return train(model, dataset, config, progress=report, cancel=context.cancel, callbacks=callbacks,
+                     start_step=start_step)
+
+    return jobs.start(work, name=name, meta=meta)
