@@ -168,11 +168,15 @@ def _sortable_uint32(values: np.ndarray) -> np.ndarray:
     return (bits ^ flip).view(np.uint32)
 
 
-def _pack_keys(flats: list[np.ndarray], offsets: np.ndarray) -> np.ndarray:
+_DEAD_SCORE = _sortable_uint32(np.array([-np.inf], dtype=np.float32))[0]
+
+
+def _pack_keys(flats: list[np.ndarray], offsets: np.ndarray, dead: list[np.ndarray | None]) -> np.ndarray:
     """One uint64 key per unit: the sortable score in the high half, its global index in the low half.
 
     Written through a uint32 view of the key array (two half-words per key), which avoids
-    64-bit temporaries: this is the slowest part of :func:`prepare` after the sorts.
+    64-bit temporaries: this is the slowest part of :func:`prepare` after the sorts. Units
+    marked in ``dead[layer]`` get the sortable image of -inf, below every finite score.
     """
     keys = np.empty(int(offsets[-1]), dtype=np.uint64)
     halves = keys.view(np.uint32).reshape(-1, 2)
@@ -184,6 +188,9 @@ def _pack_keys(flats: list[np.ndarray], offsets: np.ndarray) -> np.ndarray:
             halves[start:stop, high] |= np.uint32(1 << 31)
         else:
             halves[start:stop, high] = _sortable_uint32(flat)
+        if dead[layer] is not None:
+            scores_half = halves[start:stop, high]
+            scores_half[dead[layer]] = _DEAD_SCORE
         halves[start:stop, low] = np.arange(start, stop, dtype=np.uint32)
     return keys
 
@@ -226,8 +233,7 @@ def prepare(scores: Mapping[str, torch.Tensor], *, kept: Mapping[str, torch.Tens
         raise ExplorerError(
             f"The current mask names layer {unknown[0]!r}, which has no scores; scored layers: {', '.join(names)}."
         )
-    already_pruned = np.zeros(len(names), dtype=np.int64)
-    shapes, flats = [], []
+    shapes, flats, deads = [], [], []
     for name in names:
         tensor = scores[name]
         if not isinstance(tensor, torch.Tensor):
@@ -240,11 +246,8 @@ def prepare(scores: Mapping[str, torch.Tensor], *, kept: Mapping[str, torch.Tens
                 f"Scores of layer {name!r} contain NaN or inf (or exceed float32 range); "
                 "check the model's weights and calibration data, or choose another criterion."
             )
-        if name in kept:
-            live = _live_units(name, kept[name], tuple(tensor.shape))
-            already_pruned[len(flats)] = live.size - int(live.sum())
-            if already_pruned[len(flats)]:
-                flat = np.where(live, flat, np.float32(-np.inf))
+        dead = _dead_units(name, kept[name], tuple(tensor.shape)) if name in kept else None
+        deads.append(dead if dead is not None and dead.any() else None)
         shapes.append(tuple(tensor.shape))
         flats.append(flat)
     sizes = np.array([flat.size for flat in flats], dtype=np.int64)
@@ -254,7 +257,7 @@ def prepare(scores: Mapping[str, torch.Tensor], *, kept: Mapping[str, torch.Tens
     if total >= 1 << _INDEX_BITS:
         raise ExplorerError(f"{total} units are too many to rank (limit {1 << _INDEX_BITS}); use channel scores.")
 
-    keys = _pack_keys(flats, offsets)
+    keys = _pack_keys(flats, offsets, deads)
     for layer in range(len(names)):
         keys[offsets[layer]:offsets[layer + 1]].sort()
     grid_keys = _grid_keys(keys, offsets)
@@ -268,19 +271,19 @@ def prepare(scores: Mapping[str, torch.Tensor], *, kept: Mapping[str, torch.Tens
         offsets=offsets,
         layer_keys=keys,
         grid_counts=grid_counts,
-        already_pruned=already_pruned,
+        already_pruned=np.array([0 if dead is None else int(dead.sum()) for dead in deads], dtype=np.int64),
     )
 
 
-def _live_units(name: str, mask: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """Layer ``name``'s current mask as a flat boolean array (True = live), checked against its scores' shape."""
+def _dead_units(name: str, mask: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Layer ``name``'s already-pruned units as a flat boolean array, the mask checked against its scores' shape."""
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ExplorerError(
             f"The current mask of layer {name!r} is {got}; expected shape {shape}, the shape of its scores "
             "(explorer.masking.kept_units turns weight masks into channel masks)."
         )
-    return (mask.detach().to("cpu").reshape(-1) != 0).numpy()
+    return torch.logical_not(mask.detach().to("cpu").reshape(-1)).numpy()
 
 
 def _check_fraction(value, what: str) -> float:

@@ -10,7 +10,7 @@ from explorer.criteria import channel_scores, weight_scores
 from explorer.errors import ExplorerError
 from explorer.layers import fold_masks, is_masked
 from explorer.masking import apply, masks, sparsity_report
-from explorer.planner import plan, prepare
+from explorer.planner import plan, prepare, pruned_indices
 
 
 def small_model():
@@ -141,3 +141,165 @@ def test_nm_masks_keep_the_best_two_of_every_four():
         nm_masks(weight_scores(model, "magnitude"), 2, 4)
     with pytest.raises(ExplorerError):
         nm_masks(scores, 5, 4)
+
+
+# --- Masks in place on the model being trained, with regrowth. ---
+
+def linear_model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def random_mask(shape, seed, keep=0.5):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < keep
+
+
+def test_current_masks_lists_only_masked_layers_as_copies(pruned_setup):
+    from explorer.masking import current_masks
+
+    model, ranking, result = pruned_setup
+    assert current_masks(model) == {}
+    pruned = apply(model, result, ranking)
+    got, expected = current_masks(pruned), masks(ranking, result)
+    assert set(got) == {"0", "3", "7"}
+    assert all(got[name].dtype == torch.bool and torch.equal(got[name], expected[name]) for name in got)
+    got["0"].fill_(False)
+    assert bool(pruned[0].weight_mask.any())
+
+
+def test_set_masks_installs_in_place_and_keeps_the_parameter():
+    from explorer.layers import effective_weight
+    from explorer.masking import set_masks
+
+    model = linear_model()
+    weight, other = model[0].weight, model[2].weight
+    before = weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    keep = random_mask((5, 6), seed=0)
+    regrown = set_masks(model, {"0": keep, "2": torch.ones(3, 5, dtype=torch.bool)})
+    assert model[0].weight_orig is weight and not hasattr(model[2], "weight_mask") and model[2].weight is other
+    assert not regrown["0"].any() and not regrown["2"].any()
+    effective = effective_weight(model[0]).detach()
+    for index in range(keep.numel()):
+        row, column = divmod(index, 6)
+        expected = before[row, column] if keep[row, column] else 0.0
+        assert effective[row, column] == expected
+    inputs, labels = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for _ in range(3):  # the optimizer built before masking still trains the same Parameter
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+    assert not torch.equal(model[0].weight_orig.detach(), before)
+    assert sparsity_report(model)["0"][0] >= int((~keep).sum())
+    assert torch.equal(effective_weight(model[0]).detach()[~keep], torch.zeros(int((~keep).sum())))
+
+
+@pytest.mark.parametrize("regrow", ["zero", "keep", "init"])
+def test_set_masks_updates_the_buffer_in_place_and_regrows(regrow):
+    from explorer.layers import effective_weight
+    from explorer.masking import set_masks
+
+    model = linear_model()
+    init = {"0": torch.randn(5, 6), "2": torch.randn(3, 5)}
+    old, new = random_mask((5, 6), seed=1), random_mask((5, 6), seed=2)
+    set_masks(model, {"0": old})
+    with torch.no_grad():
+        model[0].weight_orig.add_(1.0)  # training moved every weight, pruned ones included
+    orig, buffer = model[0].weight_orig, model[0].weight_mask
+    held = orig.detach().clone()
+    parameters = [id(p) for p in model.parameters()]
+    regrown = set_masks(model, {"0": new}, regrow=init if regrow == "init" else regrow)
+    assert model[0].weight_orig is orig and model[0].weight_mask is buffer
+    assert [id(p) for p in model.parameters()] == parameters
+    expected_regrown = torch.tensor([not o and n for o, n in zip(old.flatten().tolist(), new.flatten().tolist())])
+    assert torch.equal(regrown["0"].flatten(), expected_regrown) and expected_regrown.any()
+    start = {"zero": torch.zeros(5, 6), "keep": held, "init": init["0"]}[regrow]
+    expected_orig = torch.where(expected_regrown.reshape(5, 6), start, held)
+    assert torch.equal(orig.detach(), expected_orig)
+    assert torch.equal(effective_weight(model[0]).detach(), torch.where(new, expected_orig, torch.zeros(5, 6)))
+    assert torch.equal(model[0].weight.detach(), effective_weight(model[0]).detach())
+    assert (model[0].weight[~new] == 0).all()
+
+
+def test_set_masks_round_trip_changes_nothing(pruned_setup):
+    from explorer.masking import current_masks, set_masks
+
+    model, ranking, result = pruned_setup
+    pruned = apply(model, result, ranking)
+    state = copy.deepcopy(pruned.state_dict())
+    set_masks(pruned, current_masks(pruned))
+    assert all(torch.equal(value, state[key]) for key, value in pruned.state_dict().items())
+    assert list(pruned.state_dict()) == list(state)
+
+
+def test_set_masks_errors_change_nothing():
+    from explorer.masking import set_masks
+
+    model = linear_model()
+    set_masks(model, {"0": random_mask((5, 6), seed=3)})
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ExplorerError, match=r"'2'.*\(3, 5\)"):
+        set_masks(model, {"0": torch.ones(5, 6, dtype=torch.bool), "2": torch.ones(5, 3, dtype=torch.bool)})
+    with pytest.raises(ExplorerError, match="'fc'.*0, 2"):
+        set_masks(model, {"fc": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ExplorerError, match=r"'0'.*\(5, 6\)"):
+        set_masks(model, {"0": torch.ones(5, 6, dtype=torch.bool)}, regrow={"2": torch.zeros(3, 5)})
+    with pytest.raises(ExplorerError, match="regrow"):
+        set_masks(model, {"0": torch.ones(5, 6, dtype=torch.bool)}, regrow="random")
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_masked_copy_functions_see_in_place_masks():
+    from explorer.masking import apply_masks, current_masks, set_masks
+
+    model = linear_model()
+    first, second = random_mask((5, 6), seed=4), random_mask((5, 6), seed=5)
+    set_masks(model, {"0": first})
+    combined = apply_masks(model, {"0": second})
+    assert torch.equal(current_masks(combined)["0"], first & second)
+    assert torch.equal(current_masks(model)["0"], first)
+    assert sparsity_report(fold_masks(model))["0"] == (int((~first).sum()), 30)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_iterative_pruning_in_place_with_random_scores(scope):
+    """Two rounds on the model itself, random criterion: exact 75 % and round 1's pruned set kept."""
+    from explorer.masking import current_masks, kept_units, set_masks
+
+    model = small_model()
+    sizes = {name: module.weight.numel() for name, module in model.named_children() if hasattr(module, "weight")
+             and module.weight.dim() > 1}
+    pruned_sets = []
+    for seed, sparsity in ((0, 0.5), (1, 0.75)):
+        scores = weight_scores(model, "random", seed=seed)
+        ranking = prepare(scores, kept=kept_units(current_masks(model), scores))
+        set_masks(model, masks(ranking, plan(ranking, sparsity, scope)))
+        report = sparsity_report(model)
+        if scope == "global":
+            assert sum(report[name][0] for name in sizes) == round(sparsity * sum(sizes.values()))
+        else:
+            assert all(report[name][0] == round(sparsity * size) for name, size in sizes.items())
+        pruned_sets.append({name: set(torch.nonzero(~mask.flatten()).flatten().tolist())
+                            for name, mask in current_masks(model).items()})
+    assert all(pruned_sets[0][name] <= pruned_sets[1][name] for name in pruned_sets[0])
+
+
+def test_kept_units_turns_weight_masks_into_channel_masks():
+    from explorer.masking import kept_units
+
+    model = small_model()
+    scores = channel_scores(model, "magnitude")
+    weight_mask = torch.ones(6, 3, 3, 3, dtype=torch.bool)
+    weight_mask[[1, 4]] = False
+    weight_mask[2, 0, 0, 0] = False  # one weight pruned: the channel still lives
+    channel_mask = torch.tensor([True, False, True, False])
+    kept = kept_units({"0": weight_mask, "3": channel_mask, "not_scored": torch.ones(2)}, scores)
+    assert set(kept) == {"0", "3"}
+    assert kept["0"].tolist() == [True, False, True, True, False, True]
+    assert torch.equal(kept["3"], channel_mask)
+    ranking = prepare(scores, kept=kept)
+    result = plan(ranking, 0.0, "local")
+    assert set(pruned_indices(ranking, result, "0").tolist()) == {1, 4}
+    assert set(pruned_indices(ranking, result, "3").tolist()) == {1, 3}
+    with pytest.raises(ExplorerError, match=r"'3'.*\(4,\)"):
+        kept_units({"3": torch.ones(3, dtype=torch.bool)}, scores)
