@@ -28,8 +28,9 @@ with st.sidebar:
         st.caption(f"Baseline accuracy: **{common.fmt_pct(model['base_accuracy'])}** (test split)")
         pruned = st.session_state.get(common.PRUNED)
         if pruned is not None and pruned.get("model_key") == model["key"]:
-            st.caption(f"Pruned copy: {pruned['settings']['structure']}, {pruned['settings']['criterion']}, "
-                       f"{pruned['settings']['scope']} {common.fmt_pct(pruned['settings']['sparsity'])}")
+            scoring, plan = pruned["recipe"].scoring, pruned["recipe"].plan
+            st.caption(f"Pruned copy: {scoring.structure}, {scoring.criterion}, "
+                       f"{plan.scope} {common.fmt_pct(plan.sparsity)}")
     st.caption(f"Device for training: **{choose_device()}**")
 
 navigation.run()

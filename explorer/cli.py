@@ -1,7 +1,8 @@
 """Headless command line: ``python -m explorer inspect | prune | run``.
 
-The same core calls as the app, so the numbers match for the same seed. With ``--json``
-the output is machine-readable: ``inspect`` prints one JSON object; ``prune`` prints one
+The flags build a Recipe (`explorer.recipe`), and the same core calls as the app run it —
+the same scoring, plan and measurement (`pipeline.measure_run`, latency at batch 64 by
+default) — so the numbers match for the same seed. With ``--json`` the output is machine-readable: ``inspect`` prints one JSON object; ``prune`` prints one
 JSON object per requested sparsity, one per line. Any bad argument or input exits with
 status 2 and a one-line reason on stderr.
 """
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, measure, pipeline, planner, stats
+from explorer import criteria, pipeline, planner, stats
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
+from explorer.recipe import Recipe
+from explorer.specs import MeasureSpec, ModelSpec, PlanSpec, ScoringSpec
 from explorer.train import evaluate
 
 
@@ -95,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--norm", choices=["l1", "l2"], default="l1", help="channel magnitude norm")
     prune.add_argument("--calib-batches", type=_positive, default=4)
     prune.add_argument("--measure", action="store_true", help="measure latency of dense and pruned models")
-    prune.add_argument("--batch", type=_positive, default=1, help="batch size for FLOPs and latency")
+    prune.add_argument("--batch", type=_positive, default=MeasureSpec.batch,
+                       help=f"batch size for latency (default {MeasureSpec.batch}, as the app); FLOPs are per input")
+    prune.add_argument("--threads", type=_positive, default=None, help="threads for latency (default: torch's)")
     prune.add_argument("--save", help="write the pruned model (last sparsity; with several, FILE gets -S suffixes)")
     run = sub.add_parser("run", help="replay a recipe (or a downloaded run.yaml) end to end")
     run.add_argument("--recipe", required=True, help="YAML/JSON recipe, or the run.yaml of a downloaded run")
@@ -106,13 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> list[dict]:
-    from dataclasses import replace
-
     from explorer.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
     if args.no_latency:
-        recipe = replace(recipe, measure_latency=False)
+        recipe = recipe.replace(measure={"latency": False})
     outcome = run_recipe(recipe)
     plan = outcome["plan"]
     result = {"recipe": outcome["recipe"], "sparsity_actual": plan.sparsity_actual,
@@ -126,12 +129,27 @@ def cmd_run(args) -> list[dict]:
     return [result]
 
 
-def _resolve(args) -> tuple[torch.nn.Module, Dataset, str]:
+def _model_spec(args) -> ModelSpec:
     if args.baseline and args.model not in ZOO:
         raise ExplorerError("--baseline works with zoo names only.")
-    return pipeline.resolve_model(args.model, data=args.data, data_file=args.data_file, seed=args.seed,
-                         use_baseline=args.baseline, weights=args.weights, arch=args.arch,
-                         trust_pickle=args.trust_pickle)
+    return ModelSpec(source=args.model, data=args.data, data_file=args.data_file, arch=args.arch,
+                     weights=args.weights, baseline=args.baseline, trust_pickle=args.trust_pickle).validate()
+
+
+def _resolve(args) -> tuple[torch.nn.Module, Dataset, str]:
+    return pipeline.resolve_model(_model_spec(args), seed=args.seed)
+
+
+def recipe_from_args(args, sparsity: float) -> Recipe:
+    """The Recipe that ``prune`` flags describe, for one sparsity."""
+    return Recipe(
+        model=_model_spec(args),
+        scoring=ScoringSpec(structure=args.structure, criterion=args.criterion, norm=args.norm,
+                            calib_batches=args.calib_batches),
+        plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep),
+        measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads),
+        seed=args.seed,
+    ).validate()
 
 
 def cmd_inspect(args) -> list[dict]:
@@ -156,57 +174,51 @@ def _save_path(base: str, sparsity: float, many: bool) -> Path:
 
 def cmd_prune(args) -> list[dict]:
     model, dataset, arch = _resolve(args)
-    example = dataset.example_input(args.batch)
-    prepared = pipeline.prepare(model, args.structure, args.criterion, dataset=dataset,
-                                calib_batches=args.calib_batches, norm=args.norm, seed=args.seed,
-                                example_input=example)
+    recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
+    prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed)
     kinds = {g.name: g.kind for g in prepared.groups} or prepared.layer_kinds
-    base_params = measure.count_params(model)
     base_accuracy = evaluate(model, dataset, "test")["accuracy"]
     results = []
-    for sparsity in args.sparsity:
-        plan = pipeline.preview(prepared, sparsity, args.scope, protect=args.protect, min_keep=args.min_keep)
+    for recipe in recipes:
+        plan = pipeline.preview(prepared, recipe.plan)
         result = {
             "model": args.model, "data": dataset.name, "structure": args.structure, "criterion": args.criterion,
-            "scope": args.scope, "sparsity": sparsity, "sparsity_actual": plan.sparsity_actual,
+            "scope": args.scope, "sparsity": recipe.plan.sparsity, "sparsity_actual": plan.sparsity_actual,
             "layers": [{"name": lp.name, "kind": kinds.get(lp.name, ""), "total": lp.total, "kept": lp.kept,
                         "sparsity": lp.sparsity, "collapsed": lp.collapsed} for lp in plan.layers],
             "collapsed": list(plan.collapsed),
             "collapse_point": plan.collapse_point,
             "collapse_layer": plan.collapse_layer,
+            "recipe": recipe.to_dict(),
         }
         if plan.note:
             result["note"] = plan.note
         if plan.collapsed:
             estimate = pipeline.estimate(prepared, plan)
-            result["params"] = {"total": base_params["total"], "nonzero": estimate["params_after"], "estimated": True}
+            result["params"] = {"total": estimate["params_total"], "nonzero": estimate["params_after"],
+                                "estimated": True}
             result["flops"] = {"dense": prepared.flops_dense, "effective": estimate["flops_after"], "estimated": True}
             result["error"] = (f"not applied: the plan empties {', '.join(plan.collapsed)}; lower the sparsity, "
                                "use --scope local or --min-keep")
             results.append(result)
             continue
         pruned = pipeline.apply(model, prepared, plan)
-        params = measure.count_params(pruned)
-        flops = measure.flops(pruned, example)
-        result["params"] = {"total": params["total"], "nonzero": params["nonzero"],
-                            "dense_total": base_params["total"]}
-        result["flops"] = {"dense": flops["dense"], "effective": flops["effective"],
-                           "base": prepared.flops_dense}
-        result["size_bytes"] = measure.compressed_size_bytes(pruned)
-        result["accuracy"] = {"base": base_accuracy, "pruned": evaluate(pruned, dataset, "test")["accuracy"],
-                              "split": "test", "fine_tuned": False}
-        if args.measure:
-            timing = measure.compare_latency(model, pruned, example)
-            result["latency_ms"] = {"dense": timing["dense"]["median_ms"], "pruned": timing["pruned"]["median_ms"],
-                                    "device": timing["dense"]["device"], "batch": timing["dense"]["batch"],
-                                    "threads": timing["dense"]["threads"]}
-            result["speedup"] = {"flops": prepared.flops_dense / max(1, flops["effective"]),
-                                 "measured": timing["speedup_measured"]}
+        m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_accuracy=base_accuracy)
+        result["params"] = {"total": m["params_total"], "nonzero": m["params_nonzero"],
+                            "dense_total": m["baseline_params_total"]}
+        result["flops"] = {"dense": m["flops_dense"], "effective": m["flops_effective"],
+                           "base": m["baseline_flops_effective"], "per": "input"}
+        result["size_bytes"] = {"raw": m["size_raw_bytes"], "compressed": m["size_compressed_bytes"]}
+        result["accuracy"] = {"base": base_accuracy, "pruned": m["accuracy"], "split": "test", "fine_tuned": False}
+        result["speedup"] = {"flops": m["speedup_flops"], "measured": m["speedup_measured"]}
+        if recipe.measure.latency:
+            result["latency_ms"] = {"dense": m["baseline_latency_ms"], "pruned": m["latency_ms"], "device": m["device"],
+                                    "batch": m["batch"], "threads": m["threads"], "layout": m["layout"]}
         if args.save:
-            path = _save_path(args.save, sparsity, len(args.sparsity) > 1)
+            path = _save_path(args.save, recipe.plan.sparsity, len(recipes) > 1)
             save_model(pruned, path, arch=arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                        metadata={"plan": plan.to_dict() if len(plan.layers) < 500 else None,
-                                 "structure": args.structure, "criterion": args.criterion, "format": SAVE_FORMAT})
+                                 "recipe": recipe.to_dict(), "format": SAVE_FORMAT})
             result["saved"] = str(path)
         results.append(result)
     return results
@@ -216,12 +228,14 @@ def _print_human(command: str, results: list[dict]) -> None:
     for result in results:
         if command == "run":
             m, recipe = result["metrics"], result["recipe"]
-            print(f"{recipe['model']} on {recipe['data'] or 'its usual dataset'}: {recipe['structure']} {recipe['criterion']} "
-                  f"{recipe['scope']} {recipe['sparsity']:.0%}"
+            source, scoring, plan = recipe["model"], recipe["scoring"], recipe["plan"]
+            print(f"{source['source']} on {source['data'] or 'its usual dataset'}: {scoring['structure']} "
+                  f"{scoring['criterion']} {plan['scope']} {plan['sparsity']:.0%}"
                   f"{' + fine-tune' if recipe['finetune'] else ''}")
             print(f"  test accuracy {m['base_accuracy']:.1%} -> {m['accuracy']:.1%}; params {m['params_nonzero']:,} "
                   f"non-zero of {m['baseline_params_total']:,}; speed-up FLOPs {m['speedup_flops']:.2f}x"
-                  + (f", measured {m['speedup_measured']:.2f}x ({m['device']}, batch {m['batch']})"
+                  + (f", measured {m['speedup_measured']:.2f}x ({m['device']}, batch {m['batch']}, "
+                     f"{m['threads']} threads, {m['layout']})"
                      if m.get("speedup_measured") else ""))
             continue
         if command == "inspect":
@@ -244,7 +258,7 @@ def _print_human(command: str, results: list[dict]) -> None:
         if "latency_ms" in result:
             lat = result["latency_ms"]
             print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "
-                  f"{lat['threads']} threads); speed-up FLOPs {result['speedup']['flops']:.2f}x, "
+                  f"{lat['threads']} threads, {lat['layout']}); speed-up FLOPs {result['speedup']['flops']:.2f}x, "
                   f"measured {result['speedup']['measured']:.2f}x")
         if "error" in result:
             print(f"  {result['error']}")

@@ -217,7 +217,8 @@ class Metrics:
     ``speedup_flops`` is baseline effective FLOPs / this model's effective FLOPs (the
     theoretical promise); ``speedup_measured`` is baseline median latency / this one's,
     measured interleaved with the same batch and threads. Side by side they show whether
-    a pruning structure pays in practice.
+    a pruning structure pays in practice. FLOPs are per input (one example); latency is per
+    ``batch`` inputs, on ``device`` with ``threads`` threads and the memory ``layout`` named.
     """
 
     params_total: int
@@ -233,6 +234,7 @@ class Metrics:
     device: str | None = None
     batch: int | None = None
     threads: int | None = None
+    layout: str | None = None
     baseline_params_total: int | None = None
     baseline_flops_effective: int | None = None
     baseline_size_compressed_bytes: int | None = None
@@ -262,8 +264,9 @@ def report(
     """
     model = as_deployed(model)
     baseline = as_deployed(baseline) if baseline is not None else None
+    one_input = example_input[:1]
     params = count_params(model)
-    model_flops = flops(model, example_input)
+    model_flops = flops(model, one_input)
     size = compressed_size_bytes(model)
     memory = peak_memory_bytes(model, example_input)
     metrics = Metrics(
@@ -273,7 +276,7 @@ def report(
         peak_memory_bytes=memory["bytes"], peak_memory_method=memory["method"],
     )
     if baseline is not None:
-        base_flops = flops(baseline, example_input)["effective"]
+        base_flops = flops(baseline, one_input)["effective"]
         base_size = compressed_size_bytes(baseline)["compressed"]
         metrics.baseline_params_total = count_params(baseline)["total"]
         metrics.baseline_flops_effective = base_flops
@@ -287,6 +290,7 @@ def report(
         own = timing["pruned"] if baseline is not None else timing["dense"]
         metrics.latency_ms, metrics.latency_iqr_ms = own["median_ms"], own["iqr_ms"]
         metrics.device, metrics.batch, metrics.threads = own["device"], own["batch"], own["threads"]
+        metrics.layout = own["layout"]
         if baseline is not None:
             metrics.baseline_latency_ms = timing["dense"]["median_ms"]
             metrics.speedup_measured = timing["speedup_measured"]

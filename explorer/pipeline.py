@@ -1,7 +1,8 @@
 """The pruning chain in four calls: prepare -> preview -> apply -> measure_run.
 
-This is the seam the UI, the CLI and recipes share, so they produce the same numbers
-(`resolve_model` turns a model spec and a dataset name into the pair they start from):
+This is the seam the UI, the CLI and recipes share, so they produce the same numbers. Each
+step takes one part of a Recipe (`explorer.specs`): `resolve_model` a ModelSpec, `prepare` a
+ScoringSpec, `preview` a PlanSpec, `measure_run` a MeasureSpec.
 
 * `prepare` scores a model once for a (structure, criterion) and sorts the scores
   (seconds, at most); for channel pruning it also finds the coupled channel groups.
@@ -22,13 +23,10 @@ from torch import nn
 from explorer import criteria, masking, measure, planner, structural
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
+from explorer.layers import prunable_layers
 from explorer.models import ZOO, load_model, read_saved_metadata
-from explorer.train import evaluate
-
-STRUCTURES: dict[str, str] = {
-    "unstructured": "Single weights are zeroed by masks; the tensors keep their dense shape.",
-    "channel": "Whole filters / neurons are removed, with every coupled layer shrinking too.",
-}
+from explorer.specs import STRUCTURES, MeasureSpec, ModelSpec, PlanSpec, ScoringSpec  # noqa: F401 - STRUCTURES re-exported
+from explorer.train import TrainConfig, evaluate, train
 
 
 @dataclass
@@ -64,43 +62,43 @@ def _layer_kind(module: nn.Module) -> str:
     return type(module).__name__.lower()
 
 
-def resolve_model(spec: str, *, data: str | None = None, data_file: str | None = None, seed: int = 0,
-                  use_baseline: bool = False, weights: str | None = None, arch: str | None = None,
-                  trust_pickle: bool = False) -> tuple[torch.nn.Module, Dataset, str]:
-    """Load the dataset and the model; returns (model in eval mode, dataset, architecture name for saving).
+def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, Dataset, str]:
+    """Load the dataset and the model a ModelSpec names; returns (model in eval mode, dataset, architecture).
 
-    ``use_baseline`` applies to zoo names: their trained, cached baseline replaces fresh weights.
+    ``baseline`` applies to zoo names: their trained, cached baseline replaces fresh weights.
+    ``train_epochs`` trains the loaded model briefly first (a factory gives untrained weights).
     """
+    spec.validate()
+    source = spec.source
     saved = None
-    if spec not in ZOO and Path(spec).is_file():
+    if source not in ZOO and Path(source).is_file():
         try:
-            saved = read_saved_metadata(spec)
+            saved = read_saved_metadata(source)
         except ExplorerError:
             saved = None
-    data_name = data or (ZOO[spec].default_dataset if spec in ZOO else None) or "digits"
-    dataset = load_dataset(data_name, seed=seed, path=data_file)
+    data_name = spec.data or (ZOO[source].default_dataset if source in ZOO else None) or "digits"
+    dataset = load_dataset(data_name, seed=seed, path=spec.data_file)
     if saved is not None and tuple(saved["input_shape"]) != dataset.input_shape:
-        raise ExplorerError(f"'{spec}' was saved for inputs {tuple(saved['input_shape'])}, but '{dataset.name}' "
+        raise ExplorerError(f"'{source}' was saved for inputs {tuple(saved['input_shape'])}, but '{dataset.name}' "
                             f"gives {dataset.input_shape}; pass the matching --data.")
-    if use_baseline and spec in ZOO:
+    if spec.baseline and source in ZOO and spec.weights is None:
         from explorer.baselines import baseline
 
-        model = baseline(spec, dataset, seed=seed).model
+        model = baseline(source, dataset, seed=seed).model
     else:
         torch.manual_seed(seed)
-        model = load_model(spec, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                           weights=weights, arch=arch, trust_pickle=trust_pickle)
-    return model.eval(), dataset, saved["arch"] if saved is not None else (arch or spec)
+        model = load_model(source, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                           weights=spec.weights, arch=spec.arch, trust_pickle=spec.trust_pickle)
+    if spec.train_epochs:
+        model = train(model.eval(), dataset, TrainConfig(epochs=spec.train_epochs, lr=1e-3, seed=seed)).model.cpu()
+    return model.eval(), dataset, saved["arch"] if saved is not None else (spec.arch or source)
 
 
-def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Dataset | None = None,
-            calib_batches: int = 4, batch_size: int = 64, norm: str = "l1", seed: int = 0,
+def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None = None, seed: int = 0,
             example_input: torch.Tensor | None = None) -> Prepared:
-    """Score ``model`` and sort the scores; the slow step, done once per choice of criterion."""
-    if structure not in STRUCTURES:
-        raise ExplorerError(f"Unknown structure '{structure}': use one of {', '.join(STRUCTURES)}.")
-    if criterion not in criteria.CRITERIA:
-        raise ExplorerError(f"Unknown criterion '{criterion}': use one of {', '.join(criteria.CRITERIA)}.")
+    """Score ``model`` and sort the scores; the slow step, done once per ScoringSpec."""
+    scoring.validate()
+    structure, criterion = scoring.structure, scoring.criterion
     started = time.perf_counter()
     if example_input is None:
         if dataset is None:
@@ -112,9 +110,9 @@ def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Datase
         if dataset is None:
             raise ExplorerError(f"Criterion '{criterion}' needs data: choose a dataset, or a data-free "
                                 "criterion (magnitude, random, bn_scale, synflow).")
-        calib = dataset.calibration(calib_batches, batch_size, seed=seed)
+        calib = dataset.calibration(scoring.calib_batches, scoring.calib_batch_size, seed=seed)
     input_shape = tuple(example_input.shape[1:])
-    layers = dict(criteria.prunable_layers(model))
+    layers = dict(prunable_layers(model))
     model_flops = measure.flops(model, example_input)
     prepared_groups: list[structural.ChannelGroup] = []
     if structure == "unstructured":
@@ -124,7 +122,8 @@ def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Datase
         if not prepared_groups:
             raise ExplorerError("This model has no channels that can be removed (only the classifier's "
                                 "outputs, which are never pruned). Use unstructured pruning.")
-        channel = criteria.channel_scores(model, criterion, calib, norm=norm, seed=seed, input_shape=input_shape)
+        channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
+                                          input_shape=input_shape)
         scores = structural.group_scores(model, prepared_groups, channel)
     ranking = planner.prepare(scores)
     return Prepared(
@@ -139,10 +138,10 @@ def prepare(model: nn.Module, structure: str, criterion: str, *, dataset: Datase
     )
 
 
-def preview(prepared: Prepared, sparsity: float, scope: str = "local", *, overrides: dict[str, float] | None = None,
-            protect=(), min_keep: float = 0.0) -> planner.Plan:
-    """The Plan for a sparsity: milliseconds, no model touched."""
-    return planner.plan(prepared.ranking, sparsity, scope, overrides=overrides, protect=protect, min_keep=min_keep)
+def preview(prepared: Prepared, spec: PlanSpec) -> planner.Plan:
+    """The Plan for a PlanSpec: milliseconds, no model touched."""
+    return planner.plan(prepared.ranking, spec.sparsity, spec.scope, overrides=spec.overrides,
+                        protect=spec.protect, min_keep=spec.min_keep)
 
 
 def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:
@@ -226,18 +225,18 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module
     return structural.apply_plan(model, plan, prepared.ranking, prepared.example_input)
 
 
-def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset, *, latency: bool = True,
-                device: str | None = None, batch: int = 64, threads: int | None = None,
-                min_run_time: float = 0.5, base_accuracy: float | None = None) -> dict:
+def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset,
+                spec: MeasureSpec = MeasureSpec(), *, base_accuracy: float | None = None) -> dict:
     """Accuracy plus theoretical and measured cost of a pruned model next to its base.
 
-    Latency of both models is measured in the same call, with the same batch and threads.
-    A masked model is measured as deployed: masks folded into plain weights (its zeros stay),
-    so the pruning hook's own overhead is not mistaken for the cost of sparsity.
+    The one measurement call of the app, the CLI and recipes (same defaults everywhere).
+    Latency of both models is measured in the same call, with the same batch, threads and
+    layout; a masked model is measured as deployed (`measure.as_deployed`). FLOPs are per input.
     """
-    example = dataset.example_input(batch)
-    metrics = measure.report(pruned_model, example, baseline=base_model, latency=latency, device=device,
-                             threads=threads, min_run_time=min_run_time).to_dict()
+    spec.validate()
+    metrics = measure.report(pruned_model, dataset.example_input(spec.batch), baseline=base_model,
+                             latency=spec.latency, device=spec.device, threads=spec.threads,
+                             min_run_time=spec.min_run_time).to_dict()
     accuracy = evaluate(pruned_model, dataset, "test")["accuracy"]
     if base_accuracy is None:
         base_accuracy = evaluate(base_model, dataset, "test")["accuracy"]

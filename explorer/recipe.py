@@ -1,112 +1,139 @@
-"""A Recipe is every choice of one pruning experiment as plain data, so it can be re-run headless.
+"""A Recipe is every choice of one pruning experiment as plain data, so it can be saved, compared and re-run.
 
-The app stores each run's settings; `recipe_from_run` turns them (or the ``run.yaml`` of a
-downloaded run) back into a Recipe, and `run_recipe` replays the whole chain — baseline,
-scores, plan, pruned copy, optional fine-tune, measurement — with the same core calls as the
-app, so the same seed gives the same numbers. ``python -m explorer run --recipe FILE`` is the CLI.
+It is the one description of an experiment: the Prune page keeps the session's Recipe and edits
+it, the CLI builds one from its flags, every stored Run keeps its full Recipe, and `run_recipe`
+replays it with the same core calls as the app, so the same seed gives the same numbers.
+``python -m explorer run --recipe FILE`` is the CLI. The parts are the frozen, validated specs
+of `explorer.specs`; ``Recipe.from_dict(run.recipe)`` rebuilds what a run stored.
 
-Example ``recipe.yaml``::
+Example ``recipe.yaml`` (every section optional except ``model``; a bare ``model: lenet5``
+is short for ``model: {source: lenet5}``)::
 
-    model: lenet5          # zoo name (its trained baseline), a model file or pkg.mod:callable
-    data: digits
-    structure: channel
-    criterion: taylor
-    scope: global
-    sparsity: 0.5
-    min_keep: 0.1
+    model: {source: lenet5, data: digits}      # zoo name (its trained baseline), a file or pkg.mod:callable
+    scoring: {structure: channel, criterion: taylor, calib_batches: 4}
+    plan: {sparsity: 0.5, scope: global, min_keep: 0.1}
+    method: {name: one_shot}
     finetune: {epochs: 2, lr: 0.001}
+    measure: {latency: true, batch: 64}
+    seed: 0
+
+Recipes written before these sections existed (flat keys such as ``structure:`` and
+``sparsity:`` at the top, ``measure_latency:``) still load: `Recipe.from_dict` migrates them.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from explorer import criteria, pipeline, planner
+from explorer import pipeline
 from explorer.errors import ExplorerError
+from explorer.specs import MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec, build
 from explorer.train import TrainConfig, train
+
+_SECTIONS = {"model": ModelSpec, "scoring": ScoringSpec, "plan": PlanSpec, "method": MethodSpec,
+             "measure": MeasureSpec}
+# Where each key of the old flat recipe lives now.
+_LEGACY_KEYS = {
+    "data": ("model", "data"), "data_file": ("model", "data_file"), "baseline": ("model", "baseline"),
+    "structure": ("scoring", "structure"), "criterion": ("scoring", "criterion"), "norm": ("scoring", "norm"),
+    "calib_batches": ("scoring", "calib_batches"),
+    "sparsity": ("plan", "sparsity"), "scope": ("plan", "scope"), "protect": ("plan", "protect"),
+    "overrides": ("plan", "overrides"), "min_keep": ("plan", "min_keep"),
+    "measure_latency": ("measure", "latency"),
+}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to prune, how to decide, how much, and whether to fine-tune afterwards."""
+    """What model, how to score, how much to prune, by which method, how to fine-tune and measure."""
 
-    model: str
-    structure: str = "unstructured"
-    criterion: str = "magnitude"
-    scope: str = "local"
-    sparsity: float = 0.5
-    data: str | None = None
-    data_file: str | None = None
-    protect: tuple[str, ...] = ()
-    overrides: dict[str, float] = field(default_factory=dict)
-    min_keep: float = 0.0
-    norm: str = "l1"
-    calib_batches: int = 4
-    seed: int = 0
-    baseline: bool = True
+    model: ModelSpec = field(default_factory=ModelSpec)
+    scoring: ScoringSpec = field(default_factory=ScoringSpec)
+    plan: PlanSpec = field(default_factory=PlanSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
     finetune: TrainConfig | None = None
-    measure_latency: bool = True
+    measure: MeasureSpec = field(default_factory=MeasureSpec)
+    seed: int = 0
 
     def validate(self) -> "Recipe":
-        """Check every field; raise ExplorerError naming the first bad one and what is allowed."""
-        if not isinstance(self.model, str) or not self.model:
-            raise ExplorerError("recipe: 'model' must name a zoo model, a model file or a module:callable factory.")
-        if self.structure not in pipeline.STRUCTURES:
-            raise ExplorerError(f"recipe: structure '{self.structure}' is not one of {', '.join(pipeline.STRUCTURES)}.")
-        if self.criterion not in criteria.CRITERIA:
-            raise ExplorerError(f"recipe: criterion '{self.criterion}' is not one of {', '.join(criteria.CRITERIA)}.")
-        if self.scope not in planner.SCOPES:
-            raise ExplorerError(f"recipe: scope '{self.scope}' is not one of {', '.join(planner.SCOPES)}.")
-        for name, value in (("sparsity", self.sparsity), ("min_keep", self.min_keep), *self.overrides.items()):
-            if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-                raise ExplorerError(f"recipe: {name} must be a number in [0, 1], got {value!r}.")
-        if self.norm not in ("l1", "l2"):
-            raise ExplorerError(f"recipe: norm must be l1 or l2, got {self.norm!r}.")
-        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
-            raise ExplorerError("recipe: calib_batches must be a positive integer.")
+        """Check every part; raise ExplorerError naming the first bad field and what is allowed."""
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ExplorerError(f"recipe: '{name}' must be a {cls.__name__}.")
+            getattr(self, name).validate()
         if self.finetune is not None:
-            self.finetune.validate()
+            try:
+                self.finetune.validate()
+            except ExplorerError as exc:
+                raise ExplorerError(f"recipe: finetune: {exc}") from exc
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ExplorerError(f"recipe: seed must be an integer, got {self.seed!r}.")
         return self
 
     def to_dict(self) -> dict:
-        values = asdict(self)
-        values["protect"] = list(self.protect)
+        """Plain nested dict (YAML / JSON-able); `from_dict` reads it back to an equal Recipe."""
+        values = dataclasses.asdict(self)
+        values["plan"]["protect"] = list(self.plan.protect)
         return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Recipe":
-        """Build and validate a Recipe; unknown keys are refused (a typo must not pass silently)."""
+        """Build and validate a Recipe; unknown keys are refused, old flat recipes are migrated."""
         if not isinstance(values, Mapping):
             raise ExplorerError("recipe: expected a mapping of settings (YAML or JSON object).")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        values = _migrate(dict(values))
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ExplorerError(f"recipe: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-        values = dict(values)
-        values["protect"] = tuple(values.get("protect") or ())
-        values["overrides"] = dict(values.get("overrides") or {})
+            raise ExplorerError(f"recipe: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}.")
+        if "model" not in values:
+            raise ExplorerError("recipe: 'model' is required: a zoo name, a model file or a package.module:callable.")
+        parts = {name: build(spec, name, values.get(name)) for name, spec in _SECTIONS.items()}
         finetune = values.get("finetune")
         if finetune is not None:
-            train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-            extra = sorted(set(finetune) - train_fields)
-            if extra:
-                raise ExplorerError(f"recipe: unknown fine-tune setting(s) {', '.join(extra)}; "
-                                    f"known: {', '.join(sorted(train_fields))}.")
-            values["finetune"] = TrainConfig(**finetune)
-        try:
-            recipe = cls(**values)
-        except TypeError as exc:
-            raise ExplorerError(f"recipe: {exc}") from exc
-        return recipe.validate()
+            try:
+                finetune = build(TrainConfig, "finetune", finetune)
+            except ExplorerError as exc:
+                raise ExplorerError(str(exc).replace("recipe: ", "recipe: fine-tune: ", 1)) from exc
+        return cls(**parts, finetune=finetune, seed=values.get("seed", 0)).validate()
+
+    def replace(self, **parts) -> "Recipe":
+        """A new Recipe with some parts swapped; a part given as a dict updates that part's fields."""
+        changes = {}
+        for name, value in parts.items():
+            current = getattr(self, name)
+            if isinstance(value, Mapping) and dataclasses.is_dataclass(current):
+                value = dataclasses.replace(current, **value)
+            changes[name] = value
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _migrate(values: dict) -> dict:
+    """Old flat recipes (``model: mlp`` plus ``structure: ...`` at the top) to sections."""
+    if isinstance(values.get("model"), str):
+        values["model"] = {"source": values["model"]}
+    legacy = [key for key in values if key in _LEGACY_KEYS]
+    for key in legacy:
+        section, name = _LEGACY_KEYS[key]
+        target = values.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ExplorerError(f"recipe: '{key}' at the top level conflicts with the '{section}' section.")
+        target[name] = values.pop(key)
+    return values
 
 
 def recipe_from_run(run: Mapping[str, Any]) -> Recipe:
-    """The Recipe behind a stored run (a `store.Run.to_dict()` or a downloaded ``run.yaml``)."""
+    """The Recipe behind a stored run (a `store.Run.to_dict()` or a downloaded ``run.yaml``).
+
+    Runs store their full Recipe; runs stored before that are rebuilt from their settings,
+    which is possible for zoo models on built-in data only.
+    """
+    if run.get("recipe"):
+        return Recipe.from_dict(run["recipe"])
     settings = run.get("settings") or {}
     arch = settings.get("arch")
     if settings.get("model_source", "zoo") != "zoo" or not arch or run.get("dataset") == "tensors":
@@ -116,12 +143,13 @@ def recipe_from_run(run: Mapping[str, Any]) -> Recipe:
     finetune = settings.get("finetune")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return Recipe(
-        model=arch, data=run.get("dataset"), structure=run["structure"], criterion=run["criterion"],
-        scope=run["scope"], sparsity=float(run["sparsity"]), protect=tuple(settings.get("protect") or ()),
-        overrides=dict(settings.get("overrides") or {}), min_keep=float(settings.get("min_keep", 0.0)),
-        norm=settings.get("norm", "l1"), calib_batches=int(settings.get("calib_batches", 4)),
-        seed=int(settings.get("seed", 0)), baseline=True,
+        model=ModelSpec(source=arch, data=run.get("dataset"), baseline=True),
+        scoring=ScoringSpec(structure=run["structure"], criterion=run["criterion"], norm=settings.get("norm", "l1"),
+                            calib_batches=int(settings.get("calib_batches", 4))),
+        plan=PlanSpec(sparsity=float(run["sparsity"]), scope=run["scope"], protect=tuple(settings.get("protect") or ()),
+                      overrides=dict(settings.get("overrides") or {}), min_keep=float(settings.get("min_keep", 0.0))),
         finetune=TrainConfig(**{k: v for k, v in finetune.items() if k in train_fields}) if finetune else None,
+        seed=int(settings.get("seed", 0)),
     ).validate()
 
 
@@ -148,17 +176,14 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
 def run_recipe(recipe: Recipe, *, progress: Callable | None = None, cancel=None) -> dict:
     """Replay a recipe end to end; returns the plan, the pruned (and fine-tuned) model and its metrics."""
     recipe.validate()
-    model, dataset, arch = pipeline.resolve_model(recipe.model, data=recipe.data, data_file=recipe.data_file,
-                                         seed=recipe.seed, use_baseline=recipe.baseline)
-    prepared = pipeline.prepare(model, recipe.structure, recipe.criterion, dataset=dataset,
-                                calib_batches=recipe.calib_batches, norm=recipe.norm, seed=recipe.seed)
-    plan = pipeline.preview(prepared, recipe.sparsity, recipe.scope, overrides=recipe.overrides,
-                            protect=recipe.protect, min_keep=recipe.min_keep)
+    model, dataset, arch = pipeline.resolve_model(recipe.model, seed=recipe.seed)
+    prepared = pipeline.prepare(model, recipe.scoring, dataset=dataset, seed=recipe.seed)
+    plan = pipeline.preview(prepared, recipe.plan)
     pruned = pipeline.apply(model, prepared, plan)
     history: list[dict] = []
     if recipe.finetune is not None and recipe.finetune.epochs > 0:
         result = train(pruned, dataset, recipe.finetune, progress=progress, cancel=cancel)
         pruned, history = result.model.cpu().eval(), result.history
-    metrics = pipeline.measure_run(model, pruned, dataset, latency=recipe.measure_latency)
+    metrics = pipeline.measure_run(model, pruned, dataset, recipe.measure)
     return {"recipe": recipe.to_dict(), "plan": plan, "model": pruned, "arch": arch, "dataset": dataset,
             "metrics": metrics, "history": history}

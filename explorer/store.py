@@ -1,8 +1,11 @@
 """Runs that survive a restart: a SQLite table of settings and metrics, weights as files.
 
-A *run* is one finished prune (with or without fine-tune): what was chosen (model,
-dataset, structure, criterion, scope, sparsity and the rest of the recipe), what came out
-(accuracy, parameters, FLOPs, size, measured latency, speed-ups) and the training curve.
+A *run* is one finished stage of an experiment (a prune, a fine-tune after it): its full
+Recipe (``Recipe.from_dict(run.recipe)`` replays it), which stage of the recipe's method it
+records, what came out (accuracy, parameters, FLOPs, size, measured latency, speed-ups), the
+training curve and the trajectory of a method over time. Model, dataset, structure,
+criterion, scope and sparsity are also kept as columns, copied from the recipe, for listing.
+Databases written before runs kept their recipe are migrated when opened (new columns, empty).
 The database lives in ``$PRUNING_EXPLORER_DATA`` (default ``~/.local/share/pruning-explorer``)
 with one weights file per run in ``weights/`` beside it.
 """
@@ -34,12 +37,22 @@ class Run:
     criterion: str
     scope: str
     sparsity: float
-    settings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)   # facts beside the recipe: arch, input shape, fine-tune outcome
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     name: str = ""
     id: int | None = None
     created: float = 0.0
+    recipe: dict = field(default_factory=dict)     # Recipe.to_dict(): replays the run
+    stage: int = 0                                 # which stage of the recipe's method (one_shot: 0 pruned, 1 fine-tuned)
+    trajectory: list = field(default_factory=list)  # per-step or per-round points of a method over time
+
+    @classmethod
+    def from_recipe(cls, recipe, *, model_name: str, dataset: str, **values) -> "Run":
+        """A run whose listing columns are read from ``recipe`` (an `explorer.recipe.Recipe`)."""
+        return cls(model_name=model_name, dataset=dataset, structure=recipe.scoring.structure,
+                   criterion=recipe.scoring.criterion, scope=recipe.plan.scope, sparsity=float(recipe.plan.sparsity),
+                   recipe=recipe.to_dict(), **values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +64,10 @@ def data_dir() -> Path:
 
 
 _COLUMNS = ("id", "name", "created", "model_name", "dataset", "structure", "criterion", "scope", "sparsity",
-            "settings", "metrics", "history")
+            "settings", "metrics", "history", "recipe", "stage", "trajectory")
+_JSON_COLUMNS = {"settings": "{}", "metrics": "{}", "history": "[]", "recipe": "{}", "trajectory": "[]"}
+# Columns added after the first release, with their SQL type: older databases get them on open.
+_ADDED_COLUMNS = {"recipe": "TEXT", "stage": "INTEGER NOT NULL DEFAULT 0", "trajectory": "TEXT"}
 
 
 class RunStore:
@@ -67,6 +83,10 @@ class RunStore:
                 id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, created REAL NOT NULL,
                 model_name TEXT, dataset TEXT, structure TEXT, criterion TEXT, scope TEXT, sparsity REAL,
                 settings TEXT, metrics TEXT, history TEXT)""")
+            present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -83,10 +103,10 @@ class RunStore:
         run.created = run.created or time.time()
         with self._connect() as db:
             cursor = db.execute(
-                "INSERT INTO runs (name, created, model_name, dataset, structure, criterion, scope, sparsity, "
-                "settings, metrics, history) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
                 (run.name or "", run.created, run.model_name, run.dataset, run.structure, run.criterion, run.scope,
-                 float(run.sparsity), json.dumps(run.settings), json.dumps(run.metrics), json.dumps(run.history)))
+                 float(run.sparsity), json.dumps(run.settings), json.dumps(run.metrics), json.dumps(run.history),
+                 json.dumps(run.recipe), int(run.stage), json.dumps(run.trajectory)))
             run.id = int(cursor.lastrowid)
             if not run.name:
                 run.name = f"run {run.id}: {run.model_name} {run.structure} {run.criterion} {run.scope} {run.sparsity:.0%}"
@@ -99,8 +119,9 @@ class RunStore:
 
     def _row(self, row) -> Run:
         values = dict(zip(_COLUMNS, row))
-        for key in ("settings", "metrics", "history"):
-            values[key] = json.loads(values[key] or ("[]" if key == "history" else "{}"))
+        for key, empty in _JSON_COLUMNS.items():
+            values[key] = json.loads(values[key] or empty)
+        values["stage"] = int(values["stage"] or 0)
         return Run(**values)
 
     def list(self) -> list[Run]:

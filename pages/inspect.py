@@ -10,6 +10,7 @@ from plotly.subplots import make_subplots
 
 from explorer import pipeline, stats
 from explorer.errors import ExplorerError
+from explorer.specs import PlanSpec, ScoringSpec
 from pages import common
 
 st.title("Inspect")
@@ -56,18 +57,18 @@ layers = list(weights)
 chosen = st.multiselect("Layers", layers, default=layers[:9], key="inspect_layers")
 
 # The |w| cut of unstructured magnitude pruning at the Prune page's sparsity and scope.
-prune_settings = st.session_state.get(common.PRUNE_SETTINGS) or {}
-if prune_settings.get("model_key") != model["key"]:
-    prune_settings = {}
-sparsity, scope = prune_settings.get("sparsity", 0.5), prune_settings.get("scope", "global")
+session_recipe = st.session_state.get(common.RECIPE)
+chosen_plan = session_recipe.plan if session_recipe is not None and session_recipe.model == model["spec"] \
+    else PlanSpec(sparsity=0.5, scope="global")
+sparsity, scope = chosen_plan.sparsity, chosen_plan.scope
 cuts: dict[str, float | None] = {}
 if target_label == "base model":
     try:
-        magnitude = common.prepared_for(model, "unstructured", "magnitude")
-        protect = [n for n in prune_settings.get("protect", []) if n in magnitude.names]
-        overrides = {n: v for n, v in prune_settings.get("overrides", {}).items() if n in magnitude.names}
-        cut_plan = pipeline.preview(magnitude, sparsity, scope, protect=protect, overrides=overrides,
-                                    min_keep=prune_settings.get("min_keep", 0.0))
+        magnitude = common.prepared_for(model, ScoringSpec("unstructured", "magnitude"))
+        cut_plan = pipeline.preview(magnitude, PlanSpec(
+            sparsity, scope, protect=tuple(n for n in chosen_plan.protect if n in magnitude.names),
+            overrides={n: v for n, v in chosen_plan.overrides.items() if n in magnitude.names},
+            min_keep=chosen_plan.min_keep))
         cuts = pipeline.thresholds(magnitude, cut_plan)
         st.caption(f"Red dashed lines: the |w| cut of unstructured magnitude pruning at {sparsity:.0%} sparsity, "
                    f"{scope} scope (set on the Prune page); weights between them would be removed.")

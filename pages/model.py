@@ -11,6 +11,7 @@ from explorer import baselines, stats
 from explorer.data import DATASETS, tensors
 from explorer.errors import ExplorerError
 from explorer.models import ZOO, load_model, read_saved_metadata
+from explorer.specs import ModelSpec
 from explorer.train import TrainConfig, evaluate, train
 from pages import common
 
@@ -52,6 +53,15 @@ def pick_dataset(prefix: str, default: str = "digits"):
     return tensors(upload.getvalue(), name="tensors")
 
 
+def data_fields(data) -> dict:
+    """The ModelSpec fields that name the data: a built-in name, or 'tensors' and the uploaded file's name."""
+    if data.name != "tensors":
+        return {"data": data.name}
+    upload = next((st.session_state.get(f"{prefix}_data") for prefix in ("zoo", "file", "factory")
+                   if st.session_state.get(f"{prefix}_data") is not None), None)
+    return {"data": "tensors", "data_file": upload.name if upload is not None else "tensors.pt"}
+
+
 def train_with_progress(module, data, epochs: int):
     """Train a fresh (file or factory) model for a few epochs, showing progress."""
     bar = st.progress(0.0, text="Training ...")
@@ -75,6 +85,7 @@ def load_zoo(model_name: str, dataset_name: str, data) -> dict:
         key = f"zoo:{model_name}:{dataset_name}"
     origin = "loaded from the baseline cache" if base.from_cache else f"trained in {base.train_seconds:.1f} s"
     return {"module": base.model, "label": model_name, "arch": model_name, "dataset": data, "source": "zoo",
+            "spec": ModelSpec(source=model_name, baseline=True, **data_fields(data)),
             "base_accuracy": base.accuracy, "key": key, "origin": origin}
 
 
@@ -95,6 +106,8 @@ def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -
         module = train_with_progress(module, data, epochs)
     accuracy = evaluate(module, data, "test")["accuracy"]
     return {"module": module, "label": upload.name, "arch": arch, "dataset": data, "source": "file",
+            "spec": ModelSpec(source=upload.name, arch=arch, baseline=False, train_epochs=epochs,
+                              trust_pickle=trust_pickle, **data_fields(data)),
             "base_accuracy": accuracy, "key": f"file:{upload.file_id}:{arch}:{data.name}:{epochs}",
             "origin": f"uploaded file{f', trained {epochs} epochs' if epochs else ''}"}
 
@@ -106,6 +119,7 @@ def load_factory(spec: str, data, epochs: int) -> dict:
     module.eval()
     accuracy = evaluate(module, data, "test")["accuracy"]
     return {"module": module, "label": spec.strip(), "arch": spec.strip(), "dataset": data, "source": "factory",
+            "spec": ModelSpec(source=spec.strip(), baseline=False, train_epochs=epochs, **data_fields(data)),
             "base_accuracy": accuracy, "key": f"factory:{spec.strip()}:{data.name}:{epochs}",
             "origin": f"built by the factory{f', trained {epochs} epochs' if epochs else ' (untrained)'}"}
 

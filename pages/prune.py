@@ -8,14 +8,13 @@ import streamlit as st
 from explorer import pipeline
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
+from explorer.specs import PlanSpec, ScoringSpec
 from explorer.structural import group_of
 from pages import common
 
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
             "prune_calib": 4}
-for key, default in DEFAULTS.items():  # defaults once; choices survive a visit to another page
-    st.session_state[key] = st.session_state.get(key, default)
 
 st.title("Prune")
 common.explain("""
@@ -44,6 +43,17 @@ copy (the loaded model is never changed), measures it and saves it as a run.
 """)
 
 model = common.require_model()
+session_recipe = st.session_state.get(common.RECIPE)
+if session_recipe is not None and session_recipe.model == model["spec"]:  # the widgets show the session's Recipe
+    DEFAULTS.update({"prune_structure": session_recipe.scoring.structure,
+                     "prune_criterion": session_recipe.scoring.criterion,
+                     "prune_calib": session_recipe.scoring.calib_batches, "prune_scope": session_recipe.plan.scope,
+                     "prune_sparsity": session_recipe.plan.sparsity, "prune_protect": list(session_recipe.plan.protect),
+                     "prune_min_keep": session_recipe.plan.min_keep,
+                     "prune_override_layers": list(session_recipe.plan.overrides),
+                     **{f"prune_override_{n}": v for n, v in session_recipe.plan.overrides.items()}})
+for key, default in DEFAULTS.items():  # defaults once; choices survive a visit to another page
+    st.session_state[key] = st.session_state.get(key, default)
 
 controls, details = st.columns([1, 1])
 with controls:
@@ -58,8 +68,9 @@ with details:
         calib_batches = st.slider("Calibration batches (64 samples each)", 1, 16, key="prune_calib")
     st.caption(f"{structure}: {pipeline.STRUCTURES[structure]}")
 
+scoring = ScoringSpec(structure=structure, criterion=criterion, calib_batches=int(calib_batches))
 try:
-    prepared = common.prepared_for(model, structure, criterion, calib_batches=calib_batches)
+    prepared = common.prepared_for(model, scoring)
 except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
@@ -80,16 +91,15 @@ with slider_col:
                      for name in override_layers}
 
 try:
-    plan = pipeline.preview(prepared, sparsity, scope, overrides=overrides, protect=protect, min_keep=min_keep)
+    recipe = common.session_recipe(model).replace(
+        scoring=scoring, plan=PlanSpec(sparsity=float(sparsity), scope=scope, protect=tuple(protect),
+                                       overrides=overrides, min_keep=float(min_keep)))
+    plan = pipeline.preview(prepared, recipe.plan)
     estimate = pipeline.estimate(prepared, plan)
 except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
-
-settings = {"structure": structure, "criterion": criterion, "scope": scope, "sparsity": float(sparsity),
-            "overrides": overrides, "protect": list(protect), "min_keep": float(min_keep),
-            "calib_batches": calib_batches}
-st.session_state[common.PRUNE_SETTINGS] = {**settings, "model_key": model["key"]}
+st.session_state[common.RECIPE] = recipe
 
 
 def switch_to_local() -> None:
@@ -168,11 +178,11 @@ st.divider()
 if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply"):
     try:
         pruned_module = pipeline.apply(model["module"], prepared, plan)
-        run = common.measure_and_save(model, pruned_module, settings)
+        run = common.measure_and_save(model, pruned_module, recipe)
     except ExplorerError as exc:
         st.error(str(exc))
     else:
-        st.session_state[common.PRUNED] = {"module": pruned_module, "settings": settings, "plan": plan.to_dict(),
+        st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": recipe, "plan": plan.to_dict(),
                                            "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
                                            "run_name": run.name}
         st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy

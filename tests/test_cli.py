@@ -35,7 +35,9 @@ def test_prune_measure_and_save_round_trip(capsys, tmp_path):
                            "--measure", "--save", str(path), "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(result["latency_ms"]) == {"dense", "pruned", "device", "batch", "threads"}
+    assert set(result["latency_ms"]) == {"dense", "pruned", "device", "batch", "threads", "layout"}
+    assert result["latency_ms"]["batch"] == 64 and result["latency_ms"]["layout"] == "channels_last"
+    assert result["recipe"]["plan"]["sparsity"] == 0.5 and result["recipe"]["measure"]["batch"] == 64
     model = load_model(path)
     assert sum(p.numel() for p in model.parameters()) == result["params"]["total"]
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)

@@ -6,6 +6,7 @@ from explorer import measure, pipeline
 from explorer.data import load_dataset
 from explorer.errors import ExplorerError
 from explorer.models import build
+from explorer.specs import MeasureSpec, PlanSpec, ScoringSpec
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +18,8 @@ def test_unstructured_estimate_is_exact_and_apply_leaves_the_base_untouched(digi
     torch.manual_seed(0)
     model = build("lenet5", digits.input_shape, digits.num_classes)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prepared = pipeline.prepare(model, "unstructured", "magnitude", dataset=digits)
-    plan = pipeline.preview(prepared, 0.6, "local")
+    prepared = pipeline.prepare(model, ScoringSpec("unstructured", "magnitude"), dataset=digits)
+    plan = pipeline.preview(prepared, PlanSpec(0.6, "local"))
     estimate = pipeline.estimate(prepared, plan)
     pruned = pipeline.apply(model, prepared, plan)
     counted = measure.count_params(pruned)
@@ -36,8 +37,8 @@ def test_unstructured_estimate_is_exact_and_apply_leaves_the_base_untouched(digi
 def test_channel_estimate_close_to_the_real_pruned_model(digits):
     torch.manual_seed(0)
     model = build("resnet20", digits.input_shape, digits.num_classes)
-    prepared = pipeline.prepare(model, "channel", "magnitude", dataset=digits)
-    plan = pipeline.preview(prepared, 0.5, "local")
+    prepared = pipeline.prepare(model, ScoringSpec("channel", "magnitude"), dataset=digits)
+    plan = pipeline.preview(prepared, PlanSpec(0.5, "local"))
     estimate = pipeline.estimate(prepared, plan)
     pruned = pipeline.apply(model, prepared, plan)
     real = measure.count_params(pruned)["total"]
@@ -53,32 +54,32 @@ def test_collapsed_plans_are_refused_with_advice(digits):
     model = build("mlp", digits.input_shape, digits.num_classes)
     with torch.no_grad():
         model.fc2.weight.mul_(1e-4)
-    prepared = pipeline.prepare(model, "unstructured", "magnitude", dataset=digits)
-    plan = pipeline.preview(prepared, 0.7, "global")
+    prepared = pipeline.prepare(model, ScoringSpec("unstructured", "magnitude"), dataset=digits)
+    plan = pipeline.preview(prepared, PlanSpec(0.7, "global"))
     assert "fc2" in plan.collapsed
     with pytest.raises(ExplorerError, match="local scope"):
         pipeline.apply(model, prepared, plan)
-    assert not pipeline.preview(prepared, 0.7, "local").collapsed
+    assert not pipeline.preview(prepared, PlanSpec(0.7, "local")).collapsed
 
 
 def test_bad_choices(digits):
     model = build("mlp", digits.input_shape, digits.num_classes)
     with pytest.raises(ExplorerError, match="structure"):
-        pipeline.prepare(model, "blocks", "magnitude", dataset=digits)
+        pipeline.prepare(model, ScoringSpec("blocks", "magnitude"), dataset=digits)
     with pytest.raises(ExplorerError, match="criterion"):
-        pipeline.prepare(model, "unstructured", "oracle", dataset=digits)
+        pipeline.prepare(model, ScoringSpec("unstructured", "oracle"), dataset=digits)
     with pytest.raises(ExplorerError, match="needs data"):
-        pipeline.prepare(model, "unstructured", "taylor", example_input=digits.example_input(1))
+        pipeline.prepare(model, ScoringSpec("unstructured", "taylor"), example_input=digits.example_input(1))
     linear_only = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(ExplorerError, match="no channels"):
-        pipeline.prepare(linear_only, "channel", "magnitude", dataset=digits)
+        pipeline.prepare(linear_only, ScoringSpec("channel", "magnitude"), dataset=digits)
 
 
 def test_measure_run_reports_theory_and_measurement_side_by_side(digits):
     model = build("mlp", digits.input_shape, digits.num_classes)
-    prepared = pipeline.prepare(model, "channel", "magnitude", dataset=digits)
-    pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, 0.5, "local"))
-    metrics = pipeline.measure_run(model, pruned, digits, min_run_time=0.05, batch=8)
+    prepared = pipeline.prepare(model, ScoringSpec("channel", "magnitude"), dataset=digits)
+    pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(0.5, "local")))
+    metrics = pipeline.measure_run(model, pruned, digits, MeasureSpec(batch=8, min_run_time=0.05))
     for key in ("accuracy", "delta_accuracy", "speedup_flops", "speedup_measured", "latency_ms",
                 "baseline_latency_ms", "size_compressed_bytes", "device", "batch", "threads"):
         assert metrics[key] is not None, key
@@ -89,8 +90,8 @@ def test_measure_run_reports_theory_and_measurement_side_by_side(digits):
 def test_masked_runs_are_timed_with_masks_folded(digits, monkeypatch):
     """Whoever calls, the timer only ever sees deployed models: no pruning hook, zeros kept."""
     model = build("mlp", digits.input_shape, digits.num_classes)
-    prepared = pipeline.prepare(model, "unstructured", "magnitude", dataset=digits)
-    pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, 0.5, "local"))
+    prepared = pipeline.prepare(model, ScoringSpec("unstructured", "magnitude"), dataset=digits)
+    pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(0.5, "local")))
     timed = []
     real_timer = measure.benchmark.Timer
 
@@ -99,7 +100,7 @@ def test_masked_runs_are_timed_with_masks_folded(digits, monkeypatch):
         return real_timer(*args, **kwargs)
 
     monkeypatch.setattr(measure.benchmark, "Timer", spy)
-    metrics = pipeline.measure_run(model, pruned, digits, min_run_time=0.05, batch=8)
+    metrics = pipeline.measure_run(model, pruned, digits, MeasureSpec(batch=8, min_run_time=0.05))
     measure.compare_latency(model, pruned, digits.example_input(8), min_run_time=0.05)
     assert timed and not any(hasattr(m, "weight_mask") for t in timed for m in t.modules())
     folded_zeros = [float((m.fc1.weight == 0).float().mean()) for m in timed if m.fc1.weight.abs().sum() > 0]

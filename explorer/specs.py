@@ -1,0 +1,203 @@
+"""The parts of an experiment as plain, frozen, validated data: model, scoring, plan, method, measure.
+
+A `explorer.recipe.Recipe` is made of these parts, and the pipeline takes them instead of long
+lists of loose arguments, so the app, the CLI, scans and sweeps all describe the same choice the
+same way. Each part has ``validate()``, which raises one `ExplorerError` naming the bad field and
+what is allowed, and each round-trips through plain dicts (YAML / JSON).
+
+Example::
+
+    scoring = ScoringSpec(structure="channel", criterion="taylor", calib_batches=2).validate()
+    plan = PlanSpec(sparsity=0.5, scope="global", min_keep=0.05).validate()
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from explorer import criteria, planner
+from explorer.errors import ExplorerError
+
+STRUCTURES: dict[str, str] = {
+    "unstructured": "Single weights are zeroed by masks; the tensors keep their dense shape.",
+    "channel": "Whole filters / neurons are removed, with every coupled layer shrinking too.",
+}
+
+METHODS: dict[str, str] = {
+    "one_shot": "Prune once to the target, then fine-tune (when the recipe has a fine-tune).",
+}
+
+
+def _fail(section: str, message: str) -> ExplorerError:
+    return ExplorerError(f"recipe: {section}.{message}")
+
+
+def _fraction(section: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise _fail(section, f"{name} must be a number in [0, 1], got {value!r}.")
+
+
+def _positive_int(section: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(section, f"{name} must be a positive integer, got {value!r}.")
+
+
+def _optional_text(section: str, name: str, value) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _fail(section, f"{name} must be text (or left out), got {value!r}.")
+
+
+def build(cls, section: str, values: Mapping[str, Any] | None):
+    """``cls(**values)`` validated, refusing unknown keys (a typo must not pass silently)."""
+    if values is None:
+        return cls().validate()
+    if not isinstance(values, Mapping):
+        raise ExplorerError(f"recipe: '{section}' must be a mapping of settings, got {type(values).__name__}.")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ExplorerError(f"recipe: unknown setting(s) {', '.join(unknown)} in '{section}'; "
+                            f"known: {', '.join(known)}.")
+    try:
+        spec = cls(**values)
+    except TypeError as exc:
+        raise ExplorerError(f"recipe: '{section}' {exc}") from exc
+    return spec.validate()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the model and its data come from.
+
+    ``source`` is a zoo name, a model file or a ``package.module:callable`` factory; ``baseline``
+    (zoo names only) starts from the trained, cached baseline instead of fresh weights;
+    ``train_epochs`` trains a file or factory model for a few epochs before pruning, as the
+    Model page offers. ``data`` defaults to the zoo model's usual dataset (digits otherwise).
+    """
+
+    source: str = "mlp"
+    data: str | None = None
+    data_file: str | None = None
+    arch: str | None = None
+    weights: str | None = None
+    baseline: bool = True
+    train_epochs: int = 0
+    trust_pickle: bool = False
+
+    def validate(self) -> "ModelSpec":
+        if not isinstance(self.source, str) or not self.source:
+            raise _fail("model", "source must name a zoo model, a model file or a package.module:callable factory.")
+        from explorer.data import DATASETS
+
+        if self.data is not None and self.data not in DATASETS:
+            raise _fail("model", f"data '{self.data}' is not one of {', '.join(DATASETS)}.")
+        if self.data == "tensors" and not self.data_file:
+            raise _fail("model", "data_file must name the .pt/.npz file when data is 'tensors'.")
+        for name in ("data_file", "arch", "weights"):
+            _optional_text("model", name, getattr(self, name))
+        for name in ("baseline", "trust_pickle"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail("model", f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if isinstance(self.train_epochs, bool) or not isinstance(self.train_epochs, int) or self.train_epochs < 0:
+            raise _fail("model", f"train_epochs must be an integer >= 0, got {self.train_epochs!r}.")
+        return self
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """What is scored (structure) and how (criterion, norm, calibration data)."""
+
+    structure: str = "unstructured"
+    criterion: str = "magnitude"
+    norm: str = "l1"
+    calib_batches: int = 4
+    calib_batch_size: int = 64
+
+    def validate(self) -> "ScoringSpec":
+        if self.structure not in STRUCTURES:
+            raise _fail("scoring", f"structure '{self.structure}' is not one of {', '.join(STRUCTURES)}.")
+        if self.criterion not in criteria.CRITERIA:
+            raise _fail("scoring", f"criterion '{self.criterion}' is not one of {', '.join(criteria.CRITERIA)}.")
+        if self.norm not in criteria.NORMS:
+            raise _fail("scoring", f"norm must be one of {', '.join(criteria.NORMS)}, got {self.norm!r}.")
+        _positive_int("scoring", "calib_batches", self.calib_batches)
+        _positive_int("scoring", "calib_batch_size", self.calib_batch_size)
+        return self
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """How much goes where: target sparsity, scope, protected layers, per-layer overrides, guard."""
+
+    sparsity: float = 0.5
+    scope: str = "local"
+    protect: tuple[str, ...] = ()
+    overrides: Mapping[str, float] = field(default_factory=dict)
+    min_keep: float = 0.0
+
+    def __post_init__(self):  # YAML gives lists and plain dicts; keep the frozen value canonical
+        object.__setattr__(self, "protect", tuple(self.protect or ()))
+        object.__setattr__(self, "overrides", dict(self.overrides or {}))
+
+    def validate(self) -> "PlanSpec":
+        _fraction("plan", "sparsity", self.sparsity)
+        _fraction("plan", "min_keep", self.min_keep)
+        if self.scope not in planner.SCOPES:
+            raise _fail("plan", f"scope '{self.scope}' is not one of {', '.join(planner.SCOPES)}.")
+        for name, value in self.overrides.items():
+            _fraction("plan", f"overrides[{name}]", value)
+        if not all(isinstance(name, str) for name in self.protect):
+            raise _fail("plan", f"protect must be a list of layer names, got {list(self.protect)!r}.")
+        return self
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How pruning unfolds over training time; ``params`` are the method's own settings.
+
+    Only ``one_shot`` exists today (prune once, then the recipe's fine-tune); the methods lab
+    adds the others under this slot.
+    """
+
+    name: str = "one_shot"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", dict(self.params or {}))
+
+    def validate(self) -> "MethodSpec":
+        if self.name not in METHODS:
+            raise _fail("method", f"name '{self.name}' is not one of {', '.join(METHODS)}.")
+        if self.name == "one_shot" and self.params:
+            raise _fail("method", f"one_shot takes no params, got {', '.join(self.params)}.")
+        return self
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """How the pruned copy is measured next to its base: the same call in the app, CLI and recipes.
+
+    Latency is the median over many timed forward passes of one ``batch`` (both models with
+    the same batch, threads, device and memory layout, interleaved); ``threads`` None keeps
+    torch's current setting, ``device`` None measures where the model lives.
+    """
+
+    latency: bool = True
+    batch: int = 64
+    threads: int | None = None
+    device: str | None = None
+    min_run_time: float = 0.5
+
+    def validate(self) -> "MeasureSpec":
+        if not isinstance(self.latency, bool):
+            raise _fail("measure", f"latency must be true or false, got {self.latency!r}.")
+        _positive_int("measure", "batch", self.batch)
+        if self.threads is not None:
+            _positive_int("measure", "threads", self.threads)
+        _optional_text("measure", "device", self.device)
+        if isinstance(self.min_run_time, bool) or not isinstance(self.min_run_time, (int, float)) \
+                or not self.min_run_time > 0 or math.isinf(self.min_run_time):
+            raise _fail("measure", f"min_run_time must be a positive number of seconds, got {self.min_run_time!r}.")
+        return self
