@@ -96,7 +96,12 @@ def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, D
 
 def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None = None, seed: int = 0,
             example_input: torch.Tensor | None = None) -> Prepared:
-    """Score ``model`` and sort the scores; the slow step, done once per ScoringSpec."""
+    """Score ``model`` and sort the scores; the slow step, done once per ScoringSpec.
+
+    On a model that already carries masks, the pruned units count as pruned whatever the
+    criterion says of them (they rank below every live unit), so a plan at a higher sparsity
+    keeps them pruned and adds exactly the difference: iterative pruning with any criterion.
+    """
     scoring.validate()
     structure, criterion = scoring.structure, scoring.criterion
     started = time.perf_counter()
@@ -125,7 +130,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
                                           input_shape=input_shape)
         scores = structural.group_scores(model, prepared_groups, channel)
-    ranking = planner.prepare(scores)
+    ranking = planner.prepare(scores, kept=masking.kept_units(masking.current_masks(model), scores))
     return Prepared(
         structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
         groups=prepared_groups,
