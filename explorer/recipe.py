@@ -12,7 +12,7 @@ is short for ``model: {source: lenet5}``)::
     model: {source: lenet5, data: digits}      # zoo name (its trained baseline), a file or pkg.mod:callable
     scoring: {structure: channel, criterion: taylor, calib_batches: 4}
     plan: {sparsity: 0.5, scope: global, min_keep: 0.1}
-    method: {name: one_shot}
+    method: {name: one_shot}                   # a method's own parameters sit beside its name
     finetune: {epochs: 2, lr: 0.001}
     measure: {latency: true, batch: 64}
     seed: 0
@@ -78,6 +78,7 @@ class Recipe:
         """Plain nested dict (YAML / JSON-able); `from_dict` reads it back to an equal Recipe."""
         values = dataclasses.asdict(self)
         values["plan"]["protect"] = list(self.plan.protect)
+        values["method"] = {"name": self.method.name, **self.method.params}  # method: {name: NAME, ...its params}
         return values
 
     @classmethod
@@ -86,6 +87,10 @@ class Recipe:
         if not isinstance(values, Mapping):
             raise ExplorerError("recipe: expected a mapping of settings (YAML or JSON object).")
         values = _migrate(dict(values))
+        method = values.get("method")
+        if isinstance(method, Mapping) and "params" not in method:
+            values["method"] = {"name": method.get("name", MethodSpec.name),
+                                "params": {k: v for k, v in method.items() if k != "name"}}
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
