@@ -8,24 +8,21 @@ below.
 """
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import dataclass, field
-
 import streamlit as st
 
 from explorer import baselines, pipeline
+from explorer.recipe import Recipe
+from explorer.specs import ScoringSpec
 from explorer.store import Run, RunStore
-from explorer.train import Progress, TrainConfig, TrainResult, train
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 
 # st.session_state keys (one place, so pages agree on them)
-MODEL = "current_model"        # dict: module, label, arch, dataset (Dataset), source, base_accuracy, key
-PREPARED = "prepared_cache"    # {(model key, structure, criterion, calib): pipeline.Prepared}
-PRUNED = "pruned_result"       # dict: module, settings, plan, metrics, run_id, model_key
-FINETUNE_JOB = "finetune_job"  # pages.finetune.FinetuneJob
-PRUNE_SETTINGS = "prune_settings"  # last settings of the Prune page: structure, criterion, scope, sparsity ...
+MODEL = "current_model"        # dict: module, label, arch, dataset (Dataset), source, spec (ModelSpec), base_accuracy, key
+PREPARED = "prepared_cache"    # {(model key, ScoringSpec): pipeline.Prepared}
+PRUNED = "pruned_result"       # dict: module, recipe (Recipe), plan, metrics, run_id, model_key, run_name
+FINETUNE_JOB = "finetune_job"  # the fine-tune's background job
+RECIPE = "recipe"              # the session's Recipe: the model's spec plus the Prune page's choices
 
 ZOO_DATASETS = ("digits", "mnist1d", "shapes")
 
@@ -83,98 +80,54 @@ def explain(markdown: str) -> None:
         st.markdown(markdown)
 
 
-def prepared_for(model: dict, structure: str, criterion: str, *, calib_batches: int = 4) -> pipeline.Prepared:
-    """Scores sorted once per (model, structure, criterion), kept for this session only."""
+def prepared_for(model: dict, scoring: ScoringSpec) -> pipeline.Prepared:
+    """Scores sorted once per (model, ScoringSpec), kept for this session only."""
     cache = st.session_state.setdefault(PREPARED, {})
-    key = (model["key"], structure, criterion, calib_batches)
+    key = (model["key"], scoring)
     if key not in cache:
-        with st.spinner(f"Scoring {structure} units by {criterion} ..."):
-            cache[key] = pipeline.prepare(model["module"], structure, criterion, dataset=model["dataset"],
-                                          calib_batches=calib_batches)
+        with st.spinner(f"Scoring {scoring.structure} units by {scoring.criterion} ..."):
+            cache[key] = pipeline.prepare(model["module"], scoring, dataset=model["dataset"])
     return cache[key]
+
+
+def session_recipe(model: dict) -> Recipe:
+    """The session's Recipe for ``model``: what the Prune page last chose, or the defaults."""
+    recipe = st.session_state.get(RECIPE)
+    if recipe is None or recipe.model != model["spec"]:
+        recipe = Recipe(model=model["spec"])
+    return recipe
 
 
 def set_model(entry: dict) -> None:
     """Make ``entry`` the session's model and forget everything derived from the previous one."""
     st.session_state[MODEL] = entry
-    for key in [PREPARED, PRUNED, PRUNE_SETTINGS, *(k for k in st.session_state if str(k).startswith("prune_"))]:
+    for key in [PREPARED, PRUNED, RECIPE, *(k for k in st.session_state if str(k).startswith("prune_"))]:
         st.session_state.pop(key, None)
     job = st.session_state.pop(FINETUNE_JOB, None)
     if job is not None:
         job.cancel.set()
 
 
-def measure_and_save(model: dict, pruned_module, settings: dict, *, history=None, name: str = "") -> Run:
+def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int = 0, history=None, name: str = "",
+                     outcome: dict | None = None) -> Run:
     """Measure a pruned copy next to its base (accuracy, FLOPs, size, latency) and store it as a run.
 
-    Weights are stored only when the architecture is known (zoo name or factory), since a
-    stored file is rebuilt from it.
+    The measurement is `pipeline.measure_run` with the recipe's MeasureSpec, the very call the
+    CLI makes. The run keeps the full Recipe; ``outcome`` adds facts the recipe cannot know
+    (e.g. how many fine-tune epochs ran before a cancel). Weights are stored only when the
+    architecture is known (zoo name or factory), since a stored file is rebuilt from it.
     """
     data = model["dataset"]
     with st.status("Measuring accuracy, parameters, FLOPs, size and latency (base and pruned, same batch) ...",
                    expanded=False) as status:
-        metrics = pipeline.measure_run(model["module"], pruned_module, data, base_accuracy=model["base_accuracy"])
+        metrics = pipeline.measure_run(model["module"], pruned_module, data, recipe.measure,
+                                       base_accuracy=model["base_accuracy"])
         status.update(label="Measured.", state="complete")
-    run = Run(model_name=model["label"], dataset=data.name, structure=settings["structure"],
-              criterion=settings["criterion"], scope=settings["scope"], sparsity=float(settings["sparsity"]),
-              settings={**settings, "arch": model["arch"], "input_shape": list(data.input_shape),
-                        "num_classes": data.num_classes, "model_source": model["source"]},
-              metrics=metrics, history=list(history or []), name=name)
+    settings = {"arch": model["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                "model_source": model["source"], **(outcome or {})}
+    run = Run.from_recipe(recipe, model_name=model["label"], dataset=data.name, settings=settings, metrics=metrics,
+                          history=list(history or []), name=name, stage=stage)
     return RunStore().save(run, pruned_module if model["arch"] else None)
-
-
-@dataclass
-class FinetuneJob:
-    """One fine-tune running in a background thread; the page polls it and never blocks.
-
-    ``cancel`` is the flag `explorer.train.train` checks before every step: setting it stops
-    training and keeps the partially trained copy. The thread only writes plain Python data
-    here (no Streamlit calls), under ``lock``.
-    """
-
-    config: TrainConfig
-    source_run_id: int | None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    fraction: float = 0.0
-    status: str = "starting"
-    step_losses: list = field(default_factory=list)   # (step, loss)
-    epochs: list = field(default_factory=list)        # {"epoch", "loss", "val_accuracy"}
-    result: TrainResult | None = None
-    error: str | None = None
-    started: float = field(default_factory=time.time)
-    saved_run: Run | None = None
-    thread: threading.Thread | None = None
-
-    def start(self, module, dataset) -> "FinetuneJob":
-        self.thread = threading.Thread(target=self._work, args=(module, dataset), daemon=True, name="finetune")
-        self.thread.start()
-        return self
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.error is not None
-
-    def _on_progress(self, progress: Progress) -> None:
-        with self.lock:
-            self.fraction = progress.fraction
-            step = (progress.epoch - 1) * progress.steps_per_epoch + progress.step
-            if progress.metric is None:
-                self.step_losses.append((step, progress.loss))
-                self.status = f"epoch {progress.epoch}/{progress.epochs}, step {progress.step}/{progress.steps_per_epoch}"
-            else:
-                self.epochs.append({"epoch": progress.epoch, "step": step, "loss": progress.loss,
-                                    "val_accuracy": progress.metric})
-
-    def _work(self, module, dataset) -> None:
-        try:
-            result = train(module, dataset, self.config, progress=self._on_progress, cancel=self.cancel)
-        except ExplorerError as exc:
-            self.error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - shown to the user instead of dying silently in a thread
-            self.error = f"Fine-tuning failed unexpectedly: {type(exc).__name__}: {exc}"
-        else:
-            self.result = result
 
 
 def fmt_int(value) -> str:

@@ -7,7 +7,8 @@ from plotly.subplots import make_subplots
 
 from explorer.errors import ExplorerError
 from explorer.layers import available_devices
-from explorer.train import OPTIMIZERS, TrainConfig
+from explorer.jobs import Job
+from explorer.train import OPTIMIZERS, TrainConfig, start_training
 from pages import common
 
 st.title("Fine-tune")
@@ -37,7 +38,7 @@ before = pruned["metrics"]
 st.markdown(f"Pruned copy: **{pruned['run_name']}** - accuracy before fine-tuning "
             f"**{common.fmt_pct(before['accuracy'])}** (baseline {common.fmt_pct(model['base_accuracy'])}).")
 
-job: common.FinetuneJob | None = st.session_state.get(common.FINETUNE_JOB)
+job: Job | None = st.session_state.get(common.FINETUNE_JOB)
 running = job is not None and not job.done
 with st.form("finetune_form", border=True):
     c = st.columns(5)
@@ -56,20 +57,19 @@ if start and not running:
     except ExplorerError as exc:
         st.error(str(exc))
     else:
-        job = common.FinetuneJob(config=config, source_run_id=pruned["run_id"]).start(pruned["module"],
-                                                                                       model["dataset"])
+        job = start_training(pruned["module"], model["dataset"], config, name="Fine-tuning",
+                             meta={"config": config, "saved_run": None})
         st.session_state[common.FINETUNE_JOB] = job
         running = True
 
 
-def curve(job: common.FinetuneJob) -> go.Figure:
-    with job.lock:
-        steps = list(job.step_losses)
-        epochs = list(job.epochs)
+def curve(job: Job) -> go.Figure:
+    points = job.payload()
+    losses, accuracies = points.get("step_loss", []), points.get("val_accuracy", [])
     figure = make_subplots(specs=[[{"secondary_y": True}]])
-    figure.add_trace(go.Scatter(x=[s for s, _ in steps], y=[v for _, v in steps], name="training loss (step)",
+    figure.add_trace(go.Scatter(x=[s for s, _ in losses], y=[v for _, v in losses], name="training loss (step)",
                                 line=dict(width=1)), secondary_y=False)
-    figure.add_trace(go.Scatter(x=[e["step"] for e in epochs], y=[e["val_accuracy"] for e in epochs],
+    figure.add_trace(go.Scatter(x=[s for s, _ in accuracies], y=[v for _, v in accuracies],
                                 name="validation accuracy (epoch)", mode="lines+markers"), secondary_y=True)
     figure.update_layout(height=340, margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12),
                          xaxis_title="step")
@@ -82,15 +82,15 @@ def curve(job: common.FinetuneJob) -> go.Figure:
 @st.fragment(run_every=0.5 if running else None)
 def live() -> None:
     """Redrawn twice a second while training; hands over to a full rerun when it ends."""
-    job: common.FinetuneJob | None = st.session_state.get(common.FINETUNE_JOB)
+    job: Job | None = st.session_state.get(common.FINETUNE_JOB)
     if job is None:
         return
     if not job.done:
-        st.progress(job.fraction, text=f"Fine-tuning on {job.config.device}: {job.status}")
+        st.progress(job.fraction, text=f"Fine-tuning on {job.meta['config'].device}: {job.status}")
         st.button("Cancel (keep the partial result)", key="ft_cancel", on_click=job.cancel.set,
-                  disabled=job.cancel.is_set())
+                  disabled=job.cancelled)
     st.plotly_chart(curve(job), key="ft_curve")
-    if job.done and job.saved_run is None and running:
+    if job.done and job.meta["saved_run"] is None and running:
         st.rerun(scope="app")
 
 
@@ -99,22 +99,25 @@ live()
 if job is not None and job.done:
     if job.error is not None:
         st.error(job.error)
-    elif job.saved_run is None:
+    elif job.meta["saved_run"] is None:
         result = job.result
-        settings = {**pruned["settings"], "finetune": {**job.config.to_dict(), "epochs_done": result.epochs_done,
-                                                       "cancelled": result.cancelled, "seconds": result.seconds}}
+        outcome = {"finetune": {"epochs_done": result.epochs_done, "cancelled": result.cancelled,
+                                "seconds": result.seconds}}
         tag = f"+ fine-tune {result.epochs_done} ep{' (cancelled)' if result.cancelled else ''}"
         try:
-            job.saved_run = common.measure_and_save(model, result.model, settings, history=result.history,
-                                                    name=f"{pruned['run_name']} {tag}")
+            recipe = pruned["recipe"].replace(finetune=job.meta["config"])
+            job.meta["saved_run"] = common.measure_and_save(model, result.model, recipe, stage=1,
+                                                            history=result.history, outcome=outcome,
+                                                            name=f"{pruned['run_name']} {tag}")
         except ExplorerError as exc:
             st.error(str(exc))
-    if job.saved_run is not None:
-        result, after = job.result, job.saved_run.metrics
+    saved = job.meta["saved_run"]
+    if saved is not None:
+        result, after = job.result, saved.metrics
         if result.cancelled:
             st.warning(f"Cancelled after {result.steps} steps ({result.epochs_done} full epochs): "
                        "the partially trained copy was kept and measured.")
-        st.success(f"Saved **{job.saved_run.name}** ({result.seconds:.1f} s on {result.device}).")
+        st.success(f"Saved **{saved.name}** ({result.seconds:.1f} s on {result.device}).")
         cols = st.columns(4)
         cols[0].metric("Accuracy after fine-tune", common.fmt_pct(after["accuracy"]),
                        f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pts vs. before")

@@ -3,12 +3,14 @@
 Runs the real script (app.py + pages/) in-process; conftest gives every test session its own
 baseline cache and run database, so the first test trains the mlp/digits baseline once.
 """
+import threading
 import time
 
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from explorer import jobs
 from explorer.data import load_dataset
 from explorer.models import build, save_model
 
@@ -74,14 +76,15 @@ def test_main_path_inspect_prune_finetune_compare():
     assert not at.exception and not at.error, texts(at.error)
     job = at.session_state["finetune_job"]
     assert job.result.epochs_done == 1 and not job.result.cancelled
-    assert job.saved_run is not None
+    saved = job.meta["saved_run"]
+    assert saved is not None
     assert "fine-tune 1 ep" in texts(at.success)
 
     goto(at, "pages/compare.py")
     table = at.dataframe[0].value.set_index("id")
-    assert {pruned["run_id"], job.saved_run.id} <= set(table.index)  # other tests may have saved runs too
+    assert {pruned["run_id"], saved.id} <= set(table.index)  # other tests may have saved runs too
     assert table.loc[pruned["run_id"], "fine-tune epochs"] == 0
-    tuned = table.loc[job.saved_run.id]
+    tuned = table.loc[saved.id]
     assert tuned["fine-tune epochs"] == 1
     assert tuned["sparsity"] == pytest.approx(0.8)
     assert 0 < tuned["accuracy"] <= 1 and tuned["latency (ms)"] > 0
@@ -159,12 +162,30 @@ def test_channel_structure_shows_coupled_group():
 
 
 def wait_for_job(at: AppTest, timeout: float = 90):
-    deadline = time.time() + timeout
-    while not at.session_state["finetune_job"].done and time.time() < deadline:
-        time.sleep(0.3)
+    """Rerun the page until its fine-tune job is done; at the deadline cancel it and fail with its status."""
+    assert "finetune_job" in at.session_state, f"no fine-tune job was started; errors: {texts(at.error)}"
+    job = at.session_state["finetune_job"]
+    deadline = time.monotonic() + timeout
+    while not job.wait(timeout=0.3):
+        if time.monotonic() > deadline:
+            where = f"{job.fraction:.0%} done, status '{job.status}'{', cancel requested' if job.cancelled else ''}"
+            job.cancel.set()  # do not leave it training behind the next tests
+            pytest.fail(f"the fine-tune job is not done after {timeout} s: {where}")
         at.run()
     at.run()
-    return at.session_state["finetune_job"]
+    return job
+
+
+def test_wait_for_job_fails_loudly_at_its_deadline():
+    release = threading.Event()
+    at = AppTest.from_file("../app.py")  # never run: only the helper is under test
+    at.session_state["finetune_job"] = jobs.start(lambda context: release.wait(timeout=60))
+    try:
+        with pytest.raises(pytest.fail.Exception, match="not done after 0 s: 0% done, status 'running'"):
+            wait_for_job(at, timeout=0)
+        assert at.session_state["finetune_job"].cancelled
+    finally:
+        release.set()
 
 
 def test_cancel_keeps_the_partial_result():
@@ -173,16 +194,18 @@ def test_cancel_keeps_the_partial_result():
     goto(at, "pages/finetune.py")
     at.number_input(key="ft_epochs").set_value(100)
     at.button(key="ft_start").click().run()
-    deadline = time.time() + 30
-    while not at.session_state["finetune_job"].step_losses and time.time() < deadline:
-        time.sleep(0.1)
+    job = at.session_state["finetune_job"]
+    deadline = time.monotonic() + 30
+    while not job.payload().get("step_loss"):
+        assert not job.done and time.monotonic() < deadline, f"no training step: {job.status}, {job.error}"
+        time.sleep(0.05)
     at.run()
     at.button(key="ft_cancel").click().run()
     job = wait_for_job(at)
     assert not at.exception and not at.error, texts(at.error)
     assert job.result.cancelled and job.result.steps > 0
     assert job.result.epochs_done < 100
-    assert "(cancelled)" in job.saved_run.name
+    assert "(cancelled)" in job.meta["saved_run"].name
     assert "Cancelled after" in texts(at.warning)
 
 
