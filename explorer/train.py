@@ -191,9 +191,9 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     0.05
     """
     total = config.epochs * steps_per_epoch
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < max(total, 1):
-        raise ExplorerError(f"Step {step!r} is outside the schedule: a run of {config.epochs} epochs x "
-                            f"{steps_per_epoch} steps has steps 0 to {total - 1}.")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total:
+        raise ExplorerError(f"Step {step!r} is outside the schedule: {config.epochs} epochs of {steps_per_epoch} "
+                            f"steps make {max(total, 0)} steps, numbered from 0.")
     return LR_SCHEDULES[config.validate().schedule](config, step, steps_per_epoch)
 
 

@@ -179,8 +179,10 @@ def test_bad_schedule_settings_name_the_field_and_the_choices():
         TrainConfig(lr="1e-3").validate()
     with pytest.raises(ExplorerError, match="'step_epochs' must be an integer >= 1"):
         TrainConfig(step_epochs=0).validate()
-    with pytest.raises(ExplorerError, match="outside the schedule"):
+    with pytest.raises(ExplorerError, match="outside the schedule: 1 epochs of 10 steps make 10 steps"):
         lr_at(TrainConfig(epochs=1), 10, 10)
+    with pytest.raises(ExplorerError, match="outside the schedule"):
+        lr_at(TrainConfig(epochs=0), 0, 10)
 
 
 def test_config_is_plain_data_with_its_old_defaults():
