@@ -49,17 +49,30 @@ def _optional_text(section: str, name: str, value) -> None:
         raise _fail(section, f"{name} must be text (or left out), got {value!r}.")
 
 
+def _yaml_number(value):
+    """YAML 1.1 reads ``1e-3`` (no dot) as text; a number field takes it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def build(cls, section: str, values: Mapping[str, Any] | None):
     """``cls(**values)`` validated, refusing unknown keys (a typo must not pass silently)."""
     if values is None:
         return cls().validate()
     if not isinstance(values, Mapping):
         raise ExplorerError(f"recipe: '{section}' must be a mapping of settings, got {type(values).__name__}.")
-    known = [f.name for f in dataclasses.fields(cls)]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    known = list(types)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ExplorerError(f"recipe: unknown setting(s) {', '.join(unknown)} in '{section}'; "
                             f"known: {', '.join(known)}.")
+    values = {name: _yaml_number(value) if "float" in str(types.get(name, "")) else value
+              for name, value in values.items()}
     try:
         spec = cls(**values)
     except TypeError as exc:

@@ -105,6 +105,16 @@ def test_recipe_round_trips_through_yaml_and_json(tmp_path):
                                                                    {"features.conv1": 0.1}, 0.05)
 
 
+def test_numbers_written_the_usual_way_in_yaml_are_numbers(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: mlp\nfinetune: {epochs: 1, lr: 1e-3}\nplan: {sparsity: 5e-1}\n")
+    recipe = load_recipe(path)  # YAML 1.1 reads 1e-3 as text
+    assert recipe.finetune.lr == 0.001 and recipe.plan.sparsity == 0.5
+    path.write_text("model: mlp\nfinetune: {lr: fast}\n")
+    with pytest.raises(ExplorerError, match="lr"):
+        load_recipe(path)
+
+
 def test_old_flat_recipes_still_load_as_the_same_experiment(tmp_path):
     flat = {"model": "lenet5", "data": "digits", "structure": "channel", "criterion": "taylor", "scope": "global",
             "sparsity": 0.5, "min_keep": 0.1, "protect": ["classifier.fc3"], "calib_batches": 2,
