@@ -14,6 +14,10 @@ eval mode (deterministic: no dropout, BatchNorm running statistics), on the mode
 device, and returned as float32 CPU tensors. The model passed in is never touched. On a
 masked model (``torch.nn.utils.prune``) scores describe the effective, masked weights.
 
+Both accept ``progress(fraction, text)``, called with a non-decreasing fraction in [0, 1]
+as the work proceeds (once per calibration batch, or per chunk of conductance steps) and
+with 1.0 at the end; a UI hands it to its progress bar.
+
 Example::
 
     scores = channel_scores(model, "taylor", calib=loader, max_batches=4)
@@ -25,6 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,9 +39,16 @@ from explorer.layers import clone_model, prunable_layers
 
 NORMS = ("l1", "l2")
 CONDUCTANCE_STEPS = 16
+CONDUCTANCE_FLOATS = 2**25  # layer outputs kept per conductance forward pass (128 MiB in float32)
 _BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Bounded or saturating activations: their gradient vanishes on SynFlow's large positive signal.
+_SATURATING_ACTIVATIONS = (
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU,
+    nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Mish, nn.Softsign,
+)
 
 Scores = dict[str, torch.Tensor]
+Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -50,6 +62,7 @@ class _Request:
     input_shape: Sequence[int] | None
     max_batches: int | None
     norm: str = "l1"
+    progress: Progress | None = None
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +103,25 @@ def _broadcast_to_weight(channel: torch.Tensor, weight: torch.Tensor) -> torch.T
     return channel.reshape(shape).expand_as(weight).clone()
 
 
+def _report(request: _Request, batches_done: float, text: str) -> None:
+    """Tell ``request.progress`` how many calibration batches are done (fractions count).
+
+    The fraction is ``batches_done / expected``; when the number of batches cannot be known
+    (a generator and no ``max_batches``) it is ``1 - 1 / (1 + batches_done)``, which still
+    grows towards 1.
+    """
+    if request.progress is None:
+        return
+    try:
+        expected = len(request.calib)
+        if request.max_batches is not None:
+            expected = min(expected, request.max_batches)
+    except TypeError:
+        expected = request.max_batches
+    fraction = batches_done / expected if expected else 1 - 1 / (1 + batches_done)
+    request.progress(min(1.0, fraction), text)
+
+
 def _batches(request: _Request):
     """Yield calibration ``(x, y)`` batches on the model's device, at most ``max_batches``."""
     if request.calib is None:
@@ -122,13 +154,14 @@ def _accumulate(request: _Request, per_batch: Callable[[torch.Tensor, torch.Tens
     """Sum ``per_batch(weight, grad)`` over calibration batches; one backward pass per batch."""
     model, weights = _working_copy(request)
     totals: list[torch.Tensor | None] = [None] * len(weights)
-    for inputs, labels in _batches(request):
+    for batch_index, (inputs, labels) in enumerate(_batches(request)):
         loss = F.cross_entropy(model(inputs), labels)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
         for index, (weight, grad) in enumerate(zip(weights, grads)):
             grad = torch.zeros_like(weight) if grad is None else grad
             value = per_batch(weight.detach(), grad)
             totals[index] = value if totals[index] is None else totals[index] + value
+        _report(request, batch_index + 1, f"calibration batch {batch_index + 1}")
     return {name: total for name, total in zip(request.layer_names, totals)}
 
 
@@ -243,28 +276,110 @@ def _bn_scale_weights(request: _Request) -> Scores:
     }
 
 
-def _conductance_channels(request: _Request) -> Scores:
-    """Mean |layer conductance| of each output channel towards the true label (captum).
+def _conductance_alphas(steps: int = CONDUCTANCE_STEPS) -> list[float]:
+    """captum's default path points: ``steps + 1`` Gauss–Legendre nodes mapped to (0, 1)."""
+    return (0.5 * (1 + np.polynomial.legendre.leggauss(steps + 1)[0])).tolist()
 
-    Averaged over calibration examples and over spatial positions (or sequence positions
-    for a Linear applied to 3-D input). Costs ``CONDUCTANCE_STEPS`` forward/backward passes
-    per batch per layer: keep the calibration set small.
+
+def _capture_outputs(modules: list[nn.Module]) -> dict[int, torch.Tensor]:
+    """Hook every module so each forward stores its output (by module position).
+
+    The hook hands the rest of the network a clone, as captum does, so an in-place op
+    after the layer (``ReLU(inplace=True)``) cannot overwrite the stored output.
     """
-    from captum.attr import LayerConductance
+    outputs: dict[int, torch.Tensor] = {}
 
-    model = clone_model(request.model).eval()
+    def hook_for(index: int):
+        def hook(module, inputs, output):
+            if index in outputs:
+                raise ExplorerError("A prunable layer runs more than once per forward pass (shared weights); "
+                                    "conductance needs one output per layer: choose another criterion.")
+            outputs[index] = output
+            return output.clone()
+        return hook
+
+    for index, module in enumerate(modules):
+        module.register_forward_hook(hook_for(index))
+    return outputs
+
+
+def _path_conductance(model, outputs, inputs, labels, alphas, steps_per_pass, on_pass) -> dict[int, torch.Tensor]:
+    """Every hooked layer's conductance Σ_k ∂y/∂h(α_k) · (h(α_{k+1}) − h(α_k)), keyed by layer position.
+
+    ``steps_per_pass`` path points go through the model stacked in one batch; one autograd
+    call gives the target logit's gradient for every layer. A layer's last point (h, ∂y/∂h)
+    is carried into the next pass; ``on_pass`` hears the fraction of the path done. A layer
+    the forward pass never runs is left out.
+    """
+    count = len(inputs)
+    conductance: dict[int, torch.Tensor] = {}
+    previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for first in range(0, len(alphas), steps_per_pass):
+        chunk = alphas[first:first + steps_per_pass]
+        outputs.clear()
+        logits = model(torch.cat([inputs * alpha for alpha in chunk]).requires_grad_())
+        if logits.dim() != 2:
+            raise ExplorerError(f"Conductance needs (batch, classes) logits; the model returns shape {tuple(logits.shape)}.")
+        target = logits.gather(1, labels.repeat(len(chunk)).unsqueeze(1)).sum()
+        indices = sorted(outputs)
+        grads = torch.autograd.grad(target, [outputs[i] for i in indices], allow_unused=True)
+        for index, grad in zip(indices, grads):
+            layer = outputs[index].detach().unflatten(0, (len(chunk), count))
+            grad = torch.zeros_like(layer) if grad is None else grad.unflatten(0, (len(chunk), count))
+            step_sum = (grad[:-1] * (layer[1:] - layer[:-1])).sum(dim=0)
+            if index in previous:
+                last_layer, last_grad = previous[index]
+                step_sum += last_grad * (layer[0] - last_layer)
+            conductance[index] = conductance[index] + step_sum if index in conductance else step_sum
+            previous[index] = (layer[-1], grad[-1])
+        on_pass((first + len(chunk)) / len(alphas))
+    outputs.clear()
+    return conductance
+
+
+def _channel_means(conductance: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """(examples, channels): mean |conductance| over positions; channels are last for a Linear."""
+    channel_dim = conductance.dim() - 1 if isinstance(module, nn.Linear) else 1
+    per_example = conductance.abs().movedim(channel_dim, -1)
+    return per_example.reshape(per_example.shape[0], -1, per_example.shape[-1]).mean(dim=1)
+
+
+def _conductance_channels(request: _Request) -> Scores:
+    """Mean |layer conductance| of each output channel towards the true label (Dhamdhere et al. 2019).
+
+    Conductance splits the integrated gradient of the target logit from a zero input to x
+    over hidden units: Σ_k ∂y/∂h(α_k) · (h(α_{k+1}) − h(α_k)) along the straight path, with
+    captum's ``LayerConductance`` default quadrature (``CONDUCTANCE_STEPS + 1`` Gauss–Legendre
+    points). All layers share each forward/backward pass, so the cost is about
+    ``CONDUCTANCE_STEPS + 1`` passes per batch, not that many per layer; path points are
+    chunked so at most ``CONDUCTANCE_FLOATS`` layer outputs are held at once. Averaged over
+    examples and positions (sequence positions for a Linear on 3-D input).
+    """
+    model = clone_model(request.model, fold_masks=True).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
     modules = _modules(model, request.layer_names)
-    sums: list[torch.Tensor | None] = [None] * len(modules)
+    outputs = _capture_outputs(modules)
+    alphas = _conductance_alphas()
+    sums = [torch.zeros(module.weight.shape[0], device=request.device) for module in modules]
     examples = 0
-    for inputs, labels in _batches(request):
-        examples += inputs.shape[0]
-        for index, module in enumerate(modules):
-            attribution = LayerConductance(model, module).attribute(inputs, target=labels, n_steps=CONDUCTANCE_STEPS)
-            channel_dim = attribution.dim() - 1 if isinstance(module, nn.Linear) else 1
-            per_example = attribution.detach().abs().movedim(channel_dim, -1)
-            per_example = per_example.reshape(inputs.shape[0], -1, per_example.shape[-1]).mean(dim=1)
-            batch_sum = per_example.sum(dim=0)
-            sums[index] = batch_sum if sums[index] is None else sums[index] + batch_sum
+    for batch_index, (inputs, labels) in enumerate(_batches(request)):
+        if batch_index == 0:
+            with torch.no_grad():
+                model(inputs[:1])
+            rows_per_pass = max(1, CONDUCTANCE_FLOATS // max(1, sum(out.numel() for out in outputs.values())))
+        group = min(len(inputs), rows_per_pass)  # examples per pass, then as many path points as fit
+        starts = range(0, len(inputs), group)
+        for part, start in enumerate(starts):
+            conductance = _path_conductance(
+                model, outputs, inputs[start:start + group], labels[start:start + group], alphas,
+                max(1, rows_per_pass // group),
+                lambda done: _report(request, batch_index + (part + done) / len(starts),
+                                     f"conductance: calibration batch {batch_index + 1}"),
+            )
+            for index, layer_conductance in conductance.items():
+                sums[index] += _channel_means(layer_conductance, modules[index]).sum(dim=0)
+        examples += len(inputs)
     return {name: total / examples for name, total in zip(request.layer_names, sums)}
 
 
@@ -285,21 +400,67 @@ def _synflow_input_shape(request: _Request) -> tuple[int, ...]:
     raise ExplorerError("SynFlow is data-free but needs the input shape: pass input_shape=(C, H, W) for one example.")
 
 
-def _synflow_weights(request: _Request) -> Scores:
-    """SynFlow (Tanaka et al. 2020): |w · ∂R/∂w| with R the output sum of a linearised net.
+class _PositiveAffine(nn.Module):
+    """An eval-mode BatchNorm as SynFlow sees it: x · |γ/σ| + |β − γμ/σ|, never negative.
 
-    On a double-precision, eval-mode copy every parameter and buffer is replaced by its
-    absolute value and the net is fed one all-ones example: R = sum(output) then measures
-    the "synaptic flow" through each weight without any data. Single-shot (not the
-    iterative version). Scores are rescaled by a power of two (exact, order-preserving)
-    so that they fit in float32.
+    This is the BN folded into an affine map (as it is folded into its conv when deployed),
+    then linearised like any layer: |scale|, |bias|. Taking |running_mean| and subtracting it,
+    as plain ``abs()`` of the BN buffers would, can drive the positive signal below zero,
+    where the next ReLU kills it; a conv's score is the same as in the BN-folded net.
     """
-    shape = _synflow_input_shape(request)
-    model = clone_model(request.model, fold_masks=True).double().eval()
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        scale = 1 / torch.sqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight.detach()
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias.detach()
+        self.register_buffer("scale", scale.abs())
+        self.register_buffer("shift", shift.abs())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+
+
+def _linearise(model: nn.Module) -> nn.Module:
+    """SynFlow's positive, positively homogeneous copy of ``model`` (changed in place).
+
+    Eval BatchNorms become :class:`_PositiveAffine`; bounded or saturating activations
+    (ReLU6, Hardtanh, sigmoid, tanh, SiLU, GELU...) become ReLU, which on the all-positive
+    signal is the identity; then every parameter and buffer takes its absolute value.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _BATCHNORM_TYPES) and module.running_var is not None:
+            replacement = _PositiveAffine(module)
+        elif isinstance(module, _SATURATING_ACTIVATIONS):
+            replacement = nn.ReLU()
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, replacement)
     with torch.no_grad():
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.abs_()
+    return model
+
+
+def _synflow_weights(request: _Request) -> Scores:
+    """SynFlow (Tanaka et al. 2020): |w · ∂R/∂w| with R the output sum of a linearised net.
+
+    On a double-precision, eval-mode copy made positive (:func:`_linearise`) the net is fed
+    one all-ones example: R = sum(output) then measures the "synaptic flow" through each
+    weight without any data. SynFlow's conservation argument assumes a positively
+    homogeneous net (ReLU-like: f(a·x) = a·f(x) for a > 0); a ReLU6 saturates at 6 on the
+    large positive signal and zeroes every gradient before it, so such activations are
+    swapped for ReLU. Single-shot (not the iterative version). Scores are rescaled by a
+    power of two (exact, order-preserving) so that they fit in float32.
+    """
+    shape = _synflow_input_shape(request)
+    model = _linearise(clone_model(request.model, fold_masks=True).double().eval())
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     weights = [module.weight for module in _modules(model, request.layer_names)]
@@ -366,7 +527,7 @@ CRITERIA: dict[str, Criterion] = {
     ),
     "conductance": Criterion(
         "conductance",
-        "captum layer conductance towards the true label, mean |·| per channel",
+        "layer conductance towards the true label (captum's quadrature, all layers per pass), mean |·| per channel",
         True,
         _conductance_weights,
         _conductance_channels,
@@ -391,7 +552,7 @@ CRITERIA: dict[str, Criterion] = {
 # ----------------------------------------------------------------------- public API
 
 
-def _request(model, criterion, calib, seed, input_shape, max_batches, norm) -> tuple[Criterion, _Request]:
+def _request(model, criterion, calib, seed, input_shape, max_batches, norm, progress) -> tuple[Criterion, _Request]:
     if criterion not in CRITERIA:
         raise ExplorerError(f"Unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
     chosen = CRITERIA[criterion]
@@ -407,11 +568,17 @@ def _request(model, criterion, calib, seed, input_shape, max_batches, norm) -> t
         raise ExplorerError(f"max_batches must be a positive integer or None, got {max_batches!r}.")
     if norm not in NORMS:
         raise ExplorerError(f"Unknown norm {norm!r}; choose one of {', '.join(NORMS)}.")
-    request = _Request(model, [name for name, _ in layers], calib, seed, input_shape, max_batches, norm)
+    if progress is not None and not callable(progress):
+        raise ExplorerError("progress must be a function taking (fraction, text), or None.")
+    request = _Request(model, [name for name, _ in layers], calib, seed, input_shape, max_batches, norm, progress)
     return chosen, request
 
 
-def _finish(scores: Scores, criterion: str) -> Scores:
+def _run(score_fn: Callable[[_Request], Scores], request: _Request, criterion: str) -> Scores:
+    """Run one criterion between a 0.0 and a 1.0 progress report; check and convert its scores."""
+    if request.progress is not None:
+        request.progress(0.0, f"{criterion}: scoring")
+    scores = score_fn(request)
     finished = {}
     for name, score in scores.items():
         score = score.detach().to("cpu", torch.float32)
@@ -422,6 +589,8 @@ def _finish(scores: Scores, criterion: str) -> Scores:
                 "or choose another criterion."
             )
         finished[name] = score
+    if request.progress is not None:
+        request.progress(1.0, f"{criterion}: done")
     return finished
 
 
@@ -433,16 +602,18 @@ def weight_scores(
     seed: int = 0,
     input_shape: Sequence[int] | None = None,
     max_batches: int | None = None,
+    progress: Progress | None = None,
 ) -> Scores:
     """One score per weight: ``{layer name: tensor shaped like layer.weight}``.
 
     For the channel criteria ``bn_scale`` and ``conductance`` each channel's score is
     broadcast over all the weights of its filter (row, for Linear). ``input_shape`` (one
     example, no batch dimension) is only used by ``synflow``; ``max_batches`` caps how
-    many calibration batches the data-driven criteria read.
+    many calibration batches the data-driven criteria read; ``progress(fraction, text)``
+    hears how far the work is (see the module docstring).
     """
-    chosen, request = _request(model, criterion, calib, seed, input_shape, max_batches, "l1")
-    return _finish(chosen.weight_fn(request), criterion)
+    chosen, request = _request(model, criterion, calib, seed, input_shape, max_batches, "l1", progress)
+    return _run(chosen.weight_fn, request, criterion)
 
 
 def channel_scores(
@@ -454,12 +625,14 @@ def channel_scores(
     seed: int = 0,
     input_shape: Sequence[int] | None = None,
     max_batches: int | None = None,
+    progress: Progress | None = None,
 ) -> Scores:
     """One score per output channel / neuron: ``{layer name: tensor of length out_channels}``.
 
     magnitude and gradient take the ``norm`` ("l1" or "l2") of the filter's |w| or
     accumulated |g|; taylor is Σ_batches |Σ_filter w·g|; snip and synflow sum their weight
-    scores over the filter; bn_scale is |γ|; conductance is captum's mean |conductance|.
+    scores over the filter; bn_scale is |γ|; conductance is the mean |layer conductance|.
+    Arguments as in :func:`weight_scores`.
     """
-    chosen, request = _request(model, criterion, calib, seed, input_shape, max_batches, norm)
-    return _finish(chosen.channel_fn(request), criterion)
+    chosen, request = _request(model, criterion, calib, seed, input_shape, max_batches, norm, progress)
+    return _run(chosen.channel_fn, request, criterion)

@@ -282,3 +282,163 @@ def test_dataloader_and_generator_calibration():
     from_loader = weight_scores(model, "taylor", loader)
     from_generator = weight_scores(model, "taylor", ((inputs[i : i + 6], labels[i : i + 6]) for i in (0, 6)))
     assert all(torch.allclose(from_loader[n], from_generator[n]) for n in LAYERS)
+
+
+def captum_conductance(model, layer_names, batches):
+    """The reference: captum's LayerConductance, one layer at a time, reduced as channel_scores does."""
+    from captum.attr import LayerConductance
+
+    model = copy.deepcopy(model).eval()
+    modules = dict(model.named_modules())
+    expected = {}
+    for name in layer_names:
+        total, count = 0, 0
+        for inputs, labels in batches:
+            attribution = LayerConductance(model, modules[name]).attribute(inputs, target=labels, n_steps=16)
+            channel_dim = attribution.dim() - 1 if isinstance(modules[name], nn.Linear) else 1
+            per_example = attribution.detach().abs().movedim(channel_dim, -1)
+            total = total + per_example.reshape(len(inputs), -1, per_example.shape[-1]).mean(1).sum(0)
+            count += len(inputs)
+        expected[name] = total / count
+    return expected
+
+
+def output_floats_per_example(model, example):
+    sizes = []
+    hooks = [module.register_forward_hook(lambda m, i, o: sizes.append(o[0].numel())) for _, module in prunable_layers(model)]
+    model.eval()(example[:1])
+    for hook in hooks:
+        hook.remove()
+    return sum(sizes)
+
+
+@pytest.mark.parametrize("rows_per_pass", [None, 1, 6 * 4, 6 * 17 + 1])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_conductance_matches_captum_layer_by_layer(monkeypatch, rows_per_pass, inplace):
+    """All layers in one pass per path chunk equal captum's per-layer LayerConductance.
+
+    ``rows_per_pass`` forces the memory chunking: one example and one path point per pass,
+    the whole batch with 4 of the 17 path points, or everything at once (None: the default).
+    """
+    model, calib = small_model(), calib_batches(2)
+    if inplace:
+        model[2].inplace = model[4].inplace = True
+    if rows_per_pass is not None:
+        import explorer.criteria as criteria_module
+
+        floats = output_floats_per_example(copy.deepcopy(model), calib[0][0])
+        monkeypatch.setattr(criteria_module, "CONDUCTANCE_FLOATS", floats * rows_per_pass)
+    scores = channel_scores(model, "conductance", calib)
+    expected = captum_conductance(model, LAYERS, calib)
+    for name in LAYERS:
+        assert torch.allclose(scores[name], expected[name], rtol=1e-5, atol=1e-8), name
+
+
+def test_conductance_on_a_linear_over_sequences_matches_captum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+    calib = [(torch.randn(5, 2, 8), torch.randint(0, 4, (5,)))]
+    scores = channel_scores(model, "conductance", calib)
+    expected = captum_conductance(model, ["0", "2", "5"], calib)
+    for name in ("0", "2", "5"):
+        assert scores[name].shape == expected[name].shape
+        assert torch.allclose(scores[name], expected[name], rtol=1e-5, atol=1e-8), name
+
+
+def test_conductance_runs_every_layer_in_the_same_passes():
+    """17 path points of 6 examples fit one pass: one forward per calibration batch, whatever the layer count."""
+    model = small_model()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    channel_scores(model, "conductance", calib_batches(2))
+    assert calls[0] == 1  # the one-example probe that sizes the chunks
+    assert calls[1:] == [6 * 17, 6 * 17]
+
+
+def test_synflow_linearises_saturating_activations_and_batchnorm():
+    """Linear → BN → ReLU6 → Linear, with a BN mean that plain abs() would subtract below zero.
+
+    SynFlow sees BN folded into x·|γ/σ| + |β − γμ/σ| and ReLU6 as ReLU, so with a = that
+    affine map of |W1|·1: score(W1) = |W1| · (1ᵀ|W2|)ⱼ · sⱼ and score(W2) = |W2| · aⱼ.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU6(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+        model[1].weight.uniform_(-2, 2)
+        model[1].bias.uniform_(-1, 1)
+        model[1].running_mean.fill_(50.0)
+        model[1].running_var.uniform_(0.5, 2)
+    scores = weight_scores(model, "synflow", input_shape=(4,))
+    w1, w2 = (layer.weight.detach().double() for layer in (model[0], model[3]))
+    norm = model[1]
+    gamma, beta, mean, var = (t.detach().double() for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var))
+    scale = gamma / torch.sqrt(var + norm.eps)
+    shift = beta - mean * scale
+    signal = scale.abs() * w1.abs().sum(1) + shift.abs()
+    assert (signal > 6).any()  # ReLU6 would have saturated here
+    expected_first = w1.abs() * (w2.abs().sum(0) * scale.abs()).unsqueeze(1)
+    expected_second = w2.abs() * signal.unsqueeze(0)
+    ratio = scores["0"].double().max() / expected_first.max()
+    assert torch.allclose(scores["0"].double(), expected_first * ratio, rtol=1e-5)
+    assert torch.allclose(scores["3"].double(), expected_second * ratio, rtol=1e-5)
+
+
+def test_synflow_scores_every_layer_of_mobilenetv2():
+    """ReLU6 used to zero 26 of 27 layers; now none is empty, and global 50 % keeps every layer alive."""
+    from explorer.planner import plan, prepare
+    from explorer.zoo import build
+
+    torch.manual_seed(0)
+    model = build("mobilenetv2_small", (3, 32, 32), 8)
+    scores = weight_scores(model, "synflow", input_shape=(3, 32, 32))
+    assert len(scores) == 27
+    for name, score in scores.items():
+        assert score.max() > 0, name
+    global_plan = plan(prepare(scores), 0.5, "global")
+    assert global_plan.collapsed == []
+    assert all(layer.kept > 0 for layer in global_plan.layers)
+
+
+def assert_progress(calls):
+    fractions = [fraction for fraction, _ in calls]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    assert fractions == sorted(fractions)
+    assert all(isinstance(text, str) and text for _, text in calls)
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+def test_progress_is_reported_from_zero_to_one(name):
+    model = small_model()
+    for score_fn in (weight_scores, channel_scores):
+        calls = []
+        score_fn(model, name, calib_batches(3), input_shape=(3, 8, 8), progress=lambda f, t: calls.append((f, t)))
+        assert_progress(calls)
+        if CRITERIA[name].needs_data:
+            fractions = [fraction for fraction, _ in calls]
+            assert pytest.approx(1 / 3) in fractions and pytest.approx(2 / 3) in fractions
+
+
+def test_progress_of_chunked_conductance_and_of_a_generator(monkeypatch):
+    import explorer.criteria as criteria_module
+
+    model = small_model()
+    monkeypatch.setattr(criteria_module, "CONDUCTANCE_FLOATS", 1)  # one example, one path point per pass
+    calls = []
+    channel_scores(model, "conductance", calib_batches(2), progress=lambda f, t: calls.append((f, t)))
+    assert_progress(calls)
+    assert len(calls) == 2 + 2 * 6 * 17
+    calls = []
+    weight_scores(model, "gradient", (batch for batch in calib_batches(3)), progress=lambda f, t: calls.append((f, t)))
+    assert_progress(calls)
+    assert len(calls) == 2 + 3
+    with pytest.raises(ExplorerError, match="progress"):
+        weight_scores(model, "magnitude", progress="bar")
+
+
+def test_conductance_refuses_a_layer_run_twice():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2))
+    with pytest.raises(ExplorerError, match="more than once"):
+        channel_scores(model, "conductance", [(torch.randn(3, 4), torch.tensor([0, 1, 0]))])
