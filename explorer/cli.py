@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"batch size for latency (default {MeasureSpec.batch}, as the app); FLOPs are per input")
     prune.add_argument("--threads", type=_positive, default=None, help="threads for latency (default: torch's)")
     prune.add_argument("--save", help="write the pruned model (last sparsity; with several, FILE gets -S suffixes)")
-    run = sub.add_parser("run", help="replay a recipe (or a downloaded run.yaml) end to end")
+    run = sub.add_parser("run", help="run a recipe (or replay a downloaded run.yaml): its method within its budget")
     run.add_argument("--recipe", required=True, help="YAML/JSON recipe, or the run.yaml of a downloaded run")
     run.add_argument("--save", help="write the pruned (and fine-tuned) model to FILE")
     run.add_argument("--no-latency", action="store_true", help="skip latency measurement")
@@ -118,9 +118,9 @@ def cmd_run(args) -> list[dict]:
         recipe = recipe.replace(measure={"latency": False})
     outcome = run_recipe(recipe)
     plan = outcome["plan"]
-    result = {"recipe": outcome["recipe"], "sparsity_actual": plan.sparsity_actual,
-              "collapsed": list(plan.collapsed), "collapse_point": plan.collapse_point,
-              "metrics": outcome["metrics"], "history": outcome["history"]}
+    result = {"recipe": outcome["recipe"], "sparsity_actual": outcome["metrics"]["sparsity_actual"],
+              "collapsed": outcome["collapsed"], "collapse_point": plan.collapse_point if plan else None,
+              "metrics": outcome["metrics"], "history": outcome["history"], "trajectory": outcome["trajectory"]}
     if args.save:
         dataset = outcome["dataset"]
         save_model(outcome["model"], args.save, arch=outcome["arch"], input_shape=dataset.input_shape,
@@ -229,9 +229,10 @@ def _print_human(command: str, results: list[dict]) -> None:
         if command == "run":
             m, recipe = result["metrics"], result["recipe"]
             source, scoring, plan = recipe["model"], recipe["scoring"], recipe["plan"]
+            budget = (recipe["budget"] or {}).get("epochs") or (recipe["finetune"] or {}).get("epochs") or 0
             print(f"{source['source']} on {source['data'] or 'its usual dataset'}: {scoring['structure']} "
-                  f"{scoring['criterion']} {plan['scope']} {plan['sparsity']:.0%}"
-                  f"{' + fine-tune' if recipe['finetune'] else ''}")
+                  f"{scoring['criterion']} {plan['scope']} {plan['sparsity']:.0%}, method {recipe['method']['name']}, "
+                  f"{budget} training epochs; reached {m['sparsity_actual']:.1%}")
             print(f"  test accuracy {m['base_accuracy']:.1%} -> {m['accuracy']:.1%}; params {m['params_nonzero']:,} "
                   f"non-zero of {m['baseline_params_total']:,}; speed-up FLOPs {m['speedup_flops']:.2f}x"
                   + (f", measured {m['speedup_measured']:.2f}x ({m['device']}, batch {m['batch']}, "

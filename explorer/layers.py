@@ -47,6 +47,16 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def prunable_counts(model: nn.Module) -> tuple[int, int]:
+    """(non-zero, total) effective weights over the prunable layers (masks applied)."""
+    nonzero = total = 0
+    for _, module in prunable_layers(model):
+        weight = effective_weight(module).detach()
+        nonzero += int(torch.count_nonzero(weight))
+        total += weight.numel()
+    return nonzero, total
+
+
 def effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as the forward pass sees it (masks applied), keyed by name, shared ones once."""
     seen: set[int] = set()

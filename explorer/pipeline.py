@@ -23,7 +23,7 @@ from torch import nn
 from explorer import criteria, masking, measure, planner, structural
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
-from explorer.layers import prunable_layers
+from explorer.layers import prunable_counts, prunable_layers
 from explorer.models import ZOO, load_model, read_saved_metadata
 from explorer.specs import STRUCTURES, MeasureSpec, ModelSpec, PlanSpec, ScoringSpec  # noqa: F401 - STRUCTURES re-exported
 from explorer.train import TrainConfig, evaluate, train
@@ -237,6 +237,8 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     The one measurement call of the app, the CLI and recipes (same defaults everywhere).
     Latency of both models is measured in the same call, with the same batch, threads and
     layout; a masked model is measured as deployed (`measure.as_deployed`). FLOPs are per input.
+    ``sparsity_actual`` is the fraction of the base model's prunable weights that are gone
+    (zeroed or physically removed); ``sparsity_params`` the same over all parameters.
     """
     spec.validate()
     metrics = measure.report(pruned_model, dataset.example_input(spec.batch), baseline=base_model,
@@ -246,5 +248,6 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     if base_accuracy is None:
         base_accuracy = evaluate(base_model, dataset, "test")["accuracy"]
     metrics.update(accuracy=accuracy, base_accuracy=base_accuracy, delta_accuracy=accuracy - base_accuracy,
-                   sparsity_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1))
+                   sparsity_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
+                   sparsity_actual=1 - prunable_counts(pruned_model)[0] / max(1, prunable_counts(base_model)[1]))
     return metrics

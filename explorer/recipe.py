@@ -13,7 +13,8 @@ is short for ``model: {source: lenet5}``)::
     scoring: {structure: channel, criterion: taylor, calib_batches: 4}
     plan: {sparsity: 0.5, scope: global, min_keep: 0.1}
     method: {name: one_shot}                   # a method's own parameters sit beside its name
-    finetune: {epochs: 2, lr: 0.001}
+    budget: {epochs: 2}                        # training the method may spend (default: finetune's epochs)
+    finetune: {lr: 0.001}                      # training settings: optimizer, lr, schedule, batch size
     measure: {latency: true, batch: 64}
     seed: 0
 
@@ -31,8 +32,8 @@ import yaml
 
 from explorer import pipeline
 from explorer.errors import ExplorerError
-from explorer.specs import MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec, build
-from explorer.train import TrainConfig, train
+from explorer.specs import BudgetSpec, MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec, build
+from explorer.train import TrainConfig
 
 _SECTIONS = {"model": ModelSpec, "scoring": ScoringSpec, "plan": PlanSpec, "method": MethodSpec,
              "measure": MeasureSpec}
@@ -55,6 +56,7 @@ class Recipe:
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
     plan: PlanSpec = field(default_factory=PlanSpec)
     method: MethodSpec = field(default_factory=MethodSpec)
+    budget: BudgetSpec | None = None
     finetune: TrainConfig | None = None
     measure: MeasureSpec = field(default_factory=MeasureSpec)
     seed: int = 0
@@ -65,6 +67,10 @@ class Recipe:
             if not isinstance(getattr(self, name), cls):
                 raise ExplorerError(f"recipe: '{name}' must be a {cls.__name__}.")
             getattr(self, name).validate()
+        if self.budget is not None and not isinstance(self.budget, BudgetSpec):
+            raise ExplorerError("recipe: 'budget' must be a BudgetSpec.")
+        if self.budget is not None:
+            self.budget.validate()
         if self.finetune is not None:
             try:
                 self.finetune.validate()
@@ -104,7 +110,8 @@ class Recipe:
                 finetune = build(TrainConfig, "finetune", finetune)
             except ExplorerError as exc:
                 raise ExplorerError(str(exc).replace("recipe: ", "recipe: fine-tune: ", 1)) from exc
-        return cls(**parts, finetune=finetune, seed=values.get("seed", 0)).validate()
+        budget = build(BudgetSpec, "budget", values["budget"]) if values.get("budget") is not None else None
+        return cls(**parts, budget=budget, finetune=finetune, seed=values.get("seed", 0)).validate()
 
     def replace(self, **parts) -> "Recipe":
         """A new Recipe with some parts swapped; a part given as a dict updates that part's fields."""
@@ -178,17 +185,20 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     return path
 
 
-def run_recipe(recipe: Recipe, *, progress: Callable | None = None, cancel=None) -> dict:
-    """Replay a recipe end to end; returns the plan, the pruned (and fine-tuned) model and its metrics."""
+def run_recipe(recipe: Recipe, *, progress: Callable[[float, str], None] | None = None, cancel=None,
+               on_point: Callable[[dict], None] | None = None) -> dict:
+    """Replay a recipe end to end: start model, method (prune, train) within the budget, measurement.
+
+    Returns the recipe, the last plan, the pruned model, its metrics (with ``sparsity_actual``,
+    the fraction of the start model's prunable weights that are gone), the training history, the
+    method's trajectory and the layers it emptied.
+    """
+    from explorer.methods import collapsed_layers, run_method
+
     recipe.validate()
     model, dataset, arch = pipeline.resolve_model(recipe.model, seed=recipe.seed)
-    prepared = pipeline.prepare(model, recipe.scoring, dataset=dataset, seed=recipe.seed)
-    plan = pipeline.preview(prepared, recipe.plan)
-    pruned = pipeline.apply(model, prepared, plan)
-    history: list[dict] = []
-    if recipe.finetune is not None and recipe.finetune.epochs > 0:
-        result = train(pruned, dataset, recipe.finetune, progress=progress, cancel=cancel)
-        pruned, history = result.model.cpu().eval(), result.history
-    metrics = pipeline.measure_run(model, pruned, dataset, recipe.measure)
-    return {"recipe": recipe.to_dict(), "plan": plan, "model": pruned, "arch": arch, "dataset": dataset,
-            "metrics": metrics, "history": history}
+    outcome = run_method(recipe, model, dataset, progress=progress, cancel=cancel, on_point=on_point)
+    metrics = pipeline.measure_run(model, outcome.model, dataset, recipe.measure)
+    return {"recipe": recipe.to_dict(), "plan": outcome.plan, "model": outcome.model, "arch": arch,
+            "dataset": dataset, "metrics": metrics, "history": outcome.history, "trajectory": outcome.trajectory,
+            "collapsed": collapsed_layers(outcome.model), "cancelled": outcome.cancelled}

@@ -25,11 +25,6 @@ STRUCTURES: dict[str, str] = {
     "channel": "Whole filters / neurons are removed, with every coupled layer shrinking too.",
 }
 
-METHODS: dict[str, str] = {
-    "one_shot": "Prune once to the target, then fine-tune (when the recipe has a fine-tune).",
-}
-
-
 def _fail(section: str, message: str) -> ExplorerError:
     return ExplorerError(f"recipe: {section}.{message}")
 
@@ -168,10 +163,9 @@ class PlanSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How pruning unfolds over training time; ``params`` are the method's own settings.
+    """How pruning unfolds over training time (`explorer.methods`); ``params`` are the method's own settings.
 
-    Only ``one_shot`` exists today (prune once, then the recipe's fine-tune); the methods lab
-    adds the others under this slot.
+    In a recipe they sit beside the name: ``method: {name: gradual, regrow: true}``.
     """
 
     name: str = "one_shot"
@@ -181,10 +175,21 @@ class MethodSpec:
         object.__setattr__(self, "params", dict(self.params or {}))
 
     def validate(self) -> "MethodSpec":
-        if self.name not in METHODS:
-            raise _fail("method", f"name '{self.name}' is not one of {', '.join(METHODS)}.")
-        if self.name == "one_shot" and self.params:
-            raise _fail("method", f"one_shot takes no params, got {', '.join(self.params)}.")
+        from explorer.methods import method_params  # the registry imports the pipeline, which imports specs
+
+        method_params(self.name, self.params)
+        return self
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """The training a method may spend in total, in epochs, so methods compare at equal cost."""
+
+    epochs: int = 8
+
+    def validate(self) -> "BudgetSpec":
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise _fail("budget", f"epochs must be a positive integer (the total training epochs), got {self.epochs!r}.")
         return self
 
 
