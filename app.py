@@ -15,6 +15,7 @@ navigation = st.navigation([
     st.Page("pages/inspect.py", title="Inspect", icon=":material/query_stats:"),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/finetune.py", title="Fine-tune", icon=":material/tune:"),
+    st.Page("pages/methods.py", title="Methods", icon=":material/timeline:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:"),
 ])
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -95,12 +96,14 @@ def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, D
 
 
 def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None = None, seed: int = 0,
-            example_input: torch.Tensor | None = None) -> Prepared:
+            example_input: torch.Tensor | None = None,
+            progress: Callable[[float, str], None] | None = None) -> Prepared:
     """Score ``model`` and sort the scores; the slow step, done once per ScoringSpec.
 
     On a model that already carries masks, the pruned units count as pruned whatever the
     criterion says of them (they rank below every live unit), so a plan at a higher sparsity
     keeps them pruned and adds exactly the difference: iterative pruning with any criterion.
+    ``progress(fraction, text)`` follows the scoring (the slow part) for a progress bar.
     """
     scoring.validate()
     structure, criterion = scoring.structure, scoring.criterion
@@ -121,14 +124,15 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     model_flops = measure.flops(model, example_input)
     prepared_groups: list[structural.ChannelGroup] = []
     if structure == "unstructured":
-        scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape)
+        scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
+                                        progress=progress)
     else:
         prepared_groups = structural.channel_groups(model, example_input)
         if not prepared_groups:
             raise ExplorerError("This model has no channels that can be removed (only the classifier's "
                                 "outputs, which are never pruned). Use unstructured pruning.")
         channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
-                                          input_shape=input_shape)
+                                          input_shape=input_shape, progress=progress)
         scores = structural.group_scores(model, prepared_groups, channel)
     ranking = planner.prepare(scores, kept=masking.kept_units(masking.current_masks(model), scores))
     return Prepared(

@@ -85,8 +85,10 @@ def prepared_for(model: dict, scoring: ScoringSpec) -> pipeline.Prepared:
     cache = st.session_state.setdefault(PREPARED, {})
     key = (model["key"], scoring)
     if key not in cache:
-        with st.spinner(f"Scoring {scoring.structure} units by {scoring.criterion} ..."):
-            cache[key] = pipeline.prepare(model["module"], scoring, dataset=model["dataset"])
+        bar = st.progress(0.0, text=f"Scoring {scoring.structure} units by {scoring.criterion} ...")
+        cache[key] = pipeline.prepare(model["module"], scoring, dataset=model["dataset"],
+                                      progress=lambda fraction, text: bar.progress(fraction, text=text))
+        bar.empty()
     return cache[key]
 
 

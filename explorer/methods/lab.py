@@ -1,0 +1,79 @@
+"""The methods lab: several methods on one model, one after the other, under one budget.
+
+Every method gets the same start model, the same structure, criterion, scope, target sparsity,
+training settings and budget (the recipe), so their curves and final numbers compare at equal
+cost. Each finished method is measured with the same call as every other run and, given a
+store, saved as a Run carrying its recipe and trajectory. Meant to run in a background job
+(`explorer.jobs`): progress and live trajectory points go to the job's context, a cancel stops
+the method in flight (its partial trajectory is kept and measured) and skips the rest, and a
+method that fails (a diverging loss, a structure it cannot serve) is reported and the next runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from explorer import pipeline
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.methods import run_method
+from explorer.store import Run, RunStore
+
+
+@dataclass
+class LabResult:
+    """One method's outcome in the lab: its metrics and trajectory, or the one line that says why not."""
+
+    method: str
+    trajectory: list[dict] = field(default_factory=list)
+    metrics: dict | None = None
+    run_id: int | None = None
+    cancelled: bool = False
+    error: str | None = None
+
+
+def run_lab(recipe, names: list[str], model: nn.Module, dataset: Dataset, *, context=None,
+            store: RunStore | None = None, model_name: str = "", settings: dict | None = None,
+            base_accuracy: float | None = None) -> list[LabResult]:
+    """Run ``names`` one after the other with ``recipe``'s everything-but-the-method; ``model`` is never changed.
+
+    ``context`` is an `explorer.jobs.JobContext` (progress, live points under the method's name in
+    the payload, cancel) or None. With a ``store`` each finished method is saved as a Run.
+    """
+    if not names:
+        raise ExplorerError("Pick at least one method to run.")
+    results: list[LabResult] = []
+    for index, name in enumerate(names):
+        if context is not None and context.cancelled:
+            break
+        result = LabResult(method=name)
+        results.append(result)
+        method_recipe = recipe.replace(method={"name": name, "params": {}})
+
+        def report(fraction: float, text: str, index=index, name=name) -> None:
+            if context is not None:
+                context.report((index + fraction) / len(names), f"{name} ({index + 1}/{len(names)}): {text}")
+
+        def point(value: dict, name=name, result=result) -> None:
+            result.trajectory.append(value)
+            if context is not None:
+                context.append(name, value)
+
+        try:
+            outcome = run_method(method_recipe, model, dataset, progress=report,
+                                 cancel=context.cancel if context is not None else None, on_point=point)
+            result.cancelled = outcome.cancelled
+            result.metrics = pipeline.measure_run(model, outcome.model, dataset, method_recipe.measure,
+                                                  base_accuracy=base_accuracy)
+        except ExplorerError as exc:
+            result.error = f"{name}: {exc}"
+            continue
+        if store is not None:
+            tag = " (cancelled)" if result.cancelled else ""
+            run = Run.from_recipe(method_recipe, model_name=model_name, dataset=dataset.name,
+                                  settings=dict(settings or {}), metrics=result.metrics,
+                                  history=outcome.history, trajectory=result.trajectory,
+                                  name=f"{model_name} {name} {method_recipe.plan.sparsity:.0%}{tag}")
+            result.run_id = store.save(run, outcome.model if (settings or {}).get("arch") else None).id
+    return results

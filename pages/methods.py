@@ -1,0 +1,158 @@
+"""Methods: how pruning unfolds over training time, several methods side by side under one budget."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from explorer import jobs
+from explorer.criteria import CRITERIA
+from explorer.errors import ExplorerError
+from explorer.methods import METHODS
+from explorer.methods.lab import run_lab
+from explorer.planner import SCOPES
+from explorer.specs import STRUCTURES, BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
+from explorer.store import RunStore
+from explorer.train import TrainConfig
+from pages import common
+
+LAB_JOB = "methods_job"
+
+st.title("Methods")
+common.explain("""
+The third question of pruning is **how to prune over time**. Pruning once and fine-tuning is only
+one answer. Others cut in several rounds, raise the sparsity gradually while the network trains,
+rewind the learning rate or the weights after a cut, prune before training starts, or train a
+sparse network from the beginning and let its connections move.
+
+Every method here gets the **same budget**: the same number of training epochs in total, the same
+structure, criterion, scope and target sparsity, and the same training settings. Differences in
+the curves and final numbers therefore come from the method alone. The runs go one after the other
+in the background. **Cancel** stops the method that is running (its curve so far is kept and
+measured) and skips the rest. Every finished method is saved as a run, so it appears on Compare.
+
+Curves: validation accuracy and sparsity against the epoch of the method's own training
+(epoch 0 is the first cut). A method that starts from fresh weights (pruning at initialisation,
+lottery tickets, sparse training) starts near chance accuracy and climbs.
+""")
+
+model = common.require_model()
+recipe = common.session_recipe(model)
+job: jobs.Job | None = st.session_state.get(LAB_JOB)
+if job is not None and job.meta.get("model_key") != model["key"]:
+    job = None
+running = job is not None and not job.done
+
+with st.form("methods_form", border=True):
+    top = st.columns(4)
+    structure = top[0].selectbox("Structure", list(STRUCTURES), index=list(STRUCTURES).index(recipe.scoring.structure),
+                                 key="methods_structure")
+    criterion = top[1].selectbox("Criterion", list(CRITERIA), index=list(CRITERIA).index(recipe.scoring.criterion),
+                                 key="methods_criterion")
+    scope = top[2].selectbox("Scope", list(SCOPES), index=list(SCOPES).index(recipe.plan.scope), key="methods_scope")
+    target = top[3].slider("Target sparsity", 0.05, 0.99, float(min(0.99, max(0.05, recipe.plan.sparsity))), 0.01,
+                           key="methods_sparsity")
+    bottom = st.columns([3, 1, 1, 1])
+    chosen = bottom[0].multiselect("Methods", list(METHODS), default=["one_shot"], key="methods_chosen",
+                                   format_func=lambda name: f"{name} - {METHODS[name].summary}")
+    epochs = bottom[1].number_input("Budget (epochs)", 1, 100, 3, key="methods_epochs")
+    lr = bottom[2].number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="methods_lr")
+    batch_size = bottom[3].selectbox("Batch size", [32, 64, 128, 256], index=2, key="methods_batch")
+    start = st.form_submit_button("Run the methods", type="primary", disabled=running, key="methods_start")
+
+if start and not running:
+    try:
+        lab_recipe = recipe.replace(
+            scoring=ScoringSpec(structure=structure, criterion=criterion,
+                                calib_batches=recipe.scoring.calib_batches),
+            plan=PlanSpec(sparsity=float(target), scope=scope), budget=BudgetSpec(epochs=int(epochs)),
+            finetune=TrainConfig(lr=float(lr), batch_size=int(batch_size)), measure=MeasureSpec(min_run_time=0.3))
+        unfit = [name for name in chosen if structure not in METHODS[name].structures]
+        if unfit:
+            raise ExplorerError(f"{', '.join(unfit)} cannot prune with {structure} structure; "
+                                f"pick unstructured or leave {'it' if len(unfit) == 1 else 'them'} out.")
+        data = model["dataset"]
+        settings = {"arch": model["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                    "model_source": model["source"]}
+        job = jobs.start(lambda context: run_lab(lab_recipe, list(chosen), model["module"], data, context=context,
+                                                 store=RunStore(), model_name=model["label"], settings=settings,
+                                                 base_accuracy=model["base_accuracy"]),
+                         name="The methods lab", meta={"model_key": model["key"], "methods": list(chosen),
+                                                       "recipe": lab_recipe})
+        st.session_state[LAB_JOB] = job
+        running = True
+    except ExplorerError as exc:
+        st.error(str(exc))
+
+
+def curves(points: dict[str, list[dict]]) -> go.Figure:
+    """Validation accuracy and sparsity against epoch, one colour per method."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "sparsity"))
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+               "#7f7f7f", "#bcbd22"]
+    for index, (name, trajectory) in enumerate(points.items()):
+        color = palette[index % len(palette)]
+        scored = [p for p in trajectory if p.get("val_accuracy") is not None]
+        figure.add_trace(go.Scatter(x=[p["epoch"] for p in scored], y=[p["val_accuracy"] for p in scored],
+                                    name=name, legendgroup=name, mode="lines+markers", line=dict(color=color)),
+                         row=1, col=1)
+        figure.add_trace(go.Scatter(x=[p["epoch"] for p in trajectory], y=[p["sparsity"] for p in trajectory],
+                                    name=name, legendgroup=name, showlegend=False, mode="lines+markers",
+                                    line=dict(color=color, shape="hv")), row=1, col=2)
+    figure.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    figure.update_xaxes(title_text="epoch of the method's training")
+    figure.update_layout(height=360, margin=dict(t=40, b=40), legend=dict(orientation="h", y=-0.25))
+    return figure
+
+
+@st.fragment(run_every=0.7 if running else None)
+def live() -> None:
+    """Redrawn while the methods run; hands over to a full rerun when the job ends."""
+    job: jobs.Job | None = st.session_state.get(LAB_JOB)
+    if job is None or job.meta.get("model_key") != model["key"]:
+        return
+    if not job.done:
+        st.progress(job.fraction, text=job.status)
+        st.button("Cancel (keep what ran)", key="methods_cancel", on_click=job.cancel.set, disabled=job.cancelled)
+    payload = job.payload()
+    points = {name: payload.get(name, []) for name in job.meta["methods"] if payload.get(name)}
+    if points:
+        st.plotly_chart(curves(points), key="methods_curves")
+    if job.done and running:
+        st.rerun(scope="app")
+
+
+live()
+
+if job is not None and job.done:
+    if job.error is not None:
+        st.error(job.error)
+    results = job.result or []
+    for result in results:
+        if result.error:
+            st.error(result.error)
+    finished = [r for r in results if r.metrics is not None]
+    if job.cancelled:
+        st.warning("Cancelled: the method that was running was measured as it stood; the rest did not run.")
+    if finished:
+        lab_recipe = job.meta["recipe"]
+        table = pd.DataFrame([{
+            "method": r.method + (" (cancelled)" if r.cancelled else ""),
+            "accuracy": r.metrics["accuracy"], "Δ accuracy (pts)": 100 * r.metrics["delta_accuracy"],
+            "sparsity reached": r.metrics["sparsity_actual"], "epochs trained": max((p["epoch"] for p in r.trajectory),
+                                                                                   default=0),
+            "speed-up FLOPs": r.metrics["speedup_flops"], "speed-up measured": r.metrics.get("speedup_measured"),
+            "run": r.run_id} for r in finished])
+        st.subheader(f"{lab_recipe.scoring.structure} / {lab_recipe.scoring.criterion} / {lab_recipe.plan.scope}, "
+                     f"target {lab_recipe.plan.sparsity:.0%}, budget {lab_recipe.budget.epochs} epochs")
+        st.dataframe(table, hide_index=True, column_config={
+            "accuracy": st.column_config.NumberColumn(format="percent"),
+            "sparsity reached": st.column_config.NumberColumn(format="percent"),
+            "Δ accuracy (pts)": st.column_config.NumberColumn(format="%+.1f"),
+            "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
+            "speed-up measured": st.column_config.NumberColumn(format="%.2fx")})
+        for r in finished:
+            with st.expander(f"{r.method}: the idea"):
+                st.markdown(METHODS[r.method].__doc__ or METHODS[r.method].summary)
+        st.page_link("pages/compare.py", label="Compare every run", icon=":material/arrow_forward:")

@@ -1,0 +1,58 @@
+"""The Methods page through AppTest: methods run side by side in the background, are saved and compared."""
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from explorer.store import RunStore
+
+
+def open_methods() -> AppTest:
+    at = AppTest.from_file("../app.py", default_timeout=120).run()
+    at.switch_page("pages/methods.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def wait_for_lab(at: AppTest, timeout: float = 120):
+    job = at.session_state["methods_job"]
+    deadline = time.monotonic() + timeout
+    while not job.wait(timeout=0.3):
+        if time.monotonic() > deadline:
+            job.cancel.set()
+            pytest.fail(f"the methods job is not done after {timeout} s: {job.fraction:.0%}, '{job.status}'")
+        at.run()
+    at.run()
+    return job
+
+
+def test_methods_run_side_by_side_and_become_runs():
+    at = open_methods()
+    assert any(e.label == "What am I looking at?" for e in at.expander)
+    at.number_input(key="methods_epochs").set_value(1)
+    at.slider(key="methods_sparsity").set_value(0.7)
+    at.button(key="methods_start").click().run()
+    job = wait_for_lab(at)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    [result] = job.result
+    assert result.method == "one_shot" and result.error is None and not result.cancelled
+    assert [p["event"] for p in result.trajectory] == ["prune", "epoch"]
+    assert result.metrics["sparsity_actual"] == pytest.approx(0.7, abs=1e-4)
+    table = at.dataframe[0].value
+    assert table["method"].tolist() == ["one_shot"]
+    stored = RunStore().get(result.run_id)
+    assert stored.trajectory == result.trajectory and stored.recipe["method"] == {"name": "one_shot"}
+    assert stored.recipe["budget"] == {"epochs": 1}
+
+
+def test_cancel_keeps_what_ran_and_runs_nothing_after():
+    at = open_methods()
+    at.number_input(key="methods_epochs").set_value(3)
+    at.button(key="methods_start").click().run()
+    job = at.session_state["methods_job"]
+    job.cancel.set()
+    wait_for_lab(at)
+    assert not at.exception
+    assert job.cancelled
+    assert all(r.cancelled or r.error for r in job.result)  # whatever had started stopped early
+    assert len(job.result) <= 1
