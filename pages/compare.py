@@ -5,6 +5,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 
 from explorer.errors import ExplorerError
 from explorer.store import RunStore
@@ -42,7 +43,8 @@ if not runs:
 
 
 def method(run) -> str:
-    return f"{run.structure} / {run.criterion} / {run.scope}"
+    over_time = (run.recipe.get("method") or {}).get("name", "one_shot")
+    return f"{run.structure} / {run.criterion} / {run.scope}" + ("" if over_time == "one_shot" else f" / {over_time}")
 
 
 rows = []
@@ -84,7 +86,8 @@ with left:
     figure = px.line(plot_data.sort_values("sparsity"), x="sparsity", y="accuracy", color="method",
                      symbol="tuned", symbol_map={"fine-tuned": "diamond", "pruned only": "circle"},
                      markers=True, hover_name="name", title="Accuracy vs sparsity")
-    figure.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=460, legend_title_text="", legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
+    figure.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=460, legend_title_text="",
+                         xaxis_range=[-0.02, 1.02], legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
     st.plotly_chart(figure, key="cmp_accuracy")
 with right:
     timed = plot_data.dropna(subset=["speed-up measured"])
@@ -112,6 +115,25 @@ if front:
 figure.update_layout(yaxis_tickformat=".0%", height=460, legend_title_text="", legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
 st.plotly_chart(figure, key="cmp_pareto")
 
+shown_ids = set(shown["id"])
+with_trajectory = [run for run in runs if run.trajectory and run.id in shown_ids]
+if with_trajectory:
+    st.subheader("Trajectories of methods over time")
+    labels = {run.id: run.name for run in with_trajectory}
+    picked = st.multiselect("Runs", list(labels), default=list(labels)[-4:], format_func=labels.get, key="cmp_traj")
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "sparsity"))
+    for run in (r for r in with_trajectory if r.id in picked):
+        scored = [p for p in run.trajectory if p.get("val_accuracy") is not None]
+        figure.add_trace(go.Scatter(x=[p["epoch"] for p in scored], y=[p["val_accuracy"] for p in scored],
+                                    name=run.name, legendgroup=str(run.id), mode="lines+markers"), row=1, col=1)
+        figure.add_trace(go.Scatter(x=[p["epoch"] for p in run.trajectory], y=[p["sparsity"] for p in run.trajectory],
+                                    name=run.name, legendgroup=str(run.id), showlegend=False, mode="lines+markers",
+                                    line=dict(shape="hv")), row=1, col=2)
+    figure.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    figure.update_xaxes(title_text="epoch of the method's training")
+    figure.update_layout(height=380, legend=dict(orientation="h", yanchor="top", y=-0.3, x=0))
+    st.plotly_chart(figure, key="cmp_trajectories")
+
 st.subheader("Manage runs")
 names = {run.id: run.name for run in runs}
 run_id = st.selectbox("Run", list(names), format_func=lambda i: names[i], key="cmp_run")
@@ -129,7 +151,8 @@ with actions_col:
         st.download_button("Download model + settings (.zip)", store.export(run_id), file_name=f"run-{run_id}.zip",
                            mime="application/zip", key="cmp_download",
                            help="The pruned weights (readable by load_model) with run.json and run.yaml.")
-        st.caption("Replay it headless: `python -m explorer run --recipe run.yaml` (zoo models on built-in data).")
+        st.caption("Replay it headless: `python -m explorer run --recipe run.yaml` (the run keeps its whole "
+                   "recipe; an uploaded model file must sit at the path the recipe names).")
     except ExplorerError as exc:
         st.error(str(exc))
     if st.button("Delete this run", key="cmp_delete"):

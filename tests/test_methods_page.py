@@ -43,6 +43,10 @@ def test_methods_run_side_by_side_and_become_runs():
     stored = RunStore().get(result.run_id)
     assert stored.trajectory == result.trajectory and stored.recipe["method"] == {"name": "one_shot"}
     assert stored.recipe["budget"] == {"epochs": 1}
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception and not at.error
+    assert "Trajectories of methods over time" in [h.value for h in at.subheader]
+    assert at.multiselect(key="cmp_traj").value == [result.run_id]
 
 
 def test_cancel_keeps_what_ran_and_runs_nothing_after():
