@@ -58,6 +58,20 @@ class Run:
         return asdict(self)
 
 
+def _default_name(run: Run) -> str:
+    """``run 7: mlp unstructured magnitude global 80% + fine-tune 2 ep``: the run's own number, what it did."""
+    method = (run.recipe.get("method") or {}).get("name", "one_shot")
+    finetune = run.settings.get("finetune") or {}
+    name = f"run {run.id}: {run.model_name} {run.structure} {run.criterion} {run.scope} {run.sparsity:.0%}"
+    if method != "one_shot":
+        name += f", {method}"
+    if finetune:
+        name += f" + fine-tune {finetune.get('epochs_done', 0)} ep"
+    if finetune.get("cancelled") or run.settings.get("cancelled"):
+        name += " (cancelled)"
+    return name
+
+
 def data_dir() -> Path:
     root = os.environ.get("PRUNING_EXPLORER_DATA") or Path.home() / ".local" / "share" / "pruning-explorer"
     return Path(root)
@@ -109,7 +123,7 @@ class RunStore:
                  json.dumps(run.recipe), int(run.stage), json.dumps(run.trajectory)))
             run.id = int(cursor.lastrowid)
             if not run.name:
-                run.name = f"run {run.id}: {run.model_name} {run.structure} {run.criterion} {run.scope} {run.sparsity:.0%}"
+                run.name = _default_name(run)
                 db.execute("UPDATE runs SET name = ? WHERE id = ?", (run.name, run.id))
         if model is not None:
             save_model(model, self.weights_path(run.id), arch=run.settings.get("arch", run.model_name),

@@ -1,12 +1,9 @@
 """Compare: every saved run side by side - accuracy against sparsity, measured against promised speed."""
 from __future__ import annotations
 
-import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
+from explorer import figures
 from explorer.errors import ExplorerError
 from explorer.store import RunStore
 from pages import common
@@ -42,26 +39,7 @@ if not runs:
     st.stop()
 
 
-def method(run) -> str:
-    over_time = (run.recipe.get("method") or {}).get("name", "one_shot")
-    return f"{run.structure} / {run.criterion} / {run.scope}" + ("" if over_time == "one_shot" else f" / {over_time}")
-
-
-rows = []
-for run in runs:
-    m, finetune = run.metrics, run.settings.get("finetune") or {}
-    rows.append({
-        "id": run.id, "name": run.name, "model": f"{run.model_name} on {run.dataset}", "method": method(run),
-        "structure": run.structure, "criterion": run.criterion, "scope": run.scope, "sparsity": run.sparsity,
-        "fine-tune epochs": finetune.get("epochs_done", 0), "accuracy": m.get("accuracy"),
-        "Δ accuracy (pts)": 100 * m["delta_accuracy"] if m.get("delta_accuracy") is not None else None,
-        "params": m.get("params_total"), "non-zero params": m.get("params_nonzero"),
-        "FLOPs": m.get("flops_effective"), "compressed size (B)": m.get("size_compressed_bytes"),
-        "latency (ms)": m.get("latency_ms"), "base latency (ms)": m.get("baseline_latency_ms"),
-        "speed-up measured": m.get("speedup_measured"), "speed-up FLOPs": m.get("speedup_flops"),
-        "device": f"{m.get('device')} (batch {m.get('batch')}, {m.get('threads')} threads)",
-    })
-table = pd.DataFrame(rows)
+table = figures.runs_frame(runs)
 
 models = sorted(table["model"].unique())
 chosen = st.selectbox("Model", ["all models", *models], index=1 if len(models) == 1 else 0, key="cmp_model")
@@ -80,40 +58,12 @@ st.dataframe(shown, hide_index=True, column_config={
     "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
 }, key="cmp_table")
 
-plot_data = shown.assign(tuned=shown["fine-tune epochs"].gt(0).map({True: "fine-tuned", False: "pruned only"}))
 left, right = st.columns(2)
 with left:
-    figure = px.line(plot_data.sort_values("sparsity"), x="sparsity", y="accuracy", color="method",
-                     symbol="tuned", symbol_map={"fine-tuned": "diamond", "pruned only": "circle"},
-                     markers=True, hover_name="name", title="Accuracy vs sparsity")
-    figure.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=460, legend_title_text="",
-                         xaxis_range=[-0.02, 1.02], legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
-    st.plotly_chart(figure, key="cmp_accuracy")
+    st.plotly_chart(figures.accuracy_vs_sparsity(shown), key="cmp_accuracy")
 with right:
-    timed = plot_data.dropna(subset=["speed-up measured"])
-    figure = px.scatter(timed, x="speed-up FLOPs", y="speed-up measured", color="structure", hover_name="name",
-                        symbol="tuned", title="Measured vs theoretical (FLOPs) speed-up")
-    top = max([1.0, *timed["speed-up FLOPs"].tolist(), *timed["speed-up measured"].tolist()]) * 1.05
-    figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="y = x (promise kept)",
-                                line=dict(dash="dash", color="grey")))
-    figure.update_layout(height=460, xaxis_range=[0, top], yaxis_range=[0, top], legend_title_text="", legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
-    st.plotly_chart(figure, key="cmp_speedup")
-
-timed = plot_data.dropna(subset=["latency (ms)", "accuracy"]).sort_values(["latency (ms)", "accuracy"],
-                                                                         ascending=[True, False])
-front, best = [], -1.0
-for _, row in timed.iterrows():  # fastest first: a run is on the front if it beats every faster run's accuracy
-    if row["accuracy"] > best:
-        front.append(row)
-        best = row["accuracy"]
-figure = px.scatter(timed, x="latency (ms)", y="accuracy", color="method", hover_name="name",
-                    title="Accuracy vs measured latency (batch of 64)")
-if front:
-    front_frame = pd.DataFrame(front)
-    figure.add_trace(go.Scatter(x=front_frame["latency (ms)"], y=front_frame["accuracy"], mode="lines",
-                                line=dict(shape="hv", color="black", dash="dot"), name="Pareto front"))
-figure.update_layout(yaxis_tickformat=".0%", height=460, legend_title_text="", legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
-st.plotly_chart(figure, key="cmp_pareto")
+    st.plotly_chart(figures.speedup_promise(shown), key="cmp_speedup")
+st.plotly_chart(figures.accuracy_vs_latency(shown), key="cmp_pareto")
 
 shown_ids = set(shown["id"])
 with_trajectory = [run for run in runs if run.trajectory and run.id in shown_ids]
@@ -121,18 +71,8 @@ if with_trajectory:
     st.subheader("Trajectories of methods over time")
     labels = {run.id: run.name for run in with_trajectory}
     picked = st.multiselect("Runs", list(labels), default=list(labels)[-4:], format_func=labels.get, key="cmp_traj")
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "sparsity"))
-    for run in (r for r in with_trajectory if r.id in picked):
-        scored = [p for p in run.trajectory if p.get("val_accuracy") is not None]
-        figure.add_trace(go.Scatter(x=[p["epoch"] for p in scored], y=[p["val_accuracy"] for p in scored],
-                                    name=run.name, legendgroup=str(run.id), mode="lines+markers"), row=1, col=1)
-        figure.add_trace(go.Scatter(x=[p["epoch"] for p in run.trajectory], y=[p["sparsity"] for p in run.trajectory],
-                                    name=run.name, legendgroup=str(run.id), showlegend=False, mode="lines+markers",
-                                    line=dict(shape="hv")), row=1, col=2)
-    figure.update_yaxes(tickformat=".0%", range=[0, 1.02])
-    figure.update_xaxes(title_text="epoch of the method's training")
-    figure.update_layout(height=380, legend=dict(orientation="h", yanchor="top", y=-0.3, x=0))
-    st.plotly_chart(figure, key="cmp_trajectories")
+    st.plotly_chart(figures.trajectories({labels[run.id]: run.trajectory for run in with_trajectory
+                                          if run.id in picked}), key="cmp_trajectories")
 
 st.subheader("Manage runs")
 names = {run.id: run.name for run in runs}

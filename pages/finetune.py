@@ -1,10 +1,9 @@
 """Fine-tune: a short training of the pruned copy, live, cancellable, then measured and saved."""
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
+from explorer import figures
 from explorer.errors import ExplorerError
 from explorer.layers import available_devices
 from explorer.jobs import Job
@@ -63,22 +62,6 @@ if start and not running:
         running = True
 
 
-def curve(job: Job) -> go.Figure:
-    points = job.payload()
-    losses, accuracies = points.get("step_loss", []), points.get("val_accuracy", [])
-    figure = make_subplots(specs=[[{"secondary_y": True}]])
-    figure.add_trace(go.Scatter(x=[s for s, _ in losses], y=[v for _, v in losses], name="training loss (step)",
-                                line=dict(width=1)), secondary_y=False)
-    figure.add_trace(go.Scatter(x=[s for s, _ in accuracies], y=[v for _, v in accuracies],
-                                name="validation accuracy (epoch)", mode="lines+markers"), secondary_y=True)
-    figure.update_layout(height=340, margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12),
-                         xaxis_title="step")
-    figure.update_yaxes(title_text="loss", secondary_y=False)
-    figure.update_yaxes(title_text="accuracy", tickformat=".0%", secondary_y=True, range=[0, 1.02],
-                         showgrid=False)
-    return figure
-
-
 @st.fragment(run_every=0.5 if running else None)
 def live() -> None:
     """Redrawn twice a second while training; hands over to a full rerun when it ends."""
@@ -89,7 +72,9 @@ def live() -> None:
         st.progress(job.fraction, text=f"Fine-tuning on {job.meta['config'].device}: {job.status}")
         st.button("Cancel (keep the partial result)", key="ft_cancel", on_click=job.cancel.set,
                   disabled=job.cancelled)
-    st.plotly_chart(curve(job), key="ft_curve")
+    points = job.payload()
+    st.plotly_chart(figures.training_curve(points.get("step_loss", []), points.get("val_accuracy", [])),
+                    key="ft_curve")
     if job.done and job.meta["saved_run"] is None and running:
         st.rerun(scope="app")
 
@@ -103,12 +88,10 @@ if job is not None and job.done:
         result = job.result
         outcome = {"finetune": {"epochs_done": result.epochs_done, "cancelled": result.cancelled,
                                 "seconds": result.seconds}}
-        tag = f"+ fine-tune {result.epochs_done} ep{' (cancelled)' if result.cancelled else ''}"
         try:
             recipe = pruned["recipe"].replace(finetune=job.meta["config"])
             job.meta["saved_run"] = common.measure_and_save(model, result.model, recipe, stage=1,
-                                                            history=result.history, outcome=outcome,
-                                                            name=f"{pruned['run_name']} {tag}")
+                                                            history=result.history, outcome=outcome)
         except ExplorerError as exc:
             st.error(str(exc))
     saved = job.meta["saved_run"]

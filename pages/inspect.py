@@ -1,14 +1,10 @@
 """Inspect: what the weights, their gradients and the channels' attributions look like, layer by layer."""
 from __future__ import annotations
 
-import math
-
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
-from explorer import pipeline, stats
+from explorer import figures, pipeline, stats
 from explorer.errors import ExplorerError
 from explorer.specs import PlanSpec, ScoringSpec
 from pages import common
@@ -76,31 +72,9 @@ if target_label == "base model":
         st.warning(f"No pruning threshold to draw: {exc}")
 
 
-def histograms(summaries: dict[str, dict], names: list[str], title: str, thresholds: dict | None = None) -> go.Figure:
-    columns = 3
-    rows = max(1, math.ceil(len(names) / columns))
-    figure = make_subplots(rows=rows, cols=columns, subplot_titles=[
-        f"{n} ({summaries[n]['kind']} {'x'.join(map(str, summaries[n]['shape']))})" for n in names])
-    for i, name in enumerate(names):
-        s = summaries[name]
-        edges, counts = s["hist"]["edges"], s["hist"]["counts"]
-        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        row, col = i // columns + 1, i % columns + 1
-        figure.add_trace(go.Bar(x=centers, y=counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])],
-                                marker_color="#1f77b4", showlegend=False, name=name,
-                                hovertemplate="%{x:.4f}: %{y}<extra>" + name + "</extra>"), row=row, col=col)
-        cut = (thresholds or {}).get(name)
-        if cut is not None:
-            for x in (-cut, cut):
-                figure.add_vline(x=x, line_dash="dash", line_color="#d62728", row=row, col=col)
-        if log_count:
-            figure.update_yaxes(type="log", row=row, col=col)
-    figure.update_layout(title=title, height=260 * rows + 60, margin=dict(t=80, b=30), bargap=0)
-    return figure
-
-
 if chosen:
-    st.plotly_chart(histograms(weights, chosen, f"Weight distributions - {target_label}", cuts), key="inspect_weights")
+    st.plotly_chart(figures.histograms(weights, chosen, f"Weight distributions - {target_label}", thresholds=cuts,
+                                       log_count=log_count), key="inspect_weights")
 
 st.subheader("Gradients")
 grad_key = ("inspect_gradients", model["key"], target_label, calib_batches, bins, shared)
@@ -117,21 +91,15 @@ gradients = stored[1] if stored is not None and stored[0] == grad_key else None
 if gradients is None:
     st.caption("Press the button to average the loss gradient of every layer over the calibration batches.")
 elif chosen:
-    st.plotly_chart(histograms(gradients, [n for n in chosen if n in gradients],
-                               f"Gradient distributions (mean over {calib_batches} batches)"), key="inspect_grads")
+    st.plotly_chart(figures.histograms(gradients, [n for n in chosen if n in gradients],
+                                       f"Gradient distributions (mean over {calib_batches} batches)",
+                                       log_count=log_count), key="inspect_grads")
 
 summary = pd.DataFrame([{"layer": n, "mean |w|": weights[n]["mean_abs"], "std of w": weights[n]["std"],
                          "zeros": weights[n]["zeros_fraction"],
                          "mean |g|": gradients[n]["mean_abs"] if gradients and n in gradients else None}
                         for n in layers])
-figure = make_subplots(specs=[[{"secondary_y": True}]])
-figure.add_trace(go.Bar(x=summary["layer"], y=summary["mean |w|"], name="mean |w|"))
-figure.add_trace(go.Bar(x=summary["layer"], y=summary["std of w"], name="std of w"))
-if gradients:
-    figure.add_trace(go.Scatter(x=summary["layer"], y=summary["mean |g|"], name="mean |g| (right axis)",
-                                mode="lines+markers"), secondary_y=True)
-figure.update_layout(title="Per-layer summary", barmode="group", height=360, margin=dict(t=50, b=30))
-st.plotly_chart(figure, key="inspect_summary")
+st.plotly_chart(figures.layer_summary(weights, gradients), key="inspect_summary")
 st.dataframe(summary, hide_index=True, column_config={"zeros": st.column_config.NumberColumn(format="percent")})
 
 st.subheader("Attribution per channel")
@@ -147,10 +115,7 @@ if st.button("Compute conductance", key="inspect_attr"):
 stored = st.session_state.get("inspect_attribution")
 if stored is not None and stored[0] == attr_key:
     values = stored[1].tolist()
-    figure = go.Figure(go.Bar(x=list(range(len(values))), y=values, marker_color="#2ca02c"))
-    figure.update_layout(title=f"Mean |conductance| per output unit of {attr_layer}", xaxis_title="channel / neuron",
-                         yaxis_title="mean |conductance|", height=320, margin=dict(t=50, b=40))
-    st.plotly_chart(figure, key="inspect_attr_chart")
+    st.plotly_chart(figures.attribution(values, attr_layer), key="inspect_attr_chart")
     low = sorted(range(len(values)), key=values.__getitem__)[:5]
     st.caption(f"Lowest-attribution units: {', '.join(map(str, low))}. "
                f"{sum(v == 0 for v in values)} of {len(values)} units have exactly zero conductance.")

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
-from explorer import jobs
+from explorer import figures, jobs
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.methods import METHODS
@@ -86,26 +84,6 @@ if start and not running:
         st.error(str(exc))
 
 
-def curves(points: dict[str, list[dict]]) -> go.Figure:
-    """Validation accuracy and sparsity against epoch, one colour per method."""
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "sparsity"))
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-               "#7f7f7f", "#bcbd22"]
-    for index, (name, trajectory) in enumerate(points.items()):
-        color = palette[index % len(palette)]
-        scored = [p for p in trajectory if p.get("val_accuracy") is not None]
-        figure.add_trace(go.Scatter(x=[p["epoch"] for p in scored], y=[p["val_accuracy"] for p in scored],
-                                    name=name, legendgroup=name, mode="lines+markers", line=dict(color=color)),
-                         row=1, col=1)
-        figure.add_trace(go.Scatter(x=[p["epoch"] for p in trajectory], y=[p["sparsity"] for p in trajectory],
-                                    name=name, legendgroup=name, showlegend=False, mode="lines+markers",
-                                    line=dict(color=color, shape="hv")), row=1, col=2)
-    figure.update_yaxes(tickformat=".0%", range=[0, 1.02])
-    figure.update_xaxes(title_text="epoch of the method's training")
-    figure.update_layout(height=360, margin=dict(t=40, b=40), legend=dict(orientation="h", y=-0.25))
-    return figure
-
-
 @st.fragment(run_every=0.7 if running else None)
 def live() -> None:
     """Redrawn while the methods run; hands over to a full rerun when the job ends."""
@@ -118,7 +96,7 @@ def live() -> None:
     payload = job.payload()
     points = {name: payload.get(name, []) for name in job.meta["methods"] if payload.get(name)}
     if points:
-        st.plotly_chart(curves(points), key="methods_curves")
+        st.plotly_chart(figures.trajectories(points), key="methods_curves")
     if job.done and running:
         st.rerun(scope="app")
 

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
-from explorer import pipeline
+from explorer import figures, pipeline
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.specs import PlanSpec, ScoringSpec
@@ -141,18 +140,8 @@ if not estimate["exact"]:
 layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
                         "kept": lp.kept, "pruned": lp.pruned, "sparsity": lp.sparsity, "rule": lp.source,
                         "collapsed": lp.collapsed} for lp in plan.layers])
-figure = go.Figure(go.Bar(
-    x=layers["layer"], y=layers["sparsity"],
-    marker_color=["#d62728" if c else ("#7f7f7f" if r == "protected" else "#1f77b4")
-                  for c, r in zip(layers["collapsed"], layers["rule"])],
-    customdata=layers[["kept", "units", "rule"]], text=[f"{s:.0%}" for s in layers["sparsity"]],
-    hovertemplate="%{x}<br>sparsity %{y:.1%}<br>kept %{customdata[0]} of %{customdata[1]}<br>%{customdata[2]}"
-                  "<extra></extra>"))
-figure.add_hline(y=sparsity, line_dash="dash", annotation_text=f"requested {sparsity:.0%}")
-figure.update_layout(title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); red = emptied",
-                     yaxis=dict(range=[0, 1.05], tickformat=".0%", title="fraction removed"),
-                     xaxis_title="layer", height=380, margin=dict(t=50, b=40))
-st.plotly_chart(figure, key="prune_chart")
+st.plotly_chart(figures.plan_sparsity(plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); "
+                                                   "red = emptied"), key="prune_chart")
 st.dataframe(layers, hide_index=True, column_config={
     "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0, max_value=1.0)})
 

@@ -41,3 +41,12 @@ def test_rename_delete_export(tmp_path):
     assert store.list() == [] and not store.weights_path(run.id).exists()
     with pytest.raises(ExplorerError, match="no run"):
         store.get(run.id)
+
+
+def test_a_fine_tune_run_is_named_after_itself_not_after_its_parent(tmp_path):
+    store = RunStore(tmp_path)
+    first = store.save(Run("mlp", "digits", "unstructured", "magnitude", "global", 0.8))
+    second = store.save(Run("mlp", "digits", "unstructured", "magnitude", "global", 0.8, stage=1,
+                            settings={"finetune": {"epochs_done": 1, "cancelled": True}}))
+    assert first.name == "run 1: mlp unstructured magnitude global 80%"
+    assert second.name == "run 2: mlp unstructured magnitude global 80% + fine-tune 1 ep (cancelled)"

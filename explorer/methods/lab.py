@@ -70,10 +70,8 @@ def run_lab(recipe, names: list[str], model: nn.Module, dataset: Dataset, *, con
             result.error = f"{name}: {exc}"
             continue
         if store is not None:
-            tag = " (cancelled)" if result.cancelled else ""
             run = Run.from_recipe(method_recipe, model_name=model_name, dataset=dataset.name,
-                                  settings=dict(settings or {}), metrics=result.metrics,
-                                  history=outcome.history, trajectory=result.trajectory,
-                                  name=f"{model_name} {name} {method_recipe.plan.sparsity:.0%}{tag}")
+                                  settings={**(settings or {}), "cancelled": result.cancelled},
+                                  metrics=result.metrics, history=outcome.history, trajectory=result.trajectory)
             result.run_id = store.save(run, outcome.model if (settings or {}).get("arch") else None).id
     return results

@@ -1,0 +1,214 @@
+"""Every chart the app draws, as pure functions: data in, plotly figure out (no Streamlit).
+
+The pages only place these figures and the tour notebook draws the very same ones, so a chart
+means the same thing wherever it is seen. Inputs are the plain data the core already returns:
+`stats` summaries, `planner.Plan`, training points, method trajectories, stored runs.
+
+Example::
+
+    from explorer import figures, stats
+    figures.histograms(stats.weight_stats(model), ["fc1", "fc2"], "Weights").show()
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from explorer.planner import Plan
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22")
+COLLAPSED, PROTECTED, PRUNED = "#d62728", "#7f7f7f", "#1f77b4"
+_LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25, x=0)
+
+
+def histograms(summaries: Mapping[str, dict], names: Sequence[str], title: str, *,
+               thresholds: Mapping[str, float | None] | None = None, log_count: bool = False,
+               columns: int = 3) -> go.Figure:
+    """One histogram per layer from `stats` summaries; ``thresholds`` draws the ±|w| cut of a plan."""
+    rows = max(1, math.ceil(len(names) / columns))
+    figure = make_subplots(rows=rows, cols=columns, subplot_titles=[
+        f"{n} ({summaries[n]['kind']} {'x'.join(map(str, summaries[n]['shape']))})" for n in names])
+    for i, name in enumerate(names):
+        edges, counts = summaries[name]["hist"]["edges"], summaries[name]["hist"]["counts"]
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        row, col = i // columns + 1, i % columns + 1
+        figure.add_trace(go.Bar(x=centers, y=counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])],
+                                marker_color=PRUNED, showlegend=False, name=name,
+                                hovertemplate="%{x:.4f}: %{y}<extra>" + name + "</extra>"), row=row, col=col)
+        cut = (thresholds or {}).get(name)
+        if cut is not None:
+            for x in (-cut, cut):
+                figure.add_vline(x=x, line_dash="dash", line_color=COLLAPSED, row=row, col=col)
+        if log_count:
+            figure.update_yaxes(type="log", row=row, col=col)
+    figure.update_layout(title=title, height=260 * rows + 60, margin=dict(t=80, b=30), bargap=0)
+    return figure
+
+
+def layer_summary(weights: Mapping[str, dict], gradients: Mapping[str, dict] | None = None) -> go.Figure:
+    """Mean |w| and std of w per layer as bars, mean |g| on a second axis when gradients are given."""
+    layers = list(weights)
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(go.Bar(x=layers, y=[weights[n]["mean_abs"] for n in layers], name="mean |w|"))
+    figure.add_trace(go.Bar(x=layers, y=[weights[n]["std"] for n in layers], name="std of w"))
+    if gradients:
+        figure.add_trace(go.Scatter(x=layers, y=[gradients[n]["mean_abs"] if n in gradients else None for n in layers],
+                                    name="mean |g| (right axis)", mode="lines+markers"), secondary_y=True)
+    figure.update_layout(title="Per-layer summary", barmode="group", height=360, margin=dict(t=50, b=30))
+    return figure
+
+
+def attribution(values: Sequence[float], layer: str) -> go.Figure:
+    """Mean |conductance| of every output channel / neuron of one layer."""
+    figure = go.Figure(go.Bar(x=list(range(len(values))), y=list(values), marker_color=PALETTE[2]))
+    figure.update_layout(title=f"Mean |conductance| per output unit of {layer}", xaxis_title="channel / neuron",
+                         yaxis_title="mean |conductance|", height=320, margin=dict(t=50, b=40))
+    return figure
+
+
+def plan_sparsity(plan: Plan, *, title: str = "Per-layer sparsity") -> go.Figure:
+    """Fraction removed per layer of a plan: red = emptied (collapse), grey = protected; dashed = requested."""
+    layers = plan.layers
+    figure = go.Figure(go.Bar(
+        x=[lp.name for lp in layers], y=[lp.sparsity for lp in layers],
+        marker_color=[COLLAPSED if lp.collapsed else (PROTECTED if lp.source == "protected" else PRUNED)
+                      for lp in layers],
+        customdata=[[lp.kept, lp.total, lp.source] for lp in layers], text=[f"{lp.sparsity:.0%}" for lp in layers],
+        hovertemplate="%{x}<br>sparsity %{y:.1%}<br>kept %{customdata[0]} of %{customdata[1]}<br>%{customdata[2]}"
+                      "<extra></extra>"))
+    figure.add_hline(y=plan.sparsity_requested, line_dash="dash",
+                     annotation_text=f"requested {plan.sparsity_requested:.0%}")
+    figure.update_layout(title=title, yaxis=dict(range=[0, 1.05], tickformat=".0%", title="fraction removed"),
+                         xaxis_title="layer", height=380, margin=dict(t=50, b=40))
+    return figure
+
+
+def training_curve(step_losses: Sequence[tuple[int, float]], val_accuracy: Sequence[tuple[int, float]]) -> go.Figure:
+    """Training loss per step and validation accuracy per epoch, against the optimiser step."""
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(go.Scatter(x=[s for s, _ in step_losses], y=[v for _, v in step_losses],
+                                name="training loss (step)", line=dict(width=1)), secondary_y=False)
+    figure.add_trace(go.Scatter(x=[s for s, _ in val_accuracy], y=[v for _, v in val_accuracy],
+                                name="validation accuracy (epoch)", mode="lines+markers"), secondary_y=True)
+    figure.update_layout(height=340, margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12),
+                         xaxis_title="step")
+    figure.update_yaxes(title_text="loss", secondary_y=False)
+    figure.update_yaxes(title_text="accuracy", tickformat=".0%", secondary_y=True, range=[0, 1.02], showgrid=False)
+    return figure
+
+
+def trajectories(points: Mapping[str, Sequence[dict]]) -> go.Figure:
+    """Methods over time: validation accuracy and sparsity against epoch, one colour per method or run."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "sparsity"))
+    for index, (name, trajectory) in enumerate(points.items()):
+        color = PALETTE[index % len(PALETTE)]
+        scored = [p for p in trajectory if p.get("val_accuracy") is not None]
+        figure.add_trace(go.Scatter(x=[p["epoch"] for p in scored], y=[p["val_accuracy"] for p in scored],
+                                    name=name, legendgroup=name, mode="lines+markers", line=dict(color=color)),
+                         row=1, col=1)
+        figure.add_trace(go.Scatter(x=[p["epoch"] for p in trajectory], y=[p["sparsity"] for p in trajectory],
+                                    name=name, legendgroup=name, showlegend=False, mode="lines+markers",
+                                    line=dict(color=color, shape="hv")), row=1, col=2)
+    figure.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    figure.update_xaxes(title_text="epoch of the method's training")
+    figure.update_layout(height=380, margin=dict(t=40, b=40), legend=dict(orientation="h", yanchor="top", y=-0.3, x=0))
+    return figure
+
+
+def runs_frame(runs: Iterable) -> pd.DataFrame:
+    """One row per stored run (`store.Run`): what was chosen and what came out, ready to tabulate and plot."""
+    rows = []
+    for run in runs:
+        m, finetune = run.metrics, run.settings.get("finetune") or {}
+        over_time = (run.recipe.get("method") or {}).get("name", "one_shot")
+        rows.append({
+            "id": run.id, "name": run.name, "model": f"{run.model_name} on {run.dataset}",
+            "method": f"{run.structure} / {run.criterion} / {run.scope}"
+                      + ("" if over_time == "one_shot" else f" / {over_time}"),
+            "structure": run.structure, "criterion": run.criterion, "scope": run.scope, "sparsity": run.sparsity,
+            "fine-tune epochs": finetune.get("epochs_done", 0), "accuracy": m.get("accuracy"),
+            "Δ accuracy (pts)": 100 * m["delta_accuracy"] if m.get("delta_accuracy") is not None else None,
+            "params": m.get("params_total"), "non-zero params": m.get("params_nonzero"),
+            "FLOPs": m.get("flops_effective"), "compressed size (B)": m.get("size_compressed_bytes"),
+            "latency (ms)": m.get("latency_ms"), "base latency (ms)": m.get("baseline_latency_ms"),
+            "speed-up measured": m.get("speedup_measured"), "speed-up FLOPs": m.get("speedup_flops"),
+            "device": f"{m.get('device')} (batch {m.get('batch')}, {m.get('threads')} threads)",
+        })
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["tuned"] = table["fine-tune epochs"].gt(0).map({True: "fine-tuned", False: "pruned only"})
+    return table
+
+
+def accuracy_vs_sparsity(table: pd.DataFrame) -> go.Figure:
+    """One line per method (structure / criterion / scope); fine-tuned runs as diamonds; x within 0-100 %."""
+    figure = px.line(table.sort_values("sparsity"), x="sparsity", y="accuracy", color="method", symbol="tuned",
+                     symbol_map={"fine-tuned": "diamond", "pruned only": "circle"}, markers=True, hover_name="name",
+                     title="Accuracy vs sparsity")
+    figure.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=460, legend_title_text="",
+                         xaxis_range=[-0.02, 1.02], legend=_LEGEND_BELOW)
+    return figure
+
+
+def speedup_promise(table: pd.DataFrame) -> go.Figure:
+    """Measured against FLOPs speed-up, with the y = x line where the promise is kept."""
+    timed = table.dropna(subset=["speed-up measured"])
+    figure = px.scatter(timed, x="speed-up FLOPs", y="speed-up measured", color="structure", hover_name="name",
+                        symbol="tuned", title="Measured vs theoretical (FLOPs) speed-up")
+    top = max([1.0, *timed["speed-up FLOPs"].tolist(), *timed["speed-up measured"].tolist()]) * 1.05
+    figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="y = x (promise kept)",
+                                line=dict(dash="dash", color="grey")))
+    figure.update_layout(height=460, xaxis_range=[0, top], yaxis_range=[0, top], legend_title_text="",
+                         legend=_LEGEND_BELOW)
+    return figure
+
+
+def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
+    """The runs no other run beats on both latency (lower) and accuracy (higher), fastest first."""
+    timed = table.dropna(subset=["latency (ms)", "accuracy"]).sort_values(["latency (ms)", "accuracy"],
+                                                                         ascending=[True, False])
+    front, best = [], -math.inf
+    for _, row in timed.iterrows():  # fastest first: on the front if it beats every faster run's accuracy
+        if row["accuracy"] > best:
+            front.append(row)
+            best = row["accuracy"]
+    return pd.DataFrame(front)
+
+
+def accuracy_vs_latency(table: pd.DataFrame) -> go.Figure:
+    """Accuracy against measured latency, with the Pareto front."""
+    timed = table.dropna(subset=["latency (ms)", "accuracy"])
+    figure = px.scatter(timed, x="latency (ms)", y="accuracy", color="method", hover_name="name",
+                        title="Accuracy vs measured latency")
+    front = pareto_front(table)
+    if not front.empty:
+        figure.add_trace(go.Scatter(x=front["latency (ms)"], y=front["accuracy"], mode="lines",
+                                    line=dict(shape="hv", color="black", dash="dot"), name="Pareto front"))
+    figure.update_layout(yaxis_tickformat=".0%", height=460, legend_title_text="", legend=_LEGEND_BELOW)
+    return figure
+
+
+def cost_side_by_side(rows: Sequence[Mapping]) -> go.Figure:
+    """What a pruning buys, per structure: FLOPs speed-up, measured speed-up and file-size ratio side by side.
+
+    ``rows`` are ``{label, speedup_flops, speedup_measured, compression_ratio}`` (as in `measure.Metrics`).
+    The lesson: zeros shrink the compressed file, not the latency; removed channels shrink latency.
+    """
+    labels = [row["label"] for row in rows]
+    figure = go.Figure()
+    for key, name, color in (("speedup_flops", "FLOPs speed-up (theory)", PALETTE[0]),
+                             ("speedup_measured", "measured speed-up", PALETTE[1]),
+                             ("compression_ratio", "compressed file, x smaller", PALETTE[2])):
+        values = [row.get(key) for row in rows]
+        figure.add_trace(go.Bar(x=labels, y=values, name=name, marker_color=color,
+                                text=[f"{v:.2f}x" if v is not None else "-" for v in values]))
+    figure.add_hline(y=1.0, line_dash="dot", line_color="grey")
+    figure.update_layout(barmode="group", title="What pruning buys: theory, measurement and file size",
+                         yaxis_title="x better than dense", height=380, legend=_LEGEND_BELOW)
+    return figure

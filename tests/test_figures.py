@@ -1,0 +1,81 @@
+"""The shared figures: each built from plain data, checked on that data (not on pixels)."""
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from explorer import figures, planner, stats
+from explorer.models import build
+from explorer.store import Run
+
+
+def test_plan_sparsity_draws_each_layer_and_marks_collapse_and_protection():
+    ranking = planner.prepare({"a": torch.arange(10.0), "b": torch.arange(10.0) + 100, "c": torch.rand(4)})
+    plan = planner.plan(ranking, 0.5, "global", protect=["c"])
+    figure = figures.plan_sparsity(plan)
+    bar = figure.data[0]
+    assert list(bar.x) == ["a", "b", "c"]
+    assert list(bar.y) == [1.0, 0.0, 0.0]  # the 10 lowest of a and b are all of a: a collapses
+    assert list(bar.marker.color) == [figures.COLLAPSED, figures.PRUNED, figures.PROTECTED]
+    assert figure.layout.shapes[0].y0 == 0.5  # the requested sparsity line
+
+
+def test_histograms_keep_every_count_and_draw_the_cut_on_both_sides():
+    model = build("mlp", (1, 8, 8), 10)
+    summaries = stats.weight_stats(model, bins=20)
+    figure = figures.histograms(summaries, ["fc1", "classifier"], "weights", thresholds={"fc1": 0.05, "classifier": None})
+    assert [sum(trace.y) for trace in figure.data] == [64 * 256, 128 * 10]
+    assert sorted(shape.x0 for shape in figure.layout.shapes) == [-0.05, 0.05]
+
+
+def test_pareto_front_equals_brute_force():
+    rng = random.Random(3)
+    table = pd.DataFrame([{"latency (ms)": rng.random(), "accuracy": rng.random(), "name": f"r{i}"} for i in range(40)])
+    front = set(figures.pareto_front(table)["name"])
+    brute = {r["name"] for _, r in table.iterrows()
+             if not any(q["latency (ms)"] < r["latency (ms)"] and q["accuracy"] >= r["accuracy"]
+                        for _, q in table.iterrows())}
+    assert front == brute and front
+
+
+def runs():
+    common = dict(model_name="mlp", dataset="digits", structure="unstructured", criterion="magnitude", scope="global")
+    return [Run(**common, sparsity=0.5, id=1, name="a", metrics={"accuracy": 0.9, "delta_accuracy": -0.05,
+                                                                  "latency_ms": 1.0, "speedup_measured": 1.0,
+                                                                  "speedup_flops": 2.0}),
+            Run(**common, sparsity=0.9, id=2, name="b", settings={"finetune": {"epochs_done": 2}},
+                recipe={"method": {"name": "gradual"}},
+                metrics={"accuracy": 0.8, "delta_accuracy": -0.15, "latency_ms": 0.9, "speedup_measured": 1.1,
+                         "speedup_flops": 10.0}, trajectory=[{"epoch": 0, "sparsity": 0.2, "val_accuracy": 0.5}])]
+
+
+def test_runs_frame_and_compare_charts_stay_within_their_ranges():
+    table = figures.runs_frame(runs())
+    assert table["method"].tolist() == ["unstructured / magnitude / global",
+                                        "unstructured / magnitude / global / gradual"]
+    assert table["tuned"].tolist() == ["pruned only", "fine-tuned"]
+    assert table["Δ accuracy (pts)"].tolist() == pytest.approx([-5.0, -15.0])
+    assert tuple(figures.accuracy_vs_sparsity(table).layout.xaxis.range) == (-0.02, 1.02)
+    speed = figures.speedup_promise(table)
+    assert speed.data[-1].name == "y = x (promise kept)" and speed.layout.xaxis.range[1] == pytest.approx(10.5)
+    assert figures.accuracy_vs_latency(table).data[-1].name == "Pareto front"
+
+
+def test_trajectories_and_cost_bars_carry_their_numbers():
+    traj = {"one_shot": [{"epoch": 0, "sparsity": 0.9, "val_accuracy": None}, {"epoch": 1, "sparsity": 0.9,
+                                                                               "val_accuracy": 0.7}]}
+    figure = figures.trajectories(traj)
+    assert list(figure.data[0].x) == [1] and list(figure.data[0].y) == [0.7]
+    assert list(figure.data[1].y) == [0.9, 0.9]
+    bars = figures.cost_side_by_side([{"label": "unstructured 90 %", "speedup_flops": 8.0, "speedup_measured": 1.0,
+                                       "compression_ratio": 5.0}])
+    assert [trace.y[0] for trace in bars.data] == [8.0, 1.0, 5.0]
+
+
+def test_training_curve_and_summary():
+    curve = figures.training_curve([(1, 2.0), (2, 1.5)], [(2, 0.6)])
+    assert list(curve.data[0].y) == [2.0, 1.5] and list(curve.data[1].x) == [2]
+    weights = stats.weight_stats(build("mlp", (1, 8, 8), 10))
+    summary = figures.layer_summary(weights)
+    assert list(summary.data[0].x) == ["fc1", "fc2", "classifier"] and len(summary.data) == 2
