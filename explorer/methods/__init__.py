@@ -22,10 +22,11 @@ from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.methods.base import Method, MethodRun, collapsed_layers  # noqa: F401 - public API
 from explorer.methods.one_shot import OneShot
+from explorer.methods.rounds import Iterative, LotteryTicket, LrRewinding
 from explorer.specs import build
 from explorer.train import TrainConfig
 
-METHODS: dict[str, Method] = {method.name: method for method in (OneShot(),)}
+METHODS: dict[str, Method] = {method.name: method for method in (OneShot(), Iterative(), LrRewinding(), LotteryTicket())}
 
 
 def method_params(name: str, params: dict):
