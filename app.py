@@ -1,7 +1,9 @@
 """Pruning Explorer: `streamlit run app.py`.
 
-The entry point only sets up navigation over the five steps in ``pages/`` and the sidebar
-card of the session's current model; every page is a thin layer over ``explorer/``.
+The entry point sets up navigation over the steps in ``pages/``, reopens what a link names
+(model and Prune settings in the URL's query parameters, so a reload or a shared link shows the
+same view) and draws the sidebar card of the session's current model; every page is a thin
+layer over ``explorer/``.
 """
 import streamlit as st
 
@@ -19,6 +21,8 @@ navigation = st.navigation([
     st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:"),
 ])
 
+common.restore_from_url()
+
 with st.sidebar:
     st.markdown("### Current model")
     model = common.current_model()
@@ -35,3 +39,4 @@ with st.sidebar:
     st.caption(f"Device for training: **{choose_device()}**")
 
 navigation.run()
+common.sync_url()

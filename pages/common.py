@@ -12,7 +12,8 @@ import streamlit as st
 
 from explorer import baselines, pipeline
 from explorer.recipe import Recipe
-from explorer.specs import ScoringSpec
+from explorer.models import ZOO
+from explorer.specs import ModelSpec, ScoringSpec
 from explorer.store import Run, RunStore
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
@@ -64,14 +65,108 @@ def current_model() -> dict | None:
     return st.session_state.get(MODEL)
 
 
+def zoo_entry(model_name: str, dataset_name: str) -> dict:
+    """The session-model entry of a zoo model's trained baseline on a built-in dataset (trains it once)."""
+    base = baseline_with_progress(model_name, dataset_name)
+    origin = "loaded from the baseline cache" if base.from_cache else f"trained in {base.train_seconds:.1f} s"
+    return {"module": base.model, "label": model_name, "arch": model_name, "dataset": shared_dataset(dataset_name),
+            "source": "zoo", "spec": ModelSpec(source=model_name, data=dataset_name, baseline=True),
+            "base_accuracy": base.accuracy, "key": f"zoo:{model_name}:{dataset_name}", "origin": origin}
+
+
 def require_model() -> dict:
-    """The session's model, or a pointer to the Model page and a stop."""
+    """The session's model; a page opened without one loads the model its link names, else the default."""
     model = current_model()
     if model is None:
-        st.info("No model loaded yet. Choose one on the Model page first.")
-        st.page_link("pages/model.py", label="Go to the Model page", icon=":material/arrow_forward:")
-        st.stop()
+        restore_from_url()
+        model = current_model()
+    if model is None:
+        with st.spinner(f"Loading the default model ({DEFAULT_MODEL[0]} on {DEFAULT_MODEL[1]}) ..."):
+            set_model(zoo_entry(*DEFAULT_MODEL))
+        model = current_model()
     return model
+
+
+# ---------------------------------------------------------------- state in the URL
+# A reload, a bookmark or a shared link opens a new browser session: the URL's query parameters
+# carry what is needed to reopen the same view (a zoo model and dataset, or a stored run, and the
+# Prune page's settings). Only built-in models go in a link; uploaded files and factories do not.
+DEFAULT_MODEL = ("mlp", "digits")
+PRUNE_URL_KEYS = {"structure": "prune_structure", "criterion": "prune_criterion", "scope": "prune_scope",
+                  "sparsity": "prune_sparsity", "min_keep": "prune_min_keep", "calib": "prune_calib"}
+
+
+def restore_from_url() -> None:
+    """Once per browser session: load the model and Prune settings the link names (bad values are ignored)."""
+    if st.session_state.get("url_restored"):
+        return
+    st.session_state["url_restored"] = True
+    params = st.query_params
+    recipe = None
+    if params.get("run"):
+        try:
+            recipe = Recipe.from_dict(RunStore().get(int(params["run"])).recipe)
+        except (ExplorerError, ValueError):
+            st.warning(f"The link names run {params['run']!r}, which cannot be reopened here; showing the default.")
+    model_name = recipe.model.source if recipe is not None else params.get("model")
+    dataset_name = (recipe.model.data if recipe is not None else params.get("data")) or \
+        (ZOO[model_name].default_dataset if model_name in ZOO else None)
+    if model_name is None:
+        return
+    if model_name not in ZOO or dataset_name not in ZOO_DATASETS:
+        st.warning(f"The link names {model_name!r} on {dataset_name!r}; only zoo models on built-in data open "
+                   "from a link. Showing the default model.")
+        return
+    try:
+        set_model(zoo_entry(model_name, dataset_name))
+    except ExplorerError as exc:
+        st.error(str(exc))
+        return
+    st.session_state["zoo_model"], st.session_state["zoo_dataset"] = model_name, dataset_name
+    if recipe is not None:
+        settings = {"structure": recipe.scoring.structure, "criterion": recipe.scoring.criterion,
+                    "scope": recipe.plan.scope, "sparsity": recipe.plan.sparsity, "min_keep": recipe.plan.min_keep,
+                    "calib": recipe.scoring.calib_batches}
+    else:
+        settings = {name: params[name] for name in PRUNE_URL_KEYS if name in params}
+    for name, value in _checked_prune_settings(settings).items():
+        st.session_state[PRUNE_URL_KEYS[name]] = value
+
+
+def _checked_prune_settings(settings: dict) -> dict:
+    """The Prune settings among ``settings`` that are valid (a hand-edited link may hold anything)."""
+    from explorer.criteria import CRITERIA
+    from explorer.planner import SCOPES
+    from explorer.specs import STRUCTURES
+
+    checked = {}
+    for name, allowed in (("structure", STRUCTURES), ("criterion", CRITERIA), ("scope", SCOPES)):
+        if settings.get(name) in allowed:
+            checked[name] = settings[name]
+    for name, low, high, kind in (("sparsity", 0.0, 1.0, float), ("min_keep", 0.0, 0.5, float),
+                                  ("calib", 1, 16, int)):
+        try:
+            value = kind(settings[name])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if low <= value <= high:
+            checked[name] = round(value, 2) if kind is float else value
+    return checked
+
+
+def sync_url() -> None:
+    """Write the session's model and Prune settings into the URL (only what changed)."""
+    model = current_model()
+    wanted: dict[str, str] = {}
+    if model is not None and model["source"] == "zoo" and model["dataset"].name in ZOO_DATASETS:
+        wanted = {"model": model["arch"], "data": model["dataset"].name}
+        recipe = st.session_state.get(RECIPE)
+        if recipe is not None and recipe.model == model["spec"]:
+            wanted.update(structure=recipe.scoring.structure, criterion=recipe.scoring.criterion,
+                          scope=recipe.plan.scope, sparsity=f"{recipe.plan.sparsity:g}",
+                          min_keep=f"{recipe.plan.min_keep:g}", calib=str(recipe.scoring.calib_batches))
+    if dict(st.query_params) != wanted:
+        st.query_params.from_dict(wanted)
 
 
 def explain(markdown: str) -> None:

@@ -73,20 +73,16 @@ def train_with_progress(module, data, epochs: int):
 
 
 def load_zoo(model_name: str, dataset_name: str, data) -> dict:
-    if dataset_name == "tensors":
-        bar = st.progress(0.0, text="Training the baseline on your data ...")
-        base = baselines.baseline(model_name, data, use_cache=False,
-                                  progress=lambda p: bar.progress(p.fraction, text=f"Training: epoch "
-                                                                                   f"{p.epoch}/{p.epochs}"))
-        bar.empty()
-        key = f"zoo:{model_name}:tensors:{id(data)}"
-    else:
-        base = common.baseline_with_progress(model_name, dataset_name)
-        key = f"zoo:{model_name}:{dataset_name}"
-    origin = "loaded from the baseline cache" if base.from_cache else f"trained in {base.train_seconds:.1f} s"
+    if dataset_name != "tensors":
+        return common.zoo_entry(model_name, dataset_name)
+    bar = st.progress(0.0, text="Training the baseline on your data ...")
+    base = baselines.baseline(model_name, data, use_cache=False,
+                              progress=lambda p: bar.progress(p.fraction, text=f"Training: epoch {p.epoch}/{p.epochs}"))
+    bar.empty()
     return {"module": base.model, "label": model_name, "arch": model_name, "dataset": data, "source": "zoo",
             "spec": ModelSpec(source=model_name, baseline=True, **data_fields(data)),
-            "base_accuracy": base.accuracy, "key": key, "origin": origin}
+            "base_accuracy": base.accuracy, "key": f"zoo:{model_name}:tensors:{id(data)}",
+            "origin": f"trained in {base.train_seconds:.1f} s"}
 
 
 def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -> dict:

@@ -60,7 +60,6 @@ with controls:
                          help="\n\n".join(f"**{k}**: {v}" for k, v in pipeline.STRUCTURES.items()))
     criterion = st.selectbox("Criterion", list(CRITERIA), key="prune_criterion",
                              format_func=lambda name: f"{name} - {CRITERIA[name].description}")
-    scope = st.radio("Scope", ["local", "global"], horizontal=True, key="prune_scope")
 with details:
     calib_batches = 4
     if CRITERIA[criterion].needs_data:
@@ -74,119 +73,129 @@ except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
 
-layer_names = list(prepared.names)
-for key in ("prune_protect", "prune_override_layers"):  # layer names differ between structures and models
-    st.session_state[key] = [name for name in st.session_state[key] if name in layer_names]
-slider_col, collapse_col = st.columns([1, 1])
-with slider_col:
-    sparsity = st.slider("Sparsity (fraction of units removed)", 0.0, 1.0, step=0.01, key="prune_sparsity")
-    with st.expander("Per-layer settings: protect, override, min_keep"):
-        protect = st.multiselect("Protected layers (never pruned)", layer_names, key="prune_protect")
-        min_keep = st.slider("min_keep: every layer keeps at least this fraction", 0.0, 0.5, step=0.01,
-                             key="prune_min_keep")
-        override_layers = st.multiselect("Layers with their own sparsity", [n for n in layer_names if n not in protect],
-                                         key="prune_override_layers")
-        overrides = {name: st.slider(f"Sparsity of {name}", 0.0, 1.0, float(sparsity), 0.01, key=f"prune_override_{name}")
-                     for name in override_layers}
 
-try:
-    recipe = common.session_recipe(model).replace(
-        scoring=scoring, plan=PlanSpec(sparsity=float(sparsity), scope=scope, protect=tuple(protect),
-                                       overrides=overrides, min_keep=float(min_keep)))
-    plan = pipeline.preview(prepared, recipe.plan)
-    estimate = pipeline.estimate(prepared, plan)
-except ExplorerError as exc:
-    st.error(str(exc))
-    st.stop()
-st.session_state[common.RECIPE] = recipe
+@st.fragment
+def plan_view() -> None:
+    """Everything a sparsity or scope move changes. A fragment: moving the slider reruns only this part
+    (a new cut of the scores sorted once), not the scoring or the rest of the page."""
+    layer_names = list(prepared.names)
+    for key in ("prune_protect", "prune_override_layers"):  # layer names differ between structures and models
+        st.session_state[key] = [name for name in st.session_state[key] if name in layer_names]
+    slider_col, collapse_col = st.columns([1, 1])
+    with slider_col:
+        scope = st.radio("Scope", ["local", "global"], horizontal=True, key="prune_scope")
+        sparsity = st.slider("Sparsity (fraction of units removed)", 0.0, 1.0, step=0.01, key="prune_sparsity")
+        with st.expander("Per-layer settings: protect, override, min_keep"):
+            protect = st.multiselect("Protected layers (never pruned)", layer_names, key="prune_protect")
+            min_keep = st.slider("min_keep: every layer keeps at least this fraction", 0.0, 0.5, step=0.01,
+                                 key="prune_min_keep")
+            override_layers = st.multiselect("Layers with their own sparsity", [n for n in layer_names if n not in protect],
+                                             key="prune_override_layers")
+            overrides = {name: st.slider(f"Sparsity of {name}", 0.0, 1.0, float(sparsity), 0.01, key=f"prune_override_{name}")
+                         for name in override_layers}
 
-
-def switch_to_local() -> None:
-    st.session_state["prune_scope"] = "local"
-
-
-def add_min_keep_guard() -> None:
-    st.session_state["prune_min_keep"] = max(0.05, st.session_state.get("prune_min_keep", 0.0))
-
-
-with collapse_col:
-    if plan.collapsed:
-        st.warning(f"**Layer collapse:** this plan empties {', '.join(f'`{n}`' for n in plan.collapsed)}. "
-                   "Nothing would flow through that layer: the network is cut in two.", icon=":material/warning:")
-        fix_local, fix_guard = st.columns(2)
-        fix_local.button("Switch to local scope", on_click=switch_to_local, key="fix_local", disabled=scope == "local")
-        fix_guard.button("Keep at least 5 % per layer", on_click=add_min_keep_guard, key="fix_min_keep")
-    if plan.collapse_point is not None:
-        st.info(f"{scope.capitalize()} {criterion} pruning empties `{plan.collapse_layer}` beyond "
-                f"**{100 * plan.collapse_point:.1f} %** sparsity.", icon=":material/info:")
-    elif scope == "global":
-        st.success("No layer can collapse with these guards.", icon=":material/check_circle:")
-    if plan.note:
-        st.caption(plan.note)
-
-cols = st.columns(4)
-cols[0].metric("Parameters after", common.fmt_int(estimate["params_after"]),
-               f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}", delta_color="off", delta_arrow="off")
-cols[1].metric("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
-               f"{estimate['speedup_flops']:.2f}x fewer", delta_color="off", delta_arrow="off")
-cols[2].metric("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
-               f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}", delta_color="off", delta_arrow="off")
-cols[3].metric("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual),
-               delta_color="off", delta_arrow="off")
-if not estimate["exact"]:
-    st.caption("Channel estimates leave out biases and BatchNorm; Apply replaces them with exact counts. "
-               "Unstructured: non-zero parameters, and FLOPs a sparse kernel would do.")
-
-layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
-                        "kept": lp.kept, "pruned": lp.pruned, "sparsity": lp.sparsity, "rule": lp.source,
-                        "collapsed": lp.collapsed} for lp in plan.layers])
-st.plotly_chart(figures.plan_sparsity(plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); "
-                                                   "red = emptied"), key="prune_chart")
-st.dataframe(layers, hide_index=True, column_config={
-    "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0, max_value=1.0)})
-
-if structure == "channel":
-    st.subheader("Coupled groups")
-    root = st.selectbox("Layer", [g.name for g in prepared.groups], key="prune_group_layer",
-                        help="The group whose removal shrinks this layer's outputs.")
-    group = group_of(prepared.groups, root)
-    if group is not None:
-        removed = plan.layer(group.name).pruned if group.name in prepared.names else 0
-        g1, g2, g3 = st.columns(3)
-        g1.metric("Channels in group", group.channels, f"{removed} removed by this plan", delta_color="off", delta_arrow="off")
-        g2.metric("Params per channel, real", f"{group.params_per_channel_real:,.0f}")
-        g3.metric("Params per channel, naive", f"{group.params_per_channel_naive:,}",
-                  help="Only the root filter (weight slice and bias): what a per-layer view suggests.")
-        st.caption(f"Group kind: {group.kind}. Removing {removed} channel(s) frees about "
-                   f"{removed * group.params_per_channel_real:,.0f} parameters; counting only the root filter "
-                   f"would say {removed * group.params_per_channel_naive:,}.")
-        st.dataframe(pd.DataFrame([{"layer": m.layer, "type": m.type, "cut": m.cut, "channels": m.channels,
-                                    "depthwise": m.depthwise} for m in group.members]), hide_index=True)
-
-st.divider()
-if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply"):
     try:
-        pruned_module = pipeline.apply(model["module"], prepared, plan)
-        run = common.measure_and_save(model, pruned_module, recipe)
+        recipe = common.session_recipe(model).replace(
+            scoring=scoring, plan=PlanSpec(sparsity=float(sparsity), scope=scope, protect=tuple(protect),
+                                           overrides=overrides, min_keep=float(min_keep)))
+        plan = pipeline.preview(prepared, recipe.plan)
+        estimate = pipeline.estimate(prepared, plan)
     except ExplorerError as exc:
         st.error(str(exc))
-    else:
-        st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": recipe, "plan": plan.to_dict(),
-                                           "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
-                                           "run_name": run.name}
-        st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy
+        st.stop()
+    st.session_state[common.RECIPE] = recipe
+    common.sync_url()  # a fragment rerun skips app.py, which syncs the URL on full reruns
 
-pruned = st.session_state.get(common.PRUNED)
-if pruned is not None and pruned["model_key"] == model["key"]:
-    m = pruned["metrics"]
-    st.success(f"Saved **{pruned['run_name']}**.")
-    r = st.columns(5)
-    r[0].metric("Accuracy", common.fmt_pct(m["accuracy"]), f"{100 * m['delta_accuracy']:+.1f} pts")
-    r[1].metric("Non-zero params", common.fmt_int(m["params_nonzero"]), f"of {common.fmt_int(m['params_total'])}",
-                delta_color="off", delta_arrow="off")
-    r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
-                f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off", delta_arrow="off")
-    r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")
-    r[4].metric("Speed-up, measured", f"{m['speedup_measured']:.2f}x" if m.get("speedup_measured") else "-",
-                f"{m.get('device')}, batch {m.get('batch')}", delta_color="off", delta_arrow="off")
-    st.page_link("pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
+
+    def switch_to_local() -> None:
+        st.session_state["prune_scope"] = "local"
+
+
+    def add_min_keep_guard() -> None:
+        st.session_state["prune_min_keep"] = max(0.05, st.session_state.get("prune_min_keep", 0.0))
+
+
+    with collapse_col:
+        if plan.collapsed:
+            st.warning(f"**Layer collapse:** this plan empties {', '.join(f'`{n}`' for n in plan.collapsed)}. "
+                       "Nothing would flow through that layer: the network is cut in two.", icon=":material/warning:")
+            fix_local, fix_guard = st.columns(2)
+            fix_local.button("Switch to local scope", on_click=switch_to_local, key="fix_local", disabled=scope == "local")
+            fix_guard.button("Keep at least 5 % per layer", on_click=add_min_keep_guard, key="fix_min_keep")
+        if plan.collapse_point is not None:
+            st.info(f"{scope.capitalize()} {criterion} pruning empties `{plan.collapse_layer}` beyond "
+                    f"**{100 * plan.collapse_point:.1f} %** sparsity.", icon=":material/info:")
+        elif scope == "global":
+            st.success("No layer can collapse with these guards.", icon=":material/check_circle:")
+        if plan.note:
+            st.caption(plan.note)
+
+    cols = st.columns(4)
+    cols[0].metric("Parameters after", common.fmt_int(estimate["params_after"]),
+                   f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}", delta_color="off", delta_arrow="off")
+    cols[1].metric("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
+                   f"{estimate['speedup_flops']:.2f}x fewer", delta_color="off", delta_arrow="off")
+    cols[2].metric("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
+                   f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}", delta_color="off", delta_arrow="off")
+    cols[3].metric("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual),
+                   delta_color="off", delta_arrow="off")
+    if not estimate["exact"]:
+        st.caption("Channel estimates leave out biases and BatchNorm; Apply replaces them with exact counts. "
+                   "Unstructured: non-zero parameters, and FLOPs a sparse kernel would do.")
+
+    layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
+                            "kept": lp.kept, "pruned": lp.pruned, "sparsity": lp.sparsity, "rule": lp.source,
+                            "collapsed": lp.collapsed} for lp in plan.layers])
+    st.plotly_chart(figures.plan_sparsity(plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); "
+                                                       "red = emptied"), key="prune_chart")
+    st.dataframe(layers, hide_index=True, column_config={
+        "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0, max_value=1.0)})
+
+    if structure == "channel":
+        st.subheader("Coupled groups")
+        root = st.selectbox("Layer", [g.name for g in prepared.groups], key="prune_group_layer",
+                            help="The group whose removal shrinks this layer's outputs.")
+        group = group_of(prepared.groups, root)
+        if group is not None:
+            removed = plan.layer(group.name).pruned if group.name in prepared.names else 0
+            g1, g2, g3 = st.columns(3)
+            g1.metric("Channels in group", group.channels, f"{removed} removed by this plan", delta_color="off", delta_arrow="off")
+            g2.metric("Params per channel, real", f"{group.params_per_channel_real:,.0f}")
+            g3.metric("Params per channel, naive", f"{group.params_per_channel_naive:,}",
+                      help="Only the root filter (weight slice and bias): what a per-layer view suggests.")
+            st.caption(f"Group kind: {group.kind}. Removing {removed} channel(s) frees about "
+                       f"{removed * group.params_per_channel_real:,.0f} parameters; counting only the root filter "
+                       f"would say {removed * group.params_per_channel_naive:,}.")
+            st.dataframe(pd.DataFrame([{"layer": m.layer, "type": m.type, "cut": m.cut, "channels": m.channels,
+                                        "depthwise": m.depthwise} for m in group.members]), hide_index=True)
+
+    st.divider()
+    if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply"):
+        try:
+            pruned_module = pipeline.apply(model["module"], prepared, plan)
+            run = common.measure_and_save(model, pruned_module, recipe)
+        except ExplorerError as exc:
+            st.error(str(exc))
+        else:
+            st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": recipe, "plan": plan.to_dict(),
+                                               "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
+                                               "run_name": run.name}
+            st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy
+
+    pruned = st.session_state.get(common.PRUNED)
+    if pruned is not None and pruned["model_key"] == model["key"]:
+        m = pruned["metrics"]
+        st.success(f"Saved **{pruned['run_name']}**.")
+        r = st.columns(5)
+        r[0].metric("Accuracy", common.fmt_pct(m["accuracy"]), f"{100 * m['delta_accuracy']:+.1f} pts")
+        r[1].metric("Non-zero params", common.fmt_int(m["params_nonzero"]), f"of {common.fmt_int(m['params_total'])}",
+                    delta_color="off", delta_arrow="off")
+        r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
+                    f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off", delta_arrow="off")
+        r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")
+        r[4].metric("Speed-up, measured", f"{m['speedup_measured']:.2f}x" if m.get("speedup_measured") else "-",
+                    f"{m.get('device')}, batch {m.get('batch')}", delta_color="off", delta_arrow="off")
+        st.page_link("pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
+
+
+plan_view()
