@@ -92,6 +92,7 @@ class MethodRun:
     _regrown: int = 0
     _base_total: int = 0
     _base_channels: int | None = None
+    _phase_start: int = 0  # the schedule step the current training phase started at (rewinding replays)
 
     def __post_init__(self):
         self._base_total = prunable_counts(self.model)[1]
@@ -177,6 +178,7 @@ class MethodRun:
         if epochs <= 0 or self.cancelled:
             return TrainResult(model=clone_model(model), device="cpu")
         recorder = _Recorder(self)
+        self._phase_start = start_step
         result = train(model, self.dataset, config, progress=self._progress, cancel=self.cancel,
                        callbacks=[*callbacks, recorder], start_step=start_step)
         self.steps_done += result.steps
@@ -208,9 +210,26 @@ class MethodRun:
     def _progress(self, progress: Progress) -> None:
         if progress.metric is not None:
             return
-        done = self.steps_done + (progress.epoch - 1) * progress.steps_per_epoch + progress.step
+        done = self.steps_done + (progress.epoch - 1) * progress.steps_per_epoch + progress.step - self._phase_start
         self.report(done / max(1, self.total_steps),
                     f"epoch {self.epochs_done + 1}/{self.epochs}, loss {progress.loss:.3f}")
+
+    def record_step(self, state: TrainState, *, event: str, taken: int | None = None, start_step: int = 0) -> dict:
+        """A trajectory point from inside ``ctx.train`` (a callback's mask update, say), for ``state.model``.
+
+        ``taken`` is how many steps of the schedule are done (default ``state.global_step + 1``,
+        as in ``on_step_end``; ``state.global_step`` in ``on_step_start``) and ``start_step`` the
+        step that ``ctx.train`` call began at, so the point's step and epoch fall between the
+        epoch points that ``ctx.train`` records.
+        """
+        taken = state.global_step + 1 if taken is None else taken
+        saved = self.steps_done, self.epochs_done
+        self.steps_done += taken - start_step
+        self.epochs_done += taken // state.steps_per_epoch - start_step // state.steps_per_epoch
+        try:
+            return self.record(state.model, event=event, lr=state.lr)
+        finally:
+            self.steps_done, self.epochs_done = saved
 
 
 class _Recorder(Callback):
