@@ -13,6 +13,7 @@ from pages import common
 st.set_page_config(page_title="Pruning Explorer", page_icon=":material/content_cut:", layout="wide")
 
 navigation = st.navigation([
+    st.Page("pages/tour.py", title="Tour", icon=":material/school:"),
     st.Page("pages/model.py", title="Model", icon=":material/model_training:", default=True),
     st.Page("pages/inspect.py", title="Inspect", icon=":material/query_stats:"),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),

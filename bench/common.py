@@ -41,3 +41,16 @@ class ResNet18(nn.Module):
         x = self.pool(torch.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def mlp_25m(input_shape=(1, 8, 8), num_classes: int = 10) -> nn.Module:
+    """A plain MLP of about 25 M parameters on small inputs: big weights, cheap forward.
+
+    A factory (``bench.common:mlp_25m``) for loading into the app, so the slider benchmark can show
+    that a slider move does not scale with the model (the scores are sorted once).
+    """
+    features = 1
+    for size in input_shape:
+        features *= int(size)
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+                         nn.Linear(4096, 2048), nn.ReLU(), nn.Linear(2048, num_classes))

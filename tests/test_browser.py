@@ -175,6 +175,16 @@ def test_slider_moves_chart(server, browser, tmp_path):
     screenshot = shoot(browser, tmp_path, "prune")
     assert screenshot.stat().st_size > 10_000
 
+    # A reload is a new browser session: the URL carries the model and the sparsity back.
+    assert "sparsity=0.75" in browser.current_url and "model=mlp" in browser.current_url
+    browser.refresh()
+    wait_for(browser, lambda d: sparsity_thumb(d) is not None and bar_heights(d) is not None, 120,
+             "the Prune page did not come back after a reload")
+    settle(browser)
+    assert float(sparsity_thumb(browser).get_attribute("value")) == pytest.approx(0.75)
+    assert "mlp" in browser.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
+    assert bar_heights(browser) == after
+
     if os.environ.get("SAVE_SCREENSHOTS") == "1":
         tour_for_screenshots(browser, tmp_path)
 

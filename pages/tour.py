@@ -1,0 +1,114 @@
+"""Tour: the three questions of pruning, each answered by a computation on the current model."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from explorer import figures, tour
+from explorer.errors import ExplorerError
+from explorer.specs import BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
+from explorer.train import TrainConfig
+from pages import common
+
+st.title("Tour")
+common.explain("""
+Pruning answers three questions. **What** to remove: single weights (a mask of zeros) or whole
+channels and neurons (the tensors really shrink). **How to decide** which ones: a score per unit
+(magnitude, gradient, Taylor, ...), cut per layer (local) or with one threshold over the whole
+network (global). **How over time**: once and then fine-tune, in rounds, gradually while training,
+or with a sparse network from the start.
+
+Each step below computes its evidence on the model loaded now (the sidebar shows which), so the
+numbers are this model's, not a textbook's. Each step ends with a link to the page where you can
+try it yourself.
+""")
+
+model = common.require_model()
+data = model["dataset"]
+evidence = st.session_state.setdefault("tour_evidence", {})
+
+
+def computed(step: str, label: str, compute):
+    """The evidence of ``step`` for this model, computed when the user asks (kept for the session)."""
+    key = (step, model["key"])
+    if st.button(label, key=f"tour_{step}", type="primary" if key not in evidence else "secondary"):
+        try:
+            with st.spinner("Computing on the current model ..."):
+                evidence[key] = compute()
+        except ExplorerError as exc:
+            st.error(str(exc))
+    return evidence.get(key)
+
+
+st.header("1. What to prune")
+st.markdown("Zeros in a dense tensor do not make a dense kernel faster: the multiply-adds happen anyway. "
+            "Removing whole channels makes every tensor smaller, and that is what a CPU or GPU feels. "
+            "Here the same model is pruned both ways and measured in the same call.")
+what = computed("what", "Prune it both ways and measure", lambda: tour.what_to_prune(model["module"], data))
+if what is not None:
+    st.plotly_chart(figures.cost_side_by_side(what["rows"]), key="tour_cost")
+    st.dataframe(pd.DataFrame(what["rows"]).drop(columns=["structure"]), hide_index=True, column_config={
+        "sparsity": st.column_config.NumberColumn(format="percent"),
+        "accuracy": st.column_config.NumberColumn("accuracy (no fine-tune)", format="percent"),
+        "base_accuracy": st.column_config.NumberColumn("base accuracy", format="percent"),
+        "speedup_flops": st.column_config.NumberColumn("FLOPs speed-up", format="%.2fx"),
+        "speedup_measured": st.column_config.NumberColumn("measured speed-up", format="%.2fx"),
+        "compression_ratio": st.column_config.NumberColumn("file x smaller", format="%.2fx")})
+    group = what["group"]
+    if group is not None:
+        st.markdown(f"A channel is never removed alone. The group rooted at `{group['name']}` ({group['kind']}) "
+                    f"couples {len(group['members'])} layers: one of its channels really takes "
+                    f"**{group['real']:,.0f}** parameters with it, where counting only the root filter says "
+                    f"**{group['naive']:,}**.")
+st.page_link("pages/prune.py", label="Try it: the Prune page", icon=":material/content_cut:")
+
+st.header("2. How to decide")
+st.markdown("A criterion scores every unit; the lowest go. Random scores are the baseline every criterion "
+            "must beat. Then the scope: *local* cuts every layer alike, *global* uses one threshold, so a "
+            "layer whose scores are small overall can be emptied completely (layer collapse).")
+decide = computed("decide", "Compare criteria and scopes", lambda: tour.how_to_decide(model["module"], data))
+if decide is not None:
+    rows = [{"criterion": name, "accuracy": value} for name, value in decide["accuracy"].items()]
+    st.markdown(f"Test accuracy right after removing **{decide['sparsity']:.0%}** of the weights "
+                f"(global scope, no fine-tune; dense: {common.fmt_pct(decide['base_accuracy'])}):")
+    st.dataframe(pd.DataFrame(rows), hide_index=True,
+                 column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+    left, right = st.columns(2)
+    for column, scope in ((left, "local"), (right, "global")):
+        plan = decide["plans"][scope]
+        with column:
+            st.plotly_chart(figures.plan_sparsity(plan, title=f"{scope} scope, {plan.sparsity_requested:.0%}"),
+                            key=f"tour_plan_{scope}")
+            if plan.collapsed:
+                st.warning(f"{scope}: empties {', '.join(plan.collapsed)} (collapse point "
+                           f"{plan.collapse_point:.1%}, `{plan.collapse_layer}`).")
+            else:
+                st.success(f"{scope}: no layer emptied"
+                           + (f" (the first would empty beyond {plan.collapse_point:.1%})" if plan.collapse_point
+                              else "") + ".")
+st.page_link("pages/inspect.py", label="Try it: look at the weights on Inspect", icon=":material/query_stats:")
+
+st.header("3. How over time")
+st.markdown("Cutting everything at once and then fine-tuning is one answer. Cutting in rounds, with training "
+            "in between, lets the network adapt to each cut. Here both get the same training budget.")
+
+
+def run_methods():
+    recipe = common.session_recipe(model).replace(
+        scoring=ScoringSpec("unstructured", "magnitude"), plan=PlanSpec(0.9, "global"),
+        budget=BudgetSpec(epochs=3), finetune=TrainConfig(lr=1e-3, batch_size=128),
+        measure=MeasureSpec(latency=False))
+    return tour.how_over_time(recipe, model["module"], data, ("one_shot", "iterative"))
+
+
+over_time = computed("time", "Run one-shot and iterative (3 epochs each)", run_methods)
+if over_time is not None:
+    for name, result in over_time.items():
+        if result["error"]:
+            st.error(result["error"])
+    finished = {name: result["trajectory"] for name, result in over_time.items() if result["metrics"]}
+    if finished:
+        st.plotly_chart(figures.trajectories(finished), key="tour_methods")
+        st.markdown(" ".join(f"**{name}** ends at {common.fmt_pct(result['metrics']['accuracy'])}."
+                             for name, result in over_time.items() if result["metrics"]))
+st.page_link("pages/methods.py", label="Try it: the Methods page", icon=":material/timeline:")
