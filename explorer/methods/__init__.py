@@ -20,13 +20,16 @@ from torch import nn
 
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
+from explorer.methods.at_init import AtInit
 from explorer.methods.base import Method, MethodRun, collapsed_layers  # noqa: F401 - public API
+from explorer.methods.during import SET, Gradual, RigL
 from explorer.methods.one_shot import OneShot
+from explorer.methods.regularised import LearnedMask, Penalty
 from explorer.methods.rounds import Iterative, LotteryTicket, LrRewinding
 from explorer.specs import build
 from explorer.train import TrainConfig
 
-METHODS: dict[str, Method] = {method.name: method for method in (OneShot(), Iterative(), LrRewinding(), LotteryTicket())}
+METHODS: dict[str, Method] = {method.name: method for method in (OneShot(), Iterative(), LrRewinding(), LotteryTicket(), Gradual(), SET(), RigL(), AtInit(), Penalty(), LearnedMask())}
 
 
 def method_params(name: str, params: dict):
