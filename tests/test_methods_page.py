@@ -60,3 +60,13 @@ def test_cancel_keeps_what_ran_and_runs_nothing_after():
     assert job.cancelled
     assert all(r.cancelled or r.error for r in job.result)  # whatever had started stopped early
     assert len(job.result) <= 1
+
+
+def test_a_method_that_cannot_serve_the_structure_is_one_line_and_nothing_runs():
+    at = open_methods()
+    at.selectbox(key="methods_structure").set_value("channel")
+    at.multiselect(key="methods_chosen").set_value(["one_shot", "set"])
+    at.button(key="methods_start").click().run()
+    assert not at.exception
+    assert "set cannot prune with channel structure" in "\n".join(e.value for e in at.error)
+    assert "methods_job" not in at.session_state
