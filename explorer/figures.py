@@ -212,3 +212,18 @@ def cost_side_by_side(rows: Sequence[Mapping]) -> go.Figure:
     figure.update_layout(barmode="group", title="What pruning buys: theory, measurement and file size",
                          yaxis_title="x better than dense", height=380, legend=_LEGEND_BELOW)
     return figure
+
+
+def norm_distributions(before: Mapping[str, "torch.Tensor"], after: Mapping[str, "torch.Tensor"], what: str,
+                       *, bins: int = 60) -> go.Figure:
+    """Overlaid histograms of the penalised norms (all layers together) before and after training.
+
+    A sparsity penalty shows as mass moving to zero: the units the data loss does not defend.
+    """
+    figure = go.Figure()
+    for label, values, color in (("before", before, PALETTE[0]), ("after", after, PALETTE[1])):
+        flat = [float(v) for tensor in values.values() for v in tensor.reshape(-1).tolist()]
+        figure.add_trace(go.Histogram(x=flat, name=label, nbinsx=bins, opacity=0.6, marker_color=color))
+    figure.update_layout(barmode="overlay", title=f"{what} before and after", xaxis_title=what,
+                         yaxis_title="count", yaxis_type="log", height=340, legend=_LEGEND_BELOW)
+    return figure

@@ -9,6 +9,7 @@ from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.methods import METHODS
 from explorer.methods.lab import run_lab
+from explorer.methods.regularised import DEFAULT_KIND, penalty_norms
 from explorer.planner import SCOPES
 from explorer.specs import STRUCTURES, BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
 from explorer.store import RunStore
@@ -131,6 +132,12 @@ if job is not None and job.done:
             "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
             "speed-up measured": st.column_config.NumberColumn(format="%.2fx")})
         for r in finished:
+            if r.method == "penalty" and r.model is not None:
+                kind = DEFAULT_KIND[lab_recipe.scoring.structure]  # the lab runs each method with its defaults
+                what = {"l1": "|w|", "group_lasso": "filter L2 norm", "bn_l1": "BatchNorm |γ|"}[kind]
+                st.plotly_chart(figures.norm_distributions(penalty_norms(model["module"], kind),
+                                                           penalty_norms(r.model, kind), f"penalty: {what}"),
+                                key="methods_norms")
             with st.expander(f"{r.method}: the idea"):
                 st.markdown(METHODS[r.method].__doc__ or METHODS[r.method].summary)
         st.page_link("pages/compare.py", label="Compare every run", icon=":material/arrow_forward:")

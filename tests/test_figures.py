@@ -79,3 +79,11 @@ def test_training_curve_and_summary():
     weights = stats.weight_stats(build("mlp", (1, 8, 8), 10))
     summary = figures.layer_summary(weights)
     assert list(summary.data[0].x) == ["fc1", "fc2", "classifier"] and len(summary.data) == 2
+
+
+def test_norm_distributions_overlay_every_value_before_and_after():
+    before = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}
+    after = {"a": torch.tensor([0.0, 0.5]), "b": torch.tensor([0.0])}
+    figure = figures.norm_distributions(before, after, "|w|")
+    assert [list(trace.x) for trace in figure.data] == [[1.0, 2.0, 3.0], [0.0, 0.5, 0.0]]
+    assert [trace.name for trace in figure.data] == ["before", "after"]

@@ -31,22 +31,25 @@ def test_methods_run_side_by_side_and_become_runs():
     assert any(e.label == "What am I looking at?" for e in at.expander)
     at.number_input(key="methods_epochs").set_value(1)
     at.slider(key="methods_sparsity").set_value(0.7)
+    at.multiselect(key="methods_chosen").set_value(["one_shot", "penalty"])
     at.button(key="methods_start").click().run()
     job = wait_for_lab(at)
     assert not at.exception and not at.error, [e.value for e in at.error]
-    [result] = job.result
+    result, penalty = job.result
     assert result.method == "one_shot" and result.error is None and not result.cancelled
     assert [p["event"] for p in result.trajectory] == ["prune", "epoch"]
-    assert result.metrics["sparsity_actual"] == pytest.approx(0.7, abs=1e-4)
+    for finished in (result, penalty):
+        assert finished.metrics["sparsity_actual"] == pytest.approx(0.7, abs=1e-4)
     table = at.dataframe[0].value
-    assert table["method"].tolist() == ["one_shot"]
+    assert table["method"].tolist() == ["one_shot", "penalty"]
+    assert any(chart.proto.id and "methods_norms" in chart.proto.id for chart in at.get("plotly_chart"))
     stored = RunStore().get(result.run_id)
     assert stored.trajectory == result.trajectory and stored.recipe["method"] == {"name": "one_shot"}
     assert stored.recipe["budget"] == {"epochs": 1}
     at.switch_page("pages/compare.py").run()
     assert not at.exception and not at.error
     assert "Trajectories of methods over time" in [h.value for h in at.subheader]
-    assert at.multiselect(key="cmp_traj").value == [result.run_id]
+    assert at.multiselect(key="cmp_traj").value == [result.run_id, penalty.run_id]
 
 
 def test_cancel_keeps_what_ran_and_runs_nothing_after():

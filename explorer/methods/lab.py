@@ -23,7 +23,7 @@ from explorer.store import Run, RunStore
 
 @dataclass
 class LabResult:
-    """One method's outcome in the lab: its metrics and trajectory, or the one line that says why not."""
+    """One method's outcome in the lab: its pruned model, metrics and trajectory, or the one line that says why not."""
 
     method: str
     trajectory: list[dict] = field(default_factory=list)
@@ -31,6 +31,7 @@ class LabResult:
     run_id: int | None = None
     cancelled: bool = False
     error: str | None = None
+    model: nn.Module | None = None
 
 
 def run_lab(recipe, names: list[str], model: nn.Module, dataset: Dataset, *, context=None,
@@ -63,7 +64,7 @@ def run_lab(recipe, names: list[str], model: nn.Module, dataset: Dataset, *, con
         try:
             outcome = run_method(method_recipe, model, dataset, progress=report,
                                  cancel=context.cancel if context is not None else None, on_point=point)
-            result.cancelled = outcome.cancelled
+            result.cancelled, result.model = outcome.cancelled, outcome.model
             result.metrics = pipeline.measure_run(model, outcome.model, dataset, method_recipe.measure,
                                                   base_accuracy=base_accuracy)
         except ExplorerError as exc:
