@@ -73,26 +73,37 @@ except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
 
+layer_names = list(prepared.names)
+for key in ("prune_protect", "prune_override_layers"):  # layer names differ between structures and models
+    st.session_state[key] = [name for name in st.session_state[key] if name in layer_names]
+scope_col, layers_col = st.columns([1, 1])  # settings a user changes rarely: a full rerun is fine
+with scope_col:
+    scope = st.radio("Scope", ["local", "global"], horizontal=True, key="prune_scope")
+with layers_col, st.expander("Per-layer settings: protect, override, min_keep"):
+    protect = st.multiselect("Protected layers (never pruned)", layer_names, key="prune_protect")
+    min_keep = st.slider("min_keep: every layer keeps at least this fraction", 0.0, 0.5, step=0.01,
+                         key="prune_min_keep")
+    override_layers = st.multiselect("Layers with their own sparsity", [n for n in layer_names if n not in protect],
+                                     key="prune_override_layers")
+    overrides = {name: st.slider(f"Sparsity of {name}", 0.0, 1.0, float(st.session_state["prune_sparsity"]), 0.01,
+                                 key=f"prune_override_{name}") for name in override_layers}
+
+
+def full_rerun(**changes) -> None:
+    """A collapse fix changes a setting drawn outside the fragment: apply it and redraw the whole page."""
+    st.session_state.update(changes)
+    st.session_state["prune_full_rerun"] = True
+
 
 @st.fragment
 def plan_view() -> None:
-    """Everything a sparsity or scope move changes. A fragment: moving the slider reruns only this part
-    (a new cut of the scores sorted once), not the scoring or the rest of the page."""
-    layer_names = list(prepared.names)
-    for key in ("prune_protect", "prune_override_layers"):  # layer names differ between structures and models
-        st.session_state[key] = [name for name in st.session_state[key] if name in layer_names]
+    """Everything a sparsity move changes. A fragment: moving the slider reruns only this part (a new
+    cut of the scores sorted once), not the scoring, the settings or the rest of the page."""
+    if st.session_state.pop("prune_full_rerun", False):
+        st.rerun(scope="app")
     slider_col, collapse_col = st.columns([1, 1])
     with slider_col:
-        scope = st.radio("Scope", ["local", "global"], horizontal=True, key="prune_scope")
         sparsity = st.slider("Sparsity (fraction of units removed)", 0.0, 1.0, step=0.01, key="prune_sparsity")
-        with st.expander("Per-layer settings: protect, override, min_keep"):
-            protect = st.multiselect("Protected layers (never pruned)", layer_names, key="prune_protect")
-            min_keep = st.slider("min_keep: every layer keeps at least this fraction", 0.0, 0.5, step=0.01,
-                                 key="prune_min_keep")
-            override_layers = st.multiselect("Layers with their own sparsity", [n for n in layer_names if n not in protect],
-                                             key="prune_override_layers")
-            overrides = {name: st.slider(f"Sparsity of {name}", 0.0, 1.0, float(sparsity), 0.01, key=f"prune_override_{name}")
-                         for name in override_layers}
 
     try:
         recipe = common.session_recipe(model).replace(
@@ -106,22 +117,16 @@ def plan_view() -> None:
     st.session_state[common.RECIPE] = recipe
     common.sync_url()  # a fragment rerun skips app.py, which syncs the URL on full reruns
 
-
-    def switch_to_local() -> None:
-        st.session_state["prune_scope"] = "local"
-
-
-    def add_min_keep_guard() -> None:
-        st.session_state["prune_min_keep"] = max(0.05, st.session_state.get("prune_min_keep", 0.0))
-
-
     with collapse_col:
         if plan.collapsed:
             st.warning(f"**Layer collapse:** this plan empties {', '.join(f'`{n}`' for n in plan.collapsed)}. "
                        "Nothing would flow through that layer: the network is cut in two.", icon=":material/warning:")
             fix_local, fix_guard = st.columns(2)
-            fix_local.button("Switch to local scope", on_click=switch_to_local, key="fix_local", disabled=scope == "local")
-            fix_guard.button("Keep at least 5 % per layer", on_click=add_min_keep_guard, key="fix_min_keep")
+            fix_local.button("Switch to local scope", on_click=full_rerun, kwargs={"prune_scope": "local"},
+                             key="fix_local", disabled=scope == "local")
+            fix_guard.button("Keep at least 5 % per layer", on_click=full_rerun,
+                             kwargs={"prune_min_keep": max(0.05, st.session_state.get("prune_min_keep", 0.0))},
+                             key="fix_min_keep")
         if plan.collapse_point is not None:
             st.info(f"{scope.capitalize()} {criterion} pruning empties `{plan.collapse_layer}` beyond "
                     f"**{100 * plan.collapse_point:.1f} %** sparsity.", icon=":material/info:")
