@@ -73,3 +73,22 @@ def test_a_method_that_cannot_serve_the_structure_is_one_line_and_nothing_runs()
     assert not at.exception
     assert "set cannot prune with channel structure" in "\n".join(e.value for e in at.error)
     assert "methods_job" not in at.session_state
+
+
+def test_every_method_runs_from_the_page_under_one_budget():
+    from explorer.methods import METHODS
+
+    at = open_methods()
+    at.number_input(key="methods_epochs").set_value(3)
+    at.slider(key="methods_sparsity").set_value(0.8)
+    at.multiselect(key="methods_chosen").set_value(list(METHODS))
+    at.selectbox(key="methods_batch").set_value(256)
+    at.button(key="methods_start").click().run()
+    job = wait_for_lab(at, timeout=400)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert [r.method for r in job.result] == list(METHODS)
+    for result in job.result:
+        assert result.error is None and result.metrics is not None, result.method
+        assert result.metrics["sparsity_actual"] == pytest.approx(0.8, abs=0.02), result.method
+        assert max(p["epoch"] for p in result.trajectory) <= 3, result.method  # the budget holds
+    assert at.dataframe[0].value["method"].tolist() == list(METHODS)
