@@ -91,69 +91,22 @@ def fresh(name: str, dataset) -> nn.Module:
     return build(name, dataset.input_shape, dataset.num_classes).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--reference-batches", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per cell of the main table")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_criteria.md")))
-    args = parser.parse_args()
-
-    load_before = os.getloadavg()
-    rows, slowest = [], 0.0
-    for model_name, entry in ZOO.items():
-        dataset = load_dataset(entry.default_dataset)
-        model = fresh(model_name, dataset)
-        calib = dataset.calibration(args.batches, args.batch_size, seed=0)
-        cells = []
-        for criterion in criteria.CRITERIA:
-            for structure, score_fn in STRUCTURES.items():
-                scores, seconds = timed(score_fn, model, criterion, calib, repeats=args.repeats,
-                                        input_shape=dataset.input_shape)
-                zero_layers = sum(1 for score in scores.values() if not score.any())
-                cells.append((criterion, structure, seconds, zero_layers, len(scores)))
-                slowest = max(slowest, seconds)
-                print(f"{model_name} {criterion} {structure}: {seconds:.2f} s", flush=True)
-        rows.append((model_name, entry.default_dataset, cells))
-
-    reference_rows = []
-    for model_name in REFERENCE_MODELS:
-        dataset = load_dataset(ZOO[model_name].default_dataset)
-        model = fresh(model_name, dataset)
-        calib = dataset.calibration(args.reference_batches, args.batch_size, seed=0)
-        ours, ours_before_s = timed(criteria.channel_scores, model, "conductance", calib)
-        reference, reference_s = timed(captum_conductance_channels, model, calib)
-        _, ours_after_s = timed(criteria.channel_scores, model, "conductance", calib)
-        ours_s = min(ours_before_s, ours_after_s)  # timed on both sides of the reference: load drifts
-        difference = max(float((ours[name] - reference[name]).abs().max() / reference[name].abs().max().clamp_min(1e-30))
-                         for name in ours)
-        reference_rows.append((model_name, ours_s, reference_s, difference))
-        print(f"{model_name} conductance: ours {ours_s:.1f} s, captum per layer {reference_s:.1f} s", flush=True)
-
-    synflow_rows = []
-    for model_name, entry in ZOO.items():
-        dataset = load_dataset(entry.default_dataset)
-        model = fresh(model_name, dataset)
-        ours = criteria.weight_scores(model, "synflow", input_shape=dataset.input_shape)
-        synflow_rows.append((model_name, len(ours), plain_abs_synflow_zero_layers(model, dataset.input_shape),
-                             sum(1 for score in ours.values() if not score.any())))
-    load_after = os.getloadavg()
-
+def render(args, rows, reference_rows, synflow_rows, loads) -> str:
+    """The results file (Markdown) for whatever has been measured so far."""
+    slowest = max((seconds for _, _, cells in rows for _, _, seconds, _, _ in cells), default=0.0)
     lines = [
         "# Importance criteria: wall time per criterion x structure x zoo model (CPU)",
         "",
         "`python -m bench.bench_criteria` (this file is its output). Fresh weights (seed 0), eval mode,",
         f"{args.batches} calibration batches of {args.batch_size} from each model's usual dataset. Each cell is the fastest",
-        f"of {args.repeats} calls (`time.perf_counter`, model copy included); in the reference comparison ours is timed",
-        "just before and just after the one reference call (fastest kept). *unstr.* = `criteria.weight_scores`, *chan.* = `criteria.channel_scores`. Data-free criteria ignore",
-        "the batches.",
+        f"of {args.repeats} calls (`time.perf_counter`, model copy included). *unstr.* = `criteria.weight_scores`,",
+        "*chan.* = `criteria.channel_scores`. Data-free criteria ignore the batches.",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         "device cpu",
-        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-        "(other work on the machine inflates the times)",
+        f"- load average (1 min) sampled after each measurement: min {min(loads):.2f}, max {max(loads):.2f} "
+        "(the machine is shared: above about 1, other work slows every cell)",
         f"- slowest cell: {slowest:.1f} s (target: every cell under 30 s)",
         "",
         "## Seconds per cell",
@@ -162,8 +115,8 @@ def main() -> None:
         "|---|" + "---|" * len(criteria.CRITERIA),
     ]
     for model_name, dataset_name, cells in rows:
-        by_criterion = {}
-        for criterion, structure, seconds, _, _ in cells:
+        by_criterion: dict[str, list[str]] = {}
+        for criterion, _, seconds, _, _ in cells:
             by_criterion.setdefault(criterion, []).append(f"{seconds:.2f}")
         lines.append(f"| {model_name} ({dataset_name}) | " + " | ".join(" / ".join(v) for v in by_criterion.values()) + " |")
     degenerate = [f"{model_name} {criterion} {structure} ({zero_layers}/{layers})"
@@ -174,6 +127,8 @@ def main() -> None:
         "",
         f"## Conductance: ours vs captum's LayerConductance per layer ({args.reference_batches} batch(es) of "
         f"{args.batch_size}, same run)",
+        "",
+        "Ours is timed just before and just after the one reference call, fastest kept.",
         "",
         "| model | ours s | captum per layer s | speed-up | largest difference / largest score |",
         "|---|---|---|---|---|",
@@ -189,8 +144,60 @@ def main() -> None:
     ]
     for model_name, layers, old_zero, new_zero in synflow_rows:
         lines.append(f"| {model_name} | {layers} | {old_zero} | {new_zero} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}; slowest cell {slowest:.1f} s{' (over 30 s!)' if slowest > 30 else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--reference-batches", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell of the main table")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_criteria.md")))
+    args = parser.parse_args()
+    rows, reference_rows, synflow_rows, loads = [], [], [], [os.getloadavg()[0]]
+
+    def write() -> None:  # after every stage, so a run cut short still leaves its numbers
+        Path(args.out).write_text(render(args, rows, reference_rows, synflow_rows, loads))
+
+    for model_name, entry in ZOO.items():
+        dataset = load_dataset(entry.default_dataset)
+        model = fresh(model_name, dataset)
+        ours = criteria.weight_scores(model, "synflow", input_shape=dataset.input_shape)
+        synflow_rows.append((model_name, len(ours), plain_abs_synflow_zero_layers(model, dataset.input_shape),
+                             sum(1 for score in ours.values() if not score.any())))
+
+    for model_name, entry in ZOO.items():
+        dataset = load_dataset(entry.default_dataset)
+        model = fresh(model_name, dataset)
+        calib = dataset.calibration(args.batches, args.batch_size, seed=0)
+        cells = []
+        for criterion in criteria.CRITERIA:
+            for structure, score_fn in STRUCTURES.items():
+                scores, seconds = timed(score_fn, model, criterion, calib, repeats=args.repeats,
+                                        input_shape=dataset.input_shape)
+                zero_layers = sum(1 for score in scores.values() if not score.any())
+                cells.append((criterion, structure, seconds, zero_layers, len(scores)))
+                loads.append(os.getloadavg()[0])
+                print(f"{model_name} {criterion} {structure}: {seconds:.2f} s (load {loads[-1]:.1f})", flush=True)
+        rows.append((model_name, entry.default_dataset, cells))
+        write()
+
+    for model_name in REFERENCE_MODELS:
+        dataset = load_dataset(ZOO[model_name].default_dataset)
+        model = fresh(model_name, dataset)
+        calib = dataset.calibration(args.reference_batches, args.batch_size, seed=0)
+        ours, ours_before_s = timed(criteria.channel_scores, model, "conductance", calib)
+        reference, reference_s = timed(captum_conductance_channels, model, calib)
+        _, ours_after_s = timed(criteria.channel_scores, model, "conductance", calib)
+        loads.append(os.getloadavg()[0])
+        difference = max(float((ours[name] - reference[name]).abs().max() / reference[name].abs().max().clamp_min(1e-30))
+                         for name in ours)
+        reference_rows.append((model_name, min(ours_before_s, ours_after_s), reference_s, difference))
+        print(f"{model_name} conductance: ours {ours_before_s:.1f} / {ours_after_s:.1f} s, "
+              f"captum per layer {reference_s:.1f} s", flush=True)
+        write()
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
