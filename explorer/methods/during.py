@@ -97,12 +97,13 @@ def cubic_sparsity(step: int, *, initial: float, final: float, start: int, updat
 @dataclass(frozen=True)
 class GradualParams:
     """``initial_sparsity`` s_i; ``start_epoch`` t0 in epochs; the pruning phase ends at ``end_fraction``
-    of the budget; ``delta_t`` steps between mask updates (default: about 10 updates in the phase);
-    ``regrow`` true makes it soft pruning (pruned weights keep training and can come back)."""
+    of the budget (default 0.5: the last cuts need the second half to recover; bench/RESULTS_methods.md);
+    ``delta_t`` steps between mask updates (default: about 10 updates in the phase); ``regrow`` true makes
+    it soft pruning (pruned weights keep training and can come back)."""
 
     initial_sparsity: float = 0.0
     start_epoch: int = 0
-    end_fraction: float = 0.75
+    end_fraction: float = 0.5
     delta_t: int | None = None
     regrow: bool = False
 
