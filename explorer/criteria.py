@@ -430,7 +430,8 @@ def _linearise(model: nn.Module) -> nn.Module:
 
     Eval BatchNorms become :class:`_PositiveAffine`; bounded or saturating activations
     (ReLU6, Hardtanh, sigmoid, tanh, SiLU, GELU...) become ReLU, which on the all-positive
-    signal is the identity; then every parameter and buffer takes its absolute value.
+    signal is the identity; then every parameter and buffer takes its absolute value. Only
+    modules can be swapped: a functional call in ``forward`` (``F.relu6(x)``) stays as it is.
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, _BATCHNORM_TYPES) and module.running_var is not None:
