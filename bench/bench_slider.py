@@ -8,7 +8,10 @@ In one run, on this machine, headless Debian Chromium drives three pages, each s
 * **prune, mlp** - the app's Prune page with the default mlp on digits (opened through its link,
   ``/prune?model=mlp&data=digits``);
 * **prune, 25 M** - the same page with a 25 M-parameter MLP (``bench.common:mlp_25m``) built through
-  the Model page's factory form.
+  the Model page's factory form;
+* the floor and the mlp page once more with ``--runner.postScriptGC true``, Streamlit's default that
+  ``.streamlit/config.toml`` turns off: a full ``gc.collect(2)`` after every script run, which held
+  the GIL for 110-200 ms while a slider move's reply waited to be sent.
 
 A move is one ArrowRight / ArrowLeft on the focused sparsity slider. Its latency runs from the
 browser's keydown event to the moment the first chart's bar heights differ (polled in the page
@@ -78,14 +81,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(script: str, folder: Path):
+def served(script: str, folder: Path, *options: str):
     """``streamlit run script`` headless on a free port; yields its URL; always stopped."""
     port = free_port()
     env = {**os.environ, "PRUNING_EXPLORER_DATA": str(folder / "data"), "PRUNING_EXPLORER_CACHE": str(folder / "cache")}
     log = open(folder / f"{Path(script).stem}.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+         *options],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -180,6 +184,12 @@ def main() -> None:
                 rows["Prune page, mlp (51 k weights)"] = measure_moves(driver, args.moves)
                 load_factory(driver, url, "bench.common:mlp_25m")
                 rows["Prune page, 25.5 M-parameter MLP"] = measure_moves(driver, args.moves)
+            with served("bench/floor_app.py", folder, "--runner.postScriptGC", "true") as url:
+                driver.get(url)
+                rows["floor, Streamlit's default post-run GC"] = measure_moves(driver, args.moves)
+            with served("app.py", folder, "--runner.postScriptGC", "true") as url:
+                driver.get(f"{url}/prune?model=mlp&data=digits")
+                rows["Prune page, mlp, Streamlit's default post-run GC"] = measure_moves(driver, args.moves)
         finally:
             driver.quit()
     floor = statistics.median(rows["floor (one slider, one chart)"])

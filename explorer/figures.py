@@ -73,20 +73,28 @@ def attribution(values: Sequence[float], layer: str) -> go.Figure:
 
 
 def plan_sparsity(plan: Plan, *, title: str = "Per-layer sparsity") -> go.Figure:
-    """Fraction removed per layer of a plan: red = emptied (collapse), grey = protected; dashed = requested."""
+    """Fraction removed per layer of a plan: red = emptied (collapse), grey = protected; dashed = requested.
+
+    Redrawn on every slider move, so it is built in one constructor call: ``add_hline`` and
+    ``update_layout`` re-validate the whole figure and cost about 5x more (bench/RESULTS_slider.md).
+    """
     layers = plan.layers
-    figure = go.Figure(go.Bar(
+    requested = plan.sparsity_requested
+    bar = go.Bar(
         x=[lp.name for lp in layers], y=[lp.sparsity for lp in layers],
         marker_color=[COLLAPSED if lp.collapsed else (PROTECTED if lp.source == "protected" else PRUNED)
                       for lp in layers],
         customdata=[[lp.kept, lp.total, lp.source] for lp in layers], text=[f"{lp.sparsity:.0%}" for lp in layers],
         hovertemplate="%{x}<br>sparsity %{y:.1%}<br>kept %{customdata[0]} of %{customdata[1]}<br>%{customdata[2]}"
-                      "<extra></extra>"))
-    figure.add_hline(y=plan.sparsity_requested, line_dash="dash",
-                     annotation_text=f"requested {plan.sparsity_requested:.0%}")
-    figure.update_layout(title=title, yaxis=dict(range=[0, 1.05], tickformat=".0%", title="fraction removed"),
-                         xaxis_title="layer", height=380, margin=dict(t=50, b=40))
-    return figure
+                      "<extra></extra>")
+    layout = dict(
+        title=dict(text=title), yaxis=dict(range=[0, 1.05], tickformat=".0%", title=dict(text="fraction removed")),
+        xaxis=dict(title=dict(text="layer")), height=380, margin=dict(t=50, b=40),
+        shapes=[dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=requested, y1=requested,
+                     line=dict(dash="dash"))],
+        annotations=[dict(text=f"requested {requested:.0%}", xref="x domain", x=1, yref="y", y=requested,
+                          xanchor="right", yanchor="bottom", showarrow=False)])
+    return go.Figure(data=[bar], layout=layout)
 
 
 def training_curve(step_losses: Sequence[tuple[int, float]], val_accuracy: Sequence[tuple[int, float]]) -> go.Figure:

@@ -153,8 +153,12 @@ def plan_view() -> None:
                             "collapsed": lp.collapsed} for lp in plan.layers])
     st.plotly_chart(figures.plan_sparsity(plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); "
                                                        "red = emptied"), key="prune_chart")
-    st.dataframe(layers, hide_index=True, column_config={
-        "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0, max_value=1.0)})
+    # Built only while open: a grid redrawn on every move costs ~10-20 ms in the browser (bench/RESULTS_slider.md).
+    with st.expander("Per-layer table", key="prune_table_open", on_change="rerun") as table:
+        if table.open:
+            st.dataframe(layers, hide_index=True, column_config={
+                "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0,
+                                                            max_value=1.0)})
 
     if structure == "channel":
         st.subheader("Coupled groups")

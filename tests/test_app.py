@@ -259,3 +259,19 @@ def test_user_tensors_train_a_zoo_model_and_nan_data_is_refused():
     at.file_uploader(key="zoo_data").set_value(("bad.npz", _npz_bytes(bad, y), "application/octet-stream")).run()
     assert not at.exception
     assert "NaN" in texts(at.error)
+
+
+def test_the_per_layer_table_is_built_when_opened_and_counts_a_brute_force_global_cut():
+    at = goto(start(), "pages/prune.py")
+    at.slider(key="prune_sparsity").set_value(0.7).run()
+    assert not at.dataframe  # closed: nothing built on a slider move
+    at.session_state["prune_table_open"] = True
+    at.run()
+    table = at.dataframe[0].value.set_index("layer")
+    module = at.session_state["current_model"]["module"]
+    weights = {name: module.get_submodule(name).weight.detach().abs().flatten() for name in table.index}
+    everything = torch.cat(list(weights.values()))
+    cut = everything.sort().values[round(0.7 * everything.numel()) - 1]  # the largest |w| that goes
+    for name, w in weights.items():
+        assert table.loc[name, "pruned"] == int((w <= cut).sum()), name
+        assert table.loc[name, "units"] == w.numel()
