@@ -1,0 +1,206 @@
+"""What "good" means for a model: accuracy, perplexity, or fidelity to the dense model.
+
+* **accuracy**: a classifier on labelled data (fraction correct on a split), as always.
+* **perplexity**: a causal language model on held-out text: exp of the mean negative
+  log-likelihood of every next token that is not padding.
+* **fidelity**: any model, labels or not: how close the pruned model's outputs stay to the dense
+  model's on the same inputs. ``cosine`` (mean cosine similarity of output vectors: embeddings,
+  logits), ``kl`` (mean KL(dense || pruned) of the output distributions; logits only) and
+  ``top1`` (fraction of inputs / tokens whose arg-max agrees; logits only). The unpruned copy
+  scores cosine 1, KL 0, top-1 1.
+
+`task_for` picks the task from the model and the data; `evaluate_task` returns one dict that
+pages, the CLI JSON and Compare show under the task's own name. `check_forward` turns a model
+that cannot run on the given inputs into one line that says what it was given and what to do.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.layers import clone_model, model_device
+
+TASKS = ("accuracy", "perplexity", "fidelity")
+FIDELITY_MEASURES = ("cosine", "kl", "top1")
+HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "cosine": True, "kl": False, "top1": True}
+
+
+def model_task(model: nn.Module) -> str | None:
+    """What a model says it is (``classification``, ``causal_lm``, ``embedding``), or None for plain modules."""
+    return getattr(model, "task", None)
+
+
+def is_labelled(dataset: Dataset) -> bool:
+    return bool(dataset.info.get("labelled", True)) and dataset.num_classes > 0
+
+
+def task_for(model: nn.Module, dataset: Dataset) -> str:
+    """The task metric a model is judged by on ``dataset``: accuracy, perplexity or fidelity."""
+    kind = model_task(model)
+    if kind == "causal_lm":
+        return "perplexity"
+    if kind in (None, "classification") and is_labelled(dataset):
+        return "accuracy"
+    return "fidelity"
+
+
+def default_measure(model: nn.Module) -> str:
+    """Fidelity's headline measure: cosine for embeddings, top-1 agreement for anything with logits."""
+    return "cosine" if model_task(model) == "embedding" else "top1"
+
+
+def _describe_input(x: torch.Tensor) -> str:
+    kind = "token ids" if not x.is_floating_point() else "values"
+    return f"a {str(x.dtype).replace('torch.', '')} tensor of shape {tuple(x.shape)} ({kind})"
+
+
+def _advice(x: torch.Tensor, model: nn.Module) -> str:
+    if model_task(model) is not None and x.is_floating_point():
+        return "This transformer takes token ids: use --data text (or --data text --data-file FILE)."
+    if x.is_floating_point():
+        return ("If the model takes token ids, use --data text (or --data text --data-file FILE); otherwise "
+                "give inputs of the shape it expects with --data (digits, mnist1d, shapes or tensors --data-file FILE).")
+    return ("It was given token ids: pick a dataset of the shape it expects with --data "
+            "(digits, mnist1d, shapes or tensors --data-file FILE).")
+
+
+def forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException, label: str = "the model") -> ExplorerError:
+    """One line for a forward that failed: the model, the input it was given, how to give the right one."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ExplorerError(f"{label} failed on {_describe_input(x)}: {type(exc).__name__}: {first}. {_advice(x, model)}")
+
+
+def check_forward(model: nn.Module, dataset: Dataset, label: str = "the model") -> torch.Tensor:
+    """Run ``model`` once on two real inputs of ``dataset``; any failure becomes one ExplorerError line."""
+    x = dataset.example_input(2).to(model_device(model))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001 - a user's model may raise anything; say it in one line
+        raise forward_error(model, x, exc, label) from exc
+    if not isinstance(out, torch.Tensor):
+        raise ExplorerError(f"{label} returns {type(out).__name__}, not a tensor; wrap it so forward returns the "
+                            "logits (or embeddings) tensor.")
+    return out
+
+
+def _outputs(model: nn.Module, dataset: Dataset, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    device = model_device(model)
+    for x, y in dataset.batches(split, batch_size):
+        x = x.to(device)
+        try:
+            out = model(x)
+        except Exception as exc:  # noqa: BLE001
+            raise forward_error(model, x, exc) from exc
+        yield x, y.to(device), out
+
+
+def _eval_copy(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The model in eval mode and whether it was training (restored by the caller)."""
+    was_training = model.training
+    model.eval()
+    return model, was_training
+
+
+def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_size: int = 32) -> float:
+    """exp(mean NLL) of every next token that is not padding; the model returns (N, L, vocab) logits."""
+    pad_id = dataset.info.get("pad_id")
+    total, count = 0.0, 0
+    model, was_training = _eval_copy(model)
+    try:
+        with torch.no_grad():
+            for x, _, logits in _outputs(model, dataset, split, batch_size):
+                if logits.ndim != 3:
+                    raise ExplorerError(f"Perplexity needs a causal language model's (batch, length, vocab) logits; "
+                                        f"this model outputs {tuple(logits.shape)}.")
+                targets = x[:, 1:]
+                keep = targets != pad_id if pad_id is not None else torch.ones_like(targets, dtype=torch.bool)
+                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                      reduction="none")
+                total += float(nll[keep.reshape(-1)].sum())
+                count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ExplorerError(f"The {split} split of '{dataset.name}' has no tokens to predict.")
+    return math.exp(total / count)
+
+
+def _token_rows(x: torch.Tensor, out: torch.Tensor, pad_id) -> torch.Tensor:
+    """Output vectors to compare: one per input, or one per non-padding token of a sequence output."""
+    if out.ndim == 3 and out.shape[1] == x.shape[1]:
+        keep = x != pad_id if pad_id is not None else torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        return out[keep]
+    return out.reshape(out.shape[0], -1)
+
+
+def fidelity(model: nn.Module, reference: nn.Module, dataset: Dataset, split: str = "test", *,
+             batch_size: int = 32) -> dict[str, float | None]:
+    """How close ``model``'s outputs stay to ``reference``'s on the same inputs: cosine, KL, top-1.
+
+    ``kl`` and ``top1`` are None for embedding models (their outputs are not distributions).
+    """
+    pad_id = dataset.info.get("pad_id")
+    logits = model_task(reference) != "embedding"
+    cos_sum, kl_sum, agree, rows = 0.0, 0.0, 0, 0
+    model, was_training = _eval_copy(model)
+    reference, ref_training = _eval_copy(reference)
+    try:
+        with torch.no_grad():
+            for (x, _, out), (_, _, ref) in zip(_outputs(model, dataset, split, batch_size),
+                                                _outputs(reference, dataset, split, batch_size)):
+                if out.shape != ref.shape:
+                    raise ExplorerError(f"The pruned model outputs {tuple(out.shape)} where the dense one outputs "
+                                        f"{tuple(ref.shape)}; fidelity compares outputs of the same shape.")
+                a, b = _token_rows(x, out.float(), pad_id), _token_rows(x, ref.float(), pad_id)
+                cos_sum += float(F.cosine_similarity(a, b, dim=1, eps=1e-12).sum())
+                if logits:
+                    kl_sum += float(F.kl_div(F.log_softmax(a, 1), F.log_softmax(b, 1), log_target=True,
+                                             reduction="sum"))
+                    agree += int((a.argmax(1) == b.argmax(1)).sum())
+                rows += a.shape[0]
+    finally:
+        model.train(was_training)
+        reference.train(ref_training)
+    if rows == 0:
+        raise ExplorerError(f"The {split} split of '{dataset.name}' is empty.")
+    return {"cosine": cos_sum / rows, "kl": kl_sum / rows if logits else None, "top1": agree / rows if logits else None}
+
+
+def accuracy(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_size: int = 256) -> float:
+    from explorer.train import evaluate
+
+    return float(evaluate(model, dataset, split, batch_size=batch_size)["accuracy"])
+
+
+def evaluate_task(model: nn.Module, dataset: Dataset, *, reference: nn.Module | None = None, task: str | None = None,
+                  split: str = "test", measure: str | None = None) -> dict:
+    """The task metric of ``model`` on ``split``: ``{name, value, measure, higher_is_better, measures}``.
+
+    ``reference`` (the dense model) is needed for fidelity; fidelity of a model to itself is 1.
+    """
+    task = task or task_for(reference if reference is not None else model, dataset)
+    if task not in TASKS:
+        raise ExplorerError(f"Unknown task '{task}': use one of {', '.join(TASKS)}.")
+    if task == "accuracy":
+        value = accuracy(model, dataset, split)
+        return {"name": "accuracy", "value": value, "measure": "accuracy", "higher_is_better": True,
+                "measures": {"accuracy": value}}
+    if task == "perplexity":
+        value = perplexity(model, dataset, split)
+        return {"name": "perplexity", "value": value, "measure": "perplexity", "higher_is_better": False,
+                "measures": {"perplexity": value}}
+    measure = measure or default_measure(reference if reference is not None else model)
+    if measure not in FIDELITY_MEASURES:
+        raise ExplorerError(f"Unknown fidelity measure '{measure}': use one of {', '.join(FIDELITY_MEASURES)}.")
+    measures = fidelity(model, reference if reference is not None else clone_model(model), dataset, split)
+    if measures[measure] is None:
+        raise ExplorerError(f"Fidelity '{measure}' needs logits; this model outputs embeddings: use cosine.")
+    return {"name": "fidelity", "value": measures[measure], "measure": measure,
+            "higher_is_better": HIGHER_IS_BETTER[measure], "measures": measures}
