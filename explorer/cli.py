@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, pipeline, planner, stats
+from explorer import criteria, pipeline, planner, stats, tasks
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
 from explorer.recipe import Recipe
 from explorer.specs import MeasureSpec, ModelSpec, PlanSpec, ScoringSpec
-from explorer.train import evaluate
 
 
 def _sparsities(text: str) -> list[float]:
@@ -177,7 +176,8 @@ def cmd_prune(args) -> list[dict]:
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
     prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed)
     kinds = {g.name: g.kind for g in prepared.groups} or prepared.layer_kinds
-    base_accuracy = evaluate(model, dataset, "test")["accuracy"]
+    task_name = tasks.task_for(model, dataset)
+    base_value = tasks.evaluate_task(model, dataset, task=task_name)["value"] if task_name != "fidelity" else None
     results = []
     for recipe in recipes:
         plan = pipeline.preview(prepared, recipe.plan)
@@ -203,13 +203,18 @@ def cmd_prune(args) -> list[dict]:
             results.append(result)
             continue
         pruned = pipeline.apply(model, prepared, plan)
-        m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_accuracy=base_accuracy)
+        m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_task_value=base_value)
         result["params"] = {"total": m["params_total"], "nonzero": m["params_nonzero"],
                             "dense_total": m["baseline_params_total"]}
         result["flops"] = {"dense": m["flops_dense"], "effective": m["flops_effective"],
                            "base": m["baseline_flops_effective"], "per": "input"}
         result["size_bytes"] = {"raw": m["size_raw_bytes"], "compressed": m["size_compressed_bytes"]}
-        result["accuracy"] = {"base": base_accuracy, "pruned": m["accuracy"], "split": "test", "fine_tuned": False}
+        if m["accuracy"] is not None:
+            result["accuracy"] = {"base": m["base_accuracy"], "pruned": m["accuracy"], "split": "test",
+                                  "fine_tuned": False}
+        result["task"] = {key: m["task"][key] for key in ("name", "measure", "base", "pruned", "higher_is_better")}
+        if "measures" in m["task"]:
+            result["task"]["measures"] = m["task"]["measures"]
         result["speedup"] = {"flops": m["speedup_flops"], "measured": m["speedup_measured"]}
         if recipe.measure.latency:
             result["latency_ms"] = {"dense": m["baseline_latency_ms"], "pruned": m["latency_ms"], "device": m["device"],
@@ -233,7 +238,11 @@ def _print_human(command: str, results: list[dict]) -> None:
             print(f"{source['source']} on {source['data'] or 'its usual dataset'}: {scoring['structure']} "
                   f"{scoring['criterion']} {plan['scope']} {plan['sparsity']:.0%}, method {recipe['method']['name']}, "
                   f"{budget} training epochs; reached {m['sparsity_actual']:.1%}")
-            print(f"  test accuracy {m['base_accuracy']:.1%} -> {m['accuracy']:.1%}; params {m['params_nonzero']:,} "
+            task = m.get("task") or {"name": "accuracy", "measure": "accuracy", "base": m["base_accuracy"],
+                                     "pruned": m["accuracy"]}
+            quality = (f"test accuracy {task['base']:.1%} -> {task['pruned']:.1%}" if task["name"] == "accuracy"
+                       else f"test {task['name']} ({task['measure']}) {task['base']:.4g} -> {task['pruned']:.4g}")
+            print(f"  {quality}; params {m['params_nonzero']:,} "
                   f"non-zero of {m['baseline_params_total']:,}; speed-up FLOPs {m['speedup_flops']:.2f}x"
                   + (f", measured {m['speedup_measured']:.2f}x ({m['device']}, batch {m['batch']}, "
                      f"{m['threads']} threads, {m['layout']})"
@@ -256,6 +265,10 @@ def _print_human(command: str, results: list[dict]) -> None:
         if "accuracy" in result:
             print(f"  test accuracy {result['accuracy']['base']:.1%} -> {result['accuracy']['pruned']:.1%} "
                   "(no fine-tune)")
+        elif "task" in result:
+            task = result["task"]
+            label = task["name"] if task["name"] == task["measure"] else f"{task['name']} ({task['measure']})"
+            print(f"  test {label} {task['base']:.4g} -> {task['pruned']:.4g} (no fine-tune)")
         if "latency_ms" in result:
             lat = result["latency_ms"]
             print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from explorer import criteria, masking, measure, planner, structural
+from explorer import criteria, masking, measure, planner, structural, tasks
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 from explorer.layers import prunable_counts, prunable_layers
@@ -90,6 +90,7 @@ def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, D
         torch.manual_seed(seed)
         model = load_model(source, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                            weights=spec.weights, arch=spec.arch, trust_pickle=spec.trust_pickle)
+    tasks.check_forward(model.eval(), dataset, f"'{source}'")
     if spec.train_epochs:
         model = train(model.eval(), dataset, TrainConfig(epochs=spec.train_epochs, lr=1e-3, seed=seed)).model.cpu()
     return model.eval(), dataset, saved["arch"] if saved is not None else (spec.arch or source)
@@ -235,23 +236,42 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module
 
 
 def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset,
-                spec: MeasureSpec = MeasureSpec(), *, base_accuracy: float | None = None) -> dict:
-    """Accuracy plus theoretical and measured cost of a pruned model next to its base.
+                spec: MeasureSpec = MeasureSpec(), *, base_accuracy: float | None = None,
+                base_task_value: float | None = None) -> dict:
+    """The task metric plus theoretical and measured cost of a pruned model next to its base.
 
     The one measurement call of the app, the CLI and recipes (same defaults everywhere).
     Latency of both models is measured in the same call, with the same batch, threads and
     layout; a masked model is measured as deployed (`measure.as_deployed`). FLOPs are per input.
     ``sparsity_actual`` is the fraction of the base model's prunable weights that are gone
     (zeroed or physically removed); ``sparsity_params`` the same over all parameters.
+    ``task`` is ``{name, measure, base, pruned, higher_is_better}``: accuracy for a classifier
+    on labelled data (then ``accuracy`` / ``base_accuracy`` hold the same numbers), perplexity for
+    a causal language model, fidelity to ``base_model`` otherwise (``accuracy`` is then None).
+    ``base_accuracy`` / ``base_task_value`` skip recomputing the base model's value.
     """
     spec.validate()
     metrics = measure.report(pruned_model, dataset.example_input(spec.batch), baseline=base_model,
                              latency=spec.latency, device=spec.device, threads=spec.threads,
                              min_run_time=spec.min_run_time).to_dict()
-    accuracy = evaluate(pruned_model, dataset, "test")["accuracy"]
-    if base_accuracy is None:
-        base_accuracy = evaluate(base_model, dataset, "test")["accuracy"]
-    metrics.update(accuracy=accuracy, base_accuracy=base_accuracy, delta_accuracy=accuracy - base_accuracy,
+    name = tasks.task_for(base_model, dataset)
+    if name == "accuracy":
+        accuracy = evaluate(pruned_model, dataset, "test")["accuracy"]
+        if base_accuracy is None:
+            base_accuracy = base_task_value if base_task_value is not None else \
+                evaluate(base_model, dataset, "test")["accuracy"]
+        metrics.update(accuracy=accuracy, base_accuracy=base_accuracy, delta_accuracy=accuracy - base_accuracy)
+        task = {"name": "accuracy", "measure": "accuracy", "base": base_accuracy, "pruned": accuracy,
+                "higher_is_better": True}
+    else:
+        result = tasks.evaluate_task(pruned_model, dataset, reference=base_model, task=name)
+        if base_task_value is None:
+            base_task_value = tasks.evaluate_task(base_model, dataset, task=name)["value"] if name == "perplexity" \
+                else tasks.PERFECT[result["measure"]]
+        metrics.update(accuracy=None, base_accuracy=None, delta_accuracy=None)
+        task = {"name": name, "measure": result["measure"], "base": base_task_value, "pruned": result["value"],
+                "higher_is_better": result["higher_is_better"], "measures": result["measures"]}
+    metrics.update(task=task,
                    sparsity_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
                    sparsity_actual=1 - prunable_counts(pruned_model)[0] / max(1, prunable_counts(base_model)[1]))
     return metrics

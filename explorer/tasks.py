@@ -28,6 +28,7 @@ from explorer.layers import clone_model, model_device
 
 TASKS = ("accuracy", "perplexity", "fidelity")
 FIDELITY_MEASURES = ("cosine", "kl", "top1")
+PERFECT = {"cosine": 1.0, "kl": 0.0, "top1": 1.0}  # fidelity of the dense model to itself
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "cosine": True, "kl": False, "top1": True}
 
 

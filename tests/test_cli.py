@@ -74,3 +74,25 @@ def test_bad_arguments_exit_non_zero_with_one_line(argv, needle):
     proc = subprocess.run([sys.executable, "-m", "explorer", *argv], capture_output=True, text=True)
     assert proc.returncode != 0
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_that_wants_token_ids_fed_images_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    (tmp_path / "token_factory.py").write_text(
+        "import torch\n"
+        "class Encoder(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.embed = torch.nn.Embedding(100, 8)\n"
+        "        self.head = torch.nn.Linear(8, 2)\n"
+        "    def forward(self, ids):\n"
+        "        batch, length = ids.shape  # wants (batch, length) token ids\n"
+        "        return self.head(self.embed(ids).mean(1))\n"
+        "def make(input_shape=None, num_classes=None):\n"
+        "    return Encoder()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run_cli(capsys, "prune", "--model", "token_factory:make", "--structure", "unstructured",
+                             "--criterion", "magnitude", "--scope", "global", "--sparsity", "0.5,0.9", "--json")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "token_factory:make" in lines[0] and "too many values to unpack" in lines[0] and "--data text" in lines[0]
