@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from explorer import baselines, stats
+from explorer import baselines, stats, tasks
 from explorer.data import DATASETS, tensors
 from explorer.errors import ExplorerError
 from explorer.models import ZOO, load_model, read_saved_metadata
@@ -98,6 +98,7 @@ def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -
             except ExplorerError:
                 arch = None
     module.eval()
+    tasks.check_forward(module, data, f"'{upload.name}'")
     if epochs:
         module = train_with_progress(module, data, epochs)
     accuracy = evaluate(module, data, "test")["accuracy"]
@@ -110,6 +111,7 @@ def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -
 
 def load_factory(spec: str, data, epochs: int) -> dict:
     module = load_model(spec.strip(), input_shape=data.input_shape, num_classes=data.num_classes)
+    tasks.check_forward(module.eval(), data, f"'{spec.strip()}'")
     if epochs:
         module = train_with_progress(module, data, epochs)
     module.eval()

@@ -275,3 +275,19 @@ def test_the_per_layer_table_is_built_when_opened_and_counts_a_brute_force_globa
     for name, w in weights.items():
         assert table.loc[name, "pruned"] == int((w <= cut).sum()), name
         assert table.loc[name, "units"] == w.numel()
+
+
+def test_a_factory_whose_forward_fails_is_an_error_and_the_previous_model_stays(tmp_path, monkeypatch):
+    (tmp_path / "ids_only.py").write_text(
+        "import torch\n"
+        "def make(input_shape=None, num_classes=None):\n"
+        "    return torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(), torch.nn.Linear(4, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    at = start()
+    at.radio(key="model_source").set_value("Python factory").run()
+    at.text_input(key="factory_spec").set_value("ids_only:make").run()
+    at.button(key="factory_load").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "'ids_only:make' failed on a float32 tensor" in at.error[0].value
+    assert "\n" not in at.error[0].value and "token ids" in at.error[0].value
+    assert at.session_state["current_model"]["label"] == "mlp"
