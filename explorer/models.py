@@ -68,7 +68,8 @@ def _resize_to_state(model: nn.Module, state: dict[str, torch.Tensor], attribute
                 module._buffers[tensor_name] = torch.empty_like(tensor)
 
 
-_SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+_SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                     "num_attention_heads", "all_head_size")  # the last two: heads removed from a transformer
 
 
 def save_model(model: nn.Module, path: str | Path, *, arch: str, input_shape: tuple[int, ...],

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from explorer import criteria, masking, measure, planner, structural, tasks
+from explorer import criteria, heads, masking, measure, planner, structural, tasks
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 from explorer.layers import prunable_counts, prunable_layers
@@ -45,6 +45,7 @@ class Prepared:
     ranking: planner.Ranking
     example_input: torch.Tensor
     groups: list[structural.ChannelGroup] = field(default_factory=list)
+    attention: dict[str, heads.HeadInfo] = field(default_factory=dict)
     layer_kinds: dict[str, str] = field(default_factory=dict)
     layer_params: dict[str, int] = field(default_factory=dict)
     layer_flops: dict[str, int] = field(default_factory=dict)
@@ -124,10 +125,13 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     layers = dict(prunable_layers(model))
     model_flops = measure.flops(model, example_input)
     prepared_groups: list[structural.ChannelGroup] = []
+    attention: dict[str, heads.HeadInfo] = {}
     if structure == "unstructured":
         scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
                                         progress=progress)
     else:
+        if structure == "head":
+            heads.check_supported(model)
         prepared_groups = structural.channel_groups(model, example_input)
         if not prepared_groups:
             raise ExplorerError("This model has no channels that can be removed (only the classifier's "
@@ -135,10 +139,16 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
                                           input_shape=input_shape, progress=progress)
         scores = structural.group_scores(model, prepared_groups, channel)
+        if structure == "head":
+            attention = heads.attention_of(model, prepared_groups)
+            if not attention:
+                raise ExplorerError("This model has no attention heads that can be pruned (no module with "
+                                    "num_attention_heads and attention_head_size); use --structure channel.")
+            scores = heads.head_scores(scores, attention)
     ranking = planner.prepare(scores, kept=masking.kept_units(masking.current_masks(model), scores))
     return Prepared(
         structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
-        groups=prepared_groups,
+        groups=prepared_groups, attention=attention,
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
         layer_params={name: module.weight.numel() for name, module in layers.items()},
         layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
@@ -232,6 +242,11 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module
                             "switch to local scope, protect the layer or set a min_keep guard.")
     if prepared.structure == "unstructured":
         return masking.apply(model, plan, prepared.ranking)
+    if prepared.structure == "head":
+        units = {lp.name: planner.pruned_indices(prepared.ranking, plan, lp.name) for lp in plan.layers if lp.pruned}
+        pruned = structural.apply(model, heads.expand(units, prepared.attention), prepared.example_input)
+        heads.fix_head_counts(pruned, prepared.attention)
+        return pruned
     return structural.apply_plan(model, plan, prepared.ranking, prepared.example_input)
 
 

@@ -23,6 +23,7 @@ from explorer.errors import ExplorerError
 STRUCTURES: dict[str, str] = {
     "unstructured": "Single weights are zeroed by masks; the tensors keep their dense shape.",
     "channel": "Whole filters / neurons are removed, with every coupled layer shrinking too.",
+    "head": "Transformers: whole attention heads and FFN neurons are removed; head counts are updated.",
 }
 
 def _fail(section: str, message: str) -> ExplorerError:
