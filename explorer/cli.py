@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, pipeline, planner, stats, tasks
+from explorer import criteria, hf, pipeline, planner, stats, tasks
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
@@ -67,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True,
-                       help=f"zoo name ({', '.join(ZOO)}), a model file, or package.module:callable")
-        p.add_argument("--data", choices=[d for d in DATASETS if d != "tensors"] + ["tensors"],
-                       help="dataset (default: the zoo model's usual one, else digits)")
-        p.add_argument("--data-file", help="the .pt/.npz file for --data tensors")
+                       help=f"zoo name ({', '.join(ZOO)}), a built-in transformer ({', '.join(hf.BUILTIN)}), "
+                            "hf:FOLDER (a local Hugging Face model), a model file, or package.module:callable")
+        p.add_argument("--data", choices=[d for d in DATASETS if d != "tensors"] + ["tensors", "text"],
+                       help="dataset (default: the zoo model's usual one, text for transformers, else digits)")
+        p.add_argument("--data-file", help="the .pt/.npz file for --data tensors; a .txt/.jsonl/.csv for --data text")
         p.add_argument("--arch", help="architecture for a state-dict file (zoo name or module:callable)")
         p.add_argument("--weights", help="weights file for a zoo model or factory")
         p.add_argument("--baseline", action="store_true",

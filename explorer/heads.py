@@ -60,6 +60,16 @@ def attention_of(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, Head
     return found
 
 
+def units_of_head_structure(groups: list[ChannelGroup], attention: dict[str, HeadInfo]) -> list[ChannelGroup]:
+    """The groups the ``head`` structure prunes: attention groups and plain neuron groups.
+
+    A neuron group is one whose every member is a Linear layer (an FFN's intermediate neurons, a
+    pooler). The residual stream's group (embeddings, every block's output, LayerNorms) is left
+    out: it is the model's width, not a head or a neuron.
+    """
+    return [g for g in groups if g.name in attention or all(m.type.lower() == "linear" for m in g.members)]
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse, in one line, a model whose attention this module cannot prune by heads (GPT-2's fused qkv)."""
     for name, module in model.named_modules():

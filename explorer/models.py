@@ -139,12 +139,24 @@ def _call_factory(spec: str, input_shape: tuple[int, ...] | None, num_classes: i
     return model
 
 
+def _hf_builtin() -> dict[str, str]:
+    from explorer.hf import BUILTIN
+
+    return BUILTIN
+
+
 def _build_arch(arch: str, input_shape, num_classes) -> nn.Module:
     if arch in ZOO:
         if input_shape is None or num_classes is None:
             raise ExplorerError(f"Building zoo model '{arch}' needs the input shape and class count "
                                 "(pick a dataset).")
         return build(arch, input_shape, num_classes)
+    if arch.startswith("hf:") or arch in _hf_builtin():
+        from explorer import hf
+
+        if arch.startswith("hf:"):
+            return hf.load_hf(arch[3:]).model
+        return hf.builtin(arch, num_labels=num_classes or 2).model
     if ":" in arch:
         return _call_factory(arch, input_shape, num_classes)
     raise ExplorerError(f"Unknown architecture '{arch}': give a zoo name ({', '.join(ZOO)}) "

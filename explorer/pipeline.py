@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from explorer import criteria, heads, masking, measure, planner, structural, tasks
+from explorer import criteria, heads, hf, masking, measure, planner, structural, tasks, text
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 from explorer.layers import prunable_counts, prunable_layers
@@ -64,6 +64,23 @@ def _layer_kind(module: nn.Module) -> str:
     return type(module).__name__.lower()
 
 
+def _resolve_transformer(spec: ModelSpec, seed: int) -> tuple[nn.Module, Dataset, str]:
+    """A built-in transformer or a local Hugging Face folder, with text tokenised by its own tokenizer."""
+    if spec.data not in (None, "text"):
+        raise ExplorerError(f"'{spec.source}' takes token ids: use --data text (optionally --data-file FILE), "
+                            f"not '{spec.data}'.")
+    bundle = hf.load_hf(spec.source[3:]) if spec.source.startswith("hf:") else hf.builtin(spec.source, seed=seed)
+    dataset = text.text_dataset(bundle.tokenizer, path=spec.data_file, seq_len=bundle.model.seq_len, seed=seed)
+    if (bundle.task == "classification" and spec.source in hf.BUILTIN and dataset.info.get("labelled")
+            and dataset.num_classes != bundle.model.hf.config.num_labels):
+        bundle = hf.builtin(spec.source, seed=seed, num_labels=dataset.num_classes)
+    model = bundle.model.eval()
+    tasks.check_forward(model, dataset, f"'{spec.source}'")
+    if spec.train_epochs:
+        raise ExplorerError("train_epochs is for image / sequence classifiers; a transformer is pruned as loaded.")
+    return model, dataset, spec.source
+
+
 def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, Dataset, str]:
     """Load the dataset and the model a ModelSpec names; returns (model in eval mode, dataset, architecture).
 
@@ -72,6 +89,11 @@ def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, D
     """
     spec.validate()
     source = spec.source
+    if source.startswith("hf:") or source in hf.BUILTIN:
+        return _resolve_transformer(spec, seed)
+    if spec.data == "text":
+        raise ExplorerError(f"--data text needs a transformer with its tokenizer: hf:FOLDER or one of "
+                            f"{', '.join(hf.BUILTIN)}; '{source}' has none.")
     saved = None
     if source not in ZOO and Path(source).is_file():
         try:
@@ -138,12 +160,14 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
                                 "outputs, which are never pruned). Use unstructured pruning.")
         channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
                                           input_shape=input_shape, progress=progress)
-        scores = structural.group_scores(model, prepared_groups, channel)
         if structure == "head":
             attention = heads.attention_of(model, prepared_groups)
             if not attention:
                 raise ExplorerError("This model has no attention heads that can be pruned (no module with "
                                     "num_attention_heads and attention_head_size); use --structure channel.")
+            prepared_groups = heads.units_of_head_structure(prepared_groups, attention)
+        scores = structural.group_scores(model, prepared_groups, channel)
+        if structure == "head":
             scores = heads.head_scores(scores, attention)
     ranking = planner.prepare(scores, kept=masking.kept_units(masking.current_masks(model), scores))
     return Prepared(

@@ -80,7 +80,10 @@ def build(cls, section: str, values: Mapping[str, Any] | None):
 class ModelSpec:
     """Where the model and its data come from.
 
-    ``source`` is a zoo name, a model file or a ``package.module:callable`` factory; ``baseline``
+    ``source`` is a zoo name, a built-in transformer (``minilm``, ``tiny_bert``, ``tiny_gpt2``),
+    ``hf:FOLDER`` (a local Hugging Face folder), a model file or a ``package.module:callable``
+    factory; ``data: text`` is the built-in English text, or ``data_file`` (.txt / .jsonl / .csv)
+    tokenised with the model's tokenizer; ``baseline``
     (zoo names only) starts from the trained, cached baseline instead of fresh weights;
     ``train_epochs`` trains a file or factory model for a few epochs before pruning, as the
     Model page offers. ``data`` defaults to the zoo model's usual dataset (digits otherwise).
@@ -100,8 +103,8 @@ class ModelSpec:
             raise _fail("model", "source must name a zoo model, a model file or a package.module:callable factory.")
         from explorer.data import DATASETS
 
-        if self.data is not None and self.data not in DATASETS:
-            raise _fail("model", f"data '{self.data}' is not one of {', '.join(DATASETS)}.")
+        if self.data is not None and self.data not in DATASETS and self.data != "text":
+            raise _fail("model", f"data '{self.data}' is not one of {', '.join([*DATASETS, 'text'])}.")
         if self.data == "tensors" and not self.data_file:
             raise _fail("model", "data_file must name the .pt/.npz file when data is 'tensors'.")
         for name in ("data_file", "arch", "weights"):

@@ -92,3 +92,19 @@ def test_gpt2_fused_attention_is_refused_in_one_line():
     model = transformers.GPT2Model(config)
     with pytest.raises(ExplorerError, match="fused projection.*unstructured or nm"):
         heads.check_supported(model)
+
+
+def test_a_head_pruned_builtin_transformer_saves_and_reloads_with_its_head_counts(tmp_path):
+    from explorer.models import load_model, save_model
+    from explorer.specs import ModelSpec
+
+    model, dataset, arch = pipeline.resolve_model(ModelSpec(source="tiny_bert", data="text", baseline=False))
+    prepared = pipeline.prepare(model, ScoringSpec(structure="head", criterion="magnitude"), dataset=dataset)
+    plan = pipeline.preview(prepared, PlanSpec(sparsity=0.5, scope="local"))
+    pruned = pipeline.apply(model, prepared, plan)
+    path = save_model(pruned, tmp_path / "tiny_bert_heads.pt", arch=arch, input_shape=dataset.input_shape,
+                      num_classes=dataset.num_classes)
+    reloaded = load_model(str(path)).eval()
+    assert heads.head_counts(reloaded) == heads.head_counts(pruned) != heads.head_counts(model)
+    x = dataset.example_input(4)
+    torch.testing.assert_close(reloaded(x), pruned(x))
