@@ -1,0 +1,47 @@
+"""Transformers end to end through the CLI: built-in text, the task metric, heads, the real pretrained MiniLM."""
+import json
+
+import pytest
+
+from explorer.cli import main
+
+
+def prune(capsys, *argv):
+    code = main(["prune", *argv, "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return [json.loads(line) for line in out.out.splitlines()]
+
+
+def test_a_causal_lm_is_judged_by_perplexity_and_the_json_names_it(capsys):
+    results = prune(capsys, "--model", "tiny_gpt2", "--data", "text", "--structure", "unstructured",
+                    "--criterion", "magnitude", "--scope", "global", "--sparsity", "0.5,0.9")
+    assert [r["task"]["name"] for r in results] == ["perplexity", "perplexity"]
+    assert all("accuracy" not in r for r in results)
+    assert results[0]["task"]["base"] == results[1]["task"]["base"] > 1
+    assert results[1]["params"]["nonzero"] < results[0]["params"]["nonzero"] < results[0]["params"]["total"]
+
+
+def test_heads_removed_from_tiny_bert_shrink_parameters_and_report_fidelity(capsys):
+    (result,) = prune(capsys, "--model", "tiny_bert", "--structure", "head", "--criterion", "magnitude",
+                      "--sparsity", "0.5")
+    assert result["task"]["name"] == "fidelity" and result["task"]["measure"] == "top1"  # unlabelled text
+    assert 0 <= result["task"]["pruned"] <= 1 and result["task"]["base"] == 1.0
+    assert result["params"]["total"] < result["params"]["dense_total"]
+    attention = [layer for layer in result["layers"] if layer["name"].endswith("attention.self.query")]
+    assert attention and all(layer["total"] == 4 and layer["kept"] == 2 for layer in attention)
+
+
+def test_the_real_pretrained_minilm_prunes_end_to_end(capsys):
+    pytest.importorskip("transformers")
+    (result,) = prune(capsys, "--model", "minilm", "--structure", "unstructured", "--criterion", "magnitude",
+                      "--scope", "local", "--sparsity", "0.5")
+    assert result["task"]["name"] == "fidelity" and result["task"]["measure"] == "cosine"
+    assert 0.2 < result["task"]["pruned"] < 0.999  # real weights: half of them gone costs something, not all
+    assert result["sparsity_actual"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_text_data_for_an_image_model_is_one_line(capsys):
+    code = main(["prune", "--model", "mlp", "--data", "text", "--sparsity", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "tokenizer" in err
