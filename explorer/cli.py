@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, pipeline, planner, stats, tasks
+from explorer import criteria, hf, llm, pipeline, planner, stats, tasks
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--structure", choices=list(pipeline.STRUCTURES), default="unstructured")
     prune.add_argument("--criterion", choices=list(criteria.CRITERIA), default="magnitude")
     prune.add_argument("--scope", choices=list(planner.SCOPES), default="local")
-    prune.add_argument("--sparsity", type=_sparsities, required=True, help="S or S1,S2,... in [0, 1]")
+    prune.add_argument("--sparsity", type=_sparsities, default=None,
+                       help="S or S1,S2,... in [0, 1] (required, except for --structure nm, which fixes it)")
+    prune.add_argument("--nm", default=ScoringSpec.nm, help="the N:M pattern of --structure nm: 2:4 (default) or 4:8")
     prune.add_argument("--protect", nargs="+", default=[], metavar="LAYER", help="layers never pruned")
     prune.add_argument("--min-keep", type=_fraction, default=0.0, help="global scope: keep this fraction of every layer")
     prune.add_argument("--norm", choices=["l1", "l2"], default="l1", help="channel magnitude norm")
@@ -145,7 +147,7 @@ def recipe_from_args(args, sparsity: float) -> Recipe:
     return Recipe(
         model=_model_spec(args),
         scoring=ScoringSpec(structure=args.structure, criterion=args.criterion, norm=args.norm,
-                            calib_batches=args.calib_batches),
+                            calib_batches=args.calib_batches, nm=args.nm),
         plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep),
         measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads),
         seed=args.seed,
@@ -173,6 +175,13 @@ def _save_path(base: str, sparsity: float, many: bool) -> Path:
 
 
 def cmd_prune(args) -> list[dict]:
+    if args.structure == "nm":
+        fixed = pipeline.nm_sparsity(llm.parse_nm(args.nm))
+        if args.sparsity not in (None, [fixed]):
+            raise ExplorerError(f"--structure nm with --nm {args.nm} fixes the sparsity at {fixed:g}; drop --sparsity.")
+        args.sparsity = [fixed]
+    elif args.sparsity is None:
+        raise ExplorerError("--sparsity is required (S or S1,S2,...), except with --structure nm.")
     model, dataset, arch = _resolve(args)
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
     prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed)
@@ -192,8 +201,10 @@ def cmd_prune(args) -> list[dict]:
             "collapse_layer": plan.collapse_layer,
             "recipe": recipe.to_dict(),
         }
-        if plan.note:
-            result["note"] = plan.note
+        if plan.note or prepared.note:
+            result["note"] = " ".join(filter(None, [prepared.note, plan.note]))
+        if prepared.nm is not None:
+            result["nm"] = {"n": prepared.nm[0], "m": prepared.nm[1]}
         if plan.collapsed:
             estimate = pipeline.estimate(prepared, plan)
             result["params"] = {"total": estimate["params_total"], "nonzero": estimate["params_after"],

@@ -494,6 +494,30 @@ def _synflow_channels(request: _Request) -> Scores:
     return {name: _per_channel(score, "sum") for name, score in _synflow_weights(request).items()}
 
 
+def _wanda_weights(request: _Request) -> Scores:
+    from explorer import llm
+
+    return llm.wanda_scores(request.model, request.calib, layers=request.layer_names)
+
+
+def _wanda_channels(request: _Request) -> Scores:
+    """Per output channel the sum of |W|·‖X‖ over its row (the structured reading of Wanda)."""
+    from explorer import llm
+
+    return {name: _per_channel(raw, "l1") for name, raw in llm.wanda_raw(request.model, request.calib,
+                                                                          layers=request.layer_names).items()}
+
+
+def _sparsegpt_weights(request: _Request) -> Scores:
+    from explorer import llm
+
+    return llm.sparsegpt_scores(request.model, llm.hessians(request.model, request.calib, layers=request.layer_names))
+
+
+def _sparsegpt_channels(request: _Request) -> Scores:
+    raise ExplorerError("sparsegpt prunes single weights and rebuilds the rest: use --structure unstructured or nm.")
+
+
 CRITERIA: dict[str, Criterion] = {
     "magnitude": Criterion(
         "magnitude", "|w|; per channel the L1 or L2 norm of the filter", False, _magnitude_weights, _magnitude_channels
@@ -546,6 +570,20 @@ CRITERIA: dict[str, Criterion] = {
         False,
         _synflow_weights,
         _synflow_channels,
+    ),
+    "wanda": Criterion(
+        "wanda",
+        "|w|·‖x‖₂ of each input feature over calibration activations, compared within each output row (Sun et al. 2023)",
+        True,
+        _wanda_weights,
+        _wanda_channels,
+    ),
+    "sparsegpt": Criterion(
+        "sparsegpt",
+        "layer-wise reconstruction: OBS saliency, then the kept weights are updated on Apply (Frantar & Alistarh 2023)",
+        True,
+        _sparsegpt_weights,
+        _sparsegpt_channels,
     ),
 }
 

@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from explorer import criteria, heads, hf, masking, measure, planner, structural, tasks, text
+from explorer import criteria, heads, hf, llm, masking, measure, planner, structural, tasks, text
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
-from explorer.layers import prunable_counts, prunable_layers
+from explorer.layers import clone_model, prunable_counts, prunable_layers
 from explorer.models import ZOO, load_model, read_saved_metadata
 from explorer.specs import STRUCTURES, MeasureSpec, ModelSpec, PlanSpec, ScoringSpec  # noqa: F401 - STRUCTURES re-exported
 from explorer.train import TrainConfig, evaluate, train
@@ -46,6 +46,9 @@ class Prepared:
     example_input: torch.Tensor
     groups: list[structural.ChannelGroup] = field(default_factory=list)
     attention: dict[str, heads.HeadInfo] = field(default_factory=dict)
+    nm: tuple[int, int] | None = None
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    note: str = ""
     layer_kinds: dict[str, str] = field(default_factory=dict)
     layer_params: dict[str, int] = field(default_factory=dict)
     layer_flops: dict[str, int] = field(default_factory=dict)
@@ -148,9 +151,31 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     model_flops = measure.flops(model, example_input)
     prepared_groups: list[structural.ChannelGroup] = []
     attention: dict[str, heads.HeadInfo] = {}
-    if structure == "unstructured":
-        scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
-                                        progress=progress)
+    hessians: dict[str, torch.Tensor] = {}
+    nm, note = None, ""
+    if structure in ("unstructured", "nm"):
+        if criterion == "sparsegpt":  # the Hessians are kept: Apply rebuilds the kept weights with them
+            hessians = llm.hessians(model, calib, progress=progress)
+            scores = llm.sparsegpt_scores(model, hessians)
+            note = _left_dense(layers, scores, "the calibration data never reaches them (or they are grouped convs)")
+        else:
+            scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
+                                            progress=progress)
+        if criterion == "sparsegpt":
+            tied = [name for name in scores if _is_tied(model, name)]
+            scores = {name: score for name, score in scores.items() if name not in tied}
+            if tied:
+                note = " ".join(filter(None, [note, f"Kept dense: {', '.join(tied)} (its weight is tied to another "
+                                                    "layer, so SparseGPT's updates would change both)."]))
+        if structure == "nm":
+            nm = scoring.nm_pair
+            misfits = llm.nm_misfits(scores, nm[1])
+            scores = llm.nm_scores({k: v for k, v in scores.items() if k not in misfits}, *nm)
+            if misfits:
+                note = " ".join(filter(None, [note, f"Kept dense: {', '.join(misfits)} (inputs per output not a "
+                                                    f"multiple of {nm[1]}, so no {nm[0]}:{nm[1]} pattern fits)."]))
+            if not scores:
+                raise ExplorerError(f"No layer of this model fits a {nm[0]}:{nm[1]} pattern; use unstructured.")
     else:
         if structure == "head":
             heads.check_supported(model)
@@ -172,7 +197,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     ranking = planner.prepare(scores, kept=masking.kept_units(masking.current_masks(model), scores))
     return Prepared(
         structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
-        groups=prepared_groups, attention=attention,
+        groups=prepared_groups, attention=attention, nm=nm, hessians=hessians, note=note,
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
         layer_params={name: module.weight.numel() for name, module in layers.items()},
         layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
@@ -182,10 +207,33 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     )
 
 
+def nm_sparsity(nm: tuple[int, int]) -> float:
+    """The sparsity an N:M pattern fixes: (M - N) / M."""
+    return (nm[1] - nm[0]) / nm[1]
+
+
 def preview(prepared: Prepared, spec: PlanSpec) -> planner.Plan:
-    """The Plan for a PlanSpec: milliseconds, no model touched."""
+    """The Plan for a PlanSpec: milliseconds, no model touched.
+
+    N:M fixes the sparsity at (M - N) / M in every layer it fits, whatever ``spec.sparsity`` says;
+    protected layers stay dense.
+    """
+    if prepared.nm is not None:
+        return planner.plan(prepared.ranking, nm_sparsity(prepared.nm), "local", protect=spec.protect)
     return planner.plan(prepared.ranking, spec.sparsity, spec.scope, overrides=spec.overrides,
                         protect=spec.protect, min_keep=spec.min_keep)
+
+
+def _left_dense(layers: dict, scores: dict, why: str) -> str:
+    missing = [name for name in layers if name not in scores]
+    return f"Kept dense: {', '.join(missing)} ({why})." if missing else ""
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    module = model.get_submodule(name)
+    parameter = getattr(module, "weight_orig", module.weight)
+    return any(tensor is parameter and not other.startswith(f"{name}.")
+               for other, tensor in model.named_parameters(remove_duplicate=False))
 
 
 def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:
@@ -212,7 +260,7 @@ def estimate(prepared: Prepared, plan: planner.Plan) -> dict:
     biases and BatchNorm are left out, so this is an estimate, replaced by exact counts on Apply.
     """
     prunable_params = sum(prepared.layer_params.values())
-    if prepared.structure == "unstructured":
+    if prepared.structure in ("unstructured", "nm"):
         removed = sum(layer.pruned for layer in plan.layers)
         flops_after = prepared.flops_dense - sum(
             prepared.layer_flops.get(layer.name, 0) * layer.pruned / max(1, layer.total) for layer in plan.layers)
@@ -264,7 +312,13 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module
         names = ", ".join(plan.collapsed[:3])
         raise ExplorerError(f"This plan empties {names}: the network would be cut in two. Lower the sparsity, "
                             "switch to local scope, protect the layer or set a min_keep guard.")
-    if prepared.structure == "unstructured":
+    if prepared.criterion == "sparsegpt":
+        pruned = clone_model(model)
+        llm.sparsegpt_prune(pruned, prepared.hessians,
+                            {lp.name: lp.sparsity for lp in plan.layers if lp.name in prepared.hessians},
+                            nm=prepared.nm if prepared.nm is not None else None)
+        return pruned
+    if prepared.structure in ("unstructured", "nm"):
         return masking.apply(model, plan, prepared.ranking)
     if prepared.structure == "head":
         units = {lp.name: planner.pruned_indices(prepared.ranking, plan, lp.name) for lp in plan.layers if lp.pruned}

@@ -24,6 +24,7 @@ STRUCTURES: dict[str, str] = {
     "unstructured": "Single weights are zeroed by masks; the tensors keep their dense shape.",
     "channel": "Whole filters / neurons are removed, with every coupled layer shrinking too.",
     "head": "Transformers: whole attention heads and FFN neurons are removed; head counts are updated.",
+    "nm": "N:M semi-structured masks: in every group of M consecutive weights of a row, M-N are zeroed (2:4 = 50 %).",
 }
 
 def _fail(section: str, message: str) -> ExplorerError:
@@ -126,6 +127,13 @@ class ScoringSpec:
     norm: str = "l1"
     calib_batches: int = 4
     calib_batch_size: int = 64
+    nm: str = "2:4"
+
+    @property
+    def nm_pair(self) -> tuple[int, int]:
+        from explorer.llm import parse_nm
+
+        return parse_nm(self.nm)
 
     def validate(self) -> "ScoringSpec":
         if self.structure not in STRUCTURES:
@@ -136,6 +144,10 @@ class ScoringSpec:
             raise _fail("scoring", f"norm must be one of {', '.join(criteria.NORMS)}, got {self.norm!r}.")
         _positive_int("scoring", "calib_batches", self.calib_batches)
         _positive_int("scoring", "calib_batch_size", self.calib_batch_size)
+        try:
+            self.nm_pair
+        except ExplorerError as exc:
+            raise _fail("scoring", f"nm: {exc}") from exc
         return self
 
 
