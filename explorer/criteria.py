@@ -497,21 +497,22 @@ def _synflow_channels(request: _Request) -> Scores:
 def _wanda_weights(request: _Request) -> Scores:
     from explorer import llm
 
-    return llm.wanda_scores(request.model, request.calib, layers=request.layer_names)
+    return llm.wanda_scores(request.model, request.calib, layers=request.layer_names, progress=request.progress)
 
 
 def _wanda_channels(request: _Request) -> Scores:
     """Per output channel the sum of |W|·‖X‖ over its row (the structured reading of Wanda)."""
     from explorer import llm
 
-    return {name: _per_channel(raw, "l1") for name, raw in llm.wanda_raw(request.model, request.calib,
-                                                                          layers=request.layer_names).items()}
+    raw = llm.wanda_raw(request.model, request.calib, layers=request.layer_names, progress=request.progress)
+    return {name: _per_channel(score, "l1") for name, score in raw.items()}
 
 
 def _sparsegpt_weights(request: _Request) -> Scores:
     from explorer import llm
 
-    return llm.sparsegpt_scores(request.model, llm.hessians(request.model, request.calib, layers=request.layer_names))
+    hessians = llm.hessians(request.model, request.calib, layers=request.layer_names, progress=request.progress)
+    return llm.sparsegpt_scores(request.model, hessians)
 
 
 def _sparsegpt_channels(request: _Request) -> Scores:

@@ -59,10 +59,12 @@ def weights(model):
 
 def test_prunable_layers_and_registry():
     assert [name for name, _ in prunable_layers(small_model())] == LAYERS
-    assert set(CRITERIA) == {"magnitude", "random", "gradient", "taylor", "bn_scale", "conductance", "snip", "synflow"}
+    assert set(CRITERIA) == {"magnitude", "random", "gradient", "taylor", "bn_scale", "conductance", "snip", "synflow",
+                             "wanda", "sparsegpt"}
     for name, criterion in CRITERIA.items():
         assert criterion.name == name and criterion.description and isinstance(criterion.needs_data, bool)
-    assert [name for name, c in CRITERIA.items() if c.needs_data] == ["gradient", "taylor", "conductance", "snip"]
+    assert [name for name, c in CRITERIA.items() if c.needs_data] == ["gradient", "taylor", "conductance", "snip",
+                                                                                "wanda", "sparsegpt"]
 
 
 @pytest.mark.parametrize("name", list(CRITERIA))
@@ -71,9 +73,10 @@ def test_every_criterion_shapes_and_leaves_model_untouched(name):
     before = copy.deepcopy(model.state_dict())
     calib = calib_batches(1)
     by_weight = weight_scores(model, name, calib)
-    by_channel = channel_scores(model, name, calib)
+    by_channel = channel_scores(model, name, calib) if name != "sparsegpt" else {}  # sparsegpt: weights only
     for layer, module in prunable_layers(model):
         assert by_weight[layer].shape == module.weight.shape
+        by_channel.setdefault(layer, torch.zeros(module.weight.shape[0]))
         assert by_channel[layer].shape == (module.weight.shape[0],)
         assert by_weight[layer].dtype == torch.float32 and torch.isfinite(by_weight[layer]).all()
         assert (by_weight[layer] >= 0).all() and (by_channel[layer] >= 0).all()
@@ -243,6 +246,10 @@ def test_conv1d_and_linear_on_sequences():
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6, 4))
     calib = [(torch.randn(5, 2, 8), torch.randint(0, 4, (5,)))]
     for name in CRITERIA:
+        if name == "sparsegpt":  # single weights only: it rebuilds the kept ones
+            with pytest.raises(ExplorerError, match="unstructured or nm"):
+                channel_scores(model, name, calib)
+            continue
         scores = channel_scores(model, name, calib)
         assert scores["0"].shape == (3,) and scores["3"].shape == (4,)
 
@@ -412,6 +419,8 @@ def assert_progress(calls):
 def test_progress_is_reported_from_zero_to_one(name):
     model = small_model()
     for score_fn in (weight_scores, channel_scores):
+        if name == "sparsegpt" and score_fn is channel_scores:
+            continue  # no channel form
         calls = []
         score_fn(model, name, calib_batches(3), input_shape=(3, 8, 8), progress=lambda f, t: calls.append((f, t)))
         assert_progress(calls)
