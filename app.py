@@ -31,7 +31,8 @@ with st.sidebar:
         st.caption("None loaded yet: pick one on the Model page.")
     else:
         st.markdown(f"**{model['label']}**  \non **{model['dataset'].name}**")
-        st.caption(f"Baseline accuracy: **{common.fmt_pct(model['base_accuracy'])}** (test split)")
+        task = common.model_task(model)
+        st.caption(f"Baseline {common.task_label(task)}: **{common.fmt_task(task, task['base'])}** (test split)")
         pruned = st.session_state.get(common.PRUNED)
         if pruned is not None and pruned.get("model_key") == model["key"]:
             scoring, plan = pruned["recipe"].scoring, pruned["recipe"].plan

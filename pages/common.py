@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import baselines, pipeline
+from explorer import baselines, pipeline, tasks
 from explorer.recipe import Recipe
 from explorer.models import ZOO
 from explorer.specs import ModelSpec, ScoringSpec
@@ -19,7 +19,8 @@ from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 
 # st.session_state keys (one place, so pages agree on them)
-MODEL = "current_model"        # dict: module, label, arch, dataset (Dataset), source, spec (ModelSpec), base_accuracy, key
+MODEL = "current_model"        # dict: module, label, arch, dataset (Dataset), source, spec (ModelSpec), base_accuracy,
+#                                task ({name, measure, base, higher_is_better}), key, origin
 PREPARED = "prepared_cache"    # {(model key, ScoringSpec): pipeline.Prepared}
 PRUNED = "pruned_result"       # dict: module, recipe (Recipe), plan, metrics, run_id, model_key, run_name
 FINETUNE_JOB = "finetune_job"  # the fine-tune's background job
@@ -65,13 +66,83 @@ def current_model() -> dict | None:
     return st.session_state.get(MODEL)
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def shared_transformer(source: str) -> tuple:
+    """A built-in transformer or ``hf:FOLDER`` on the built-in text, loaded once and shared (read-only).
+
+    Returns ``(module, dataset, arch, task)``; loads through `pipeline.resolve_model`, the CLI's path.
+    """
+    module, dataset, arch = pipeline.resolve_model(ModelSpec(source=source, data="text", baseline=False))
+    return module, dataset, arch, task_of(module, dataset)
+
+
+# ---------------------------------------------------------------- the model's task metric
+# What "good" means depends on the model (explorer.tasks): accuracy for a classifier on labelled data,
+# perplexity for a language model, fidelity to the dense model otherwise. Pages show the model's own.
+MEASURE_LABELS = {"accuracy": "accuracy", "perplexity": "perplexity", "top1": "fidelity (top-1 agreement)",
+                  "cosine": "fidelity (cosine similarity)", "kl": "fidelity (KL divergence)"}
+
+
+def accuracy_task(accuracy: float | None) -> dict:
+    return {"name": "accuracy", "measure": "accuracy", "base": accuracy, "higher_is_better": True}
+
+
+def task_of(module, dataset, base_accuracy: float | None = None) -> dict:
+    """``{name, measure, base, higher_is_better}`` of a dense model: its own value of its task metric.
+
+    Fidelity of the dense model to itself is perfect by definition (`tasks.PERFECT`), so it costs nothing.
+    """
+    name = tasks.task_for(module, dataset)
+    if name == "accuracy":
+        if base_accuracy is None:
+            base_accuracy = tasks.accuracy(module, dataset)
+        return accuracy_task(base_accuracy)
+    if name == "perplexity":
+        return {"name": name, "measure": name, "base": tasks.perplexity(module, dataset), "higher_is_better": False}
+    measure = tasks.default_measure(module)
+    return {"name": name, "measure": measure, "base": tasks.PERFECT[measure],
+            "higher_is_better": tasks.HIGHER_IS_BETTER[measure]}
+
+
+def model_task(model: dict) -> dict:
+    """The task of a session-model entry (an entry made before tasks existed is an accuracy model)."""
+    return model.get("task") or accuracy_task(model.get("base_accuracy"))
+
+
+def task_label(task: dict) -> str:
+    """'accuracy', 'perplexity', 'fidelity (top-1 agreement)', ..."""
+    return MEASURE_LABELS.get(task.get("measure"), task.get("name", "accuracy"))
+
+
+def fmt_task(task: dict, value) -> str:
+    """A task value as people read it: accuracy and agreement in %, perplexity as a number, cosine / KL as decimals."""
+    if value is None:
+        return "-"
+    measure = task.get("measure")
+    if measure in ("accuracy", "top1"):
+        return fmt_pct(value)
+    if measure == "perplexity":
+        return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+    return f"{value:.3f}"
+
+
+def fmt_task_delta(task: dict, base, value) -> str | None:
+    """Pruned minus base, in points for percentages."""
+    if base is None or value is None:
+        return None
+    if task.get("measure") in ("accuracy", "top1"):
+        return f"{100 * (value - base):+.1f} pts"
+    return f"{value - base:+,.2f}" if task.get("measure") == "perplexity" else f"{value - base:+.3f}"
+
+
 def zoo_entry(model_name: str, dataset_name: str) -> dict:
     """The session-model entry of a zoo model's trained baseline on a built-in dataset (trains it once)."""
     base = baseline_with_progress(model_name, dataset_name)
     origin = "loaded from the baseline cache" if base.from_cache else f"trained in {base.train_seconds:.1f} s"
     return {"module": base.model, "label": model_name, "arch": model_name, "dataset": shared_dataset(dataset_name),
             "source": "zoo", "spec": ModelSpec(source=model_name, data=dataset_name, baseline=True),
-            "base_accuracy": base.accuracy, "key": f"zoo:{model_name}:{dataset_name}", "origin": origin}
+            "base_accuracy": base.accuracy, "task": accuracy_task(base.accuracy),
+            "key": f"zoo:{model_name}:{dataset_name}", "origin": origin}
 
 
 def require_model() -> dict:
@@ -212,19 +283,21 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
     The measurement is `pipeline.measure_run` with the recipe's MeasureSpec, the very call the
     CLI makes. The run keeps the full Recipe; ``outcome`` adds facts the recipe cannot know
     (e.g. how many fine-tune epochs ran before a cancel). Weights are stored only when the
-    architecture is known (zoo name or factory), since a stored file is rebuilt from it.
+    architecture is known (zoo name or factory), since a stored file is rebuilt from it (not for transformers: load_model cannot rebuild them).
     """
-    data = model["dataset"]
-    with st.status("Measuring accuracy, parameters, FLOPs, size and latency (base and pruned, same batch) ...",
+    data, task = model["dataset"], model_task(model)
+    with st.status(f"Measuring {task_label(task)}, parameters, FLOPs, size and latency (base and pruned, same batch) ...",
                    expanded=False) as status:
         metrics = pipeline.measure_run(model["module"], pruned_module, data, recipe.measure,
-                                       base_accuracy=model["base_accuracy"])
+                                       base_accuracy=model["base_accuracy"],
+                                       base_task_value=None if task["name"] == "accuracy" else task["base"])
         status.update(label="Measured.", state="complete")
     settings = {"arch": model["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                 "model_source": model["source"], **(outcome or {})}
     run = Run.from_recipe(recipe, model_name=model["label"], dataset=data.name, settings=settings, metrics=metrics,
                           history=list(history or []), name=name, stage=stage)
-    return RunStore().save(run, pruned_module if model["arch"] else None)
+    keep_weights = model["arch"] and model["source"] != "transformer"
+    return RunStore().save(run, pruned_module if keep_weights else None)
 
 
 def fmt_int(value) -> str:

@@ -1,4 +1,4 @@
-"""Model: choose what to prune (zoo model, model file or Python factory) and the data it sees."""
+"""Model: choose what to prune (zoo model, model file, Python factory or transformer) and the data it sees."""
 from __future__ import annotations
 
 import tempfile
@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from explorer import baselines, stats, tasks
+from explorer import baselines, hf, pipeline, stats, tasks
 from explorer.data import DATASETS, tensors
 from explorer.errors import ExplorerError
 from explorer.models import ZOO, load_model, read_saved_metadata
@@ -18,7 +18,7 @@ from pages import common
 st.title("Model")
 common.explain("""
 Pruning starts from a **trained** network: the question is how much of it can go before it
-forgets what it learned. Pick one of three sources:
+forgets what it learned. Pick one of four sources:
 
 * **Built-in zoo** - small architectures chosen because each shows a pruning idea: an MLP
   (neurons), LeNet-5 (a small CNN), a VGG-style stack (filters), ResNet-20 (residual adds tie
@@ -29,12 +29,23 @@ forgets what it learned. Pick one of three sources:
   by this app. Files are read without running code from them; a pickled model needs your
   explicit trust.
 * **Python factory** - `package.module:function`, called with the input shape and class count.
+* **Transformer** - a built-in one (the real pretrained sentence encoder all-MiniLM-L6-v2, or tiny
+  random BERT / GPT-2 models for quick experiments) or a local Hugging Face folder (config, weights
+  and tokenizer; nothing is downloaded), fed with text: built-in English sentences, or your own
+  `.txt` (one example a line), `.jsonl` (`text` and optional `label`) or `.csv` (a `text` column).
 
 The table lists every layer with parameters: its kind, weight shape, parameter count and
 FLOPs (multiply-adds counted as two operations, for one input). Conv and Linear layers are the
-ones pruning can touch. The **baseline accuracy** is measured on the held-out test split; every
-pruned model is compared with it.
+ones pruning can touch. The **baseline** is the model's task metric on the held-out test split; every
+pruned model is compared with it. What "good" means depends on the model: **accuracy** for a
+classifier on labelled data, **perplexity** for a language model (lower is better), and otherwise
+**fidelity** to the dense model: how often the pruned copy picks the same top class (top-1
+agreement), or how close its sentence embeddings stay (cosine similarity). The dense model's
+fidelity to itself is 100 % by definition.
 """)
+
+TEXT_TYPES = ["txt", "jsonl", "csv"]
+LOCAL_FOLDER = "local Hugging Face folder"
 
 DATASET_LABELS = {name: f"{name} - {DATASETS[name].description}" for name in (*common.ZOO_DATASETS, "tensors")}
 
@@ -81,7 +92,8 @@ def load_zoo(model_name: str, dataset_name: str, data) -> dict:
     bar.empty()
     return {"module": base.model, "label": model_name, "arch": model_name, "dataset": data, "source": "zoo",
             "spec": ModelSpec(source=model_name, baseline=True, **data_fields(data)),
-            "base_accuracy": base.accuracy, "key": f"zoo:{model_name}:tensors:{id(data)}",
+            "base_accuracy": base.accuracy, "task": common.accuracy_task(base.accuracy),
+            "key": f"zoo:{model_name}:tensors:{id(data)}",
             "origin": f"trained in {base.train_seconds:.1f} s"}
 
 
@@ -105,7 +117,8 @@ def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -
     return {"module": module, "label": upload.name, "arch": arch, "dataset": data, "source": "file",
             "spec": ModelSpec(source=upload.name, arch=arch, baseline=False, train_epochs=epochs,
                               trust_pickle=trust_pickle, **data_fields(data)),
-            "base_accuracy": accuracy, "key": f"file:{upload.file_id}:{arch}:{data.name}:{epochs}",
+            "base_accuracy": accuracy, "task": common.accuracy_task(accuracy),
+            "key": f"file:{upload.file_id}:{arch}:{data.name}:{epochs}",
             "origin": f"uploaded file{f', trained {epochs} epochs' if epochs else ''}"}
 
 
@@ -118,8 +131,33 @@ def load_factory(spec: str, data, epochs: int) -> dict:
     accuracy = evaluate(module, data, "test")["accuracy"]
     return {"module": module, "label": spec.strip(), "arch": spec.strip(), "dataset": data, "source": "factory",
             "spec": ModelSpec(source=spec.strip(), baseline=False, train_epochs=epochs, **data_fields(data)),
-            "base_accuracy": accuracy, "key": f"factory:{spec.strip()}:{data.name}:{epochs}",
+            "base_accuracy": accuracy, "task": common.accuracy_task(accuracy),
+            "key": f"factory:{spec.strip()}:{data.name}:{epochs}",
             "origin": f"built by the factory{f', trained {epochs} epochs' if epochs else ' (untrained)'}"}
+
+
+def load_transformer(source: str, upload) -> dict:
+    """A built-in transformer or ``hf:FOLDER`` through `pipeline.resolve_model` (the CLI's path), on text.
+
+    The built-in text gives a shared cached model; an uploaded file is written to a temporary file
+    under its own name (the text layer reads the format from the suffix) and tokenised for this session.
+    """
+    if upload is None:
+        module, data, arch, task = common.shared_transformer(source)
+        data_file, key = None, f"transformer:{source}:text"
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / (Path(upload.name).name or "upload.txt")
+            path.write_bytes(upload.getvalue())
+            module, data, arch = pipeline.resolve_model(ModelSpec(source=source, data="text", data_file=str(path),
+                                                                  baseline=False))
+        task = common.task_of(module, data)
+        data_file, key = upload.name, f"transformer:{source}:{upload.file_id}"
+    what = hf.BUILTIN.get(source, f"Hugging Face folder {source[3:]}").split(":")[0]
+    return {"module": module, "label": source, "arch": arch, "dataset": data, "source": "transformer",
+            "spec": ModelSpec(source=source, data="text", data_file=data_file, baseline=False),
+            "base_accuracy": task["base"] if task["name"] == "accuracy" else None, "task": task, "key": key,
+            "origin": f"{what}, a {module.task.replace('_', ' ')} transformer, pruned as loaded"}
 
 
 def use_usual_dataset() -> None:
@@ -127,7 +165,8 @@ def use_usual_dataset() -> None:
     st.session_state["zoo_dataset"] = ZOO[st.session_state["zoo_model"]].default_dataset
 
 
-source = st.radio("Source", ["Built-in zoo", "Model file", "Python factory"], horizontal=True, key="model_source")
+source = st.radio("Source", ["Built-in zoo", "Model file", "Python factory", "Transformer"], horizontal=True,
+                  key="model_source")
 loaded = None
 try:
     if source == "Built-in zoo":
@@ -159,7 +198,7 @@ try:
         if st.button("Load file", type="primary", key="file_load", disabled=upload is None or data is None):
             arch = None if arch_choice.startswith("(") else arch_choice
             loaded = load_file(upload, data, arch, trust, int(epochs))
-    else:
+    elif source == "Python factory":
         left, right = st.columns(2)
         with left:
             spec = st.text_input("Factory (package.module:callable)", "explorer.models:mlp", key="factory_spec",
@@ -169,6 +208,28 @@ try:
             epochs = st.number_input("Train epochs (a factory gives untrained weights)", 0, 100, 5, key="factory_epochs")
         if st.button("Build", type="primary", key="factory_load", disabled=data is None):
             loaded = load_factory(spec, data, int(epochs))
+    else:
+        left, right = st.columns(2)
+        with left:
+            choice = st.selectbox("Transformer", [*hf.BUILTIN, LOCAL_FOLDER], key="tf_model",
+                                  format_func=lambda n: n if n == LOCAL_FOLDER else f"{n} - {hf.BUILTIN[n]}")
+            folder = ""
+            if choice == LOCAL_FOLDER:
+                folder = st.text_input("Folder (config.json, weights and tokenizer files)", key="tf_folder",
+                                       placeholder="/path/to/model", help="Loaded offline: nothing is downloaded.")
+        with right:
+            text_source = st.radio("Text", ["built-in English text", "my text file"], horizontal=True, key="tf_text")
+            upload = None
+            if text_source == "my text file":
+                upload = st.file_uploader("Text file: .txt (one example a line), .jsonl (text, optional label) "
+                                          "or .csv (a text column, optional label)", type=TEXT_TYPES, key="tf_data")
+            else:
+                st.caption("Sentences from the Python standard library's docstrings: real English, unlabelled.")
+        source_name = choice if choice != LOCAL_FOLDER else f"hf:{folder.strip()}"
+        missing = (choice == LOCAL_FOLDER and not folder.strip()) or (text_source == "my text file" and upload is None)
+        if st.button("Load transformer", type="primary", key="tf_load", disabled=missing):
+            with st.spinner(f"Loading {source_name} and tokenising the text ..."):
+                loaded = load_transformer(source_name, upload)
 except ExplorerError as exc:
     st.error(str(exc))
 
@@ -190,7 +251,10 @@ except ExplorerError as exc:
 table = pd.DataFrame(rows)
 sizes = model["dataset"].sizes
 cols = st.columns(4)
-cols[0].metric("Baseline accuracy (test)", common.fmt_pct(model["base_accuracy"]))
+task = common.model_task(model)
+cols[0].metric(f"Baseline {common.task_label(task)} (test)", common.fmt_task(task, task["base"]),
+               help=None if task["name"] == "accuracy" else "Lower is better." if not task["higher_is_better"]
+               else "The dense model agrees with itself perfectly; pruned copies are measured against it.")
 cols[1].metric("Parameters", common.fmt_int(table["params"].sum()))
 cols[2].metric("FLOPs per input", common.fmt_int(table["flops"].sum()))
 cols[3].metric("Train / val / test", f"{sizes['train']:,} / {sizes['val']:,} / {sizes['test']:,}")
