@@ -7,13 +7,15 @@ import streamlit as st
 from explorer import figures, pipeline
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
+from explorer.llm import parse_nm
 from explorer.specs import PlanSpec, ScoringSpec
 from explorer.structural import group_of
 from pages import common
 
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
-            "prune_calib": 4}
+            "prune_calib": 4, "prune_nm": "2:4"}
+NM_PATTERNS = ("2:4", "4:8")
 
 st.title("Prune")
 common.explain("""
@@ -23,12 +25,18 @@ tensors keep their shape, so the file compresses well but dense kernels do just 
 a conv also removes input channel k of the next layer and its BatchNorm entries, and across a
 residual add every layer added together must lose the same channel. Such a set is a **coupled
 group**; pick a layer below to see its group and how many parameters really go per channel.
+In a transformer, *head* removes whole attention heads (their query, key and value slices and the
+output projection's inputs) and FFN neurons, and updates the head counts; *N:M* keeps N of every M
+consecutive weights of a row (2:4 = 50 %), the one sparse pattern GPU tensor cores can run faster.
 
 **How to decide (criterion).** Each unit gets a score and the lowest scores go. Magnitude uses
 |w| (or a filter's L1/L2 norm); gradient, Taylor and SNIP look at how the loss reacts, using a few
 calibration batches; BatchNorm scale reads the learned γ; conductance (captum) measures how much
 a unit contributes to the right answer; SynFlow needs no data at all; random is the baseline every
-criterion must beat.
+criterion must beat. For large models, *Wanda* weighs |w| by the norm of its input activation and
+compares weights within each output row (Sun et al. 2023); *SparseGPT* prunes layer by layer and
+updates the kept weights to rebuild each layer's output (Frantar & Alistarh 2023; weights only, no
+channel or head form).
 
 **Where the cut falls (scope).** *Local*: every layer loses the same fraction. *Global*: one
 threshold over all layers, so layers whose scores are small overall lose much more. Pushed far, a
@@ -46,7 +54,8 @@ session_recipe = st.session_state.get(common.RECIPE)
 if session_recipe is not None and session_recipe.model == model["spec"]:  # the widgets show the session's Recipe
     DEFAULTS.update({"prune_structure": session_recipe.scoring.structure,
                      "prune_criterion": session_recipe.scoring.criterion,
-                     "prune_calib": session_recipe.scoring.calib_batches, "prune_scope": session_recipe.plan.scope,
+                     "prune_calib": session_recipe.scoring.calib_batches, "prune_nm": session_recipe.scoring.nm,
+                     "prune_scope": session_recipe.plan.scope,
                      "prune_sparsity": session_recipe.plan.sparsity, "prune_protect": list(session_recipe.plan.protect),
                      "prune_min_keep": session_recipe.plan.min_keep,
                      "prune_override_layers": list(session_recipe.plan.overrides),
@@ -65,8 +74,14 @@ with details:
     if CRITERIA[criterion].needs_data:
         calib_batches = st.slider("Calibration batches (64 samples each)", 1, 16, key="prune_calib")
     st.caption(f"{structure}: {pipeline.STRUCTURES[structure]}")
+    nm = st.session_state["prune_nm"]
+    if structure == "nm":
+        nm = st.selectbox("N:M pattern (keep N of every M consecutive weights)", NM_PATTERNS, key="prune_nm")
+        st.caption(f"The {nm} pattern fixes the sparsity at {pipeline.nm_sparsity(parse_nm(nm)):.0%} "
+                   "in every layer it fits: the sparsity slider and scope do not apply. On a CPU dense kernels run "
+                   "it at about 1x; GPUs with 2:4 sparse tensor cores are where it gets faster.")
 
-scoring = ScoringSpec(structure=structure, criterion=criterion, calib_batches=int(calib_batches))
+scoring = ScoringSpec(structure=structure, criterion=criterion, calib_batches=int(calib_batches), nm=nm)
 try:
     prepared = common.prepared_for(model, scoring)
 except ExplorerError as exc:
@@ -103,7 +118,8 @@ def plan_view() -> None:
         st.rerun(scope="app")
     slider_col, collapse_col = st.columns([1, 1])
     with slider_col:
-        sparsity = st.slider("Sparsity (fraction of units removed)", 0.0, 1.0, step=0.01, key="prune_sparsity")
+        sparsity = st.slider("Sparsity (fraction of units removed)", 0.0, 1.0, step=0.01, key="prune_sparsity",
+                             disabled=structure == "nm", help="N:M fixes the sparsity." if structure == "nm" else None)
 
     try:
         recipe = common.session_recipe(model).replace(
@@ -194,9 +210,13 @@ def plan_view() -> None:
     pruned = st.session_state.get(common.PRUNED)
     if pruned is not None and pruned["model_key"] == model["key"]:
         m = pruned["metrics"]
+        task = m.get("task") or {**common.model_task(model), "pruned": m["accuracy"]}
         st.success(f"Saved **{pruned['run_name']}**.")
         r = st.columns(5)
-        r[0].metric("Accuracy", common.fmt_pct(m["accuracy"]), f"{100 * m['delta_accuracy']:+.1f} pts")
+        r[0].metric(common.task_label(task).capitalize(), common.fmt_task(task, task["pruned"]),
+                    common.fmt_task_delta(task, task["base"], task["pruned"]),
+                    delta_color="normal" if task["higher_is_better"] else "inverse",
+                    help=f"Dense model: {common.fmt_task(task, task['base'])}.")
         r[1].metric("Non-zero params", common.fmt_int(m["params_nonzero"]), f"of {common.fmt_int(m['params_total'])}",
                     delta_color="off", delta_arrow="off")
         r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
