@@ -25,6 +25,11 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
            "#bcbd22")
 COLLAPSED, PROTECTED, PRUNED = "#d62728", "#7f7f7f", "#1f77b4"
 _LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25, x=0)
+# A run's task metric (`pipeline.measure_run`'s ``task``) by its measure, as charts and tables name it.
+METRIC_LABELS = {"accuracy": "accuracy", "perplexity": "perplexity", "top1": "fidelity (top-1 agreement)",
+                 "cosine": "fidelity (cosine similarity)", "kl": "fidelity (KL divergence)"}
+PERCENT_MEASURES = ("accuracy", "top1")
+LOWER_IS_BETTER = ("perplexity", "fidelity (KL divergence)")
 
 
 def histograms(summaries: Mapping[str, dict], names: Sequence[str], title: str, *,
@@ -130,17 +135,24 @@ def trajectories(points: Mapping[str, Sequence[dict]]) -> go.Figure:
 
 
 def runs_frame(runs: Iterable) -> pd.DataFrame:
-    """One row per stored run (`store.Run`): what was chosen and what came out, ready to tabulate and plot."""
+    """One row per stored run (`store.Run`): what was chosen and what came out, ready to tabulate and plot.
+
+    ``metric`` names the run's task metric (accuracy for runs stored before tasks existed) and
+    ``metric value`` / ``base value`` hold it for the pruned copy and its dense model.
+    """
     rows = []
     for run in runs:
         m, finetune = run.metrics, run.settings.get("finetune") or {}
+        task = m.get("task") or {"measure": "accuracy", "base": m.get("base_accuracy"), "pruned": m.get("accuracy")}
         over_time = (run.recipe.get("method") or {}).get("name", "one_shot")
         rows.append({
             "id": run.id, "name": run.name, "model": f"{run.model_name} on {run.dataset}",
             "method": f"{run.structure} / {run.criterion} / {run.scope}"
                       + ("" if over_time == "one_shot" else f" / {over_time}"),
             "structure": run.structure, "criterion": run.criterion, "scope": run.scope, "sparsity": run.sparsity,
-            "fine-tune epochs": finetune.get("epochs_done", 0), "accuracy": m.get("accuracy"),
+            "fine-tune epochs": finetune.get("epochs_done", 0),
+            "metric": METRIC_LABELS.get(task.get("measure"), task.get("name", "accuracy")),
+            "metric value": task.get("pruned"), "base value": task.get("base"), "accuracy": m.get("accuracy"),
             "Δ accuracy (pts)": 100 * m["delta_accuracy"] if m.get("delta_accuracy") is not None else None,
             "params": m.get("params_total"), "non-zero params": m.get("params_nonzero"),
             "FLOPs": m.get("flops_effective"), "compressed size (B)": m.get("size_compressed_bytes"),
@@ -154,12 +166,25 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
     return table
 
 
-def accuracy_vs_sparsity(table: pd.DataFrame) -> go.Figure:
-    """One line per method (structure / criterion / scope); fine-tuned runs as diamonds; x within 0-100 %."""
-    figure = px.line(table.sort_values("sparsity"), x="sparsity", y="accuracy", color="method", symbol="tuned",
+def _metric_axis(metric: str) -> dict:
+    """The y axis of a task metric: percent for accuracy and agreement; lower-is-better said in the title."""
+    title = metric + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
+    percent = metric in (METRIC_LABELS[m] for m in PERCENT_MEASURES)
+    return dict(title=dict(text=title), tickformat=".0%" if percent else None)
+
+
+def accuracy_vs_sparsity(table: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
+    """One line per method (structure / criterion / scope); fine-tuned runs as diamonds; x within 0-100 %.
+
+    ``metric`` plots another task metric (a ``metric`` of `runs_frame`, e.g. "perplexity"): only the
+    runs judged by it, since values of different metrics share no axis.
+    """
+    column = "accuracy" if metric == "accuracy" else "metric value"
+    shown = table[table["metric"] == metric] if "metric" in table else table
+    figure = px.line(shown.sort_values("sparsity"), x="sparsity", y=column, color="method", symbol="tuned",
                      symbol_map={"fine-tuned": "diamond", "pruned only": "circle"}, markers=True, hover_name="name",
-                     title="Accuracy vs sparsity")
-    figure.update_layout(xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=460, legend_title_text="",
+                     title=f"{metric.capitalize()} vs sparsity")
+    figure.update_layout(xaxis_tickformat=".0%", yaxis=_metric_axis(metric), height=460, legend_title_text="",
                          xaxis_range=[-0.02, 1.02], legend=_LEGEND_BELOW)
     return figure
 
@@ -189,16 +214,19 @@ def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
-def accuracy_vs_latency(table: pd.DataFrame) -> go.Figure:
-    """Accuracy against measured latency, with the Pareto front."""
-    timed = table.dropna(subset=["latency (ms)", "accuracy"])
-    figure = px.scatter(timed, x="latency (ms)", y="accuracy", color="method", hover_name="name",
-                        title="Accuracy vs measured latency")
-    front = pareto_front(table)
+def accuracy_vs_latency(table: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
+    """Accuracy (or another task ``metric``, its runs only) against measured latency, with the Pareto front."""
+    column = "accuracy" if metric == "accuracy" else "metric value"
+    shown = table[table["metric"] == metric] if "metric" in table else table
+    timed = shown.dropna(subset=["latency (ms)", column])
+    figure = px.scatter(timed, x="latency (ms)", y=column, color="method", hover_name="name",
+                        title=f"{metric.capitalize()} vs measured latency")
+    score = timed[column] if metric not in LOWER_IS_BETTER else -timed[column]  # the front wants higher = better
+    front = timed.loc[pareto_front(timed.assign(accuracy=score)).index] if not timed.empty else timed
     if not front.empty:
-        figure.add_trace(go.Scatter(x=front["latency (ms)"], y=front["accuracy"], mode="lines",
+        figure.add_trace(go.Scatter(x=front["latency (ms)"], y=front[column], mode="lines",
                                     line=dict(shape="hv", color="black", dash="dot"), name="Pareto front"))
-    figure.update_layout(yaxis_tickformat=".0%", height=460, legend_title_text="", legend=_LEGEND_BELOW)
+    figure.update_layout(yaxis=_metric_axis(metric), height=460, legend_title_text="", legend=_LEGEND_BELOW)
     return figure
 
 

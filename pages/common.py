@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import baselines, pipeline, tasks
+from explorer import baselines, figures, pipeline, tasks
 from explorer.recipe import Recipe
 from explorer.models import ZOO
 from explorer.specs import ModelSpec, ScoringSpec
@@ -79,8 +79,7 @@ def shared_transformer(source: str) -> tuple:
 # ---------------------------------------------------------------- the model's task metric
 # What "good" means depends on the model (explorer.tasks): accuracy for a classifier on labelled data,
 # perplexity for a language model, fidelity to the dense model otherwise. Pages show the model's own.
-MEASURE_LABELS = {"accuracy": "accuracy", "perplexity": "perplexity", "top1": "fidelity (top-1 agreement)",
-                  "cosine": "fidelity (cosine similarity)", "kl": "fidelity (KL divergence)"}
+MEASURE_LABELS = figures.METRIC_LABELS
 
 
 def accuracy_task(accuracy: float | None) -> dict:

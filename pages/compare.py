@@ -1,4 +1,4 @@
-"""Compare: every saved run side by side - accuracy against sparsity, measured against promised speed."""
+"""Compare: every saved run side by side - the task metric against sparsity, measured against promised speed."""
 from __future__ import annotations
 
 import streamlit as st
@@ -15,7 +15,10 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
 
 * **Accuracy vs sparsity** - one line per method (structure, criterion, scope). The usual shape is
   flat, then a cliff: the cliff is where the method stops finding weights the network can spare.
-  Fine-tuned runs are drawn as diamonds.
+  Fine-tuned runs are drawn as diamonds. A transformer is judged by its own task metric instead:
+  **perplexity** for a language model (lower is better), **fidelity** to the dense model otherwise
+  (top-1 agreement of the predicted class, or cosine similarity of the sentence embeddings). Runs
+  judged by different metrics share no axis: pick the metric to plot.
 * **Measured vs theoretical speed-up** - the FLOPs speed-up is what counting multiply-adds promises;
   the measured one is the ratio of median latencies of base and pruned model, timed in the same
   call, same batch and threads. **Unstructured runs sit near 1x measured**: their zeros are still
@@ -42,10 +45,25 @@ if not runs:
 table = figures.runs_frame(runs)
 
 models = sorted(table["model"].unique())
-chosen = st.selectbox("Model", ["all models", *models], index=1 if len(models) == 1 else 0, key="cmp_model")
+pick_model, pick_metric = st.columns(2)
+chosen = pick_model.selectbox("Model", ["all models", *models], index=1 if len(models) == 1 else 0, key="cmp_model")
 shown = table if chosen == "all models" else table[table["model"] == chosen]
+metrics_shown = list(dict.fromkeys(shown["metric"]))
+metric = metrics_shown[0] if metrics_shown else "accuracy"
+if len(metrics_shown) > 1:
+    metric = pick_metric.selectbox("Metric to plot (runs judged by it)", metrics_shown, key="cmp_metric",
+                                   help="Accuracy, perplexity and fidelity are different scales: each chart "
+                                        "plots the runs of one metric.")
+if "accuracy" not in metrics_shown:  # transformers judged by perplexity or fidelity have no accuracy
+    shown = shown.drop(columns=["accuracy", "Δ accuracy (pts)"])
+one_metric = metrics_shown[0] if len(metrics_shown) == 1 else None
+value_format = ("percent" if one_metric in ("accuracy", figures.METRIC_LABELS["top1"])
+                else "%.2f" if one_metric == "perplexity" else "%.3f")
 st.dataframe(shown, hide_index=True, column_config={
     "sparsity": st.column_config.NumberColumn(format="percent"),
+    "metric": st.column_config.TextColumn("task metric"),
+    "metric value": st.column_config.NumberColumn("value", format=value_format),
+    "base value": st.column_config.NumberColumn("dense value", format=value_format),
     "accuracy": st.column_config.NumberColumn(format="percent"),
     "Δ accuracy (pts)": st.column_config.NumberColumn(format="%+.1f"),
     "params": st.column_config.NumberColumn(format="localized"),
@@ -60,10 +78,10 @@ st.dataframe(shown, hide_index=True, column_config={
 
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(figures.accuracy_vs_sparsity(shown), key="cmp_accuracy")
+    st.plotly_chart(figures.accuracy_vs_sparsity(shown, metric), key="cmp_accuracy")
 with right:
     st.plotly_chart(figures.speedup_promise(shown), key="cmp_speedup")
-st.plotly_chart(figures.accuracy_vs_latency(shown), key="cmp_pareto")
+st.plotly_chart(figures.accuracy_vs_latency(shown, metric), key="cmp_pareto")
 
 shown_ids = set(shown["id"])
 with_trajectory = [run for run in runs if run.trajectory and run.id in shown_ids]

@@ -27,6 +27,15 @@ Training uses the GPU when there is one (`auto`), otherwise the CPU.
 """)
 
 model = common.require_model()
+task = common.model_task(model)
+if task["name"] != "accuracy":
+    st.info(f"Fine-tuning covers labelled classifiers today; **{model['label']}** on {model['dataset'].name} is "
+            f"judged by {common.task_label(task)}, which the training loop cannot optimise yet. Prune it at a few "
+            "sparsities, criteria (wanda, sparsegpt) and structures instead, and compare the runs; or load a "
+            "classifier with a labelled text file (.jsonl or .csv with a label) to fine-tune it.",
+            icon=":material/info:")
+    st.page_link("pages/compare.py", label="Compare the runs", icon=":material/arrow_forward:")
+    st.stop()
 pruned = st.session_state.get(common.PRUNED)
 if pruned is None or pruned["model_key"] != model["key"]:
     st.info("Nothing to fine-tune yet: apply a plan on the Prune page first.")
