@@ -201,7 +201,7 @@ try:
     elif source == "Python factory":
         left, right = st.columns(2)
         with left:
-            spec = st.text_input("Factory (package.module:callable)", "explorer.models:mlp", key="factory_spec",
+            spec = st.text_input("Factory (package.module:callable)", "explorer.zoo:mlp", key="factory_spec",
                                  help="Called with input_shape and num_classes if it accepts them.")
         with right:
             data = pick_dataset("factory")

@@ -1,0 +1,145 @@
+"""The app with transformers through AppTest: Model -> Prune -> Compare shows the task metric.
+
+Tiny random BERT / GPT-2 only (the real MiniLM is measured in the CLI and pipeline tests); conftest
+gives each test session its own run database, so Compare lists only the runs made here.
+"""
+import base64
+import json
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from explorer import tasks
+from explorer.store import RunStore
+
+
+def start() -> AppTest:
+    """A fresh session on the Model page, without the default mlp (whose baseline would train first)."""
+    at = AppTest.from_file("../app.py", default_timeout=120)
+    at.session_state["model_autoloaded"] = True
+    at.run()
+    assert not at.exception, at.exception
+    assert "current_model" not in at.session_state
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def numbers(array) -> list[float]:
+    """A plotly array as sent to the browser: a list, or {dtype, bdata} base64-packed."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
+def load_transformer(at: AppTest, name: str, *, folder: str = "") -> AppTest:
+    goto(at, "pages/model.py")
+    at.radio(key="model_source").set_value("Transformer").run()
+    at.selectbox(key="tf_model").set_value(name).run()
+    if folder:
+        at.text_input(key="tf_folder").set_value(folder).run()
+    at.button(key="tf_load").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def apply(at: AppTest, structure: str, sparsity: float) -> dict:
+    goto(at, "pages/prune.py")
+    at.radio(key="prune_structure").set_value(structure).run()
+    at.selectbox(key="prune_criterion").set_value("magnitude").run()
+    at.slider(key="prune_sparsity").set_value(sparsity).run()
+    at.button(key="prune_apply").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    return at.session_state["pruned_result"]["metrics"]
+
+
+def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics():
+    at = start()
+    load_transformer(at, "tiny_bert")
+    model = at.session_state["current_model"]
+    assert (model["label"], model["source"], model["dataset"].name) == ("tiny_bert", "transformer", "text")
+    assert model["task"] == {"name": "fidelity", "measure": "top1", "base": 1.0, "higher_is_better": True}
+    assert model["spec"].data == "text" and model["spec"].data_file is None
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Baseline fidelity (top-1 agreement) (test)"] == "100.0 %"
+    assert "hf.bert.encoder.layer.0.attention.self.query" in at.dataframe[0].value["name"].tolist()
+
+    bert = apply(at, "head", 0.5)
+    assert bert["task"]["name"] == "fidelity" and bert["task"]["base"] == 1.0
+    assert bert["accuracy"] is None
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Fidelity (top-1 agreement)"] == f"{100 * bert['task']['pruned']:.1f} %"
+    assert bert["params_total"] < bert["baseline_params_total"]  # heads physically removed
+
+    load_transformer(at, "tiny_gpt2")
+    gpt2 = at.session_state["current_model"]
+    assert gpt2["task"]["name"] == "perplexity" and gpt2["task"]["higher_is_better"] is False
+    # an independent computation of the dense model's perplexity on the same test split
+    assert gpt2["task"]["base"] == pytest.approx(tasks.perplexity(gpt2["module"], gpt2["dataset"]), rel=1e-6)
+    assert "Baseline perplexity (test)" in [m.label for m in at.metric]
+    goto(at, "pages/prune.py")
+    at.radio(key="prune_structure").set_value("nm").run()
+    assert "fixes the sparsity at 50%" in texts(at.caption)
+    assert at.slider(key="prune_sparsity").disabled
+    at.selectbox(key="prune_nm").set_value("4:8").run()
+    assert at.session_state["recipe"].scoring.nm == "4:8"
+    gpt2_run = apply(at, "unstructured", 0.5)
+    assert gpt2_run["task"]["name"] == "perplexity"
+    assert gpt2_run["task"]["base"] == pytest.approx(gpt2["task"]["base"])  # passed in, not recomputed
+    assert gpt2_run["task"]["pruned"] > 0
+
+    goto(at, "pages/finetune.py")
+    assert len(at.info) == 1 and "labelled classifiers" in at.info[0].value
+
+    goto(at, "pages/compare.py")
+    assert not at.error, texts(at.error)
+    at.selectbox(key="cmp_model").set_value("all models").run()
+    table = at.dataframe[0].value
+    by_model = {row["model"]: row for _, row in table.iterrows()}
+    assert by_model["tiny_bert on text"]["metric"] == "fidelity (top-1 agreement)"
+    assert by_model["tiny_bert on text"]["metric value"] == pytest.approx(bert["task"]["pruned"])
+    assert by_model["tiny_gpt2 on text"]["metric"] == "perplexity"
+    assert by_model["tiny_gpt2 on text"]["metric value"] == pytest.approx(gpt2_run["task"]["pruned"])
+    assert "accuracy" not in table.columns  # nothing here is judged by accuracy
+    picker = at.selectbox(key="cmp_metric")
+    assert set(picker.options) == {"fidelity (top-1 agreement)", "perplexity"}
+    picker.set_value("perplexity").run()
+    assert not at.exception
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["yaxis"]["title"]["text"] == "perplexity (lower is better)"
+    plotted = [y for trace in figure["data"] for y in numbers(trace["y"])]
+    assert plotted == pytest.approx([gpt2_run["task"]["pruned"]])
+    assert len(RunStore().list()) == 2
+
+
+def test_a_bad_hf_folder_is_one_error_line_and_the_previous_model_stays(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    at = start()
+    load_transformer(at, "tiny_bert")
+    load_transformer(at, "local Hugging Face folder", folder=str(tmp_path))
+    assert len(at.error) == 1 and str(tmp_path) in at.error[0].value and "config.json" in at.error[0].value
+    assert "\n" not in at.error[0].value
+    assert at.session_state["current_model"]["label"] == "tiny_bert"
+
+
+def test_head_on_a_plain_network_and_sparsegpt_by_channel_are_the_library_errors():
+    at = start()
+    at.radio(key="model_source").set_value("Python factory").run()
+    at.number_input(key="factory_epochs").set_value(0).run()
+    at.button(key="factory_load").click().run()
+    assert at.session_state["current_model"]["task"]["name"] == "accuracy"
+    goto(at, "pages/prune.py")
+    at.radio(key="prune_structure").set_value("head").run()
+    assert not at.exception and len(at.error) == 1 and "\n" not in at.error[0].value
+    at.radio(key="prune_structure").set_value("channel").run()
+    at.selectbox(key="prune_criterion").set_value("sparsegpt").run()
+    assert not at.exception and len(at.error) == 1 and "sparsegpt" in at.error[0].value
