@@ -1,6 +1,8 @@
 """Inspect: what the weights, their gradients and the channels' attributions look like, layer by layer."""
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import streamlit as st
 
@@ -26,7 +28,26 @@ right now; gradient, Taylor (|w·g|) and SNIP criteria build on this.
 **Attribution** (captum layer conductance) asks, for one layer, how much each output channel or
 neuron contributes to the score of the correct class, averaged over the calibration batches. Units
 with almost no conductance are candidates for removal whatever their weight norm says.
+
+A transformer has dozens of Linear layers, repeated block after block. Pick a **block** to see
+only its layers, and read the **per-block table**: mean |w| of each role (query, key, value,
+attention output, FFN in / out) in every block, so a block or a role that stands out is found at a
+glance.
 """)
+
+GROUP_ABOVE = 12  # more layers than this: group them by block
+OUTSIDE = "(outside blocks)"
+ALL_BLOCKS = "all blocks"
+
+
+def block_of(name: str) -> tuple[str, str]:
+    """('hf.encoder.layer.3', 'attention.self.query'): the repeated block a layer sits in, and its role there.
+
+    A block is the name up to its first numbered part; layers outside any block (embeddings' projections,
+    pooler, classifier) share one group.
+    """
+    match = re.match(r"^(.*?\.\d+)\.(.+)$", name)
+    return (match.group(1), match.group(2)) if match else (OUTSIDE, name)
 
 model = common.require_model()
 pruned = st.session_state.get(common.PRUNED)
@@ -50,7 +71,16 @@ except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
 layers = list(weights)
-chosen = st.multiselect("Layers", layers, default=layers[:9], key="inspect_layers")
+grouped = len(layers) > GROUP_ABOVE
+block, in_block = ALL_BLOCKS, layers
+if grouped:
+    blocks = list(dict.fromkeys(block_of(n)[0] for n in layers))
+    block = st.selectbox(f"Block ({len(layers)} layers in {len(blocks)} groups)", [ALL_BLOCKS, *blocks],
+                         index=1 if len(blocks) > 1 else 0, key="inspect_block",
+                         help="The histograms, the summary chart and its table show this block's layers.")
+    in_block = layers if block == ALL_BLOCKS else [n for n in layers if block_of(n)[0] == block]
+chosen = st.multiselect("Layers", in_block, default=in_block[:9],
+                        key="inspect_layers" if block == ALL_BLOCKS else f"inspect_layers_{block}")
 
 # The |w| cut of unstructured magnitude pruning at the Prune page's sparsity and scope.
 session_recipe = st.session_state.get(common.RECIPE)
@@ -76,9 +106,15 @@ if chosen:
     st.plotly_chart(figures.histograms(weights, chosen, f"Weight distributions - {target_label}", thresholds=cuts,
                                        log_count=log_count), key="inspect_weights")
 
+task = common.model_task(model)
+labelled = task["name"] == "accuracy"
 st.subheader("Gradients")
 grad_key = ("inspect_gradients", model["key"], target_label, calib_batches, bins, shared)
-if st.button(f"Collect gradients over {calib_batches} calibration batches", key="inspect_collect"):
+if not labelled:
+    st.caption(f"Gradients and conductance follow the loss on the correct class; {model['label']} on "
+               f"{model['dataset'].name} has no labels (it is judged by {common.task_label(task)}). Load a "
+               "classifier with a labelled text file (.jsonl / .csv) to see them.")
+elif st.button(f"Collect gradients over {calib_batches} calibration batches", key="inspect_collect"):
     try:
         with st.spinner("Running forward and backward passes ..."):
             calib = model["dataset"].calibration(calib_batches, 64)
@@ -88,9 +124,9 @@ if st.button(f"Collect gradients over {calib_batches} calibration batches", key=
         st.error(str(exc))
 stored = st.session_state.get("inspect_gradients")
 gradients = stored[1] if stored is not None and stored[0] == grad_key else None
-if gradients is None:
+if gradients is None and labelled:
     st.caption("Press the button to average the loss gradient of every layer over the calibration batches.")
-elif chosen:
+elif gradients is not None and chosen:
     st.plotly_chart(figures.histograms(gradients, [n for n in chosen if n in gradients],
                                        f"Gradient distributions (mean over {calib_batches} batches)",
                                        log_count=log_count), key="inspect_grads")
@@ -98,12 +134,30 @@ elif chosen:
 summary = pd.DataFrame([{"layer": n, "mean |w|": weights[n]["mean_abs"], "std of w": weights[n]["std"],
                          "zeros": weights[n]["zeros_fraction"],
                          "mean |g|": gradients[n]["mean_abs"] if gradients and n in gradients else None}
-                        for n in layers])
-st.plotly_chart(figures.layer_summary(weights, gradients), key="inspect_summary")
+                        for n in in_block])
+st.plotly_chart(figures.layer_summary({n: weights[n] for n in in_block}, gradients), key="inspect_summary")
 st.dataframe(summary, hide_index=True, column_config={"zeros": st.column_config.NumberColumn(format="percent")})
 
+if grouped:
+    st.subheader("Per block")
+    value = st.radio("Value", ["mean |w|", "std of w", "zeros"], horizontal=True, key="inspect_block_value")
+    field = {"mean |w|": "mean_abs", "std of w": "std", "zeros": "zeros_fraction"}[value]
+    cells = pd.DataFrame([{"block": b, "role": r, value: weights[n][field]}
+                          for n in layers for b, r in [block_of(n)] if b != OUTSIDE])
+    if not cells.empty:
+        table = cells.pivot(index="block", columns="role", values=value).reindex(
+            index=list(dict.fromkeys(cells["block"])), columns=list(dict.fromkeys(cells["role"])))
+        st.dataframe(table, column_config={role: st.column_config.NumberColumn(
+            role, format="percent" if value == "zeros" else "%.4f") for role in table.columns},
+            key="inspect_block_table")
+        st.caption(f"{value} of every layer role (columns) in every block (rows); layers outside the blocks are "
+                   "in the table above.")
+
 st.subheader("Attribution per channel")
-attr_layer = st.selectbox("Layer", layers, key="inspect_attr_layer")
+if not labelled:
+    st.caption("Needs labels: see Gradients above.")
+    st.stop()
+attr_layer = st.selectbox("Layer", in_block, key="inspect_attr_layer")
 attr_key = ("inspect_attribution", model["key"], target_label, attr_layer, calib_batches)
 if st.button("Compute conductance", key="inspect_attr"):
     try:

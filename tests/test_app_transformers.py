@@ -130,6 +130,20 @@ def test_a_bad_hf_folder_is_one_error_line_and_the_previous_model_stays(tmp_path
     assert "\n" not in at.error[0].value
     assert at.session_state["current_model"]["label"] == "tiny_bert"
 
+    goto(at, "pages/inspect.py")  # 14 Linear layers: grouped by block, one block's histograms at a time
+    assert not at.error, texts(at.error)
+    blocks = at.selectbox(key="inspect_block")
+    assert blocks.options == ["all blocks", "hf.bert.encoder.layer.0", "hf.bert.encoder.layer.1", "(outside blocks)"]
+    assert blocks.value == "hf.bert.encoder.layer.0"
+    assert all(name.startswith("hf.bert.encoder.layer.0.")
+               for name in at.multiselect(key="inspect_layers_hf.bert.encoder.layer.0").value)
+    per_block = at.dataframe[-1].value
+    assert per_block.index.tolist() == ["hf.bert.encoder.layer.0", "hf.bert.encoder.layer.1"]
+    query = at.session_state["current_model"]["module"].hf.bert.encoder.layer[1].attention.self.query.weight
+    assert per_block.loc["hf.bert.encoder.layer.1", "attention.self.query"] == pytest.approx(
+        float(query.abs().mean()), rel=1e-5)
+    assert "no labels" in texts(at.caption)  # gradients and conductance need labels: said, not crashed
+
 
 def test_head_on_a_plain_network_and_sparsegpt_by_channel_are_the_library_errors():
     at = start()
