@@ -157,3 +157,10 @@ def test_head_on_a_plain_network_and_sparsegpt_by_channel_are_the_library_errors
     at.radio(key="prune_structure").set_value("channel").run()
     at.selectbox(key="prune_criterion").set_value("sparsegpt").run()
     assert not at.exception and len(at.error) == 1 and "sparsegpt" in at.error[0].value
+
+
+@pytest.mark.parametrize("page", ["pages/methods.py", "pages/tour.py"])
+def test_pages_that_train_say_so_for_a_model_judged_by_perplexity(page):
+    at = load_transformer(start(), "tiny_gpt2")
+    goto(at, page)
+    assert "judged by perplexity" in texts(at.info) and not at.error
