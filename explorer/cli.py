@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, llm, pipeline, planner, stats, tasks
+from explorer import criteria, hf, llm, pipeline, planner, sensitivity, stats, tasks
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", help="write the pruned (and fine-tuned) model to FILE")
     run.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     run.add_argument("--json", action="store_true", help="machine-readable output")
+    sensitivity.add_command(sub, model_args)
     return parser
 
 
@@ -243,6 +244,9 @@ def cmd_prune(args) -> list[dict]:
 
 def _print_human(command: str, results: list[dict]) -> None:
     for result in results:
+        if command == "sensitivity":
+            print(sensitivity.format_human(result))
+            continue
         if command == "run":
             m, recipe = result["metrics"], result["recipe"]
             source, scoring, plan = recipe["model"], recipe["scoring"], recipe["plan"]
@@ -293,7 +297,8 @@ def _print_human(command: str, results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run}[args.command](args)
+        results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
+                   "sensitivity": sensitivity.command}[args.command](args)
     except ExplorerError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

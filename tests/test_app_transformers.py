@@ -62,7 +62,8 @@ def apply(at: AppTest, structure: str, sparsity: float) -> dict:
     return at.session_state["pruned_result"]["metrics"]
 
 
-def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics():
+def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path / "data"))  # a run database of this test's runs only
     at = start()
     load_transformer(at, "tiny_bert")
     model = at.session_state["current_model"]
