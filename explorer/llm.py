@@ -468,10 +468,16 @@ def _check_target(model: nn.Module, name: str, module: nn.Module, fraction, nm, 
                                 f"cannot be {n}:{m}; protect it.")
 
 
-def _check_untied(model: nn.Module, name: str, module: nn.Module) -> None:
+def tied_with(model: nn.Module, name: str) -> list[str]:
+    """The other parameters that are the very tensor of layer ``name``'s weight (tied weights)."""
+    module = model.get_submodule(name)
     parameter = getattr(module, "weight_orig", module.weight)
-    sharing = [other for other, tensor in model.named_parameters(remove_duplicate=False)
-               if tensor is parameter and not other.startswith(f"{name}.")]
+    return [other for other, tensor in model.named_parameters(remove_duplicate=False)
+            if tensor is parameter and not other.startswith(f"{name}.")]
+
+
+def _check_untied(model: nn.Module, name: str, module: nn.Module) -> None:
+    sharing = tied_with(model, name)
     if sharing:
         raise ExplorerError(f"Layer {name!r} shares its weight with {', '.join(sharing)} (tied weights, e.g. an LM "
                             "head tied to the embeddings): SparseGPT's updates would change both; protect it.")

@@ -162,7 +162,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
             scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
                                             progress=progress)
         if criterion == "sparsegpt":
-            tied = [name for name in scores if _is_tied(model, name)]
+            tied = [name for name in scores if llm.tied_with(model, name)]
             scores = {name: score for name, score in scores.items() if name not in tied}
             if tied:
                 note = " ".join(filter(None, [note, f"Kept dense: {', '.join(tied)} (its weight is tied to another "
@@ -229,11 +229,6 @@ def _left_dense(layers: dict, scores: dict, why: str) -> str:
     return f"Kept dense: {', '.join(missing)} ({why})." if missing else ""
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    module = model.get_submodule(name)
-    parameter = getattr(module, "weight_orig", module.weight)
-    return any(tensor is parameter and not other.startswith(f"{name}.")
-               for other, tensor in model.named_parameters(remove_duplicate=False))
 
 
 def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:

@@ -108,6 +108,18 @@ def model_task(model: dict) -> dict:
     return model.get("task") or accuracy_task(model.get("base_accuracy"))
 
 
+def require_accuracy_task(model: dict, what: str) -> None:
+    """Stop a page that trains the model (``what`` says so) when the model is not judged by accuracy."""
+    task = model_task(model)
+    if task["name"] == "accuracy":
+        return
+    st.info(f"{what} and reads its accuracy; **{model['label']}** is judged by {task_label(task)}, which training "
+            "cannot optimise yet. Load a zoo model (or a transformer classifier on a labelled text file) to use "
+            "this page; Prune and Compare work with every model.", icon=":material/info:")
+    st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
+    st.stop()
+
+
 def task_label(task: dict) -> str:
     """'accuracy', 'perplexity', 'fidelity (top-1 agreement)', ..."""
     return MEASURE_LABELS.get(task.get("measure"), task.get("name", "accuracy"))

@@ -37,13 +37,7 @@ lottery tickets, sparse training) starts near chance accuracy and climbs.
 """)
 
 model = common.require_model()
-if common.model_task(model)["name"] != "accuracy":
-    st.info(f"The methods lab trains the model and reads its accuracy; **{model['label']}** is judged by "
-            f"{common.task_label(common.model_task(model))}, which training cannot optimise yet. Load a zoo model "
-            "(or a transformer classifier on a labelled text file) to use this page; Prune and Compare work "
-            "with every model.", icon=":material/info:")
-    st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
-    st.stop()
+common.require_accuracy_task(model, "The methods lab trains the model")
 recipe = common.session_recipe(model)
 job: jobs.Job | None = st.session_state.get(LAB_JOB)
 if job is not None and job.meta.get("model_key") != model["key"]:

@@ -24,13 +24,7 @@ try it yourself.
 """)
 
 model = common.require_model()
-if common.model_task(model)["name"] != "accuracy":
-    st.info(f"The tour's evidence prunes and fine-tunes the model and reads its accuracy; **{model['label']}** is judged by "
-            f"{common.task_label(common.model_task(model))}, which training cannot optimise yet. Load a zoo model "
-            "(or a transformer classifier on a labelled text file) to use this page; Prune and Compare work "
-            "with every model.", icon=":material/info:")
-    st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
-    st.stop()
+common.require_accuracy_task(model, "The tour's evidence prunes and fine-tunes the model")
 data = model["dataset"]
 evidence = st.session_state.setdefault("tour_evidence", {})
 
