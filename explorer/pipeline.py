@@ -152,28 +152,30 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     prepared_groups: list[structural.ChannelGroup] = []
     attention: dict[str, heads.HeadInfo] = {}
     hessians: dict[str, torch.Tensor] = {}
-    nm, note = None, ""
+    nm, notes = None, []
     if structure in ("unstructured", "nm"):
         if criterion == "sparsegpt":  # the Hessians are kept: Apply rebuilds the kept weights with them
             hessians = llm.hessians(model, calib, progress=progress)
             scores = llm.sparsegpt_scores(model, hessians)
-            note = _left_dense(layers, scores, "the calibration data never reaches them (or they are grouped convs)")
+            unreached = [name for name in layers if name not in scores]
+            tied = [name for name in scores if llm.tied_with(model, name)]
+            scores = {name: score for name, score in scores.items() if name not in tied}
+            if unreached:
+                notes.append(f"Kept dense: {', '.join(unreached)} (the calibration data never reaches them, "
+                             "or they are grouped convs).")
+            if tied:
+                notes.append(f"Kept dense: {', '.join(tied)} (its weight is tied to another layer, so SparseGPT's "
+                             "updates would change both).")
         else:
             scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
                                             progress=progress)
-        if criterion == "sparsegpt":
-            tied = [name for name in scores if llm.tied_with(model, name)]
-            scores = {name: score for name, score in scores.items() if name not in tied}
-            if tied:
-                note = " ".join(filter(None, [note, f"Kept dense: {', '.join(tied)} (its weight is tied to another "
-                                                    "layer, so SparseGPT's updates would change both)."]))
         if structure == "nm":
             nm = scoring.nm_pair
             misfits = llm.nm_misfits(scores, nm[1])
             scores = llm.nm_scores({k: v for k, v in scores.items() if k not in misfits}, *nm)
             if misfits:
-                note = " ".join(filter(None, [note, f"Kept dense: {', '.join(misfits)} (inputs per output not a "
-                                                    f"multiple of {nm[1]}, so no {nm[0]}:{nm[1]} pattern fits)."]))
+                notes.append(f"Kept dense: {', '.join(misfits)} (inputs per output not a multiple of {nm[1]}, "
+                             f"so no {nm[0]}:{nm[1]} pattern fits).")
             if not scores:
                 raise ExplorerError(f"No layer of this model fits a {nm[0]}:{nm[1]} pattern; use unstructured.")
     else:
@@ -197,7 +199,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     ranking = planner.prepare(scores, kept=masking.kept_units(masking.current_masks(model), scores))
     return Prepared(
         structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
-        groups=prepared_groups, attention=attention, nm=nm, hessians=hessians, note=note,
+        groups=prepared_groups, attention=attention, nm=nm, hessians=hessians, note=" ".join(notes),
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
         layer_params={name: module.weight.numel() for name, module in layers.items()},
         layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
@@ -222,13 +224,6 @@ def preview(prepared: Prepared, spec: PlanSpec) -> planner.Plan:
         return planner.plan(prepared.ranking, nm_sparsity(prepared.nm), "local", protect=spec.protect)
     return planner.plan(prepared.ranking, spec.sparsity, spec.scope, overrides=spec.overrides,
                         protect=spec.protect, min_keep=spec.min_keep)
-
-
-def _left_dense(layers: dict, scores: dict, why: str) -> str:
-    missing = [name for name in layers if name not in scores]
-    return f"Kept dense: {', '.join(missing)} ({why})." if missing else ""
-
-
 
 
 def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:
@@ -311,7 +306,7 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module
         pruned = clone_model(model)
         llm.sparsegpt_prune(pruned, prepared.hessians,
                             {lp.name: lp.sparsity for lp in plan.layers if lp.name in prepared.hessians},
-                            nm=prepared.nm if prepared.nm is not None else None)
+                            nm=prepared.nm)
         return pruned
     if prepared.structure in ("unstructured", "nm"):
         return masking.apply(model, plan, prepared.ranking)
