@@ -102,8 +102,8 @@ def _outputs(model: nn.Module, dataset: Dataset, split: str, batch_size: int) ->
         yield x, y.to(device), out
 
 
-def _eval_copy(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The model in eval mode and whether it was training (restored by the caller)."""
+def _in_eval_mode(model: nn.Module) -> tuple[nn.Module, bool]:
+    """Put the model (not a copy) in eval mode; returns it and whether it was training, for the caller to restore."""
     was_training = model.training
     model.eval()
     return model, was_training
@@ -113,7 +113,7 @@ def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch
     """exp(mean NLL) of every next token that is not padding; the model returns (N, L, vocab) logits."""
     pad_id = dataset.info.get("pad_id")
     total, count = 0.0, 0
-    model, was_training = _eval_copy(model)
+    model, was_training = _in_eval_mode(model)
     try:
         with torch.no_grad():
             for x, _, logits in _outputs(model, dataset, split, batch_size):
@@ -150,8 +150,8 @@ def fidelity(model: nn.Module, reference: nn.Module, dataset: Dataset, split: st
     pad_id = dataset.info.get("pad_id")
     logits = model_task(reference) != "embedding"
     cos_sum, kl_sum, agree, rows = 0.0, 0.0, 0, 0
-    model, was_training = _eval_copy(model)
-    reference, ref_training = _eval_copy(reference)
+    model, was_training = _in_eval_mode(model)
+    reference, ref_training = _in_eval_mode(reference)
     try:
         with torch.no_grad():
             for (x, _, out), (_, _, ref) in zip(_outputs(model, dataset, split, batch_size),
