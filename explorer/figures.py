@@ -263,3 +263,76 @@ def norm_distributions(before: Mapping[str, "torch.Tensor"], after: Mapping[str,
     figure.update_layout(barmode="overlay", title=f"{what} before and after", xaxis_title=what,
                          yaxis_title="count", yaxis_type="log", height=340, legend=_LEGEND_BELOW)
     return figure
+
+
+def _scan_rows(scan: Mapping) -> list[str]:
+    """A scan's units as the charts list them: robust -> fragile (``order``), then units with an unfinished row."""
+    ordered = list(scan.get("order") or [])
+    return ordered + [unit for unit in scan["units"] if unit not in ordered]
+
+
+def _drop_label(scan: Mapping) -> str:
+    label = METRIC_LABELS.get(scan.get("measure"), scan.get("metric", "metric"))
+    return f"drop in {label}" + (" (points)" if scan.get("measure") in PERCENT_MEASURES else "")
+
+
+def sensitivity_heatmap(scan: Mapping) -> go.Figure:
+    """Units (rows, robust at the top) x sparsity (columns): the drop of the task metric when only that unit is pruned.
+
+    ``scan`` is `sensitivity.Scan.to_dict()`. A larger drop is always worse (perplexity and KL count up);
+    red is worse than dense, blue better. A cell the scan did not reach (cancelled) or could not evaluate
+    (a collapsed unit under physical removal) is blank. The hover adds the parameters and FLOPs the cell saves.
+    """
+    rows, sparsities = _scan_rows(scan), list(scan["sparsities"])
+    cells = {(cell["unit"], cell["sparsity"]): cell for cell in scan["cells"]}
+    z, hover = [], []
+    for unit in rows:
+        z.append([(cells.get((unit, s)) or {}).get("drop") for s in sparsities])
+        hover.append([_cell_hover(cells.get((unit, s))) for s in sparsities])
+    percent = scan.get("measure") in PERCENT_MEASURES
+    figure = go.Figure(go.Heatmap(
+        z=z, x=[f"{s:.0%}" for s in sparsities], y=rows, customdata=hover, colorscale="RdBu_r", zmid=0,
+        colorbar=dict(title=dict(text="drop"), tickformat=".0%" if percent else None), xgap=1, ygap=1,
+        hovertemplate="%{y} at %{x}: drop %{z" + (":.1%" if percent else ":.4g") + "}<br>%{customdata}<extra></extra>"))
+    figure.update_layout(title=f"{_drop_label(scan).capitalize()} when only one unit is pruned "
+                               f"({scan['structure']}, {scan['criterion']}); robust at the top",
+                         xaxis_title="sparsity of that unit", yaxis=dict(autorange="reversed", type="category"),
+                         height=max(300, 60 + 26 * len(rows)), margin=dict(t=60, b=40))
+    return figure
+
+
+def _cell_hover(cell: Mapping | None) -> str:
+    if cell is None:
+        return "not scanned"
+    parts = [f"{cell['pruned']:,} of {cell['total']:,} pruned", f"saves {cell['params_saved']:,} params, "
+             f"{cell['flops_saved']:,} FLOPs"]
+    if cell.get("latency_ms") is not None:
+        parts.append(f"latency {cell['latency_ms']:.3g} ms")
+    if cell.get("collapsed"):
+        parts.append("the unit is emptied" + ("" if cell.get("value") is not None else ": no value"))
+    return "<br>".join(parts)
+
+
+def sensitivity_curves(scan: Mapping, units: Sequence[str] | None = None, *, max_drop: float | None = None
+                       ) -> go.Figure:
+    """One drop-vs-sparsity curve per unit (all, or ``units``), from (0, 0): the dense model drops nothing.
+
+    ``max_drop`` draws the largest acceptable drop as a dashed line: where a curve crosses it is how far that
+    unit alone may go. Points without a value (see `sensitivity_heatmap`) are left out.
+    """
+    chosen = [unit for unit in _scan_rows(scan) if units is None or unit in units]
+    figure = go.Figure()
+    for index, unit in enumerate(chosen):
+        row = sorted((cell for cell in scan["cells"] if cell["unit"] == unit and cell["drop"] is not None),
+                     key=lambda cell: cell["sparsity"])
+        figure.add_trace(go.Scatter(x=[0.0] + [cell["sparsity"] for cell in row], y=[0.0] + [cell["drop"] for cell in row],
+                                    name=unit, mode="lines+markers", line=dict(color=PALETTE[index % len(PALETTE)])))
+    if max_drop is not None:
+        figure.add_hline(y=max_drop, line_dash="dash", line_color="grey",
+                         annotation_text="largest acceptable drop", annotation_position="top left")
+    percent = scan.get("measure") in PERCENT_MEASURES
+    figure.update_layout(title=f"{_drop_label(scan).capitalize()} against the unit's own sparsity",
+                         xaxis=dict(title="sparsity of that unit", tickformat=".0%", range=[-0.02, 1.02]),
+                         yaxis=dict(title=_drop_label(scan), tickformat=".0%" if percent else None), height=420,
+                         legend=_LEGEND_BELOW, margin=dict(t=60, b=40))
+    return figure

@@ -87,3 +87,34 @@ def test_norm_distributions_overlay_every_value_before_and_after():
     figure = figures.norm_distributions(before, after, "|w|")
     assert [list(trace.x) for trace in figure.data] == [[1.0, 2.0, 3.0], [0.0, 0.5, 0.0]]
     assert [trace.name for trace in figure.data] == ["before", "after"]
+
+
+def _scan_dict(drops: dict, order: list, sparsities=(0.25, 0.5, 0.75), measure="accuracy") -> dict:
+    """A `Scan.to_dict()` by hand: ``drops[unit]`` lists the unit's drops over the grid (shorter: cancelled)."""
+    cells = [{"unit": unit, "sparsity": s, "value": None if d is None else 0.9 - d, "drop": d, "pruned": 1, "total": 4,
+              "params_saved": 10 * i, "flops_saved": 20 * i, "collapsed": d is None, "latency_ms": None}
+             for unit, row in drops.items() for i, (s, d) in enumerate(zip(sparsities, row))]
+    return {"metric": measure, "measure": measure, "split": "val", "samples": 8, "base": 0.9, "cells": cells,
+            "order": order, "higher_is_better": True, "structure": "channel", "criterion": "magnitude",
+            "sparsities": list(sparsities), "units": list(drops), "physical": [], "base_latency_ms": None,
+            "seconds": 0.1, "cancelled": False}
+
+
+def test_sensitivity_heatmap_rows_follow_the_order_and_cells_hold_the_drops():
+    drops = {"a": [0.1, 0.3, 0.6], "b": [0.0, 0.01, None], "c": [0.2]}  # b's last cell has no value; c was cancelled
+    scan = _scan_dict(drops, order=["b", "a"])
+    heat = figures.sensitivity_heatmap(scan).data[0]
+    assert list(heat.y) == ["b", "a", "c"]  # robust -> fragile, then the unfinished row
+    assert list(heat.x) == ["25%", "50%", "75%"]
+    assert [list(row) for row in heat.z] == [[0.0, 0.01, None], [0.1, 0.3, 0.6], [0.2, None, None]]
+    assert "saves 20 params, 40 FLOPs" in heat.customdata[1][2] and heat.customdata[2][1] == "not scanned"
+
+
+def test_sensitivity_curves_start_dense_skip_missing_values_and_draw_the_goal():
+    scan = _scan_dict({"a": [0.1, 0.3, 0.6], "b": [0.0, 0.01, None]}, order=["b", "a"])
+    figure = figures.sensitivity_curves(scan, units=["a", "b"], max_drop=0.05)
+    assert [trace.name for trace in figure.data] == ["b", "a"]
+    assert list(figure.data[0].x) == [0.0, 0.25, 0.5] and list(figure.data[0].y) == [0.0, 0.0, 0.01]
+    assert list(figure.data[1].y) == [0.0, 0.1, 0.3, 0.6]
+    assert figure.layout.shapes[0].y0 == 0.05
+    assert [trace.name for trace in figures.sensitivity_curves(scan, units=["a"]).data] == ["a"]
