@@ -3,8 +3,10 @@
 A *run* is one finished stage of an experiment (a prune, a fine-tune after it): its full
 Recipe (``Recipe.from_dict(run.recipe)`` replays it), which stage of the recipe's method it
 records, what came out (accuracy, parameters, FLOPs, size, measured latency, speed-ups), the
-training curve and the trajectory of a method over time. Model, dataset, structure,
-criterion, scope and sparsity are also kept as columns, copied from the recipe, for listing.
+training curve and the trajectory of a method over time, and the sweep it is a point of (``sweep``,
+empty for a run of its own; the point's grid coordinates are in ``settings["sweep"]``). Model,
+dataset, structure, criterion, scope and sparsity are also kept as columns, copied from the recipe,
+for listing.
 Databases written before runs kept their recipe are migrated when opened (new columns, empty).
 The database lives in ``$PRUNING_EXPLORER_DATA`` (default ``~/.local/share/pruning-explorer``)
 with one weights file per run in ``weights/`` beside it.
@@ -46,6 +48,7 @@ class Run:
     recipe: dict = field(default_factory=dict)     # Recipe.to_dict(): replays the run
     stage: int = 0                                 # which stage of the recipe's method (one_shot: 0 pruned, 1 fine-tuned)
     trajectory: list = field(default_factory=list)  # per-step or per-round points of a method over time
+    sweep: str = ""                                # the sweep (explorer.sweep) the run is a point of; "" for none
 
     @classmethod
     def from_recipe(cls, recipe, *, model_name: str, dataset: str, **values) -> "Run":
@@ -78,10 +81,11 @@ def data_dir() -> Path:
 
 
 _COLUMNS = ("id", "name", "created", "model_name", "dataset", "structure", "criterion", "scope", "sparsity",
-            "settings", "metrics", "history", "recipe", "stage", "trajectory")
+            "settings", "metrics", "history", "recipe", "stage", "trajectory", "sweep")
 _JSON_COLUMNS = {"settings": "{}", "metrics": "{}", "history": "[]", "recipe": "{}", "trajectory": "[]"}
 # Columns added after the first release, with their SQL type: older databases get them on open.
-_ADDED_COLUMNS = {"recipe": "TEXT", "stage": "INTEGER NOT NULL DEFAULT 0", "trajectory": "TEXT"}
+_ADDED_COLUMNS = {"recipe": "TEXT", "stage": "INTEGER NOT NULL DEFAULT 0", "trajectory": "TEXT",
+                  "sweep": "TEXT NOT NULL DEFAULT ''"}
 
 
 class RunStore:
@@ -120,7 +124,7 @@ class RunStore:
                 f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
                 (run.name or "", run.created, run.model_name, run.dataset, run.structure, run.criterion, run.scope,
                  float(run.sparsity), json.dumps(run.settings), json.dumps(run.metrics), json.dumps(run.history),
-                 json.dumps(run.recipe), int(run.stage), json.dumps(run.trajectory)))
+                 json.dumps(run.recipe), int(run.stage), json.dumps(run.trajectory), run.sweep or ""))
             run.id = int(cursor.lastrowid)
             if not run.name:
                 run.name = _default_name(run)
@@ -136,12 +140,23 @@ class RunStore:
         for key, empty in _JSON_COLUMNS.items():
             values[key] = json.loads(values[key] or empty)
         values["stage"] = int(values["stage"] or 0)
+        values["sweep"] = values["sweep"] or ""
         return Run(**values)
 
-    def list(self) -> list[Run]:
+    def list(self, *, sweep: str | None = None) -> list[Run]:
+        """Every run in order of creation, or (``sweep``) only the points of that sweep."""
+        query, values = f"SELECT {', '.join(_COLUMNS)} FROM runs", ()
+        if sweep is not None:
+            query, values = query + " WHERE sweep = ?", (sweep,)
         with self._connect() as db:
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY id").fetchall()
+            rows = db.execute(query + " ORDER BY id", values).fetchall()
         return [self._row(r) for r in rows]
+
+    def sweeps(self) -> list[str]:
+        """The sweeps that have runs in the store, oldest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT sweep, MIN(id) FROM runs WHERE sweep != '' GROUP BY sweep ORDER BY 2").fetchall()
+        return [row[0] for row in rows]
 
     def get(self, run_id: int) -> Run:
         with self._connect() as db:

@@ -50,3 +50,22 @@ def test_a_fine_tune_run_is_named_after_itself_not_after_its_parent(tmp_path):
                             settings={"finetune": {"epochs_done": 1, "cancelled": True}}))
     assert first.name == "run 1: mlp unstructured magnitude global 80%"
     assert second.name == "run 2: mlp unstructured magnitude global 80% + fine-tune 1 ep (cancelled)"
+
+
+def test_an_old_database_gains_the_sweep_column_and_filters_by_it(tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "runs.sqlite") as db:  # the first release's table, one run in it
+        db.execute("""CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, created REAL NOT NULL,
+                      model_name TEXT, dataset TEXT, structure TEXT, criterion TEXT, scope TEXT, sparsity REAL,
+                      settings TEXT, metrics TEXT, history TEXT)""")
+        db.execute("INSERT INTO runs (name, created, model_name, dataset, structure, criterion, scope, sparsity, "
+                   "settings, metrics, history) VALUES ('old', 1.0, 'mlp', 'digits', 'unstructured', 'magnitude', "
+                   "'local', 0.5, '{}', '{}', '[]')")
+    store = RunStore(tmp_path)
+    old = store.list()[0]
+    assert (old.name, old.sweep, old.recipe, old.stage) == ("old", "", {}, 0)
+    store.save(Run("mlp", "digits", "unstructured", "taylor", "local", 0.8, sweep="grid-1"))
+    store.save(Run("mlp", "digits", "unstructured", "magnitude", "local", 0.8, sweep="grid-2"))
+    assert [run.criterion for run in store.list(sweep="grid-1")] == ["taylor"]
+    assert store.sweeps() == ["grid-1", "grid-2"] and len(store.list()) == 3
