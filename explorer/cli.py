@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m explorer inspect | prune | run``.
+"""Headless command line: ``python -m explorer inspect | prune | run | sensitivity | sweep``.
 
 The flags build a Recipe (`explorer.recipe`), and the same core calls as the app run it —
 the same scoring, plan and measurement (`pipeline.measure_run`, latency at batch 64 by
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, llm, pipeline, planner, sensitivity, stats, tasks
+from explorer import criteria, hf, llm, pipeline, planner, sensitivity, stats, sweep, tasks
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     run.add_argument("--json", action="store_true", help="machine-readable output")
     sensitivity.add_command(sub, model_args)
+    sweep.add_command(sub, model_args)
     return parser
 
 
@@ -120,16 +121,21 @@ def cmd_run(args) -> list[dict]:
     if args.no_latency:
         recipe = recipe.replace(measure={"latency": False})
     outcome = run_recipe(recipe)
-    plan = outcome["plan"]
-    result = {"recipe": outcome["recipe"], "sparsity_actual": outcome["metrics"]["sparsity_actual"],
-              "collapsed": outcome["collapsed"], "collapse_point": plan.collapse_point if plan else None,
-              "metrics": outcome["metrics"], "history": outcome["history"], "trajectory": outcome["trajectory"]}
+    result = run_summary(outcome)
     if args.save:
         dataset = outcome["dataset"]
         save_model(outcome["model"], args.save, arch=outcome["arch"], input_shape=dataset.input_shape,
                    num_classes=dataset.num_classes, metadata={"recipe": outcome["recipe"]})
         result["saved"] = args.save
     return [result]
+
+
+def run_summary(outcome: dict) -> dict:
+    """What ``run --json`` prints of a `run_recipe` outcome (a sweep prints the same for each point)."""
+    plan = outcome["plan"]
+    return {"recipe": outcome["recipe"], "sparsity_actual": outcome["metrics"]["sparsity_actual"],
+            "collapsed": outcome["collapsed"], "collapse_point": plan.collapse_point if plan else None,
+            "metrics": outcome["metrics"], "history": outcome["history"], "trajectory": outcome["trajectory"]}
 
 
 def _model_spec(args) -> ModelSpec:
@@ -244,8 +250,8 @@ def cmd_prune(args) -> list[dict]:
 
 def _print_human(command: str, results: list[dict]) -> None:
     for result in results:
-        if command == "sensitivity":
-            print(sensitivity.format_human(result))
+        if command in ("sensitivity", "sweep"):
+            print({"sensitivity": sensitivity.format_human, "sweep": sweep.format_human}[command](result))
             continue
         if command == "run":
             m, recipe = result["metrics"], result["recipe"]
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
-                   "sensitivity": sensitivity.command}[args.command](args)
+                   "sensitivity": sensitivity.command, "sweep": sweep.command}[args.command](args)
     except ExplorerError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

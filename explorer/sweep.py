@@ -1,0 +1,331 @@
+"""Sweeps: one recipe, a grid over any of its fields, every point a stored run.
+
+A grid file is a recipe plus a ``grid:`` mapping from a field to the values it takes; the sweep
+runs the product of the lists (every combination), each point with `recipe.run_recipe`, the very
+call of ``python -m explorer run``, so a point's numbers are those of running its recipe alone
+(same seed, same numbers, on every backend of `explorer.backends`). Each finished point is stored
+as a Run carrying the sweep's id and the point's grid coordinates; the Compare page filters by it.
+
+Example ``grid.yaml`` (``name`` is optional, the file's stem by default)::
+
+    model: {source: mlp, data: digits}
+    scoring: {structure: unstructured}
+    measure: {latency: false}
+    name: criteria-by-sparsity
+    grid:
+      criterion: [magnitude, taylor]      # a bare name: the one Recipe field so called (scoring.criterion)
+      plan.sparsity: [0.5, 0.8]           # a dotted path: section.field (method.<param> for a method's own)
+      seed: [0, 1]                        # a top-level field of the Recipe
+
+A bare name must belong to exactly one part (``epochs`` is budget.epochs and finetune.epochs:
+write the one you mean); ``model`` or ``method`` alone take whole parts (``method: [one_shot,
+iterative]``). Every point is validated before any runs, and a point whose run fails is stored
+with its error while the sweep goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from explorer import backends
+from explorer.errors import ExplorerError
+from explorer.recipe import Recipe
+from explorer.specs import BudgetSpec, MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec
+from explorer.train import TrainConfig
+
+MAX_POINTS = 1000  # more needs --yes (yes=True)
+SECTIONS = {"model": ModelSpec, "scoring": ScoringSpec, "plan": PlanSpec, "method": MethodSpec, "budget": BudgetSpec,
+            "finetune": TrainConfig, "measure": MeasureSpec}
+TOP_LEVEL = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One combination of the grid: its place (``index``), its coordinates by field path, its Recipe."""
+
+    index: int
+    coords: dict[str, Any]
+    recipe: Recipe
+
+
+@dataclass
+class Sweep:
+    """What a sweep did: one result per finished point (index order) and whether it was cancelled."""
+
+    id: str
+    points: int
+    results: list[dict] = field(default_factory=list)
+    cancelled: bool = False
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[dict]:
+        return [result for result in self.results if "error" in result]
+
+
+def _section_fields(section: str) -> list[str]:
+    if section == "method":
+        return ["name"]
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
+def resolve_field(name: str) -> str:
+    """The dotted path a grid key names: ``criterion`` -> ``scoring.criterion``, ``seed`` -> ``seed``.
+
+    A top-level Recipe field (seed, model, method, ...) is itself; any other bare name must be the
+    field of exactly one part. A dotted path is checked part by part; ``method.<param>`` is a
+    method's own parameter, checked when the points are validated.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ExplorerError(f"grid: a field name must be text, got {name!r}.")
+    if name in TOP_LEVEL:
+        return name
+    section, _, rest = name.partition(".")
+    if rest:
+        if section not in SECTIONS:
+            raise ExplorerError(f"grid: '{name}' starts with '{section}', which is no part of a Recipe; "
+                                f"parts: {', '.join(SECTIONS)}.")
+        field_name = rest.split(".")[0]
+        if section != "method" and field_name not in _section_fields(section):
+            raise ExplorerError(f"grid: '{section}' has no field '{field_name}'; its fields: "
+                                f"{', '.join(_section_fields(section))}.")
+        return name
+    candidates = [f"{part}.{name}" for part in SECTIONS if name in _section_fields(part)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise ExplorerError(f"grid: '{name}' is a field of several parts ({', '.join(candidates)}); "
+                            "write the one you mean.")
+    every = list(TOP_LEVEL) + [f"{part}.{f}" for part in SECTIONS for f in _section_fields(part)]
+    close = difflib.get_close_matches(name, every + [path.split(".")[-1] for path in every], n=3)
+    hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
+    raise ExplorerError(f"grid: no Recipe has a field '{name}'{hint}; use a field such as sparsity or criterion, "
+                        "or a dotted path part.field (method.<param> for a method's own settings).")
+
+
+def _set(values: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    if len(parts) == 1:
+        values[path] = {"name": value} if path == "method" and isinstance(value, str) else value
+        return
+    target = values
+    for part in parts[:-1]:
+        if not isinstance(target.get(part), dict):
+            target[part] = dict(target[part]) if isinstance(target.get(part), Mapping) else {}
+        target = target[part]
+    target[parts[-1]] = value
+
+
+def _label(coords: Mapping[str, Any]) -> str:
+    return ", ".join(f"{path}={value}" for path, value in coords.items())
+
+
+def expand(values: Mapping[str, Any], *, yes: bool = False) -> tuple[str, list[Point]]:
+    """The grid file's content as (name, points): every point validated before any is run.
+
+    ``values`` is the recipe plus ``grid:`` (and optionally ``name:``). Raises ExplorerError for an
+    empty grid, a field no Recipe has, more than `MAX_POINTS` points without ``yes``, and a value
+    the field refuses, named with its point's coordinates.
+    """
+    if not isinstance(values, Mapping):
+        raise ExplorerError("A grid file is a recipe plus a 'grid:' mapping (YAML or JSON object).")
+    values = dict(values)
+    grid, name = values.pop("grid", None), str(values.pop("name", "") or "")
+    example = "e.g. grid: {criterion: [magnitude, taylor], sparsity: [0.5, 0.8]}"
+    if not grid:
+        raise ExplorerError(f"The grid is empty: add a 'grid:' mapping from a field to its list of values, {example}.")
+    if not isinstance(grid, Mapping):
+        raise ExplorerError(f"'grid' must map each field to a list of values, {example}.")
+    paths: dict[str, str] = {}
+    for key, options in grid.items():
+        path = resolve_field(key)
+        if path in paths.values():
+            raise ExplorerError(f"grid: '{key}' and '{next(k for k, p in paths.items() if p == path)}' are both "
+                                f"{path}; list its values once.")
+        if not isinstance(options, list) or not options:
+            raise ExplorerError(f"The grid is empty along '{key}': give it a non-empty list of values, {example}.")
+        paths[key] = path
+    count = math.prod(len(options) for options in grid.values())
+    if count > MAX_POINTS and not yes:
+        raise ExplorerError(f"The grid has {count:,} points, more than {MAX_POINTS:,}: pass --yes to run them all.")
+    base = Recipe.from_dict(values).to_dict() if "model" in values or "model" not in paths.values() else values
+    points = []
+    for index, combo in enumerate(itertools.product(*grid.values())):
+        coords = dict(zip(paths.values(), combo))
+        point_values = yaml.safe_load(yaml.safe_dump(base))  # a deep copy of plain data
+        for path, value in coords.items():
+            _set(point_values, path, value)
+        try:
+            recipe = Recipe.from_dict(point_values)
+        except ExplorerError as exc:
+            raise ExplorerError(f"grid point {index + 1} of {count} ({_label(coords)}): {exc}") from None
+        points.append(Point(index, coords, recipe))
+    return name, points
+
+
+def load_grid(path: str | Path, *, yes: bool = False) -> tuple[str, list[Point]]:
+    """Read and expand a grid file (YAML or JSON); the name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExplorerError(f"Grid file '{path}' does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ExplorerError(f"'{path.name}' is not valid YAML or JSON: {str(exc).splitlines()[0]}") from exc
+    name, points = expand(values, yes=yes)
+    return name or path.stem, points
+
+
+def run_point(recipe: dict) -> dict:
+    """Run one point's recipe (in a worker): what ``python -m explorer run --json`` prints, or its error.
+
+    Facts the store needs beside the metrics (architecture, data) come back too; the pruned model does
+    not (a sweep stores no weights: replay a point's recipe to get them).
+    """
+    from explorer.cli import run_summary
+    from explorer.recipe import run_recipe
+
+    try:
+        outcome = run_recipe(Recipe.from_dict(recipe))
+    except ExplorerError as exc:
+        return {"recipe": recipe, "error": (str(exc).splitlines() or [""])[0]}
+    dataset = outcome["dataset"]
+    return {**run_summary(outcome), "arch": outcome["arch"], "dataset": dataset.name,
+            "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+            "cancelled": outcome["cancelled"]}
+
+
+def _warm_baselines(points: Sequence[Point], threads: int) -> None:
+    """Train (or find cached) each distinct model once here, so local workers never train one twice at once."""
+    from explorer import pipeline
+
+    seen = set()
+    for point in points:
+        key = (point.recipe.model, point.recipe.seed)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with backends.torch_threads(threads):
+                pipeline.resolve_model(point.recipe.model, seed=point.recipe.seed)
+        except ExplorerError:
+            pass  # the point fails in its worker and is stored with the message
+
+
+def run_sweep(points: Sequence[Point], *, name: str = "sweep", backend: str = "local", address: str | None = None,
+              workers: int | None = None, threads: int = 1, store=None,
+              progress: Callable[[float, str], None] | None = None, cancel=None) -> Sweep:
+    """Run every point on ``backend`` and store each as a run of one sweep (``store``: a RunStore or None).
+
+    ``progress(fraction, text)`` follows finished points; ``cancel`` (``is_set()``) starts no new
+    point, lets the running ones finish and keeps them. A point that fails is stored and returned
+    with its ``error``; the rest go on. Results come back in grid order.
+    """
+    from explorer.store import Run
+
+    backends.check_backend(backend, address, workers)
+    started = time.perf_counter()
+    sweep = Sweep(id=f"{name} ({time.strftime('%Y-%m-%d %H:%M:%S')})", points=len(points))
+    if backend == "local" or not address:
+        _warm_baselines(points, threads)
+    by_index = {point.index: point for point in points}
+    order = [point.index for point in points]
+    tasks = [(point.recipe.to_dict(),) for point in points]
+    for done, (position, outcome, error) in enumerate(
+            backends.run_tasks(run_point, tasks, backend=backend, address=address, workers=workers, threads=threads,
+                               cancel=cancel), start=1):
+        point = by_index[order[position]]
+        outcome = outcome or {"recipe": point.recipe.to_dict(), "error": error}
+        result = {"sweep": sweep.id, "index": point.index, "point": point.coords, "run_id": None, **outcome}
+        if store is not None:
+            result["run_id"] = store.save(_run(Run, point, outcome, sweep.id)).id
+        for key in ("arch", "input_shape", "num_classes", "dataset"):
+            result.pop(key, None)
+        sweep.results.append(result)
+        if progress is not None:
+            progress(done / len(points), f"point {done}/{len(points)} ({_label(point.coords)})"
+                     + (f": failed, {result['error']}" if "error" in result else ""))
+    sweep.results.sort(key=lambda result: result["index"])
+    sweep.cancelled = bool(cancel is not None and cancel.is_set() and len(sweep.results) < len(points))
+    sweep.seconds = time.perf_counter() - started
+    return sweep
+
+
+def _run(run_cls, point: Point, outcome: dict, sweep_id: str):
+    """The stored Run of one point: its recipe, metrics and curves, or (failed) its error."""
+    history = outcome.get("history") or []
+    settings = {"sweep": {"id": sweep_id, "index": point.index, "point": point.coords}}
+    if "error" in outcome:
+        settings["error"] = outcome["error"]
+    else:
+        settings.update(arch=outcome["arch"], input_shape=outcome["input_shape"], num_classes=outcome["num_classes"],
+                        cancelled=outcome["cancelled"])
+        if history:
+            settings["finetune"] = {"epochs_done": len(history), "cancelled": outcome["cancelled"]}
+    return run_cls.from_recipe(point.recipe, model_name=point.recipe.model.source,
+                               dataset=outcome.get("dataset") or point.recipe.model.data or "", settings=settings,
+                               metrics=outcome.get("metrics") or {}, history=history,
+                               trajectory=outcome.get("trajectory") or [], stage=1 if history else 0, sweep=sweep_id)
+
+
+# --- headless: python -m explorer sweep ------------------------------------------------------------
+
+
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    """--backend, --address, --workers: where the work runs (shared with ``sensitivity``)."""
+    from explorer.cli import _positive  # cli imports this module: import its helpers late
+
+    parser.add_argument("--backend", choices=list(backends.BACKENDS), default="local",
+                        help="local: a process pool on this machine (default); ray: a Ray cluster")
+    parser.add_argument("--address", help="the Ray cluster's address (host:port or ray://host:port); "
+                                           "without it --backend ray starts a local Ray instance")
+    parser.add_argument("--workers", type=_positive, default=None,
+                        help="how many calls run at once (default: the CPU count; 1 runs them in this process)")
+
+
+def add_command(sub, model_args=None) -> argparse.ArgumentParser:
+    """Register ``sweep`` on the CLI's subparsers (a grid file holds the model: no model flags)."""
+    parser = sub.add_parser("sweep", help="run a grid of recipes (criteria x sparsities x methods x seeds ...)")
+    parser.add_argument("--grid", required=True, help="YAML/JSON: a recipe plus grid: {field: [values]}")
+    add_backend_args(parser)
+    parser.add_argument("--name", help="the sweep's name in the run store (default: the grid's name or file stem)")
+    parser.add_argument("--yes", action="store_true", help=f"run a grid of more than {MAX_POINTS:,} points")
+    parser.add_argument("--no-latency", action="store_true", help="skip latency measurement in every point")
+    parser.add_argument("--json", action="store_true", help="one JSON line per point")
+    return parser
+
+
+def command(args) -> list[dict]:
+    """Validate the whole grid, then run it; one dict per point (grid order)."""
+    from explorer.store import RunStore
+
+    backends.check_backend(args.backend, args.address, args.workers)
+    name, points = load_grid(args.grid, yes=args.yes)
+    if args.no_latency:
+        points = [dataclasses.replace(p, recipe=p.recipe.replace(measure={"latency": False})) for p in points]
+    sweep = run_sweep(points, name=args.name or name, backend=args.backend, address=args.address,
+                      workers=args.workers, store=RunStore())
+    return sweep.results
+
+
+def format_human(result: dict) -> str:
+    """One line per point: its coordinates, then what came out or why it failed."""
+    head = f"#{result['index'] + 1} {_label(result['point'])}" + (f" (run {result['run_id']})" if result["run_id"] else "")
+    if "error" in result:
+        return f"{head}: failed: {result['error']}"
+    m = result["metrics"]
+    task = m.get("task") or {"name": "accuracy", "base": m.get("base_accuracy"), "pruned": m.get("accuracy")}
+    quality = (f"accuracy {task['pruned']:.1%}" if task["name"] == "accuracy"
+               else f"{task['name']} {task['pruned']:.4g}")
+    return (f"{head}: {quality}, sparsity {m['sparsity_actual']:.1%}, params {m['params_nonzero']:,} non-zero, "
+            f"speed-up FLOPs {m['speedup_flops']:.2f}x")
