@@ -127,6 +127,7 @@ class Scan:
     base_latency_ms: float | None = None
     seconds: float = 0.0
     cancelled: bool = False
+    params_prunable: int = 0  # weights of the prunable layers: what an overall sparsity is a fraction of
 
     def row(self, unit: str) -> list[Cell]:
         """The cells of one unit, in sparsity order."""
@@ -145,7 +146,7 @@ class Scan:
             "measure": self.measure, "higher_is_better": self.higher_is_better, "structure": self.structure,
             "criterion": self.criterion, "sparsities": list(self.sparsities), "units": list(self.units),
             "physical": list(self.physical), "base_latency_ms": self.base_latency_ms, "seconds": self.seconds,
-            "cancelled": self.cancelled,
+            "cancelled": self.cancelled, "params_prunable": self.params_prunable,
         }
 
 
@@ -492,7 +493,8 @@ def scan(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *,
     result = Scan(metric=evaluator.task, measure=evaluator.measure, higher_is_better=evaluator.higher_is_better,
                   split=split, samples=count, base=evaluator.base, structure=prepared.structure,
                   criterion=prepared.criterion, sparsities=grid, units=units,
-                  physical=[unit for unit in units if not edits.can_emulate(unit)])
+                  physical=[unit for unit in units if not edits.can_emulate(unit)],
+                  params_prunable=sum(prepared.layer_params.values()))
     example = dataset.example_input(MeasureSpec.batch) if latency else None
     if latency:
         result.base_latency_ms = _latency_ms(work, example)
@@ -565,10 +567,17 @@ def _samples(text: str) -> int | None:
 
 def add_command(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
     """Register ``sensitivity`` on the CLI's subparsers; ``model_args`` adds --model, --data, --json, ..."""
-    from explorer.cli import _positive, _sparsities  # cli imports this module: import its helpers late
-
     parser = sub.add_parser("sensitivity", help="prune each layer / channel group alone over a grid of sparsities")
     model_args(parser)
+    add_scan_args(parser)
+    parser.add_argument("--latency", action="store_true", help="also time each cell's pruned model (slow)")
+    return parser
+
+
+def add_scan_args(parser: argparse.ArgumentParser) -> None:
+    """The scan's flags (structure, criterion, grid, split, samples), shared by ``sensitivity`` and ``suggest``."""
+    from explorer.cli import _positive, _sparsities  # cli imports this module: import its helpers late
+
     parser.add_argument("--structure", choices=[name for name in STRUCTURES if name in SCANNED], default="unstructured")
     parser.add_argument("--criterion", choices=list(criteria.CRITERIA), default="magnitude")
     parser.add_argument("--norm", choices=list(criteria.NORMS), default="l1", help="channel magnitude norm")
@@ -578,8 +587,6 @@ def add_command(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> a
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--samples", type=_samples, default=DEFAULT_SAMPLES,
                         help=f"first N examples of the split, or all (default {DEFAULT_SAMPLES})")
-    parser.add_argument("--latency", action="store_true", help="also time each cell's pruned model (slow)")
-    return parser
 
 
 def command(args) -> list[dict]:

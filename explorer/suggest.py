@@ -1,0 +1,305 @@
+"""Suggested recipe: per-unit sparsities chosen from a sensitivity scan to meet one goal.
+
+A scan (`explorer.sensitivity`) says what each unit — a layer, or a coupled channel group — costs
+when it alone is pruned to each sparsity of a grid. `suggest` picks one grid sparsity (or 0) per unit:
+
+* **goal**: a largest acceptable metric drop (``max_drop``: remove as many weights as possible
+  while the predicted drop stays within it) or a target overall sparsity (``target_sparsity``: reach
+  it with the smallest predicted drop).
+* **overall sparsity** is weights-weighted: the fraction of the prunable layers' weights that go,
+  ``sum(cell.params_saved) / scan.params_prunable``. For unstructured pruning ``params_saved`` is the
+  unit's pruned weights, so this is exact; for channel groups it is `pipeline.estimate`'s count of the
+  weights a group's channels take with them, and two groups that share a layer (one's filters are the
+  other's input columns) are both credited with that layer's corner, so the prediction runs a little
+  high: the actual sparsity, measured after applying, says by how much.
+* **additivity**: the predicted drop is the *sum* of the units' drops measured alone. It assumes the
+  units do not interact; they do (a pruned layer changes what the next one sees, errors compound, and
+  sometimes cancel), which is why `evaluate` applies the whole suggestion and reports the actual drop.
+* **greedy**: start dense; repeatedly take the step — one unit moved to any higher sparsity of its row —
+  with the smallest extra drop per extra weight removed (ties: the larger step, then model order). Each
+  row's drop is first made a running maximum from the dense point (0 drop): scans are noisy and not
+  monotone, a unit pruned further never counts as better than less, and an improvement counts as no drop.
+  Allowing a jump over several grid points lets the greedy cross a bump of a non-convex row. On convex
+  rows this is the merge of the rows' segments by slope, which gives the least total drop for the
+  sparsity reached at every step (tested against brute force). ``max_drop`` skips steps that would
+  exceed it and stops when none fits; ``target_sparsity`` stops once reached, then drops back any step
+  the target does not need (grid steps are coarse, so the reached sparsity can overshoot: the note says).
+* A collapsed cell (the unit emptied) cannot be applied, so it is never chosen.
+
+Example::
+
+    result = sensitivity.scan(model, dataset, ScoringSpec(), samples=512, prepared=prepared)
+    suggestion = evaluate(model, dataset, prepared, suggest(result, target_sparsity=0.8), samples=512)
+    suggestion.predicted["drop"], suggestion.actual["drop"], suggestion.recipe(base).plan.overrides
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from explorer import pipeline, tasks
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.layers import prunable_counts
+from explorer.recipe import Recipe
+from explorer.sensitivity import Cell, Scan, validation_subset
+from explorer.specs import PlanSpec
+
+_TOLERANCE = 1e-12
+
+
+@dataclass
+class Suggestion:
+    """Per-unit sparsities for a goal, the result the scan predicts and (after `evaluate`) the actual one.
+
+    ``predicted`` and ``actual`` hold ``{value, drop, sparsity, flops_saved}``: the task metric, its drop
+    from the dense model (larger is worse whatever the metric), the overall sparsity (module doc) and the
+    FLOPs saved per input. ``base``, ``metric``, ``measure``, ``higher_is_better``, ``split`` and
+    ``samples`` are the scan's: the predicted value is for that subset, and so is ``actual`` when
+    `evaluate` is called with the same split and samples.
+    """
+
+    goal: dict
+    sparsities: dict[str, float]
+    predicted: dict
+    actual: dict | None = None
+    note: str = ""
+    base: float = 0.0
+    metric: str = ""
+    measure: str = ""
+    higher_is_better: bool = True
+    split: str = "val"
+    samples: int | None = None
+    structure: str = "unstructured"
+    criterion: str = "magnitude"
+    grid_note: str = ""  # what the greedy could not do exactly (a coarse grid overshooting the target)
+
+    def to_dict(self) -> dict:
+        """Plain data (``json.dumps`` works on it)."""
+        return dataclasses.asdict(self)
+
+    def plan_spec(self) -> PlanSpec:
+        """Local scope with every unit's sparsity as an override: the plan that replays the suggestion.
+
+        Every scanned unit is overridden (0.0 included), so the plan's own ``sparsity`` prunes nothing
+        more; it holds the predicted overall sparsity for the reader.
+        """
+        return PlanSpec(sparsity=round(float(self.predicted["sparsity"]), 6), scope="local",
+                        overrides=dict(self.sparsities)).validate()
+
+    def recipe(self, base: Recipe) -> Recipe:
+        """``base`` (model, scoring, method, measurement, seed) with the suggestion as its plan."""
+        if (base.scoring.structure, base.scoring.criterion) != (self.structure, self.criterion):
+            raise ExplorerError(f"The recipe scores {base.scoring.structure} / {base.scoring.criterion}, the "
+                                f"suggestion was scanned with {self.structure} / {self.criterion}: use the scan's scoring.")
+        return base.replace(plan=self.plan_spec())
+
+
+@dataclass
+class _Option:
+    """One grid point of a unit's row: what choosing it costs (running-max drop) and saves."""
+
+    sparsity: float
+    drop: float
+    params_saved: int
+    flops_saved: int
+
+
+@dataclass
+class _Row:
+    unit: str
+    options: list[_Option] = field(default_factory=list)
+    chosen: int = 0
+
+
+def check_goal(max_drop: float | None, target_sparsity: float | None) -> dict:
+    """The goal as ``{"max_drop": x}`` or ``{"target_sparsity": s}``; exactly one, drop >= 0, s in [0, 1)."""
+    if (max_drop is None) == (target_sparsity is None):
+        raise ExplorerError("Give exactly one goal: a largest acceptable drop (max_drop) or a target overall "
+                            "sparsity (target_sparsity).")
+    name, value = ("max_drop", max_drop) if max_drop is not None else ("target_sparsity", target_sparsity)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ExplorerError(f"{name} must be a number, got {value!r}.")
+    if name == "max_drop" and value < 0:
+        raise ExplorerError(f"max_drop {value:g} is negative: the largest acceptable drop is 0 or more "
+                            "(0 keeps only what costs nothing).")
+    if name == "target_sparsity" and not 0.0 <= value < 1.0:
+        raise ExplorerError(f"target_sparsity {value:g} is outside [0, 1): it is the fraction of the prunable "
+                            "weights to remove.")
+    return {name: float(value)}
+
+
+def _rows(scan: Scan) -> list[_Row]:
+    """Each unit's options: dense, then its grid cells up to the first collapsed or valueless one,
+    with the drop made a running maximum from 0 (module doc)."""
+    rows = []
+    for unit in scan.units:
+        row = _Row(unit, [_Option(0.0, 0.0, 0, 0)])
+        worst = 0.0
+        for cell in sorted(scan.row(unit), key=lambda c: c.sparsity):
+            if cell.collapsed or cell.drop is None or math.isnan(cell.drop):
+                break
+            worst = max(worst, float(cell.drop))
+            row.options.append(_Option(cell.sparsity, worst, int(cell.params_saved), int(cell.flops_saved)))
+        rows.append(row)
+    return rows
+
+
+def _weights_total(scan: Scan) -> int:
+    """What an overall sparsity is a fraction of: the scan's prunable weights (older scans: the units' sizes)."""
+    if scan.params_prunable:
+        return int(scan.params_prunable)
+    if scan.structure == "unstructured":
+        return sum(max(cell.total for cell in scan.row(unit)) for unit in scan.units if scan.row(unit))
+    total = 0  # channel groups: the weights a whole group takes, extrapolated from its cells (params ~ channels)
+    for unit in scan.units:
+        sizes = [cell.params_saved * cell.total / cell.pruned for cell in scan.row(unit) if cell.pruned]
+        total += int(round(max(sizes))) if sizes else 0
+    return total
+
+
+def _check_scan(scan: Scan) -> None:
+    if not isinstance(scan, Scan):
+        raise ExplorerError(f"suggest needs a sensitivity Scan, got {type(scan).__name__}.")
+    if scan.cancelled:
+        raise ExplorerError("The scan was cancelled: finish it (every unit at every sparsity) before asking "
+                            "for a suggestion.")
+    complete = {unit for unit in scan.units if len(scan.row(unit)) == len(scan.sparsities)}
+    if not scan.cells or not scan.units or complete != set(scan.units):
+        raise ExplorerError("The scan has no complete rows: run it over every unit before asking for a suggestion.")
+
+
+def _step(rows: list[_Row], fits: Callable[[_Option, _Option], bool]) -> tuple[_Row, int] | None:
+    """The unit move with the smallest extra drop per extra weight removed, among those ``fits`` allows."""
+    best, best_key = None, None
+    for order, row in enumerate(rows):
+        now = row.options[row.chosen]
+        for index in range(row.chosen + 1, len(row.options)):
+            option = row.options[index]
+            saved = option.params_saved - now.params_saved
+            if saved <= 0 or not fits(now, option):
+                continue
+            extra = option.drop - now.drop
+            key = (extra / saved, -saved, order)
+            if best_key is None or key < best_key:
+                best, best_key = (row, index), key
+    return best
+
+
+def _totals(rows: list[_Row]) -> tuple[float, int, int]:
+    chosen = [row.options[row.chosen] for row in rows]
+    return (sum(o.drop for o in chosen), sum(o.params_saved for o in chosen), sum(o.flops_saved for o in chosen))
+
+
+def suggest(scan: Scan, *, max_drop: float | None = None, target_sparsity: float | None = None) -> Suggestion:
+    """Per-unit sparsities from the scan's grid (or 0) that meet one goal; greedy, additive (module doc)."""
+    goal = check_goal(max_drop, target_sparsity)
+    _check_scan(scan)
+    rows = _rows(scan)
+    weights = _weights_total(scan)
+    if weights <= 0:
+        raise ExplorerError("The scan's units hold no weights: there is nothing to suggest.")
+    reachable = sum(row.options[-1].params_saved for row in rows) / weights
+    notes = []
+    if "max_drop" in goal:
+        budget = goal["max_drop"]
+        spent = 0.0
+        while (move := _step(rows, lambda now, option: spent + option.drop - now.drop <= budget + _TOLERANCE)):
+            row, index = move
+            spent += row.options[index].drop - row.options[row.chosen].drop
+            row.chosen = index
+    else:
+        target = goal["target_sparsity"]
+        if reachable + _TOLERANCE < target:
+            raise ExplorerError(f"No combination of the scan's grid reaches {target:.1%} sparsity (at most "
+                                f"{reachable:.1%} without emptying a unit): lower the target or scan higher sparsities.")
+        needed = math.ceil(target * weights - 1e-9)
+        while _totals(rows)[1] < needed and (move := _step(rows, lambda now, option: True)):
+            row, index = move
+            row.chosen = index
+        _trim(rows, needed)
+        reached = _totals(rows)[1] / weights
+        if reached > target + 0.005:
+            notes.append(f"the grid's steps are coarse: reached {reached:.1%} for a target of {target:.1%}")
+    drop, saved, flops = _totals(rows)
+    sign = -1.0 if scan.higher_is_better else 1.0
+    predicted = {"value": scan.base + sign * drop, "drop": drop, "sparsity": saved / weights, "flops_saved": flops}
+    return Suggestion(goal=goal, sparsities={row.unit: row.options[row.chosen].sparsity for row in rows},
+                      predicted=predicted, note="; ".join(notes), grid_note="; ".join(notes), base=scan.base, metric=scan.metric,
+                      measure=scan.measure, higher_is_better=scan.higher_is_better, split=scan.split,
+                      samples=scan.samples, structure=scan.structure, criterion=scan.criterion)
+
+
+def _trim(rows: list[_Row], needed: int) -> None:
+    """Undo overshoot: move a unit back to a lower grid point while the target still holds, largest saving
+    of drop first (ties: the smaller loss of weights)."""
+    while True:
+        total = _totals(rows)[1]
+        best, best_key = None, None
+        for row in rows:
+            now = row.options[row.chosen]
+            for index in range(row.chosen):
+                option = row.options[index]
+                if total - (now.params_saved - option.params_saved) < needed:
+                    continue
+                key = (-(now.drop - option.drop), now.params_saved - option.params_saved)
+                if key[0] < 0 and (best_key is None or key < best_key):
+                    best, best_key = (row, index), key
+        if best is None:
+            return
+        best[0].chosen = best[1]
+
+
+def evaluate(model: nn.Module, dataset: Dataset, prepared: pipeline.Prepared, suggestion: Suggestion, *,
+             split: str = "val", samples: int | None = None) -> Suggestion:
+    """Apply the whole suggestion to a copy of ``model`` and measure it: a new Suggestion with ``actual``.
+
+    The metric is the scan's, on the first ``samples`` of ``split`` (None: all of it): pass the scan's split
+    and samples to compare with ``predicted``; ``split="test", samples=None`` gives what
+    ``python -m explorer run`` reports for the suggestion's recipe. ``actual["sparsity"]`` is measured on
+    the pruned copy (the run's ``sparsity_actual``); ``flops_saved`` is `pipeline.estimate`'s for the plan.
+    ``prepared`` must be the scan's scores. ``model`` is never modified.
+    """
+    if (prepared.structure, prepared.criterion) != (suggestion.structure, suggestion.criterion):
+        raise ExplorerError(f"The prepared scores are {prepared.structure} / {prepared.criterion}, the suggestion "
+                            f"was scanned with {suggestion.structure} / {suggestion.criterion}.")
+    plan = pipeline.preview(prepared, suggestion.plan_spec())
+    pruned = pipeline.apply(model, prepared, plan)
+    subset, _ = validation_subset(dataset, split, samples)
+    task = tasks.task_for(model, subset)
+    if task == "accuracy":
+        value = tasks.accuracy(pruned, subset, split)
+        base = tasks.accuracy(model, subset, split)
+    else:
+        value = tasks.evaluate_task(pruned, subset, reference=model, task=task, split=split,
+                                    measure=suggestion.measure if task == "fidelity" else None)["value"]
+        base = tasks.PERFECT[suggestion.measure] if task == "fidelity" else \
+            tasks.evaluate_task(model, subset, task=task, split=split)["value"]
+    drop = base - value if suggestion.higher_is_better else value - base
+    estimate = pipeline.estimate(prepared, plan)
+    actual = {"value": value, "drop": drop, "sparsity": 1 - prunable_counts(pruned)[0] / max(1, prunable_counts(model)[1]),
+              "flops_saved": estimate["flops_dense"] - estimate["flops_after"], "base": base, "split": split,
+              "samples": len(subset.split(split)[1])}
+    return dataclasses.replace(suggestion, actual=actual, note=_interaction_note(suggestion, actual))
+
+
+def _interaction_note(suggestion: Suggestion, actual: dict) -> str:
+    """One line: predicted vs actual drop, and why they differ."""
+    predicted = suggestion.predicted
+    gap = actual["drop"] - predicted["drop"]
+    same_subset = actual["split"] == suggestion.split and actual["samples"] == suggestion.samples
+    where = "" if same_subset else f" (actual on {actual['samples']} of {actual['split']}, the scan on " \
+                                   f"{suggestion.samples} of {suggestion.split})"
+    why = ("layers interact: each unit was scanned with the rest dense, together their errors compound"
+           if gap > 0 else "layers interact: each unit was scanned with the rest dense, together some errors cancel")
+    line = (f"predicted drop {predicted['drop']:.4g} (sum of the units' drops alone), actual {actual['drop']:.4g}"
+            f"{where}: {why}")
+    if abs(actual["sparsity"] - predicted["sparsity"]) > 0.005:
+        line += f"; sparsity {actual['sparsity']:.1%} measured vs {predicted['sparsity']:.1%} predicted"
+    return line + (f"; {suggestion.grid_note}" if suggestion.grid_note else "")
