@@ -19,6 +19,7 @@ navigation = st.navigation([
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/finetune.py", title="Fine-tune", icon=":material/tune:"),
     st.Page("pages/methods.py", title="Methods", icon=":material/timeline:"),
+    st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/grid_on:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:"),
 ])
 
