@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m explorer inspect | prune | run | sensitivity | sweep``.
+"""Headless command line: ``python -m explorer inspect | prune | run | sensitivity | sweep | suggest``.
 
 The flags build a Recipe (`explorer.recipe`), and the same core calls as the app run it —
 the same scoring, plan and measurement (`pipeline.measure_run`, latency at batch 64 by
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, llm, pipeline, planner, sensitivity, stats, sweep, tasks
+from explorer import criteria, hf, llm, pipeline, planner, sensitivity, stats, suggest, sweep, tasks
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="machine-readable output")
     sensitivity.add_command(sub, model_args)
     sweep.add_command(sub, model_args)
+    suggest.add_command(sub, model_args)
     return parser
 
 
@@ -250,8 +251,9 @@ def cmd_prune(args) -> list[dict]:
 
 def _print_human(command: str, results: list[dict]) -> None:
     for result in results:
-        if command in ("sensitivity", "sweep"):
-            print({"sensitivity": sensitivity.format_human, "sweep": sweep.format_human}[command](result))
+        if command in ("sensitivity", "sweep", "suggest"):
+            print({"sensitivity": sensitivity.format_human, "sweep": sweep.format_human,
+                   "suggest": suggest.format_human}[command](result))
             continue
         if command == "run":
             m, recipe = result["metrics"], result["recipe"]
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
-                   "sensitivity": sensitivity.command, "sweep": sweep.command}[args.command](args)
+                   "sensitivity": sensitivity.command, "sweep": sweep.command,
+                   "suggest": suggest.command}[args.command](args)
     except ExplorerError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

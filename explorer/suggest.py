@@ -22,8 +22,9 @@ when it alone is pruned to each sparsity of a grid. `suggest` picks one grid spa
   Allowing a jump over several grid points lets the greedy cross a bump of a non-convex row. On convex
   rows this is the merge of the rows' segments by slope, which gives the least total drop for the
   sparsity reached at every step (tested against brute force). ``max_drop`` skips steps that would
-  exceed it and stops when none fits; ``target_sparsity`` stops once reached, then drops back any step
-  the target does not need (grid steps are coarse, so the reached sparsity can overshoot: the note says).
+  exceed it and stops when none fits; ``target_sparsity`` stops once reached, then moves units back
+  down while the target still holds and the drop does not grow (grid steps are coarse, so the reached
+  sparsity can still overshoot: the note says).
 * A collapsed cell (the unit emptied) cannot be applied, so it is never chosen.
 
 Example::
@@ -237,8 +238,8 @@ def suggest(scan: Scan, *, max_drop: float | None = None, target_sparsity: float
 
 
 def _trim(rows: list[_Row], needed: int) -> None:
-    """Undo overshoot: move a unit back to a lower grid point while the target still holds, largest saving
-    of drop first (ties: the smaller loss of weights)."""
+    """Undo overshoot: move a unit back to a lower grid point while the target still holds and the drop does
+    not grow; the largest saving of drop first, then the most weights given back (closest to the target)."""
     while True:
         total = _totals(rows)[1]
         best, best_key = None, None
@@ -248,8 +249,8 @@ def _trim(rows: list[_Row], needed: int) -> None:
                 option = row.options[index]
                 if total - (now.params_saved - option.params_saved) < needed:
                     continue
-                key = (-(now.drop - option.drop), now.params_saved - option.params_saved)
-                if key[0] < 0 and (best_key is None or key < best_key):
+                key = (-(now.drop - option.drop), -(now.params_saved - option.params_saved))
+                if key[0] <= 0 and (best_key is None or key < best_key):
                     best, best_key = (row, index), key
         if best is None:
             return
@@ -303,3 +304,73 @@ def _interaction_note(suggestion: Suggestion, actual: dict) -> str:
     if abs(actual["sparsity"] - predicted["sparsity"]) > 0.005:
         line += f"; sparsity {actual['sparsity']:.1%} measured vs {predicted['sparsity']:.1%} predicted"
     return line + (f"; {suggestion.grid_note}" if suggestion.grid_note else "")
+
+
+# --- headless: python -m explorer suggest --------------------------------------------------------
+
+
+def add_command(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """Register ``suggest``: the scan's flags (`sensitivity.add_scan_args`), one goal, --save-recipe."""
+    from explorer.sensitivity import add_scan_args
+
+    parser = sub.add_parser("suggest", help="per-layer sparsities from a sensitivity scan for a max drop or a "
+                                            "target sparsity; predicted and actual result, and the recipe")
+    model_args(parser)
+    add_scan_args(parser)
+    goal = parser.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--max-drop", type=float, help="largest acceptable drop of the metric (e.g. 0.02 accuracy)")
+    goal.add_argument("--target-sparsity", type=float, help="fraction of the prunable weights to remove, in [0, 1)")
+    parser.add_argument("--save-recipe", metavar="FILE", help="write the suggested recipe (YAML) for `run --recipe`")
+    return parser
+
+
+def command(args) -> list[dict]:
+    """Scan, suggest, apply and evaluate on the scan's subset; one dict ``{goal, sparsities, predicted, actual,
+    note, recipe, scan}``."""
+    from explorer.cli import _model_spec
+    from explorer.recipe import save_recipe
+    from explorer.sensitivity import check_samples, check_sparsities, scan
+    from explorer.specs import ScoringSpec
+
+    check_goal(args.max_drop, args.target_sparsity)  # bad flags fail before the model loads
+    scoring = ScoringSpec(structure=args.structure, criterion=args.criterion, norm=args.norm,
+                          calib_batches=args.calib_batches).validate()
+    check_sparsities(args.sparsities)
+    check_samples(args.samples)
+    spec = _model_spec(args)
+    model, dataset, _ = pipeline.resolve_model(spec, seed=args.seed)
+    prepared = pipeline.prepare(model, scoring, dataset=dataset, seed=args.seed)
+    result = scan(model, dataset, scoring, sparsities=args.sparsities, split=args.split, samples=args.samples,
+                  seed=args.seed, prepared=prepared)
+    suggestion = suggest(result, max_drop=args.max_drop, target_sparsity=args.target_sparsity)
+    suggestion = evaluate(model, dataset, prepared, suggestion, split=args.split, samples=args.samples)
+    recipe = suggestion.recipe(Recipe(model=spec, scoring=scoring, seed=args.seed))
+    output = {"model": args.model, "data": dataset.name, "goal": suggestion.goal, "sparsities": suggestion.sparsities,
+              "predicted": suggestion.predicted, "actual": suggestion.actual, "note": suggestion.note,
+              "recipe": recipe.to_dict(),
+              "scan": {"seconds": result.seconds, "samples": result.samples, "split": result.split,
+                       "metric": result.metric, "measure": result.measure, "base": result.base,
+                       "higher_is_better": result.higher_is_better, "structure": result.structure,
+                       "criterion": result.criterion, "sparsities": list(result.sparsities)}}
+    if args.save_recipe:
+        output["saved_recipe"] = str(save_recipe(recipe, args.save_recipe))
+    return [output]
+
+
+def format_human(result: dict) -> str:
+    """The suggestion as text: per-unit sparsities, predicted vs actual, the note."""
+    scan_info, predicted, actual = result["scan"], result["predicted"], result["actual"]
+    (goal, value), = result["goal"].items()
+    lines = [f"goal {goal.replace('_', ' ')} {value:g}: {scan_info['structure']} {scan_info['criterion']}, "
+             f"{scan_info['metric']} ({scan_info['measure']}) on the first {scan_info['samples']} of {scan_info['split']}, "
+             f"dense {scan_info['base']:.4g}"]
+    lines += [f"  {unit:32s} {sparsity:6.0%}" for unit, sparsity in result["sparsities"].items()]
+    for label, numbers_ in (("predicted", predicted), ("actual", actual)):
+        if numbers_:
+            lines.append(f"{label:9s} {scan_info['measure']} {numbers_['value']:.4g} (drop {numbers_['drop']:.4g}), "
+                         f"sparsity {numbers_['sparsity']:.1%}, FLOPs saved {numbers_['flops_saved']:,} per input")
+    lines.append(result["note"])
+    if result.get("saved_recipe"):
+        lines.append(f"recipe written to {result['saved_recipe']} (python -m explorer run --recipe "
+                     f"{result['saved_recipe']})")
+    return "\n".join(lines)
