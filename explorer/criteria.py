@@ -8,8 +8,11 @@ score tensor per prunable layer. Two granularities share one registry:
 * :func:`channel_scores` — one score per output channel / neuron (structured pruning).
 
 Prunable layers are every ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Linear``; only their
-``weight`` is scored. Calibration data is an iterable of ``(x, y)`` classification
-batches; losses are ``cross_entropy``. Scores are computed on a deep copy of the model in
+``weight`` is scored. Calibration data is an iterable of ``(x, y)`` batches. The gradient
+criteria (gradient, taylor, snip) differentiate the task's calibration loss
+(`explorer.tasks.calibration_loss`): cross-entropy for a classifier with labels, the
+next-token loss for a causal LM, and for unlabelled data or embeddings the sampled-label
+Fisher loss (targets drawn, with ``seed``, from the model's own outputs). Scores are computed on a deep copy of the model in
 eval mode (deterministic: no dropout, BatchNorm running statistics), on the model's
 device, and returned as float32 CPU tensors. The model passed in is never touched. On a
 masked model (``torch.nn.utils.prune``) scores describe the effective, masked weights.
@@ -31,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from explorer import tasks
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, prunable_layers
 
@@ -154,8 +157,9 @@ def _accumulate(request: _Request, per_batch: Callable[[torch.Tensor, torch.Tens
     """Sum ``per_batch(weight, grad)`` over calibration batches; one backward pass per batch."""
     model, weights = _working_copy(request)
     totals: list[torch.Tensor | None] = [None] * len(weights)
+    generator = torch.Generator().manual_seed(request.seed)
     for batch_index, (inputs, labels) in enumerate(_batches(request)):
-        loss = F.cross_entropy(model(inputs), labels)
+        loss = tasks.calibration_loss(model, inputs, labels, generator)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
         for index, (weight, grad) in enumerate(zip(weights, grads)):
             grad = torch.zeros_like(weight) if grad is None else grad

@@ -8,10 +8,9 @@ Looking first is how one guesses which layers a global threshold will hit hardes
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from explorer import measure
+from explorer import measure, tasks
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, effective_weight, prunable_layers
 
@@ -61,6 +60,8 @@ def weight_stats(model: nn.Module, *, bins: int = 40, shared_range: bool = False
 def gradient_stats(model: nn.Module, calib, *, bins: int = 40, shared_range: bool = False) -> dict[str, dict]:
     """Summary of each prunable layer's loss gradient, averaged over the calibration batches.
 
+    The loss is the task's calibration loss (`explorer.tasks.calibration_loss`: cross-entropy on
+    labels, next-token loss for a causal LM, the sampled-label Fisher loss without labels, seed 0).
     Runs on a copy in eval mode (BatchNorm statistics stay put); the model is not modified.
     """
     batches = list(calib or [])
@@ -75,9 +76,10 @@ def gradient_stats(model: nn.Module, calib, *, bins: int = 40, shared_range: boo
         w.requires_grad_(True)
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
     device = next(work.parameters()).device
+    generator = torch.Generator().manual_seed(0)
     for x, y in batches:
         work.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(work(x.to(device)), y.to(device))
+        loss = tasks.calibration_loss(work, x.to(device), y.to(device), generator)
         grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
         for (name, _), grad in zip(weights.items(), grads):
             if grad is not None:

@@ -10,7 +10,12 @@
   scores cosine 1, KL 0, top-1 1.
 
 `task_for` picks the task from the model and the data; `evaluate_task` returns one dict that
-pages, the CLI JSON and Compare show under the task's own name. `check_forward` turns a model
+pages, the CLI JSON and Compare show under the task's own name.
+
+Each task has a loss that training and gradient criteria differentiate (`loss_for`, `batch_loss`):
+``cross_entropy`` on labels, ``next_token`` (the log of perplexity) for a causal LM, and
+``distill`` (agreement with the frozen dense model) when there are no labels. Gradient criteria
+calibrate at the dense point, where a distillation loss is flat; they use `calibration_loss`. `check_forward` turns a model
 that cannot run on the given inputs into one line that says what it was given and what to do.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ from explorer.errors import ExplorerError
 from explorer.layers import clone_model, model_device
 
 TASKS = ("accuracy", "perplexity", "fidelity")
+LOSSES = ("auto", "cross_entropy", "next_token", "distill")  # what training minimises; auto picks by task
 FIDELITY_MEASURES = ("cosine", "kl", "top1")
 PERFECT = {"cosine": 1.0, "kl": 0.0, "top1": 1.0}  # fidelity of the dense model to itself
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "cosine": True, "kl": False, "top1": True}
@@ -205,3 +211,123 @@ def evaluate_task(model: nn.Module, dataset: Dataset, *, reference: nn.Module | 
         raise ExplorerError(f"Fidelity '{measure}' needs logits; this model outputs embeddings: use cosine.")
     return {"name": "fidelity", "value": measures[measure], "measure": measure,
             "higher_is_better": HIGHER_IS_BETTER[measure], "measures": measures}
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def loss_for(model: nn.Module, dataset: Dataset, loss: str = "auto") -> str:
+    """The loss that trains ``model`` on ``dataset``: ``cross_entropy``, ``next_token`` or ``distill``.
+
+    ``auto`` follows the task: labelled classification -> cross-entropy, a causal LM -> the
+    next-token loss on the text itself, anything else (unlabelled data, embeddings) -> distillation
+    to the dense model. ``distill`` forces distillation for any model.
+    """
+    if loss not in LOSSES:
+        raise ExplorerError(f"Unknown loss '{loss}': use one of {', '.join(LOSSES)}.")
+    task = task_for(model, dataset)
+    if loss == "auto":
+        return {"accuracy": "cross_entropy", "perplexity": "next_token"}.get(task, "distill")
+    if loss == "cross_entropy" and task != "accuracy":
+        raise ExplorerError(f"Cross-entropy needs a classifier on labelled data; '{dataset.name}' with this model is "
+                            f"judged by {task}: use loss auto or distill.")
+    if loss == "next_token" and model_task(model) != "causal_lm":
+        raise ExplorerError("The next-token loss needs a causal language model: use loss auto or distill.")
+    return loss
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Mean negative log-likelihood of every next token that is not padding: log(perplexity).
+
+    The targets are the ids themselves shifted by one (position t predicts token t+1), as in
+    causal LM training and in LLM-Pruner's calibration (Ma et al. 2023).
+    """
+    if logits.ndim != 3:
+        raise ExplorerError(f"The next-token loss needs (batch, length, vocab) logits; got {tuple(logits.shape)}.")
+    targets = ids[:, 1:]
+    if pad_id is not None:
+        targets = targets.masked_fill(targets == pad_id, -100)
+    if not bool((targets != -100).any()):
+        raise ExplorerError("The batch has no token to predict (every next token is padding).")
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, pad_id: int | None, *,
+                      embedding: bool, temperature: float = 1.0) -> torch.Tensor:
+    """How far ``student``'s outputs are from the dense ``teacher``'s on the same inputs (0 when equal).
+
+    Logits: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per output row, averaged
+    (Hinton et al. 2015, "Distilling the knowledge in a neural network"; T^2 keeps the gradient's
+    scale independent of T). Embeddings: ``1 - cosine(student, teacher)``, the fidelity measure
+    itself. Rows are one per input, or one per non-padding token of a sequence output.
+    """
+    if student.shape != teacher.shape:
+        raise ExplorerError(f"The model outputs {tuple(student.shape)} where the dense model outputs "
+                            f"{tuple(teacher.shape)}; distillation compares outputs of the same shape.")
+    a, b = _token_rows(ids, student.float(), pad_id), _token_rows(ids, teacher.float(), pad_id)
+    if embedding:
+        return (1 - F.cosine_similarity(a, b, dim=1, eps=1e-12)).mean()
+    return F.kl_div(F.log_softmax(a / temperature, 1), F.log_softmax(b / temperature, 1), log_target=True,
+                    reduction="batchmean") * temperature ** 2
+
+
+def sampled_fisher_loss(output: torch.Tensor, ids: torch.Tensor, pad_id: int | None, *, embedding: bool,
+                        generator: torch.Generator) -> torch.Tensor:
+    """The model's negative log-likelihood of targets drawn from its own predictive distribution.
+
+    At the dense point a distillation loss is flat (the model is its own teacher), so its gradient
+    is zero and cannot rank weights. Its curvature there is the Fisher information, and the gradient
+    of this loss is an unbiased sample of it: ``E[g g^T] = F`` (the "true" Fisher, Martens 2020,
+    "New insights and perspectives on the natural gradient method"; Kunstner et al. 2019 show that
+    the label-based empirical Fisher is a poor stand-in for it). Logits: targets ~ softmax(output).
+    Embeddings: a Gaussian output model, target = output + N(0, I), loss ``||output - target||^2 / 2``,
+    whose Fisher is the Gauss-Newton matrix J^T J; the noise scale rescales every score alike.
+    """
+    rows = _token_rows(ids, output.float(), pad_id)
+    cpu = torch.device("cpu")
+    if embedding:
+        noise = torch.randn(rows.shape, generator=generator, device=cpu).to(rows.device)
+        return 0.5 * (rows - (rows.detach() + noise)).pow(2).sum(1).mean()
+    probs = F.softmax(rows.detach(), 1).to(cpu)
+    targets = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(rows.device)
+    return F.cross_entropy(rows, targets)
+
+
+def _usable_labels(model: nn.Module, labels: torch.Tensor | None) -> bool:
+    """Labels a classifier can learn from: one class index (>= 0) per input; text without labels has -1."""
+    return (model_task(model) in (None, "classification") and labels is not None and labels.ndim == 1
+            and labels.numel() > 0 and not labels.is_floating_point() and int(labels.min()) >= 0)
+
+
+def calibration_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The loss whose gradient scores weights (gradient, taylor, snip; Inspect's gradient view), for any task.
+
+    * classifier with labels: ``cross_entropy(model(x), y)``, as always;
+    * causal LM: the next-token loss on the calibration text (LLM-Pruner, Ma et al. 2023);
+    * no usable labels (unlabelled text, embeddings): `sampled_fisher_loss`, the sampled-label
+      Fisher trick, since self-distillation has zero gradient at the dense model.
+    ``generator`` (a CPU generator) makes the sampled targets repeatable.
+    """
+    output = model(inputs)
+    pad_id = getattr(model, "pad_id", None)
+    if model_task(model) == "causal_lm":
+        return next_token_loss(output, inputs, pad_id)
+    if _usable_labels(model, labels):
+        return F.cross_entropy(output, labels)
+    return sampled_fisher_loss(output, inputs, pad_id, embedding=model_task(model) == "embedding",
+                               generator=generator)
+
+
+def batch_loss(kind: str, output: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, *,
+               teacher_output: torch.Tensor | None = None, pad_id: int | None = None, embedding: bool = False,
+               temperature: float = 1.0) -> torch.Tensor:
+    """The training loss of one batch for a kind from `loss_for` (``teacher_output`` for ``distill``)."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(output, labels)
+    if kind == "next_token":
+        return next_token_loss(output, inputs, pad_id)
+    if teacher_output is None:
+        raise ExplorerError("Distillation needs the dense model's outputs (the teacher).")
+    return distillation_loss(output, teacher_output, inputs, pad_id, embedding=embedding, temperature=temperature)

@@ -1,0 +1,161 @@
+"""Gradient criteria and fine-tuning on every task (explorer.tasks losses, explorer.train), transformers included.
+
+Losses are checked against direct computations; a labelled classifier scores exactly as before.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from explorer import criteria, hf, stats, tasks, text
+from explorer.errors import ExplorerError
+from test_criteria import calib_batches, small_model
+
+# Per-layer sums of the scores of test_criteria's small model, recorded before the task losses
+# existed (cross-entropy on labels); a labelled classifier must still score exactly so.
+BEFORE = {
+    "gradient": ({"0": 0.7680633165, "3": 4.419078721, "7": 0.7010655161},
+                 {"0": 0.7680633496, "3": 4.4190788269, "7": 0.701065518}),
+    "taylor": ({"0": 0.0811544029, "3": 0.290518025, "7": 0.2010409378},
+               {"0": 0.0336290114, "3": 0.0552787194, "7": 0.0921936953}),
+    "snip": ({"0": 0.0606765084, "3": 0.2528418134, "7": 0.1476861644},
+             {"0": 0.0606765066, "3": 0.2528418154, "7": 0.147686163}),
+}
+GRADIENT_CRITERIA = ("gradient", "taylor", "snip")
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return hf.builtin("tiny_bert")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return hf.builtin("tiny_gpt2")
+
+
+@pytest.fixture(scope="module")
+def bert_text(bert):
+    return text.text_dataset(bert.tokenizer, seq_len=24)
+
+
+@pytest.fixture(scope="module")
+def gpt2_text(gpt2):
+    return text.text_dataset(gpt2.tokenizer, seq_len=24)
+
+
+def embedding_model(bert):
+    """tiny_bert's encoder with mean pooling: an embedding model as fast as tiny_bert."""
+    return hf.TokenModel(bert.model.hf.bert, "embedding", bert.model.pad_id)
+
+
+@pytest.mark.parametrize("criterion", GRADIENT_CRITERIA)
+def test_labelled_classifier_scores_exactly_as_before(criterion):
+    model, calib = small_model(), calib_batches()
+    weights_before, channels_before = BEFORE[criterion]
+    for scores, before in ((criteria.weight_scores(model, criterion, calib), weights_before),
+                           (criteria.channel_scores(model, criterion, calib), channels_before)):
+        assert {name: float(score.double().sum()) for name, score in scores.items()} == \
+            pytest.approx(before, rel=1e-6)
+
+
+def _check_informative(scores):
+    flat = torch.cat([score.flatten() for score in scores.values()])
+    assert torch.isfinite(flat).all()
+    assert float(flat.abs().max()) > 0
+    assert flat.unique().numel() > flat.numel() // 2  # weights are told apart, not tied
+    for name, score in scores.items():
+        if "pooler" not in name:  # the embedding model pools itself; BERT's pooler never runs
+            assert float(score.std()) > 0, name
+
+
+@pytest.mark.parametrize("criterion", GRADIENT_CRITERIA)
+@pytest.mark.parametrize("which", ["unlabelled classifier", "causal_lm", "embedding"])
+def test_gradient_criteria_work_on_every_task(which, criterion, bert, gpt2, bert_text, gpt2_text):
+    model, dataset = {"unlabelled classifier": (bert.model, bert_text), "causal_lm": (gpt2.model, gpt2_text),
+                      "embedding": (embedding_model(bert), bert_text)}[which]
+    assert not tasks.is_labelled(dataset)
+    calib = dataset.calibration(2, 8)
+    _check_informative(criteria.weight_scores(model, criterion, calib))
+    channel = criteria.channel_scores(model, criterion, calib)
+    assert all(torch.isfinite(score).all() and float(score.max()) > 0
+               for name, score in channel.items() if "pooler" not in name)
+    again = criteria.weight_scores(model, criterion, calib)  # sampled targets are seeded: repeatable
+    assert all(torch.equal(again[name], score) for name, score in criteria.weight_scores(model, criterion, calib).items())
+
+
+def test_gradient_stats_work_on_unlabelled_text(bert, bert_text):
+    summary = stats.gradient_stats(bert.model, bert_text.calibration(1, 8))
+    assert all(row["mean_abs"] > 0 for name, row in summary.items() if "pooler" not in name)
+
+
+def test_next_token_loss_is_the_log_of_perplexity(gpt2, gpt2_text):
+    model = gpt2.model.eval()
+    x = gpt2_text.split("test")[0]
+    with torch.no_grad():
+        loss = tasks.next_token_loss(model(x), x, gpt2_text.info["pad_id"])
+    assert float(loss) == pytest.approx(math.log(tasks.perplexity(model, gpt2_text, "test", batch_size=len(x))),
+                                        rel=1e-5)
+
+
+def test_next_token_loss_by_hand():
+    torch.manual_seed(0)
+    pad = 0
+    ids = torch.tensor([[5, 3, 2, 0, 0], [1, 4, 4, 2, 6]])
+    logits = torch.randn(2, 5, 7)
+    terms = [-F.log_softmax(logits[n, t], 0)[ids[n, t + 1]] for n in range(2) for t in range(4) if ids[n, t + 1] != pad]
+    assert float(tasks.next_token_loss(logits, ids, pad)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-6)
+
+
+def test_distillation_loss_by_hand():
+    torch.manual_seed(0)
+    student, teacher, ids, temperature = torch.randn(4, 6), torch.randn(4, 6), torch.ones(4, 3, dtype=torch.long), 2.0
+    p = F.softmax(teacher / temperature, 1)
+    kl = (p * (p.log() - F.log_softmax(student / temperature, 1))).sum(1).mean() * temperature ** 2
+    got = tasks.distillation_loss(student, teacher, ids, 0, embedding=False, temperature=temperature)
+    assert float(got) == pytest.approx(float(kl), rel=1e-6)
+    cosine = tasks.distillation_loss(student, teacher, ids, 0, embedding=True)
+    by_hand = 1 - sum(float(student[i] @ teacher[i] / (student[i].norm() * teacher[i].norm())) for i in range(4)) / 4
+    assert float(cosine) == pytest.approx(by_hand, rel=1e-6)
+    assert float(tasks.distillation_loss(teacher, teacher, ids, 0, embedding=False)) == pytest.approx(0, abs=1e-6)
+
+
+def test_sampled_fisher_loss_draws_from_the_model_and_has_a_gradient_where_distillation_has_none():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, requires_grad=True)
+    inputs = torch.randn(8, 3)
+    output = inputs @ weight.T
+    ids = torch.ones(8, 2, dtype=torch.long)
+    loss = tasks.sampled_fisher_loss(output, ids, None, embedding=False, generator=torch.Generator().manual_seed(3))
+    targets = torch.multinomial(F.softmax(output.detach(), 1), 1, generator=torch.Generator().manual_seed(3))
+    assert loss.item() == pytest.approx(F.cross_entropy(output, targets.squeeze(1)).item(), rel=1e-6)
+    (fisher_grad,) = torch.autograd.grad(loss, weight, retain_graph=True)
+    distill = tasks.distillation_loss(output, output.detach(), ids, None, embedding=False)
+    (distill_grad,) = torch.autograd.grad(distill, weight)
+    assert float(distill_grad.abs().max()) < 1e-6 < float(fisher_grad.abs().max())
+    gaussian = tasks.sampled_fisher_loss(output, ids, None, embedding=True, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(3))
+    assert gaussian.item() == pytest.approx(float(0.5 * noise.pow(2).sum(1).mean()), rel=1e-6)
+
+
+def test_calibration_loss_picks_the_task_loss(bert, gpt2, bert_text, gpt2_text):
+    generator = torch.Generator().manual_seed(0)
+    x, y = gpt2_text.calibration(1, 4)[0]
+    with torch.no_grad():
+        expected = tasks.next_token_loss(gpt2.model(x), x, gpt2.model.pad_id)
+        assert float(tasks.calibration_loss(gpt2.model, x, y, generator)) == pytest.approx(float(expected))
+        x, _ = bert_text.calibration(1, 4)[0]
+        labels = torch.tensor([0, 1, 1, 0])
+        expected = F.cross_entropy(bert.model(x), labels)
+        assert float(tasks.calibration_loss(bert.model, x, labels, generator)) == pytest.approx(float(expected))
+
+
+def test_loss_for_follows_the_task(bert, gpt2, bert_text, gpt2_text):
+    assert tasks.loss_for(bert.model, bert_text) == "distill"
+    assert tasks.loss_for(gpt2.model, gpt2_text) == "next_token"
+    assert tasks.loss_for(gpt2.model, gpt2_text, "distill") == "distill"
+    with pytest.raises(ExplorerError, match="labelled"):
+        tasks.loss_for(bert.model, bert_text, "cross_entropy")
+    with pytest.raises(ExplorerError, match="Unknown loss"):
+        tasks.loss_for(bert.model, bert_text, "mse")
