@@ -98,7 +98,8 @@ class Suggestion:
         """``base`` (model, scoring, method, measurement, seed) with the suggestion as its plan."""
         if (base.scoring.structure, base.scoring.criterion) != (self.structure, self.criterion):
             raise ExplorerError(f"The recipe scores {base.scoring.structure} / {base.scoring.criterion}, the "
-                                f"suggestion was scanned with {self.structure} / {self.criterion}: use the scan's scoring.")
+                                f"suggestion was scanned with {self.structure} / {self.criterion}: "
+                                "use the scan's scoring.")
         return base.replace(plan=self.plan_spec())
 
 
@@ -219,7 +220,8 @@ def suggest(scan: Scan, *, max_drop: float | None = None, target_sparsity: float
         target = goal["target_sparsity"]
         if reachable + _TOLERANCE < target:
             raise ExplorerError(f"No combination of the scan's grid reaches {target:.1%} sparsity (at most "
-                                f"{reachable:.1%} without emptying a unit): lower the target or scan higher sparsities.")
+                                f"{reachable:.1%} without emptying a unit): lower the target or scan higher "
+                                "sparsities.")
         needed = math.ceil(target * weights - 1e-9)
         while _totals(rows)[1] < needed and (move := _step(rows, lambda now, option: True)):
             row, index = move
@@ -232,7 +234,8 @@ def suggest(scan: Scan, *, max_drop: float | None = None, target_sparsity: float
     sign = -1.0 if scan.higher_is_better else 1.0
     predicted = {"value": scan.base + sign * drop, "drop": drop, "sparsity": saved / weights, "flops_saved": flops}
     return Suggestion(goal=goal, sparsities={row.unit: row.options[row.chosen].sparsity for row in rows},
-                      predicted=predicted, note="; ".join(notes), grid_note="; ".join(notes), base=scan.base, metric=scan.metric,
+                      predicted=predicted, note="; ".join(notes), grid_note="; ".join(notes), base=scan.base,
+                      metric=scan.metric,
                       measure=scan.measure, higher_is_better=scan.higher_is_better, split=scan.split,
                       samples=scan.samples, structure=scan.structure, criterion=scan.criterion)
 
@@ -284,7 +287,8 @@ def evaluate(model: nn.Module, dataset: Dataset, prepared: pipeline.Prepared, su
             tasks.evaluate_task(model, subset, task=task, split=split)["value"]
     drop = base - value if suggestion.higher_is_better else value - base
     estimate = pipeline.estimate(prepared, plan)
-    actual = {"value": value, "drop": drop, "sparsity": 1 - prunable_counts(pruned)[0] / max(1, prunable_counts(model)[1]),
+    sparsity = 1 - prunable_counts(pruned)[0] / max(1, prunable_counts(model)[1])  # as `run` reports it
+    actual = {"value": value, "drop": drop, "sparsity": sparsity,
               "flops_saved": estimate["flops_dense"] - estimate["flops_after"], "base": base, "split": split,
               "samples": len(subset.split(split)[1])}
     return dataclasses.replace(suggestion, actual=actual, note=_interaction_note(suggestion, actual))
@@ -362,7 +366,8 @@ def format_human(result: dict) -> str:
     scan_info, predicted, actual = result["scan"], result["predicted"], result["actual"]
     (goal, value), = result["goal"].items()
     lines = [f"goal {goal.replace('_', ' ')} {value:g}: {scan_info['structure']} {scan_info['criterion']}, "
-             f"{scan_info['metric']} ({scan_info['measure']}) on the first {scan_info['samples']} of {scan_info['split']}, "
+             f"{scan_info['metric']} ({scan_info['measure']}) on the first {scan_info['samples']} of "
+             f"{scan_info['split']}, "
              f"dense {scan_info['base']:.4g}"]
     lines += [f"  {unit:32s} {sparsity:6.0%}" for unit, sparsity in result["sparsities"].items()]
     for label, numbers_ in (("predicted", predicted), ("actual", actual)):
