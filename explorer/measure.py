@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import statistics
+import weakref
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -260,7 +262,8 @@ def report(
     """Measure ``model`` (and compare with ``baseline`` if given) in one call.
 
     Masked models are measured as deployed (`as_deployed`), whoever calls: a metric never
-    needs to know how a model was pruned.
+    needs to know how a model was pruned. The baseline's own counts are `remembered`, so
+    measuring several pruned copies against one base measures the base once.
     """
     model = as_deployed(model)
     baseline = as_deployed(baseline) if baseline is not None else None
@@ -276,9 +279,10 @@ def report(
         peak_memory_bytes=memory["bytes"], peak_memory_method=memory["method"],
     )
     if baseline is not None:
-        base_flops = flops(baseline, one_input)["effective"]
-        base_size = compressed_size_bytes(baseline)["compressed"]
-        metrics.baseline_params_total = count_params(baseline)["total"]
+        base_flops = remembered(baseline, ("flops", tuple(one_input.shape), one_input.dtype),
+                                lambda: flops(baseline, one_input))["effective"]
+        base_size = remembered(baseline, ("size",), lambda: compressed_size_bytes(baseline))["compressed"]
+        metrics.baseline_params_total = remembered(baseline, ("params",), lambda: count_params(baseline))["total"]
         metrics.baseline_flops_effective = base_flops
         metrics.baseline_size_compressed_bytes = base_size
         metrics.speedup_flops = base_flops / max(1, model_flops["effective"])
@@ -295,6 +299,28 @@ def report(
             metrics.baseline_latency_ms = timing["dense"]["median_ms"]
             metrics.speedup_measured = timing["speedup_measured"]
     return metrics
+
+
+_REMEMBERED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def remembered(model: nn.Module, key: tuple, compute: Callable[[], dict]) -> dict:
+    """``compute()`` once per model and ``key`` while the model's tensors stay the same.
+
+    The base model is measured again with every pruned copy (each sparsity, each Apply); its
+    FLOPs and compressed size (seconds for a transformer: deflate of the whole state dict) do not
+    change while its tensors do not. The memo is keyed by the model object (weakly: it goes with
+    the model) and checked against every parameter's and buffer's storage and version counter, so
+    an in-place edit (training, regrowth, a mask) or a structural change recomputes.
+    """
+    fingerprint = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
+    entries = _REMEMBERED.setdefault(model, {})
+    hit = entries.get(key)
+    if hit is not None and hit[0] == fingerprint:
+        return hit[1]
+    value = compute()
+    entries[key] = (fingerprint, value)
+    return value
 
 
 # --- internals -------------------------------------------------------------------------

@@ -122,3 +122,34 @@ def test_report_side_by_side_with_baseline():
     alone = measure.report(baseline, example, latency=False)
     assert alone.latency_ms is None and alone.speedup_flops is None
     assert alone.flops_dense == alone.flops_effective
+
+
+def test_remembered_recomputes_after_an_in_place_edit_and_only_then():
+    model = _mlp()
+    calls = []
+
+    def count():
+        calls.append(1)
+        return measure.count_params(model)
+
+    first = measure.remembered(model, ("params",), count)
+    assert measure.remembered(model, ("params",), count) == first and len(calls) == 1
+    with torch.no_grad():
+        model[0].weight[0].zero_()  # bumps the version counter
+    second = measure.remembered(model, ("params",), count)
+    assert len(calls) == 2 and second["nonzero"] == first["nonzero"] - 64
+    assert measure.remembered(_mlp(), ("params",), lambda: {"other": 1}) == {"other": 1}  # a new object, no hit
+
+
+def test_report_measures_the_base_once_for_several_pruned_copies(monkeypatch):
+    base = _mlp()
+    sizes = []
+    original = measure.compressed_size_bytes
+    monkeypatch.setattr(measure, "compressed_size_bytes", lambda m, **kw: sizes.append(m) or original(m, **kw))
+    x = torch.randn(8, 64)
+    for amount in (0.3, 0.6):
+        pruned = copy.deepcopy(base)
+        prune.l1_unstructured(pruned[0], "weight", amount=amount)
+        metrics = measure.report(pruned, x, baseline=base, latency=False)
+        assert metrics.baseline_size_compressed_bytes == original(base)["compressed"]
+    assert sum(1 for m in sizes if m is base) == 1
