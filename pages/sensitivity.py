@@ -5,8 +5,9 @@ import dataclasses
 
 import pandas as pd
 import streamlit as st
+import yaml
 
-from explorer import figures, jobs, pipeline, sensitivity
+from explorer import figures, jobs, pipeline, sensitivity, suggest
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.specs import STRUCTURES
@@ -14,6 +15,7 @@ from pages import common
 
 SCAN_JOB = "sensitivity_job"          # the running (or last) scan's background job
 SCANS = "sensitivity_scans"           # {(model key, ScoringSpec): {"scan": Scan, "prepared": Prepared}}
+CHECKED = "sensitivity_checked"       # {"key": which scan and suggestion, "suggestion": Suggestion with actual}
 GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 st.title("Sensitivity")
@@ -113,11 +115,11 @@ def live() -> None:
 
 live()
 
-if job is not None and job.done and not job.meta.get("kept"):
-    job.meta["kept"] = True  # once: later reruns read the stored scan
+if job is not None and job.done:
     if job.error is not None:
         st.error(job.error)
-    elif job.result is not None:
+    elif job.result is not None and not job.meta.get("kept"):
+        job.meta["kept"] = True  # once: later reruns read the stored scan
         st.session_state.setdefault(SCANS, {})[job.meta["key"]] = job.result
         st.session_state.setdefault(common.PREPARED, {})[job.meta["key"]] = job.result["prepared"]
 
@@ -147,9 +149,10 @@ st.plotly_chart(figures.sensitivity_heatmap(result), key="sens_heatmap")
 
 rows = list(scan.order) + [unit for unit in scan.units if unit not in scan.order]
 default_units = rows if len(rows) <= 8 else rows[:4] + rows[-4:]
-if "sens_curve_units" in st.session_state:  # the units differ between scans
-    st.session_state["sens_curve_units"] = [u for u in st.session_state["sens_curve_units"] if u in rows]
-curve_units = st.multiselect("Curves for", rows, default=default_units, key="sens_curve_units",
+shown = st.session_state.get("sens_curve_units")
+if shown is None or any(unit not in rows for unit in shown):  # first visit, or another scan's units
+    st.session_state["sens_curve_units"] = [unit for unit in shown or () if unit in rows] or default_units
+curve_units = st.multiselect("Curves for", rows, key="sens_curve_units",
                              help="Default: the most robust and the most fragile units.")
 st.plotly_chart(figures.sensitivity_curves(result, curve_units), key="sens_curves")
 
@@ -165,7 +168,7 @@ st.dataframe(ordering, hide_index=True, column_config={
     "area under drop curve": st.column_config.NumberColumn(format="%.4f"),
     f"drop at {last:.0%}": st.column_config.NumberColumn(format="percent" if percent else "%.4g")})
 
-if scan.structure != "unstructured" or scan.base_latency_ms is not None:
+if scan.cells and (scan.structure != "unstructured" or scan.base_latency_ms is not None):
     with st.expander("What each cell saves: FLOPs, parameters" + (", latency" if scan.base_latency_ms else "")):
         cells = pd.DataFrame(result["cells"])
         for column, title in (("flops_saved", "FLOPs saved per input"), ("params_saved", "parameters saved"),
@@ -177,3 +180,89 @@ if scan.structure != "unstructured" or scan.base_latency_ms is not None:
                 [u for u in rows if u in set(cells["unit"])])
             table.columns = [f"{s:.0%}" for s in table.columns]
             st.dataframe(table)
+
+# ---------------------------------------------------------------- the suggested recipe
+st.divider()
+st.subheader("Suggested recipe")
+goal_col, value_col = st.columns([1, 2])
+goal = goal_col.radio("Goal", ["Largest acceptable drop", "Target overall sparsity"], key="sens_goal",
+                      help="A drop budget: remove as much as the scan says fits in it. A sparsity: reach it with "
+                           "the smallest predicted drop.")
+if goal == "Target overall sparsity":
+    target = value_col.slider("Overall sparsity (fraction of the prunable weights removed)", 0.0, 0.95, 0.5, 0.01,
+                              key="sens_target")
+    goal_args, max_drop = {"target_sparsity": float(target)}, None
+elif percent:
+    points = value_col.number_input(f"Largest acceptable drop in {label} (points)", 0.0, 100.0, 1.0, 0.5,
+                                    key="sens_max_drop_points")
+    goal_args = {"max_drop": float(points) / 100}
+else:
+    raw = value_col.number_input(f"Largest acceptable {'rise' if not scan.higher_is_better else 'drop'} in {label}",
+                                 min_value=0.0, value=float(round(0.05 * abs(scan.base), 4) or 0.05),
+                                 format="%.4g", key=f"sens_max_drop_{scan.measure}")
+    goal_args = {"max_drop": float(raw)}
+try:
+    suggestion = suggest.suggest(scan, **goal_args)
+    base_recipe = recipe.replace(scoring=scoring)
+    suggested_recipe = suggestion.recipe(base_recipe)
+except ExplorerError as exc:
+    st.error(str(exc))
+    st.stop()
+
+checked = st.session_state.get(CHECKED)
+if checked is not None and checked["key"] != (scan_key, scan.seconds, tuple(suggestion.sparsities.items())):
+    checked = None
+task_of_scan = {"measure": scan.measure}
+predicted = suggestion.predicted
+metrics = st.columns(4)
+metrics[0].metric(f"Predicted {label}", common.fmt_task(task_of_scan, predicted["value"]),
+                  common.fmt_task_delta(task_of_scan, scan.base, predicted["value"]),
+                  delta_color="normal" if scan.higher_is_better else "inverse",
+                  help="The dense value minus the sum of the chosen cells' drops: each measured with the rest dense.")
+metrics[1].metric("Predicted overall sparsity", common.fmt_pct(predicted["sparsity"]))
+metrics[2].metric("Predicted FLOPs saved (per input)", common.fmt_int(predicted["flops_saved"]))
+if checked is None:
+    metrics[3].metric(f"Actual {label}", "-", "press Check actual", delta_color="off", delta_arrow="off")
+else:
+    actual = checked["suggestion"].actual
+    metrics[3].metric(f"Actual {label}", common.fmt_task(task_of_scan, actual["value"]),
+                      common.fmt_task_delta(task_of_scan, actual["base"], actual["value"]),
+                      delta_color="normal" if scan.higher_is_better else "inverse",
+                      help=f"All units pruned together, measured on {actual['samples']} examples of {actual['split']}; "
+                           f"overall sparsity {common.fmt_pct(actual['sparsity'])}.")
+    note = checked["suggestion"].note
+    st.info(f"**Why predicted and actual differ.** {note[:1].upper()}{note[1:]}.", icon=":material/info:")
+if suggestion.note and checked is None:
+    st.caption(suggestion.note.capitalize() + ".")
+
+drops = {(cell.unit, cell.sparsity): cell.drop for cell in scan.cells}
+st.dataframe(pd.DataFrame([{"unit": unit, "sparsity": value, "drop alone (scan)": drops.get((unit, value), 0.0)}
+                           for unit, value in suggestion.sparsities.items()]),
+             hide_index=True, column_config={
+                 "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0,
+                                                             max_value=1.0),
+                 "drop alone (scan)": st.column_config.NumberColumn(format="percent" if percent else "%.4g")})
+
+check_col, load_col, download_col = st.columns(3)
+if check_col.button("Check actual: prune all at once and measure", key="sens_check"):
+    try:
+        with st.spinner("Pruning every unit as suggested and evaluating ..."):
+            evaluated = suggest.evaluate(model["module"], model["dataset"], stored["prepared"], suggestion,
+                                         split=scan.split, samples=scan.samples)
+    except ExplorerError as exc:
+        st.error(str(exc))
+    else:
+        st.session_state[CHECKED] = {"key": (scan_key, scan.seconds, tuple(suggestion.sparsities.items())),
+                                     "suggestion": evaluated}
+        st.rerun()
+if load_col.button("Load on the Prune page", key="sens_load", type="primary",
+                   help="Local scope with every unit's sparsity as a per-layer override."):
+    st.session_state[common.RECIPE] = suggested_recipe
+    for key in [k for k in st.session_state if str(k).startswith("prune_")]:  # the Prune page rebuilds its widgets
+        st.session_state.pop(key)
+    st.switch_page("pages/prune.py")
+recipe_yaml = yaml.safe_dump(suggested_recipe.to_dict(), sort_keys=False)
+download_col.download_button("Download the recipe (YAML)", recipe_yaml, file_name=f"suggested_{model['label']}.yaml",
+                             mime="application/x-yaml", key="sens_download", on_click="ignore")
+with st.expander("The recipe: `python -m explorer run --recipe FILE` replays it"):
+    st.code(recipe_yaml, language="yaml")

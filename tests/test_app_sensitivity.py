@@ -5,8 +5,10 @@ import pytest
 import yaml
 from streamlit.testing.v1 import AppTest
 
-from explorer import sensitivity
+from explorer import pipeline, sensitivity, suggest
+from explorer.recipe import Recipe
 from explorer.specs import ScoringSpec
+from tests import test_app_transformers as transformers
 from tests.test_app import goto, start, texts
 
 PAGE = "pages/sensitivity.py"
@@ -65,7 +67,7 @@ def test_revisit_shows_the_stored_scan_without_scanning_again(scanned):
     assert at.dataframe[0].value["unit"].tolist() == at.session_state["sensitivity_job"].result["scan"].order
 
 
-def test_cancel_stops_the_scan_and_keeps_the_cells_done():
+def test_cancel_stops_the_scan_keeps_the_cells_done_and_suggests_nothing():
     at = run_scan(goto(start(), PAGE), grid=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], latency=True)  # timing is slow
     job = at.session_state["sensitivity_job"]
     at.button(key="sens_cancel").click().run()
@@ -75,6 +77,7 @@ def test_cancel_stops_the_scan_and_keeps_the_cells_done():
     scan = job.result["scan"]
     assert scan.cancelled and len(scan.cells) < 3 * 9
     assert "Cancelled after" in texts(at.warning)
+    assert "finish it" in texts(at.error)  # no suggestion from a partial scan
 
 
 def test_bad_samples_gives_one_error_line():
@@ -82,3 +85,46 @@ def test_bad_samples_gives_one_error_line():
     assert not at.exception
     assert len(at.error) == 1 and "empty" in at.error[0].value
     assert "sensitivity_job" not in at.session_state
+
+
+def test_suggestion_checks_actual_loads_onto_prune_and_exports_a_recipe_that_replays(scanned):
+    at = goto(scanned, PAGE)
+    at.radio(key="sens_goal").set_value("Target overall sparsity").run()
+    at.slider(key="sens_target").set_value(0.5).run()
+    assert not at.error, texts(at.error)
+    model = at.session_state["current_model"]
+    stored = at.session_state["sensitivity_scans"][(model["key"], ScoringSpec())]
+    expected = suggest.suggest(stored["scan"], target_sparsity=0.5)
+    assert expected.sparsities and any(value > 0 for value in expected.sparsities.values())
+
+    exported = Recipe.from_dict(yaml.safe_load(at.code[0].value))
+    assert exported.plan.scope == "local" and dict(exported.plan.overrides) == expected.sparsities
+    assert exported.model == model["spec"] and exported.scoring == ScoringSpec()
+    plan = pipeline.preview(stored["prepared"], exported.plan)  # what `explorer run` prunes: the suggestion
+    assert {layer.name: layer.sparsity for layer in plan.layers} == pytest.approx(expected.sparsities, abs=1e-3)
+
+    at.button(key="sens_check").click().run()
+    assert not at.error and not at.exception, texts(at.error)
+    actual = at.session_state["sensitivity_checked"]["suggestion"].actual
+    assert actual["sparsity"] == pytest.approx(expected.predicted["sparsity"], abs=0.01)
+    assert "layers interact" in texts(at.info)
+
+    at.button(key="sens_load").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="prune_scope").value == "local"
+    assert at.multiselect(key="prune_override_layers").value == list(expected.sparsities)
+    assert {unit: at.slider(key=f"prune_override_{unit}").value for unit in expected.sparsities} \
+        == pytest.approx(expected.sparsities)
+    assert at.session_state["recipe"].plan.overrides == expected.sparsities
+
+
+def test_a_transformer_scans_heads_by_its_own_metric():
+    at = goto(transformers.load_transformer(transformers.start(), "tiny_bert"), PAGE)
+    run_scan(at, structure="head", samples=64, grid=(0.5, 1.0))
+    wait_for_scan(at)
+    assert not at.error, texts(at.error)
+    scan = at.session_state["sensitivity_job"].result["scan"]
+    assert (scan.metric, scan.measure) == ("fidelity", "top1")
+    assert "fidelity (top-1 agreement) on the first 64" in texts(at.caption).lower()
+    assert at.dataframe[0].value["unit"].tolist() == scan.order and scan.order
+    assert at.number_input(key="sens_max_drop_points").value == 1.0  # agreement reads in points like accuracy
