@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -164,6 +165,33 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
     if not table.empty:
         table["tuned"] = table["fine-tune epochs"].gt(0).map({True: "fine-tuned", False: "pruned only"})
     return table
+
+
+def sweep_frame(runs: Iterable) -> tuple[pd.DataFrame, list[str]]:
+    """`runs_frame` of a sweep's runs plus one column per grid field (its coordinates), and those fields.
+
+    A coordinate that is not a number or text (a whole ``model`` part, say) is shown as its JSON.
+    """
+    runs = list(runs)
+    points = [(run.settings.get("sweep") or {}).get("point") or {} for run in runs]
+    fields = list(dict.fromkeys(path for point in points for path in point))
+    table = runs_frame(runs)
+    for path in fields:
+        table[path] = [value if isinstance(value, (int, float, str)) or value is None else json.dumps(value)
+                       for value in (point.get(path) for point in points)]
+    return table, fields
+
+
+def sweep_chart(table: pd.DataFrame, x: str, color: str | None, metric: str = "accuracy") -> go.Figure:
+    """A sweep's task metric along one grid field, one line per value of another (``color``, or None)."""
+    column = "accuracy" if metric == "accuracy" else "metric value"
+    shown = table[table["metric"] == metric].copy() if "metric" in table else table.copy()
+    if color is not None:
+        shown[color] = shown[color].astype(str)
+    figure = px.line(shown.sort_values(x), x=x, y=column, color=color, markers=True, hover_name="name",
+                     title=f"{metric.capitalize()} by {x}" + (f" and {color}" if color else ""))
+    figure.update_layout(yaxis=_metric_axis(metric), height=460, legend=_LEGEND_BELOW)
+    return figure
 
 
 def _metric_axis(metric: str) -> dict:

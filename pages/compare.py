@@ -28,6 +28,10 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
   small layers do not shrink in proportion). Points on the dashed line y = x keep their promise.
 * **Accuracy vs latency** - the Pareto front joins the runs no other run beats on both at once:
   the only ones worth choosing from.
+* **Sweeps** - `python -m explorer sweep --grid FILE` runs a grid of recipes (criteria x sparsities x
+  methods x seeds ...) on a local process pool or a Ray cluster and stores every point as a run.
+  Pick a sweep to see only its runs, and plot its metric along one grid field, one line per value
+  of another. Points that failed are listed with their error.
 """)
 
 store = RunStore()
@@ -41,8 +45,24 @@ if not runs:
     st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
     st.stop()
 
-
-table = figures.runs_frame(runs)
+sweeps = store.sweeps()
+sweep = None
+if sweeps:
+    sweep = st.selectbox("Sweep", ["all runs", *sweeps[::-1]], key="cmp_sweep",
+                         help="Runs of one `python -m explorer sweep`, newest sweep first.")
+    sweep = None if sweep == "all runs" else sweep
+every_run = runs  # "Manage runs" below lists failed sweep points too, to delete them
+picked_runs = [run for run in runs if sweep is None or run.sweep == sweep]
+failed = [run for run in picked_runs if run.settings.get("error")]
+runs = [run for run in picked_runs if not run.settings.get("error")]
+if sweep is not None and failed:
+    st.warning(f"{len(failed)} point(s) of this sweep failed; the charts leave them out.\n\n" + "\n".join(
+        "* " + ", ".join(f"{path}={value}" for path, value in run.settings["sweep"]["point"].items())
+        + f": {run.settings['error']}" for run in failed))
+table, sweep_fields = figures.sweep_frame(runs) if sweep is not None else (figures.runs_frame(runs), [])
+if table.empty:
+    st.info("No finished run to show: every point of this sweep failed.")
+    st.stop()
 
 models = sorted(table["model"].unique())
 pick_model, pick_metric = st.columns(2)
@@ -83,6 +103,17 @@ with right:
     st.plotly_chart(figures.speedup_promise(shown), key="cmp_speedup")
 st.plotly_chart(figures.accuracy_vs_latency(shown, metric), key="cmp_pareto")
 
+if sweep_fields:
+    st.subheader("Along the grid")
+    pick_x, pick_color = st.columns(2)
+    default_x = sweep_fields.index("plan.sparsity") if "plan.sparsity" in sweep_fields else 0
+    x_field = pick_x.selectbox("Along", sweep_fields, index=default_x, key="cmp_sweep_x")
+    others = [path for path in sweep_fields if path != x_field]
+    color_field = pick_color.selectbox("One line per", ["none", *others], index=1 if others else 0,
+                                       key="cmp_sweep_color")
+    st.plotly_chart(figures.sweep_chart(shown, x_field, None if color_field == "none" else color_field, metric),
+                    key="cmp_sweep_chart")
+
 shown_ids = set(shown["id"])
 with_trajectory = [run for run in runs if run.trajectory and run.id in shown_ids]
 if with_trajectory:
@@ -93,7 +124,7 @@ if with_trajectory:
                                           if run.id in picked}), key="cmp_trajectories")
 
 st.subheader("Manage runs")
-names = {run.id: run.name for run in runs}
+names = {run.id: run.name for run in every_run}
 run_id = st.selectbox("Run", list(names), format_func=lambda i: names[i], key="cmp_run")
 rename_col, actions_col = st.columns([2, 1])
 with rename_col:
