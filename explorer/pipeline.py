@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from explorer import criteria, heads, hf, llm, masking, measure, planner, structural, tasks, text
+from explorer import criteria, heads, hf, llm, masking, measure, planner, semistructured, structural, tasks, text
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, prunable_counts, prunable_layers
@@ -332,6 +332,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     on labelled data (then ``accuracy`` / ``base_accuracy`` hold the same numbers), perplexity for
     a causal language model, fidelity to ``base_model`` otherwise (``accuracy`` is then None).
     ``base_accuracy`` / ``base_task_value`` skip recomputing the base model's value.
+    ``semi_structured`` is None unless some Linear carries a 2:4 weight; then it holds the 2:4 model
+    timed with PyTorch's semi-structured kernels next to dense on a capable GPU, or the reason it
+    cannot be (`semistructured.semi_structured_latency`).
     """
     spec.validate()
     deployed = measure.as_deployed(pruned_model)  # folded once: no mask hook in every evaluation forward
@@ -355,6 +358,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         metrics.update(accuracy=None, base_accuracy=None, delta_accuracy=None)
         task = {"name": name, "measure": result["measure"], "base": base_task_value, "pruned": result["value"],
                 "higher_is_better": result["higher_is_better"], "measures": result["measures"]}
+    metrics["semi_structured"] = semistructured.semi_structured_latency(
+        deployed, dataset.example_input(spec.batch), min_run_time=spec.min_run_time, time_it=spec.latency,
+    ) if semistructured.has_2_4_layer(deployed) else None
     metrics.update(task=task,
                    sparsity_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
                    sparsity_actual=1 - prunable_counts(pruned_model)[0] / max(1, prunable_counts(base_model)[1]))
