@@ -454,7 +454,7 @@ def scan(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *,
          sparsities: Sequence[float] = DEFAULT_SPARSITIES, split: str = "val",
          samples: int | None = DEFAULT_SAMPLES, seed: int = 0, latency: bool = False,
          progress: Callable[[float, str], None] | None = None, cancel=None,
-         prepared: pipeline.Prepared | None = None) -> Scan:
+         prepared: pipeline.Prepared | None = None, units: Sequence[str] | None = None) -> Scan:
     """Prune each unit alone to each sparsity and evaluate the task metric on a validation subset.
 
     ``samples`` None takes the whole split. ``latency`` also times each cell's pruned model
@@ -462,7 +462,8 @@ def scan(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *,
     no faster: the lesson) next to the dense model, batch and repetitions as `MeasureSpec`.
     ``progress(fraction, text)`` follows scoring and cells; ``cancel`` (anything with ``is_set()``)
     stops between cells and returns the cells done, ``cancelled=True``. ``prepared`` reuses scores
-    already computed for this model and ``scoring``. ``model`` is never modified.
+    already computed for this model and ``scoring``. ``units`` scans only those units (a share of
+    the work for one worker: `explorer.sweep.scan_on` merges the shares). ``model`` is never modified.
     """
     started = time.perf_counter()
     grid = check_sparsities(sparsities)
@@ -488,6 +489,7 @@ def scan(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *,
                             f"{scoring.structure} / {scoring.criterion}: prepare again with the scan's scoring.")
     work = clone_model(model, fold_masks=True).eval()
     evaluator = _Evaluator(model, work, subset, split)
+    scanned = [name for name in prepared.names if units is None or name in set(units)]
     units = list(prepared.names)
     edits = _Edits(work, prepared)
     result = Scan(metric=evaluator.task, measure=evaluator.measure, higher_is_better=evaluator.higher_is_better,
@@ -498,8 +500,8 @@ def scan(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *,
     example = dataset.example_input(MeasureSpec.batch) if latency else None
     if latency:
         result.base_latency_ms = _latency_ms(work, example)
-    total, done = len(units) * len(grid), 0
-    for unit in units:
+    total, done = len(scanned) * len(grid), 0
+    for unit in scanned:
         others = tuple(name for name in units if name != unit)
         evaluator.focus(edits.targets(unit) if edits.can_emulate(unit) else [])
         for sparsity in grid:
@@ -571,6 +573,9 @@ def add_command(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> a
     model_args(parser)
     add_scan_args(parser)
     parser.add_argument("--latency", action="store_true", help="also time each cell's pruned model (slow)")
+    from explorer.sweep import add_backend_args
+
+    add_backend_args(parser, default=None)  # no --backend: this process, as before
     return parser
 
 
@@ -598,8 +603,15 @@ def command(args) -> list[dict]:
     check_sparsities(args.sparsities)
     check_samples(args.samples)  # before the model loads: a bad flag fails at once
     model, dataset, _ = _resolve(args)
-    result = scan(model, dataset, scoring, sparsities=args.sparsities, split=args.split, samples=args.samples,
-                  seed=args.seed, latency=getattr(args, "latency", False))
+    options = dict(sparsities=args.sparsities, split=args.split, samples=args.samples, seed=args.seed,
+                   latency=getattr(args, "latency", False))
+    if getattr(args, "backend", None) is None:
+        result = scan(model, dataset, scoring, **options)
+    else:  # units split across workers, merged into the scan one process would give
+        from explorer.sweep import scan_on
+
+        result = scan_on(model, dataset, scoring, backend=args.backend, address=args.address, workers=args.workers,
+                         **options)
     return [{"model": args.model, "data": dataset.name, **result.to_dict()}]
 
 

@@ -278,15 +278,66 @@ def _run(run_cls, point: Point, outcome: dict, sweep_id: str):
                                trajectory=outcome.get("trajectory") or [], stage=1 if history else 0, sweep=sweep_id)
 
 
+# --- sensitivity scans on the same backends -------------------------------------------------------
+
+
+def _scan_share(model, dataset, scoring, prepared, units, options):
+    from explorer.sensitivity import scan
+
+    return scan(model, dataset, scoring, prepared=prepared, units=units, **options)
+
+
+def scan_on(model, dataset, scoring, *, backend: str = "local", address: str | None = None,
+            workers: int | None = None, threads: int = 1, seed: int = 0,
+            progress: Callable[[float, str], None] | None = None, cancel=None, **options):
+    """`sensitivity.scan` with its units split across workers: the merged Scan is the one-process scan's.
+
+    The scores are computed once here (with ``threads`` threads, as the workers run) and shipped with
+    the model; each worker scans a share of the units, and the cells come back in unit order with
+    the robust -> fragile order recomputed over all of them. ``options`` are `scan`'s (sparsities,
+    split, samples, latency). A cancel starts no new share; the scan keeps the shares finished.
+    """
+    from explorer import pipeline
+    from explorer.sensitivity import check_samples, check_sparsities, robust_order
+
+    backends.check_backend(backend, address, workers)
+    check_sparsities(options.get("sparsities", (0.5,)))
+    check_samples(options.get("samples"))
+    started = time.perf_counter()
+    with backends.torch_threads(threads):
+        prepared = pipeline.prepare(model, scoring.validate(), dataset=dataset, seed=seed)
+    names = list(prepared.names)
+    shares = min(len(names), workers or backends.default_workers()) or 1
+    size = math.ceil(len(names) / shares) if names else 1
+    tasks = [(model, dataset, scoring, prepared, names[start:start + size], options)
+             for start in range(0, max(1, len(names)), size)]
+    parts: dict[int, Any] = {}
+    for position, part, error in backends.run_tasks(_scan_share, tasks, backend=backend, address=address,
+                                                    workers=workers, threads=threads, cancel=cancel):
+        if error is not None:
+            raise ExplorerError(f"A share of the scan failed: {error}")
+        parts[position] = part
+        if progress is not None:
+            progress(len(parts) / len(tasks), f"{len(parts)}/{len(tasks)} shares of the units scanned")
+    if not parts:
+        raise ExplorerError("The scan was cancelled before any unit was scanned.")
+    first = parts[min(parts)]
+    cells = [cell for position in sorted(parts) for cell in parts[position].cells]
+    return dataclasses.replace(first, cells=cells, order=robust_order(cells, first.sparsities, first.units),
+                               cancelled=len(parts) < len(tasks) or any(p.cancelled for p in parts.values()),
+                               seconds=time.perf_counter() - started)
+
+
 # --- headless: python -m explorer sweep ------------------------------------------------------------
 
 
-def add_backend_args(parser: argparse.ArgumentParser) -> None:
+def add_backend_args(parser: argparse.ArgumentParser, default: str | None = "local") -> None:
     """--backend, --address, --workers: where the work runs (shared with ``sensitivity``)."""
     from explorer.cli import _positive  # cli imports this module: import its helpers late
 
-    parser.add_argument("--backend", choices=list(backends.BACKENDS), default="local",
-                        help="local: a process pool on this machine (default); ray: a Ray cluster")
+    parser.add_argument("--backend", choices=list(backends.BACKENDS), default=default,
+                        help="local: a process pool on this machine; ray: a Ray cluster "
+                             f"(default: {default or 'this process alone'})")
     parser.add_argument("--address", help="the Ray cluster's address (host:port or ray://host:port); "
                                            "without it --backend ray starts a local Ray instance")
     parser.add_argument("--workers", type=_positive, default=None,
