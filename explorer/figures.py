@@ -324,7 +324,8 @@ def sensitivity_heatmap(scan: Mapping) -> go.Figure:
         hovertemplate="%{y} at %{x}: drop %{z" + (":.1%" if percent else ":.4g") + "}<br>%{customdata}<extra></extra>"))
     figure.update_layout(title=f"{_drop_label(scan).capitalize()} when only one unit is pruned "
                                f"({scan['structure']}, {scan['criterion']}); robust at the top",
-                         xaxis_title="sparsity of that unit", yaxis=dict(autorange="reversed", type="category"),
+                         xaxis=dict(title="sparsity of that unit", type="category"),
+                         yaxis=dict(autorange="reversed", type="category"),
                          height=max(300, 60 + 26 * len(rows)), margin=dict(t=60, b=40))
     return figure
 

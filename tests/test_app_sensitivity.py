@@ -106,8 +106,9 @@ def test_suggestion_checks_actual_loads_onto_prune_and_exports_a_recipe_that_rep
     at.button(key="sens_check").click().run()
     assert not at.error and not at.exception, texts(at.error)
     actual = at.session_state["sensitivity_checked"]["suggestion"].actual
-    assert actual["sparsity"] == pytest.approx(expected.predicted["sparsity"], abs=0.01)
-    assert "layers interact" in texts(at.info)
+    direct = suggest.evaluate(model["module"], model["dataset"], stored["prepared"], expected, split="val", samples=200)
+    assert (actual["value"], actual["sparsity"]) == pytest.approx((direct.actual["value"], direct.actual["sparsity"]))
+    assert "predicted and actual" in texts(at.info).lower()  # agree, or why they differ
 
     at.button(key="sens_load").click().run()
     assert not at.exception, [e.value for e in at.exception]
