@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import baselines, figures, pipeline, tasks
+from explorer import baselines, figures, hf, pipeline, tasks
 from explorer.recipe import Recipe
 from explorer.models import ZOO
 from explorer.specs import ModelSpec, ScoringSpec
@@ -74,6 +74,20 @@ def shared_transformer(source: str) -> tuple:
     """
     module, dataset, arch = pipeline.resolve_model(ModelSpec(source=source, data="text", baseline=False))
     return module, dataset, arch, task_of(module, dataset)
+
+
+def transformer_entry(source: str) -> dict:
+    """The session-model entry of a built-in transformer or ``hf:FOLDER`` on the built-in text (shared, cached)."""
+    module, data, arch, task = shared_transformer(source)
+    return {"module": module, "label": source, "arch": arch, "dataset": data, "source": "transformer",
+            "spec": ModelSpec(source=source, data="text", baseline=False),
+            "base_accuracy": task["base"] if task["name"] == "accuracy" else None, "task": task,
+            "key": f"transformer:{source}:text", "origin": transformer_origin(source, module)}
+
+
+def transformer_origin(source: str, module) -> str:
+    what = hf.BUILTIN.get(source, f"Hugging Face folder {source[3:]}").split(":")[0]
+    return f"{what}, a {module.task.replace('_', ' ')} transformer, pruned as loaded"
 
 
 # ---------------------------------------------------------------- the model's task metric
@@ -172,10 +186,15 @@ def require_model() -> dict:
 # ---------------------------------------------------------------- state in the URL
 # A reload, a bookmark or a shared link opens a new browser session: the URL's query parameters
 # carry what is needed to reopen the same view (a zoo model and dataset, or a stored run, and the
-# Prune page's settings). Only built-in models go in a link; uploaded files and factories do not.
+# Prune page's settings). Zoo models on built-in data and transformers (built-in or a server-side
+# hf: folder) go in a link; uploaded files and factories do not (an uploaded text file is named, and
+# the link reopens the transformer on the built-in text, saying so).
 DEFAULT_MODEL = ("mlp", "digits")
 PRUNE_URL_KEYS = {"structure": "prune_structure", "criterion": "prune_criterion", "scope": "prune_scope",
-                  "sparsity": "prune_sparsity", "min_keep": "prune_min_keep", "calib": "prune_calib"}
+                  "sparsity": "prune_sparsity", "min_keep": "prune_min_keep", "calib": "prune_calib",
+                  "nm": "prune_nm"}
+NM_PATTERNS = ("2:4", "4:8")  # the N:M patterns the Prune page offers
+TRANSFORMER_FOLDER = "local Hugging Face folder"  # the Model page's choice for hf:FOLDER
 
 
 def restore_from_url() -> None:
@@ -191,28 +210,54 @@ def restore_from_url() -> None:
         except (ExplorerError, ValueError):
             st.warning(f"The link names run {params['run']!r}, which cannot be reopened here; showing the default.")
     model_name = recipe.model.source if recipe is not None else params.get("model")
-    dataset_name = (recipe.model.data if recipe is not None else params.get("data")) or \
-        (ZOO[model_name].default_dataset if model_name in ZOO else None)
     if model_name is None:
         return
-    if model_name not in ZOO or dataset_name not in ZOO_DATASETS:
-        st.warning(f"The link names {model_name!r} on {dataset_name!r}; only zoo models on built-in data open "
-                   "from a link. Showing the default model.")
+    transformer = model_name in hf.BUILTIN or model_name.startswith("hf:")
+    dataset_name = (recipe.model.data if recipe is not None else params.get("data")) or \
+        (ZOO[model_name].default_dataset if model_name in ZOO else "text" if transformer else None)
+    text_file = recipe.model.data_file if recipe is not None else params.get("text_file")
+    if transformer and dataset_name == "text":
+        if not _restore_transformer(model_name, text_file):
+            return
+    elif model_name in ZOO and dataset_name in ZOO_DATASETS:
+        try:
+            set_model(zoo_entry(model_name, dataset_name))
+        except ExplorerError as exc:
+            st.error(str(exc))
+            return
+        st.session_state["zoo_model"], st.session_state["zoo_dataset"] = model_name, dataset_name
+    else:
+        st.warning(f"The link names {model_name!r} on {dataset_name!r}; only zoo models on built-in data and "
+                   "transformers on text open from a link. Showing the default model.")
         return
-    try:
-        set_model(zoo_entry(model_name, dataset_name))
-    except ExplorerError as exc:
-        st.error(str(exc))
-        return
-    st.session_state["zoo_model"], st.session_state["zoo_dataset"] = model_name, dataset_name
     if recipe is not None:
         settings = {"structure": recipe.scoring.structure, "criterion": recipe.scoring.criterion,
                     "scope": recipe.plan.scope, "sparsity": recipe.plan.sparsity, "min_keep": recipe.plan.min_keep,
-                    "calib": recipe.scoring.calib_batches}
+                    "calib": recipe.scoring.calib_batches, "nm": recipe.scoring.nm}
     else:
         settings = {name: params[name] for name in PRUNE_URL_KEYS if name in params}
     for name, value in _checked_prune_settings(settings).items():
         st.session_state[PRUNE_URL_KEYS[name]] = value
+
+
+def _restore_transformer(source: str, text_file: str | None) -> bool:
+    """Load the link's transformer on the built-in text; an uploaded text file cannot come back (one line says so)."""
+    try:
+        entry = transformer_entry(source)
+    except ExplorerError as exc:
+        st.warning(f"The link names {source!r}, which cannot be loaded here ({exc}); showing the default model.")
+        return False
+    set_model(entry)
+    if text_file:
+        st.info(f"The link's text file {text_file!r} was uploaded in another session and cannot be restored: "
+                f"{source} is shown on the built-in English text. Upload the file again on the Model page.",
+                icon=":material/info:")
+    builtin = source in hf.BUILTIN
+    st.session_state.update(model_source="Transformer", tf_model=source if builtin else TRANSFORMER_FOLDER,
+                            tf_text="built-in English text")
+    if not builtin:
+        st.session_state["tf_folder"] = source[3:]
+    return True
 
 
 def _checked_prune_settings(settings: dict) -> dict:
@@ -222,7 +267,7 @@ def _checked_prune_settings(settings: dict) -> dict:
     from explorer.specs import STRUCTURES
 
     checked = {}
-    for name, allowed in (("structure", STRUCTURES), ("criterion", CRITERIA), ("scope", SCOPES)):
+    for name, allowed in (("structure", STRUCTURES), ("criterion", CRITERIA), ("scope", SCOPES), ("nm", NM_PATTERNS)):
         if settings.get(name) in allowed:
             checked[name] = settings[name]
     for name, low, high, kind in (("sparsity", 0.0, 1.0, float), ("min_keep", 0.0, 0.5, float),
@@ -242,11 +287,18 @@ def sync_url() -> None:
     wanted: dict[str, str] = {}
     if model is not None and model["source"] == "zoo" and model["dataset"].name in ZOO_DATASETS:
         wanted = {"model": model["arch"], "data": model["dataset"].name}
+    elif model is not None and model["source"] == "transformer":
+        wanted = {"model": model["spec"].source, "data": "text"}
+        if model["spec"].data_file:
+            wanted["text_file"] = model["spec"].data_file
+    if wanted:
         recipe = st.session_state.get(RECIPE)
         if recipe is not None and recipe.model == model["spec"]:
             wanted.update(structure=recipe.scoring.structure, criterion=recipe.scoring.criterion,
                           scope=recipe.plan.scope, sparsity=f"{recipe.plan.sparsity:g}",
                           min_keep=f"{recipe.plan.min_keep:g}", calib=str(recipe.scoring.calib_batches))
+            if recipe.scoring.structure == "nm":
+                wanted["nm"] = recipe.scoring.nm
     if dict(st.query_params) != wanted:
         st.query_params.from_dict(wanted)
 

@@ -45,7 +45,7 @@ fidelity to itself is 100 % by definition.
 """)
 
 TEXT_TYPES = ["txt", "jsonl", "csv"]
-LOCAL_FOLDER = "local Hugging Face folder"
+LOCAL_FOLDER = common.TRANSFORMER_FOLDER
 
 DATASET_LABELS = {name: f"{name} - {DATASETS[name].description}" for name in (*common.ZOO_DATASETS, "tensors")}
 
@@ -143,21 +143,17 @@ def load_transformer(source: str, upload) -> dict:
     under its own name (the text layer reads the format from the suffix) and tokenised for this session.
     """
     if upload is None:
-        module, data, arch, task = common.shared_transformer(source)
-        data_file, key = None, f"transformer:{source}:text"
-    else:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / (Path(upload.name).name or "upload.txt")
-            path.write_bytes(upload.getvalue())
-            module, data, arch = pipeline.resolve_model(ModelSpec(source=source, data="text", data_file=str(path),
-                                                                  baseline=False))
-        task = common.task_of(module, data)
-        data_file, key = upload.name, f"transformer:{source}:{upload.file_id}"
-    what = hf.BUILTIN.get(source, f"Hugging Face folder {source[3:]}").split(":")[0]
+        return common.transformer_entry(source)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / (Path(upload.name).name or "upload.txt")
+        path.write_bytes(upload.getvalue())
+        module, data, arch = pipeline.resolve_model(ModelSpec(source=source, data="text", data_file=str(path),
+                                                              baseline=False))
+    task = common.task_of(module, data)
     return {"module": module, "label": source, "arch": arch, "dataset": data, "source": "transformer",
-            "spec": ModelSpec(source=source, data="text", data_file=data_file, baseline=False),
-            "base_accuracy": task["base"] if task["name"] == "accuracy" else None, "task": task, "key": key,
-            "origin": f"{what}, a {module.task.replace('_', ' ')} transformer, pruned as loaded"}
+            "spec": ModelSpec(source=source, data="text", data_file=upload.name, baseline=False),
+            "base_accuracy": task["base"] if task["name"] == "accuracy" else None, "task": task,
+            "key": f"transformer:{source}:{upload.file_id}", "origin": common.transformer_origin(source, module)}
 
 
 def use_usual_dataset() -> None:

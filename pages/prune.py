@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from explorer import figures, pipeline
+from explorer import figures, pipeline, semistructured
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.llm import parse_nm
@@ -15,7 +15,6 @@ from pages import common
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
             "prune_calib": 4, "prune_nm": "2:4"}
-NM_PATTERNS = ("2:4", "4:8")
 
 st.title("Prune")
 common.explain("""
@@ -76,7 +75,7 @@ with details:
     st.caption(f"{structure}: {pipeline.STRUCTURES[structure]}")
     nm = st.session_state["prune_nm"]
     if structure == "nm":
-        nm = st.selectbox("N:M pattern (keep N of every M consecutive weights)", NM_PATTERNS, key="prune_nm")
+        nm = st.selectbox("N:M pattern (keep N of every M consecutive weights)", common.NM_PATTERNS, key="prune_nm")
         st.caption(f"The {nm} pattern fixes the sparsity at {pipeline.nm_sparsity(parse_nm(nm)):.0%} "
                    "in every layer it fits: the sparsity slider and scope do not apply. On a CPU dense kernels run "
                    "it at about 1x; GPUs with 2:4 sparse tensor cores are where it gets faster.")
@@ -224,6 +223,11 @@ def plan_view() -> None:
         r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")
         r[4].metric("Speed-up, measured", f"{m['speedup_measured']:.2f}x" if m.get("speedup_measured") else "-",
                     f"{m.get('device')}, batch {m.get('batch')}", delta_color="off", delta_arrow="off")
+        scoring_of_run = pruned["recipe"].scoring
+        kernels = semistructured.describe(m.get("semi_structured"),
+                                          scoring_of_run.nm if scoring_of_run.structure == "nm" else None)
+        if kernels:
+            st.caption(kernels)
         st.page_link("pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
 
 

@@ -65,3 +65,48 @@ def test_a_bad_link_falls_back_without_an_error(params):
     assert at.session_state["current_model"]["label"] == "mlp"
     assert at.slider(key="prune_sparsity").value == 0.5 and at.radio(key="prune_structure").value == "unstructured"
     assert not at.error
+
+
+def test_a_link_reopens_a_transformer_with_its_nm_settings():
+    at = open_page("pages/prune.py", model="tiny_bert", data="text", structure="nm", nm="4:8", criterion="magnitude")
+    model = at.session_state["current_model"]
+    assert (model["label"], model["source"], model["dataset"].name) == ("tiny_bert", "transformer", "text")
+    assert at.radio(key="prune_structure").value == "nm"
+    assert at.selectbox(key="prune_nm").value == "4:8"
+    assert at.session_state["recipe"].scoring.nm == "4:8"
+    params = dict(at.query_params)
+    assert params["model"] == "tiny_bert" and params["data"] == "text" and params["nm"] == "4:8"
+
+
+def test_the_transformer_choice_travels_in_the_url_and_the_model_page_shows_it():
+    at = open_page("pages/prune.py", model="tiny_gpt2", data="text")
+    at.radio(key="prune_structure").set_value("nm").run()
+    at.selectbox(key="prune_nm").set_value("4:8").run()
+    params = dict(at.query_params)
+    assert (params["model"], params["structure"], params["nm"]) == ("tiny_gpt2", "nm", "4:8")
+
+    reloaded = AppTest.from_file("../app.py", default_timeout=120)  # the default page (Model), as at the site root
+    for key, value in params.items():
+        reloaded.query_params[key] = value
+    reloaded.run()
+    assert reloaded.session_state["current_model"]["label"] == "tiny_gpt2"
+    assert reloaded.radio(key="model_source").value == "Transformer"
+    assert reloaded.selectbox(key="tf_model").value == "tiny_gpt2"
+    reloaded.switch_page("pages/prune.py").run()
+    assert reloaded.selectbox(key="prune_nm").value == "4:8"
+
+
+def test_an_uploaded_text_file_in_a_link_is_named_and_the_built_in_text_shown():
+    at = open_page("pages/prune.py", model="tiny_bert", data="text", text_file="reviews.csv")
+    assert at.session_state["current_model"]["dataset"].name == "text"
+    assert at.session_state["current_model"]["spec"].data_file is None
+    assert len(at.info) >= 1 and "'reviews.csv'" in at.info[0].value and "cannot be restored" in at.info[0].value
+    assert "text_file" not in dict(at.query_params)  # the session now shows the built-in text
+    assert not at.error
+
+
+def test_a_link_to_a_missing_hf_folder_falls_back_with_a_warning(tmp_path):
+    at = open_page("pages/prune.py", model=f"hf:{tmp_path / 'nowhere'}", data="text", structure="nm")
+    assert at.session_state["current_model"]["label"] == "mlp"
+    assert any("cannot be loaded here" in w.value for w in at.warning)
+    assert not at.error
