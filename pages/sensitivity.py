@@ -75,6 +75,8 @@ scoring = dataclasses.replace(recipe.scoring, structure=structure, criterion=cri
 scan_key = (model["key"], scoring)
 
 if start and not running:
+    st.session_state.pop(SCAN_JOB, None)  # a new attempt: the last job's message no longer applies (its scan is kept)
+    job = None
     try:
         count = None if whole else int(samples)
         sensitivity.check_samples(count)

@@ -129,3 +129,13 @@ def test_a_transformer_scans_heads_by_its_own_metric():
     assert "fidelity (top-1 agreement) on the first 64" in texts(at.caption).lower()
     assert at.dataframe[0].value["unit"].tolist() == scan.order and scan.order
     assert at.number_input(key="sens_max_drop_points").value == 1.0  # agreement reads in points like accuracy
+
+
+def test_a_failing_scan_and_an_empty_grid_each_give_one_error_line():
+    at = goto(start(), PAGE)
+    at.selectbox(key="sens_criterion").set_value("sparsegpt")  # weights only: no channel form
+    wait_for_scan(run_scan(at, structure="channel"))
+    assert len(at.error) == 1 and "sparsegpt" in at.error[0].value, texts(at.error)
+    assert not at.session_state["sensitivity_job"].result
+    run_scan(at, grid=())
+    assert len(at.error) == 1 and "at least one sparsity" in at.error[0].value, texts(at.error)
