@@ -148,6 +148,26 @@ def semi_structured_latency(model: nn.Module, example_input: torch.Tensor, *, dt
     return result
 
 
+def describe(result: dict | None, nm: str | None = None) -> str | None:
+    """One line for a page: the measured 2:4 speed-up, or why there is none; None when there is nothing to say.
+
+    ``nm`` is the run's N:M pattern, if any: a 4:8 run gets told that only 2:4 has kernels.
+    """
+    if result is None:
+        if nm is not None and nm != "2:4":
+            return (f"{nm} has no sparse kernel in PyTorch (semi-structured tensors take 2:4 only), so dense kernels "
+                    "run it at about 1x.")
+        return None
+    if not result["available"]:
+        return f"2:4 sparse kernels: {result['reason']}"
+    where = f"{result['device']} (compute capability {result['capability']}, {result['backend']}, {result['dtype']})"
+    if result.get("speedup") is None:
+        return f"2:4 sparse kernels available on {where}. {result['reason'] or ''}".strip()
+    return (f"2:4 sparse kernels on {where}: {result['dense_ms']:.3f} ms dense -> {result['sparse_ms']:.3f} ms "
+            f"semi-structured, {result['speedup']:.2f}x at batch {result['batch']} "
+            f"({result['layers_converted']} Linear layers converted, {len(result['layers_refused'])} kept dense).")
+
+
 def to_semi_structured(weight: torch.Tensor, kernel: str) -> torch.Tensor:
     """``weight`` packed for the sparse tensor cores with ``kernel`` (torch's own converter)."""
     if kernel == "cutlass":

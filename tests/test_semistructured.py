@@ -97,3 +97,32 @@ def test_measure_run_reports_the_2_4_case_and_only_it():
         assert results["nm"]["available"] and results["nm"]["dense_ms"] is None  # latency off: not timed
     else:
         assert results["nm"]["available"] is False and results["nm"]["reason"] == semi.machine_reason()
+
+
+def test_describe_gives_one_line_for_every_case():
+    assert semi.describe(None) is None
+    assert "2:4 only" in semi.describe(None, "4:8")
+    assert semi.describe({"available": False, "reason": semi.CPU_REASON}).endswith(semi.CPU_REASON)
+    timed = {"available": True, "reason": None, "device": "NVIDIA A100", "capability": "8.0", "backend": "cusparselt",
+             "dtype": "float16", "batch": 64, "dense_ms": 2.0, "sparse_ms": 1.25, "speedup": 1.6,
+             "layers_converted": 36, "layers_refused": {"hf.pooler.dense": "not 2:4"}}
+    line = semi.describe(timed)
+    assert "NVIDIA A100" in line and "1.60x" in line and "36 Linear layers converted, 1 kept dense" in line
+    assert "latency measurement is off" in semi.describe({**timed, "dense_ms": None, "sparse_ms": None, "speedup": None,
+                                                          "reason": "Not timed: latency measurement is off."})
+
+
+def test_the_prune_page_says_what_2_4_kernels_give_here(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path / "data"))
+    at = AppTest.from_file("../app.py", default_timeout=120)
+    at.query_params["model"], at.query_params["data"], at.query_params["structure"] = "tiny_bert", "text", "nm"
+    at.switch_page("pages/prune.py").run()
+    at.button(key="prune_apply").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    semi_result = at.session_state["pruned_result"]["metrics"]["semi_structured"]
+    captions = "\n".join(c.value for c in at.caption)
+    assert semi.describe(semi_result) in captions
+    if not torch.cuda.is_available():
+        assert "No CUDA GPU" in captions
