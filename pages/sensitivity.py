@@ -44,7 +44,6 @@ overrides, and downloads as a recipe that `python -m explorer run --recipe FILE`
 
 model = common.require_model()
 recipe = common.session_recipe(model)
-task = common.model_task(model)
 job: jobs.Job | None = st.session_state.get(SCAN_JOB)
 if job is not None and job.meta.get("model_key") != model["key"]:
     job = None
