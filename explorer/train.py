@@ -11,6 +11,12 @@ fixed points of every step. The learning rate is a pure function of the step (`l
 run can start at step k of a schedule (``train(..., start_step=k)``) and get exactly the rates
 the original run had from step k on, as learning-rate rewinding needs.
 Determinism: the seed fixes initial shuffling and dropout; CPU runs repeat bit-for-bit.
+
+Any task trains (``TrainConfig.loss``, `explorer.tasks.loss_for`): a classifier on labels with
+cross-entropy, a causal LM with the next-token loss on its text, and a model without labels
+(unlabelled text, embeddings) by distillation to the dense model, which stays frozen in eval mode
+(KL on temperature-softened logits, or 1 - cosine on embeddings). Validation reports the task's
+metric: accuracy, perplexity, or fidelity to the dense model (top-1 agreement, or cosine).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explorer import jobs
+from explorer import jobs, tasks
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.layers import choose_device, clone_model, model_device
@@ -41,7 +47,8 @@ class Progress:
     """What a progress callback receives after every step and every epoch (``metric`` is set at epoch ends).
 
     ``epoch`` and ``step`` (1-based, within the epoch) are positions in the whole schedule, also for
-    a run started part-way (``start_step``).
+    a run started part-way (``start_step``). ``metric`` is the validation value of the task metric
+    named by ``metric_name`` (accuracy, perplexity, top1 or cosine).
     """
 
     epoch: int
@@ -50,6 +57,7 @@ class Progress:
     steps_per_epoch: int
     loss: float
     metric: float | None = None
+    metric_name: str | None = None
 
     @property
     def global_step(self) -> int:
@@ -89,7 +97,8 @@ class TrainConfig:
     with the step (see `LR_SCHEDULES`). ``step_epochs`` and ``gamma`` shape ``step``;
     ``warmup_fraction``, ``anneal``, ``div_factor`` and ``final_div_factor`` shape ``one_cycle``
     and mean what torch's ``OneCycleLR`` calls pct_start, anneal_strategy, div_factor and
-    final_div_factor.
+    final_div_factor. ``loss`` is what training minimises (`explorer.tasks.LOSSES`): ``auto`` picks
+    it by task, ``distill`` forces distillation to the dense model at ``temperature``.
     """
 
     epochs: int = 5
@@ -108,6 +117,8 @@ class TrainConfig:
     anneal: str = "cos"
     div_factor: float = 25.0
     final_div_factor: float = 1e4
+    loss: str = "auto"
+    temperature: float = 1.0
 
     def validate(self) -> "TrainConfig":
         """Check every field; the error names the field and what it accepts."""
@@ -125,6 +136,8 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, tuple(LR_SCHEDULES))
         _check_choice("anneal", self.anneal, ANNEALS)
+        _check_choice("loss", self.loss, tasks.LOSSES)
+        _check_number("temperature", self.temperature, "a positive temperature", lambda v: v > 0)
         if not isinstance(self.amp, bool):
             raise _fail("amp", "true or false", self.amp)
         if not isinstance(self.device, str):
@@ -132,7 +145,13 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; ``loss`` and ``temperature`` only when not at their defaults, so the
+        dict of a config from before they existed (a baseline's cache key) is unchanged."""
+        values = asdict(self)
+        for name, default in (("loss", "auto"), ("temperature", 1.0)):
+            if values[name] == default:
+                del values[name]
+        return values
 
 
 def _constant(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -208,8 +227,12 @@ class TrainState:
 
     ``epoch`` and ``step`` (within the epoch) are 1-based; ``global_step`` is the 0-based index of
     the step being taken in the whole schedule (so a run started at step k sees k, k+1, ...), and
-    ``lr`` its learning rate. ``loss`` is the batch's cross-entropy without penalties, set after the
-    optimiser step (None before). ``val_accuracy`` is set at epoch ends. Set ``stop`` to end training.
+    ``lr`` its learning rate. ``loss`` is the batch's task loss (``loss_kind``: cross_entropy,
+    next_token or distill) without penalties, set after the optimiser step (None before). At epoch
+    ends ``val_metric`` holds the validation value of ``metric`` (accuracy, perplexity, top1 or
+    cosine) and ``val_accuracy`` the same value when the metric is accuracy (None otherwise).
+    ``teacher`` is the frozen dense model that ``distill`` learns from (None for the other losses).
+    Set ``stop`` to end training.
     """
 
     model: nn.Module
@@ -226,6 +249,10 @@ class TrainState:
     loss: float | None = None
     val_accuracy: float | None = None
     stop: bool = False
+    loss_kind: str = "cross_entropy"
+    teacher: nn.Module | None = None
+    metric: str = "accuracy"
+    val_metric: float | None = None
 
 
 class Callback:
@@ -251,7 +278,7 @@ class Callback:
         """After the optimiser step."""
 
     def on_epoch_end(self, state: TrainState) -> None:
-        """After a completed epoch has been validated (``state.val_accuracy``)."""
+        """After a completed epoch has been validated (``state.val_metric``, ``state.val_accuracy``)."""
 
 
 @dataclass
@@ -263,7 +290,9 @@ class TrainResult:
     """
 
     model: nn.Module
-    history: list[dict] = field(default_factory=list)  # one row per epoch: epoch, loss, val_accuracy, partial
+    # one row per epoch: epoch, loss, loss_kind, metric (its name), val_metric, val_accuracy (None
+    # unless the metric is accuracy), partial
+    history: list[dict] = field(default_factory=list)
     cancelled: bool = False
     stopped: bool = False
     epochs_done: int = 0
@@ -319,9 +348,23 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _task_loss(state: TrainState) -> torch.Tensor:
+    """The batch's loss of kind ``state.loss_kind``; distillation runs the frozen teacher without gradients."""
+    if state.loss_kind == "cross_entropy":
+        return F.cross_entropy(state.model(state.x), state.y)
+    teacher_output = None
+    if state.loss_kind == "distill":
+        with torch.no_grad():
+            teacher_output = state.teacher(state.x)
+    return tasks.batch_loss(state.loss_kind, state.model(state.x), state.x, state.y, teacher_output=teacher_output,
+                            pad_id=getattr(state.model, "pad_id", None),
+                            embedding=tasks.model_task(state.model) == "embedding",
+                            temperature=state.config.temperature)
+
+
 def _take_step(state: TrainState, callbacks: Sequence[Callback], scaler: torch.amp.GradScaler,
                use_amp: bool) -> float:
-    """One optimiser step on ``state.x, state.y`` with the callbacks around it; returns the cross-entropy."""
+    """One optimiser step on ``state.x, state.y`` with the callbacks around it; returns the task loss."""
     state.lr, state.loss = lr_at(state.config, state.global_step, state.steps_per_epoch), None
     for group in state.optimizer.param_groups:
         group["lr"] = state.lr
@@ -329,7 +372,7 @@ def _take_step(state: TrainState, callbacks: Sequence[Callback], scaler: torch.a
         callback.on_step_start(state)
     state.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=state.x.device.type, dtype=torch.float16, enabled=use_amp):
-        loss = F.cross_entropy(state.model(state.x), state.y)
+        loss = _task_loss(state)
     penalties = [term for term in (callback.penalty(state) for callback in callbacks) if term is not None]
     objective = loss + sum(penalties) if penalties else loss
     if not torch.isfinite(objective):
@@ -346,8 +389,13 @@ def _take_step(state: TrainState, callbacks: Sequence[Callback], scaler: torch.a
 
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *,
           progress: Callable[[Progress], None] | None = None, cancel: CancelFlag | None = None,
-          callbacks: Sequence[Callback] = (), start_step: int = 0) -> TrainResult:
+          callbacks: Sequence[Callback] = (), start_step: int = 0, teacher: nn.Module | None = None) -> TrainResult:
     """Train a copy of ``model`` on the training split; return it with its history.
+
+    The loss follows the task (``config.loss``, see the module docstring). Distillation and the
+    fidelity metric compare with ``teacher``, the dense model (a frozen copy is used; default: a
+    copy of ``model`` as given, right when training starts from the dense model, so pass the
+    dense model when fine-tuning a pruned copy).
 
     ``progress`` is called after every step and after every epoch's validation; ``cancel.is_set()``
     is checked before every step and stops training early, keeping what was learned. ``callbacks``
@@ -364,8 +412,13 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     device = choose_device(config.device)
     torch.manual_seed(config.seed)
     trained = clone_model(model).to(device)
-    trained.train()
     state = TrainState(trained, _optimizer(trained, config), config, per_epoch, total_steps)
+    state.loss_kind = tasks.loss_for(model, dataset, config.loss)
+    _training_mode(state)
+    state.metric = metric_for(model, dataset)
+    if state.loss_kind == "distill" or state.metric not in ("accuracy", "perplexity"):
+        state.teacher = clone_model(teacher if teacher is not None else model, fold_masks=True).to(device).eval()
+        state.teacher.requires_grad_(False)
     use_amp = bool(config.amp and device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     result = TrainResult(model=trained, device=str(device))
@@ -400,31 +453,64 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     return result
 
 
+def _training_mode(state: TrainState) -> None:
+    """Train mode, except that a student being distilled runs deterministically (eval mode).
+
+    The teacher is deterministic; dropout noise in the student would swamp the small distance a
+    pruned model has to close (tiny_bert at 50 %: 1 - cosine of the pruned embeddings is 1e-4, the
+    dropout noise 7e-3, and fidelity got worse instead of better). BatchNorm then keeps its running
+    statistics, as the dense model it imitates has them.
+    """
+    state.model.train(state.loss_kind != "distill")
+
+
+def metric_for(model: nn.Module, dataset: Dataset) -> str:
+    """The metric validation reports: accuracy, perplexity, or fidelity's measure (top1 or cosine)."""
+    task = tasks.task_for(model, dataset)
+    return tasks.default_measure(model) if task == "fidelity" else task
+
+
+def validation_metric(state: TrainState, dataset: Dataset) -> float:
+    """The task metric ``state.metric`` of the live model on the validation split (NaN if it is empty)."""
+    if not len(dataset.y_val):
+        return float("nan")
+    try:
+        if state.metric == "accuracy":
+            return evaluate(state.model, dataset, "val")["accuracy"]
+        if state.metric == "perplexity":
+            return tasks.perplexity(state.model, dataset, "val")
+        return tasks.fidelity(state.model, state.teacher, dataset, "val")[state.metric]
+    finally:
+        _training_mode(state)
+
+
 def _end_epoch(state: TrainState, dataset: Dataset, result: TrainResult, loss: float,
                callbacks: Sequence[Callback], progress: Callable[[Progress], None] | None) -> None:
     """Validate, record the history row, report, and call ``on_epoch_end`` if the epoch completed."""
     complete = state.step == state.steps_per_epoch
-    val = evaluate(state.model, dataset, "val") if len(dataset.y_val) else {"accuracy": float("nan")}
-    state.model.train()
-    result.history.append({"epoch": state.epoch, "loss": loss, "val_accuracy": val["accuracy"],
-                           "partial": not complete})
+    value = validation_metric(state, dataset)
+    accuracy = value if state.metric == "accuracy" else None
+    result.history.append({"epoch": state.epoch, "loss": loss, "loss_kind": state.loss_kind, "metric": state.metric,
+                           "val_metric": value, "val_accuracy": accuracy, "partial": not complete})
     if progress is not None:
-        progress(Progress(state.epoch, state.config.epochs, state.step, state.steps_per_epoch, loss, val["accuracy"]))
+        progress(Progress(state.epoch, state.config.epochs, state.step, state.steps_per_epoch, loss, value,
+                          state.metric))
     if complete:
         result.epochs_done += 1
-        state.val_accuracy = val["accuracy"]
+        state.val_metric, state.val_accuracy = value, accuracy
         for callback in callbacks:
             callback.on_epoch_end(state)
 
 
 def start_training(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *,
                    callbacks: Sequence[Callback] = (), start_step: int = 0, name: str = "Training",
-                   meta: dict | None = None) -> jobs.Job:
+                   meta: dict | None = None, teacher: nn.Module | None = None) -> jobs.Job:
     """`train` in a background `explorer.jobs.Job`, for pages that must not block.
 
     The job's payload grows into a live curve: ``step_loss`` gets (global step, loss) after every
-    step and ``val_accuracy`` (global step, accuracy) after every epoch; ``status`` reads
-    'epoch e/E, step s/S'. ``job.cancel.set()`` stops at the next step and ``job.result`` is then
+    step and ``val_metric`` (global step, value of the task metric) after every epoch, plus
+    ``val_accuracy`` (the same points) when that metric is accuracy (`metric_for` names the
+    metric); ``status`` reads 'epoch e/E, step s/S'. ``job.cancel.set()`` stops at the next step and ``job.result`` is then
     the partially trained `TrainResult` (``cancelled=True``).
     """
     def work(context: jobs.JobContext) -> TrainResult:
@@ -434,9 +520,11 @@ def start_training(model: nn.Module, dataset: Dataset, config: TrainConfig | Non
                 context.report(progress.fraction, f"epoch {progress.epoch}/{progress.epochs}, "
                                                   f"step {progress.step}/{progress.steps_per_epoch}")
             else:
-                context.append("val_accuracy", (progress.global_step, progress.metric))
+                context.append("val_metric", (progress.global_step, progress.metric))
+                if progress.metric_name == "accuracy":
+                    context.append("val_accuracy", (progress.global_step, progress.metric))
 
         return train(model, dataset, config, progress=report, cancel=context.cancel, callbacks=callbacks,
-                     start_step=start_step)
+                     start_step=start_step, teacher=teacher)
 
     return jobs.start(work, name=name, meta=meta)

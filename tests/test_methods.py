@@ -12,7 +12,8 @@ from explorer.models import build
 from explorer.data import load_dataset
 from explorer.recipe import Recipe, run_recipe
 
-TRAJECTORY_KEYS = {"step", "epoch", "sparsity", "train_loss", "val_accuracy", "lr", "regrown", "event"}
+TRAJECTORY_KEYS = {"step", "epoch", "sparsity", "train_loss", "val_accuracy", "metric", "val_metric", "lr", "regrown",
+                   "event"}
 
 
 @pytest.fixture(scope="module")

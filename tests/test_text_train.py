@@ -2,14 +2,17 @@
 
 Losses are checked against direct computations; a labelled classifier scores exactly as before.
 """
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from explorer import criteria, hf, stats, tasks, text
+from explorer import criteria, hf, pipeline, stats, tasks, text
 from explorer.errors import ExplorerError
+from explorer.recipe import PlanSpec, ScoringSpec
+from explorer.train import Callback, TrainConfig, train
 from test_criteria import calib_batches, small_model
 
 # Per-layer sums of the scores of test_criteria's small model, recorded before the task losses
@@ -159,3 +162,92 @@ def test_loss_for_follows_the_task(bert, gpt2, bert_text, gpt2_text):
         tasks.loss_for(bert.model, bert_text, "cross_entropy")
     with pytest.raises(ExplorerError, match="Unknown loss"):
         tasks.loss_for(bert.model, bert_text, "mse")
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+def small(dataset, train=96, held_out=32):
+    return dataclasses.replace(dataset, x_train=dataset.x_train[:train], y_train=dataset.y_train[:train],
+                               x_val=dataset.x_val[:held_out], y_val=dataset.y_val[:held_out],
+                               x_test=dataset.x_test[:held_out], y_test=dataset.y_test[:held_out])
+
+
+def half_pruned(model, dataset):
+    prepared = pipeline.prepare(model, ScoringSpec(structure="unstructured", criterion="magnitude"), dataset=dataset)
+    return pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5, scope="global")))
+
+
+def test_a_causal_lm_fine_tunes_on_its_text_and_reports_perplexity(gpt2, gpt2_text):
+    data = small(gpt2_text)
+    before = tasks.perplexity(gpt2.model, data, "val")
+    result = train(gpt2.model, data, TrainConfig(epochs=2, lr=3e-3, batch_size=32, schedule="constant"))
+    assert [(row["loss_kind"], row["metric"], row["val_accuracy"]) for row in result.history] == \
+        [("next_token", "perplexity", None)] * 2
+    assert result.history[-1]["val_metric"] == pytest.approx(tasks.perplexity(result.model, data, "val"))
+    assert result.history[-1]["val_metric"] < before
+
+
+@pytest.mark.parametrize("kind", ["classifier", "embedding"])
+def test_distillation_brings_a_pruned_model_back_towards_the_dense_one(kind, bert, bert_text):
+    dense = bert.model if kind == "classifier" else embedding_model(bert)
+    data = small(bert_text)
+    pruned = half_pruned(dense, data)
+    kept = {name: value.clone() for name, value in dense.state_dict().items()}
+    before = tasks.fidelity(pruned, dense, data, "val")
+    result = train(pruned, data, TrainConfig(epochs=2, lr=1e-4, batch_size=32), teacher=dense)
+    after = tasks.fidelity(result.model, dense, data, "val")
+    measure = "top1" if kind == "classifier" else "cosine"
+    assert [(row["loss_kind"], row["metric"]) for row in result.history] == [("distill", measure)] * 2
+    assert result.history[-1]["val_metric"] == pytest.approx(after[measure])
+    assert after["cosine"] > before["cosine"]
+    if kind == "classifier":
+        assert after["kl"] < before["kl"]
+    assert all(torch.equal(kept[name], value) for name, value in dense.state_dict().items())  # teacher untouched
+    masked = dict(result.model.named_buffers())
+    assert all(not bool(module.weight[masked[f"{name}.weight_mask"] == 0].any())  # masks hold while training
+               for name, module in result.model.named_modules() if f"{name}.weight_mask" in masked)
+
+
+def test_every_step_minimises_the_distillation_loss_of_its_batch(bert, bert_text):
+    """The loss a step reports is 1 - cosine to the dense embeddings, computed here by hand.
+
+    Equal only because a distilled student runs without dropout (see train._training_mode).
+    """
+    data = small(bert_text, train=16)
+    dense = embedding_model(bert)
+    expected, reported = [], []
+
+    class Watch(Callback):
+        def on_step_start(self, state):
+            with torch.no_grad():
+                student, teacher = state.model(state.x), dense.eval()(state.x)
+            cosine = (student * teacher).sum(1) / (student.norm(dim=1) * teacher.norm(dim=1))
+            expected.append(float((1 - cosine).mean()))
+
+        def on_step_end(self, state):
+            reported.append(state.loss)
+
+    result = train(half_pruned(dense, data), data, TrainConfig(epochs=1, lr=1e-3, batch_size=8), teacher=dense,
+                   callbacks=[Watch()])
+    assert result.history[0]["loss_kind"] == "distill" and len(reported) == 2
+    assert reported == pytest.approx(expected, rel=1e-5) and min(expected) > 0
+
+
+def test_loss_setting_is_validated_and_old_configs_keep_their_dict():
+    assert "loss" not in TrainConfig().to_dict() and "temperature" not in TrainConfig().to_dict()
+    assert TrainConfig(loss="distill", temperature=2.0).to_dict()["loss"] == "distill"
+    with pytest.raises(ExplorerError, match="loss"):
+        TrainConfig(loss="mse").validate()
+    with pytest.raises(ExplorerError, match="temperature"):
+        TrainConfig(temperature=0).validate()
+
+
+def test_forced_distillation_trains_a_labelled_classifier_and_reports_accuracy():
+    from test_train import tiny_dataset
+
+    data = tiny_dataset()
+    dense = torch.nn.Linear(3, 2)
+    result = train(dense, data, TrainConfig(epochs=1, batch_size=16, loss="distill", temperature=2.0))
+    row = result.history[0]
+    assert row["loss_kind"] == "distill" and row["metric"] == "accuracy" and row["val_accuracy"] == row["val_metric"]

@@ -70,7 +70,8 @@ def run_method(recipe, model: nn.Module, dataset: Dataset, *, progress: Callable
     ctx = MethodRun(model=model, dataset=dataset, scoring=recipe.scoring, plan_spec=recipe.plan, config=config,
                     seed=recipe.seed, progress=progress, cancel=cancel, on_point=on_point)
     pruned = method.run(ctx, params)
-    history = [{"epoch": p["epoch"], "loss": p["train_loss"], "val_accuracy": p["val_accuracy"]}
+    history = [{"epoch": p["epoch"], "loss": p["train_loss"], "val_accuracy": p["val_accuracy"],
+                "metric": p["metric"], "val_metric": p["val_metric"]}
                for p in ctx.trajectory if p["event"] == "epoch"]
     return MethodOutcome(model=pruned.cpu().eval(), trajectory=ctx.trajectory, history=history,
                          plan=ctx.last_plan, cancelled=ctx.cancelled)

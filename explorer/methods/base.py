@@ -11,7 +11,10 @@ A trajectory point is ``{step, epoch, sparsity, train_loss, val_accuracy, lr, re
 cumulative optimiser steps and epochs of the whole method, the fraction of the start model's
 prunable weights that are gone (zero or removed), the epoch's mean training loss, the validation
 accuracy, the learning rate, how many pruned weights grew back since the last point (SET, RigL,
-soft pruning; 0 elsewhere) and what happened (``epoch``, ``prune``, ``rewind`` ...).
+soft pruning; 0 elsewhere) and what happened (``epoch``, ``prune``, ``rewind`` ...). Epoch points
+also name the task ``metric`` validation reports and its ``val_metric`` (perplexity or fidelity
+for a transformer without labels, where ``val_accuracy`` is None); training distils towards the
+start model when the task has no labels.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from explorer.errors import ExplorerError
 from explorer.layers import clone_model, effective_weight, prunable_counts, prunable_layers
 from explorer.planner import Plan
 from explorer.specs import PlanSpec, ScoringSpec
-from explorer.train import Callback, CancelFlag, Progress, TrainConfig, TrainResult, TrainState, steps_per_epoch, train
+from explorer.train import (Callback, CancelFlag, Progress, TrainConfig, TrainResult, TrainState, metric_for,
+                            steps_per_epoch, train)
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,11 @@ class MethodRun:
     _base_total: int = 0
     _base_channels: int | None = None
     _phase_start: int = 0  # the schedule step the current training phase started at (rewinding replays)
+    metric: str = "accuracy"  # what validation reports (set from the model and data)
 
     def __post_init__(self):
         self._base_total = prunable_counts(self.model)[1]
+        self.metric = metric_for(self.model, self.dataset)
 
     # ------------------------------------------------------------------ the budget
     @property
@@ -180,7 +186,7 @@ class MethodRun:
         recorder = _Recorder(self)
         self._phase_start = start_step
         result = train(model, self.dataset, config, progress=self._progress, cancel=self.cancel,
-                       callbacks=[*callbacks, recorder], start_step=start_step)
+                       callbacks=[*callbacks, recorder], start_step=start_step, teacher=self.model)
         self.steps_done += result.steps
         self.epochs_done += result.epochs_done
         if result.cancelled and recorder.loss_count:  # keep the partial epoch in the record
@@ -192,10 +198,12 @@ class MethodRun:
         self._regrown += int(count)
 
     def record(self, model: nn.Module, *, event: str, train_loss: float | None = None,
-               val_accuracy: float | None = None, lr: float | None = None) -> dict:
+               val_accuracy: float | None = None, lr: float | None = None, val_metric: float | None = None) -> dict:
         """Append a trajectory point for ``model`` as it is now."""
         point = {"step": self.steps_done, "epoch": self.epochs_done, "sparsity": self.sparsity(model),
-                 "train_loss": train_loss, "val_accuracy": val_accuracy, "lr": lr, "regrown": self._regrown,
+                 "train_loss": train_loss, "val_accuracy": val_accuracy, "metric": self.metric,
+                 "val_metric": val_accuracy if val_metric is None and self.metric == "accuracy" else val_metric,
+                 "lr": lr, "regrown": self._regrown,
                  "event": event}
         self._regrown = 0
         self.trajectory.append(point)
@@ -254,6 +262,7 @@ class _Recorder(Callback):
         point = {"step": ctx.steps_done + self.steps_since, "epoch": ctx.epochs_done + self.epochs_since,
                  "sparsity": ctx.sparsity(state.model),
                  "train_loss": self.loss_sum / max(1, self.loss_count), "val_accuracy": state.val_accuracy,
+                 "metric": state.metric, "val_metric": state.val_metric,
                  "lr": state.lr, "regrown": ctx._regrown, "event": "epoch"}
         ctx._regrown = 0
         ctx.trajectory.append(point)
