@@ -108,10 +108,11 @@ def run_tasks(fn: Callable, argsets: Sequence[tuple], *, backend: str = "local",
     ``cancel.is_set()``; the calls already running finish and are yielded.
     """
     check_backend(backend, address, workers)
-    workers = min(workers or default_workers(), max(1, len(argsets)))
     if backend == "ray":
         yield from _run_ray(fn, argsets, address, workers, threads, cancel)
-    elif workers == 1:
+        return
+    workers = min(workers or default_workers(), max(1, len(argsets)))
+    if workers == 1:
         for index, args in enumerate(argsets):
             if cancel is not None and cancel.is_set():
                 return
@@ -149,20 +150,33 @@ def _drive(argsets, workers, cancel, submit, wait_some, result):
                 yield index, None, _one_line(exc)
 
 
+def ray_runtime_env(local: bool = True) -> dict:
+    """What `ray.init` needs for workers to run explorer's functions: the package itself, shipped by Ray.
+
+    A local instance also shares this process's caches (baselines, run store); a cluster's nodes keep
+    their own. Pass it to your own ``ray.init`` when you start Ray before a sweep.
+    """
+    runtime_env: dict = {"py_modules": [str(Path(__file__).parent)]}
+    if local:
+        runtime_env["env_vars"] = {name: os.environ[name] for name in _SHARED_ENV if name in os.environ}
+    return runtime_env
+
+
 def _run_ray(fn, argsets, address, workers, threads, cancel):
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            ray.init(address=address, num_cpus=None if address else workers or default_workers(),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env=ray_runtime_env(local=not address))
         except Exception as exc:  # noqa: BLE001 - Ray raises many types for a cluster it cannot join
             raise ExplorerError(f"Cannot start or join Ray at {address or 'a local instance'}: "
                                 f"{_one_line(exc)}") from None
-    runtime_env: dict = {"py_modules": [str(Path(__file__).parent)]}
-    if not address:  # a local instance shares this machine's caches; a cluster's nodes keep their own
-        runtime_env["env_vars"] = {name: os.environ[name] for name in _SHARED_ENV if name in os.environ}
-    remote = ray.remote(call).options(num_cpus=threads, runtime_env=runtime_env)
+    if workers is None:  # as many calls as the cluster has CPUs for
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+    workers = min(workers, max(1, len(argsets)))
+    remote = ray.remote(call).options(num_cpus=threads)
     try:
         yield from _drive(argsets, workers, cancel, lambda args: remote.remote(fn, args, threads),
                           lambda running: ray.wait(running, num_returns=1)[0], ray.get)

@@ -25,6 +25,7 @@ with its error while the sweep goes on.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import itertools
@@ -162,7 +163,7 @@ def expand(values: Mapping[str, Any], *, yes: bool = False) -> tuple[str, list[P
     points = []
     for index, combo in enumerate(itertools.product(*grid.values())):
         coords = dict(zip(paths.values(), combo))
-        point_values = yaml.safe_load(yaml.safe_dump(base))  # a deep copy of plain data
+        point_values = copy.deepcopy(base)
         for path, value in coords.items():
             _set(point_values, path, value)
         try:
@@ -371,7 +372,8 @@ def command(args) -> list[dict]:
 
 def format_human(result: dict) -> str:
     """One line per point: its coordinates, then what came out or why it failed."""
-    head = f"#{result['index'] + 1} {_label(result['point'])}" + (f" (run {result['run_id']})" if result["run_id"] else "")
+    head = f"#{result['index'] + 1} {_label(result['point'])}"
+    head += f" (run {result['run_id']})" if result["run_id"] else ""
     if "error" in result:
         return f"{head}: failed: {result['error']}"
     m = result["metrics"]
