@@ -114,7 +114,7 @@ def run_case(case: Case) -> list[dict]:
     rows = []
     for target in case.targets:
         begun = time.perf_counter()
-        suggestion = suggest(scan, target_sparsity=target)
+        suggestion = suggest(scan, target_sparsity=target, prepared=prepared)
         suggest_s = time.perf_counter() - begun
         on_test = evaluate(model, dataset, prepared, suggestion, split="test")
         on_val = evaluate(model, dataset, prepared, suggestion, split="val", samples=case.samples)
