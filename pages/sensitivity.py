@@ -15,6 +15,7 @@ from pages import common
 
 SCAN_JOB = "sensitivity_job"          # the running (or last) scan's background job
 SCANS = "sensitivity_scans"           # {(model key, ScoringSpec): {"scan": Scan, "prepared": Prepared}}
+SUGGESTED = "sensitivity_suggested"   # (which scan and goal, Suggestion): the last suggestion
 CHECKED = "sensitivity_checked"       # {"key": which scan and suggestion, "suggestion": Suggestion with actual}
 GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -204,7 +205,12 @@ else:
                                  format="%.4g", key=f"sens_max_drop_{scan.measure}")
     goal_args = {"max_drop": float(raw)}
 try:
-    suggestion = suggest.suggest(scan, **goal_args)
+    memo_key = (scan_key, scan.seconds, tuple(goal_args.items()))  # a rerun with the same goal reuses it
+    memo = st.session_state.get(SUGGESTED)
+    if memo is None or memo[0] != memo_key:
+        memo = (memo_key, suggest.suggest(scan, prepared=stored["prepared"], **goal_args))
+        st.session_state[SUGGESTED] = memo
+    suggestion = memo[1]
     base_recipe = recipe.replace(scoring=scoring)
     suggested_recipe = suggestion.recipe(base_recipe)
 except ExplorerError as exc:

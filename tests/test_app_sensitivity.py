@@ -94,7 +94,7 @@ def test_suggestion_checks_actual_loads_onto_prune_and_exports_a_recipe_that_rep
     assert not at.error, texts(at.error)
     model = at.session_state["current_model"]
     stored = at.session_state["sensitivity_scans"][(model["key"], ScoringSpec())]
-    expected = suggest.suggest(stored["scan"], target_sparsity=0.5)
+    expected = suggest.suggest(stored["scan"], target_sparsity=0.5, prepared=stored["prepared"])
     assert expected.sparsities and any(value > 0 for value in expected.sparsities.values())
 
     exported = Recipe.from_dict(yaml.safe_load(at.code[0].value))
