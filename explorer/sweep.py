@@ -153,7 +153,9 @@ def expand(values: Mapping[str, Any], *, yes: bool = False) -> tuple[str, list[P
         if path in paths.values():
             raise ExplorerError(f"grid: '{key}' and '{next(k for k, p in paths.items() if p == path)}' are both "
                                 f"{path}; list its values once.")
-        if not isinstance(options, list) or not options:
+        if not isinstance(options, list):
+            raise ExplorerError(f"grid: '{key}' must be a list of values, got {options!r}; {example}.")
+        if not options:
             raise ExplorerError(f"The grid is empty along '{key}': give it a non-empty list of values, {example}.")
         paths[key] = path
     count = math.prod(len(options) for options in grid.values())
@@ -358,7 +360,9 @@ def add_command(sub, model_args=None) -> argparse.ArgumentParser:
 
 
 def command(args) -> list[dict]:
-    """Validate the whole grid, then run it; one dict per point (grid order)."""
+    """Validate the whole grid, then run it; one dict per point (grid order), progress on stderr."""
+    import sys
+
     from explorer.store import RunStore
 
     backends.check_backend(args.backend, args.address, args.workers)
@@ -366,7 +370,8 @@ def command(args) -> list[dict]:
     if args.no_latency:
         points = [dataclasses.replace(p, recipe=p.recipe.replace(measure={"latency": False})) for p in points]
     sweep = run_sweep(points, name=args.name or name, backend=args.backend, address=args.address,
-                      workers=args.workers, store=RunStore())
+                      workers=args.workers, store=RunStore(),
+                      progress=lambda fraction, text: print(f"sweep {fraction:4.0%} {text}", file=sys.stderr))
     return sweep.results
 
 

@@ -103,6 +103,7 @@ def cli_error(capsys, argv) -> str:
     (None, "The grid is empty"),
     ({}, "The grid is empty"),
     ({"sparsity": []}, "The grid is empty along 'sparsity'"),
+    ({"sparsity": 0.5}, "grid: 'sparsity' must be a list of values, got 0.5"),
     ({"colour": ["red"]}, "no Recipe has a field 'colour'"),
     ({"criterion": ["magnitude", "bogus"], "sparsity": [0.5]},
      "grid point 2 of 2 (scoring.criterion=bogus, plan.sparsity=0.5)"),
@@ -217,6 +218,19 @@ def test_ray_gives_the_numbers_of_the_local_pool(local_ray):
     on_ray = run_sweep(points, name="ray", backend="ray", workers=2, store=store)
     assert_same_numbers(on_ray.results, points)
     assert len(store.list(sweep=on_ray.id)) == 4
+
+
+def test_a_scan_split_over_ray_equals_the_single_process_scan(local_ray):
+    from explorer import pipeline
+    from explorer.specs import ModelSpec
+    from explorer.sweep import scan_on
+
+    model, dataset, _ = pipeline.resolve_model(ModelSpec(source="lenet5", baseline=False))
+    options = dict(sparsities=[0.5, 0.9], samples=100)
+    with backends.torch_threads(1):
+        single = sensitivity.scan(model, dataset, ScoringSpec(criterion="taylor"), **options)
+    split = scan_on(model, dataset, ScoringSpec(criterion="taylor"), backend="ray", workers=2, **options)
+    assert split.cells == single.cells and split.order == single.order and split.units == single.units
 
 
 # --- the Compare page -----------------------------------------------------------------------------------
