@@ -208,19 +208,23 @@ def run_point(recipe: dict) -> dict:
             "cancelled": outcome["cancelled"]}
 
 
-def _warm_baselines(points: Sequence[Point], threads: int) -> None:
+def _warm_baselines(points: Sequence[Point], threads: int, progress=None) -> None:
     """Train (or find cached) each distinct model once here, so local workers never train one twice at once."""
     from explorer import pipeline
+    from explorer.models import ZOO
 
     seen = set()
     for point in points:
-        key = (point.recipe.model, point.recipe.seed)
-        if key in seen:
+        spec = point.recipe.model
+        key = (spec, point.recipe.seed)
+        if key in seen or not (spec.baseline and spec.source in ZOO and spec.weights is None):
             continue
         seen.add(key)
+        if progress is not None:
+            progress(0.0, f"loading {spec.source} (seed {point.recipe.seed}): a baseline is trained once, then cached")
         try:
             with backends.torch_threads(threads):
-                pipeline.resolve_model(point.recipe.model, seed=point.recipe.seed)
+                pipeline.resolve_model(spec, seed=point.recipe.seed)
         except ExplorerError:
             pass  # the point fails in its worker and is stored with the message
 
@@ -240,7 +244,7 @@ def run_sweep(points: Sequence[Point], *, name: str = "sweep", backend: str = "l
     started = time.perf_counter()
     sweep = Sweep(id=f"{name} ({time.strftime('%Y-%m-%d %H:%M:%S')})", points=len(points))
     if backend == "local" or not address:
-        _warm_baselines(points, threads)
+        _warm_baselines(points, threads, progress)
     by_index = {point.index: point for point in points}
     order = [point.index for point in points]
     tasks = [(point.recipe.to_dict(),) for point in points]

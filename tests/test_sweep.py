@@ -176,7 +176,12 @@ def test_the_cli_prints_one_json_line_per_point(tmp_path, capsys):
 def test_a_cancel_starts_no_new_point_and_keeps_the_finished_ones():
     _, points = expand({**BASE, "grid": {"sparsity": [0.2, 0.4, 0.6, 0.8]}})
     cancel = threading.Event()
-    sweep = run_sweep(points, workers=1, store=RunStore(), cancel=cancel, progress=lambda f, text: cancel.set())
+
+    def stop_after_the_first_point(fraction, text):
+        if fraction > 0:
+            cancel.set()
+
+    sweep = run_sweep(points, workers=1, store=RunStore(), cancel=cancel, progress=stop_after_the_first_point)
     assert sweep.cancelled and len(sweep.results) == 1
     assert [run.id for run in RunStore().list()] == [sweep.results[0]["run_id"]]
 
