@@ -21,6 +21,11 @@ A bare name must belong to exactly one part (``epochs`` is budget.epochs and fin
 write the one you mean); ``model`` or ``method`` alone take whole parts (``method: [one_shot,
 iterative]``). Every point is validated before any runs, and a point whose run fails is stored
 with its error while the sweep goes on.
+
+Measured latency is honest but contended: a point is timed with one thread (the recipe's
+``measure.threads`` unless set) while other points run beside it. Compare latencies of one sweep
+with each other, or set ``measure: {latency: false}`` (``--no-latency``) and time the chosen
+recipes alone with ``python -m explorer run``.
 """
 from __future__ import annotations
 
