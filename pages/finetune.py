@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import figures
+from explorer import figures, tasks
 from explorer.errors import ExplorerError
 from explorer.layers import available_devices
 from explorer.jobs import Job
-from explorer.train import OPTIMIZERS, TrainConfig, start_training
+from explorer.train import OPTIMIZERS, TrainConfig, metric_for, start_training
 from pages import common
 
 st.title("Fine-tune")
@@ -19,8 +19,12 @@ unstructured model keeps its zeros and a channel-pruned model keeps its smaller 
 
 A few epochs at a small learning rate are usually enough to win back most of the loss at
 moderate sparsity; at very high sparsity no amount of fine-tuning brings it back, which is the
-sign the cut went too deep. The curve shows the training loss after every step and the
-validation accuracy after every epoch. **Cancel** stops at the next step and keeps what was
+sign the cut went too deep. The loss follows the task: cross-entropy on labels for a classifier,
+the next-token loss on the text for a causal language model, and, without labels (unlabelled text,
+embeddings), **distillation** to the dense model: the pruned copy learns to reproduce the dense
+model's outputs (KL divergence of the softened logits, or 1 - cosine of the embeddings), so
+fidelity climbs back towards 1. The curve shows the training loss after every step and the task
+metric on the validation split after every epoch. **Cancel** stops at the next step and keeps what was
 learned so far. The result is evaluated on the test split, measured like every other run, and
 saved as a new run next to the un-tuned one, so Compare shows what fine-tuning bought.
 Training uses the GPU when there is one (`auto`), otherwise the CPU.
@@ -28,14 +32,7 @@ Training uses the GPU when there is one (`auto`), otherwise the CPU.
 
 model = common.require_model()
 task = common.model_task(model)
-if task["name"] != "accuracy":
-    st.info(f"Fine-tuning covers labelled classifiers today; **{model['label']}** on {model['dataset'].name} is "
-            f"judged by {common.task_label(task)}, which the training loop cannot optimise yet. Prune it at a few "
-            "sparsities, criteria (wanda, sparsegpt) and structures instead, and compare the runs; or load a "
-            "classifier with a labelled text file (.jsonl or .csv with a label) to fine-tune it.",
-            icon=":material/info:")
-    st.page_link("pages/compare.py", label="Compare the runs", icon=":material/arrow_forward:")
-    st.stop()
+label = common.task_label(task)
 pruned = st.session_state.get(common.PRUNED)
 if pruned is None or pruned["model_key"] != model["key"]:
     st.info("Nothing to fine-tune yet: apply a plan on the Prune page first.")
@@ -43,29 +40,40 @@ if pruned is None or pruned["model_key"] != model["key"]:
     st.stop()
 
 before = pruned["metrics"]
-st.markdown(f"Pruned copy: **{pruned['run_name']}** - accuracy before fine-tuning "
-            f"**{common.fmt_pct(before['accuracy'])}** (baseline {common.fmt_pct(model['base_accuracy'])}).")
+before_value = (before.get("task") or {}).get("pruned", before.get("accuracy"))
+st.markdown(f"Pruned copy: **{pruned['run_name']}** - {label} before fine-tuning "
+            f"**{common.fmt_task(task, before_value)}** (dense model {common.fmt_task(task, task['base'])}).")
 
 job: Job | None = st.session_state.get(common.FINETUNE_JOB)
 running = job is not None and not job.done
 with st.form("finetune_form", border=True):
-    c = st.columns(5)
+    c = st.columns(6)
     epochs = c[0].number_input("Epochs", 1, 100, 3, key="ft_epochs")
-    lr = c[1].number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="ft_lr")
+    # a transformer is pretrained (or distilled on a small residual): a smaller step than a zoo model's
+    lr = c[1].number_input("Learning rate", 1e-6, 1.0, 1e-3 if task["name"] == "accuracy" else 1e-4,
+                           format="%.5f", key="ft_lr")
     optimizer = c[2].selectbox("Optimizer", OPTIMIZERS, key="ft_optimizer")
     batch_size = c[3].selectbox("Batch size", [32, 64, 128, 256], index=1, key="ft_batch")
     device = c[4].selectbox("Device", ["auto", *available_devices()], key="ft_device")
+    loss = c[5].selectbox("Loss", ["auto", "distill"], key="ft_loss",
+                          help="auto: cross-entropy on labels, next-token loss for a language model, distillation "
+                               "to the dense model without labels. distill: always learn the dense model's outputs.")
     start = st.form_submit_button("Start fine-tuning", type="primary", disabled=running, key="ft_start")
+try:
+    st.caption(f"Training loss: **{tasks.loss_for(pruned['module'], model['dataset'], loss).replace('_', '-')}**; "
+               f"validation reports {label}.")
+except ExplorerError as exc:
+    st.error(str(exc))
 
 if start and not running:
     config = TrainConfig(epochs=int(epochs), lr=float(lr), optimizer=optimizer, batch_size=int(batch_size),
-                         device=device)
+                         device=device, loss=loss)
     try:
         config.validate()
     except ExplorerError as exc:
         st.error(str(exc))
     else:
-        job = start_training(pruned["module"], model["dataset"], config, name="Fine-tuning",
+        job = start_training(pruned["module"], model["dataset"], config, name="Fine-tuning", teacher=model["module"],
                              meta={"config": config, "saved_run": None})
         st.session_state[common.FINETUNE_JOB] = job
         running = True
@@ -82,8 +90,12 @@ def live() -> None:
         st.button("Cancel (keep the partial result)", key="ft_cancel", on_click=job.cancel.set,
                   disabled=job.cancelled)
     points = job.payload()
-    st.plotly_chart(figures.training_curve(points.get("step_loss", []), points.get("val_accuracy", [])),
-                    key="ft_curve")
+    curve = figures.training_curve(points.get("step_loss", []), points.get("val_metric", []))
+    if metric_for(model["module"], model["dataset"]) != "accuracy":  # the curve's right axis is accuracy's
+        curve.update_traces(name=f"validation {label} (epoch)", selector=dict(mode="lines+markers"))
+        curve.update_yaxes(title_text=label, tickformat=".0%" if task["measure"] == "top1" else "",
+                           range=[0, 1.02] if task["measure"] == "top1" else None, secondary_y=True)
+    st.plotly_chart(curve, key="ft_curve")
     if job.done and job.meta["saved_run"] is None and running:
         st.rerun(scope="app")
 
@@ -110,10 +122,14 @@ if job is not None and job.done:
             st.warning(f"Cancelled after {result.steps} steps ({result.epochs_done} full epochs): "
                        "the partially trained copy was kept and measured.")
         st.success(f"Saved **{saved.name}** ({result.seconds:.1f} s on {result.device}).")
+        after_value = (after.get("task") or {}).get("pruned", after.get("accuracy"))
+        delta = common.fmt_task_delta(task, before_value, after_value)
         cols = st.columns(4)
-        cols[0].metric("Accuracy after fine-tune", common.fmt_pct(after["accuracy"]),
-                       f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pts vs. before")
-        cols[1].metric("vs. baseline", f"{100 * after['delta_accuracy']:+.1f} pts", delta_color="off", delta_arrow="off")
+        cols[0].metric(f"{label[:1].upper()}{label[1:]} after fine-tune", common.fmt_task(task, after_value),
+                       f"{delta} vs. before" if delta else None,
+                       delta_color="normal" if task["higher_is_better"] else "inverse")
+        cols[1].metric("vs. dense model", common.fmt_task_delta(task, task["base"], after_value) or "-",
+                       delta_color="off", delta_arrow="off")
         cols[2].metric("Non-zero params", common.fmt_int(after["params_nonzero"]))
         cols[3].metric("Speed-up measured / FLOPs",
                        f"{after['speedup_measured']:.2f}x / {after['speedup_flops']:.2f}x"

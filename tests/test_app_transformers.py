@@ -5,6 +5,7 @@ gives each test session its own run database, so Compare lists only the runs mad
 """
 import base64
 import json
+import time
 
 import numpy as np
 import pytest
@@ -98,9 +99,6 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     assert gpt2_run["task"]["base"] == pytest.approx(gpt2["task"]["base"])  # passed in, not recomputed
     assert gpt2_run["task"]["pruned"] > 0
 
-    goto(at, "pages/finetune.py")
-    assert len(at.info) == 1 and "labelled classifiers" in at.info[0].value
-
     goto(at, "pages/compare.py")
     assert not at.error, texts(at.error)
     at.selectbox(key="cmp_model").set_value("all models").run()
@@ -120,6 +118,28 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     plotted = [y for trace in figure["data"] for y in numbers(trace["y"])]
     assert plotted == pytest.approx([gpt2_run["task"]["pruned"]])
     assert len(RunStore().list()) == 2
+
+    # Fine-tune trains the language model on its text (next-token loss) and reports perplexity.
+    goto(at, "pages/finetune.py")
+    assert "perplexity before fine-tuning" in texts(at.markdown) and "next-token" in texts(at.caption)
+    at.number_input(key="ft_epochs").set_value(1)
+    at.selectbox(key="ft_batch").set_value(256)
+    at.button(key="ft_start").click().run()
+    job = at.session_state["finetune_job"]
+    deadline = time.monotonic() + 120
+    while not job.payload().get("step_loss") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job.cancel.set()  # two or three steps are enough to show the path; the partial copy is measured
+    assert job.wait(timeout=120)
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert job.result.history[-1]["metric"] == "perplexity" and job.result.history[-1]["loss_kind"] == "next_token"
+    shown = {m.label: m.value for m in at.metric}
+    saved = job.meta["saved_run"]
+    assert saved.metrics["task"]["name"] == "perplexity"
+    assert saved.metrics["task"]["pruned"] > 100  # a random GPT-2: perplexity in the thousands, shown as an integer
+    assert shown["Perplexity after fine-tune"] == f"{saved.metrics['task']['pruned']:,.0f}"
+    assert len(RunStore().list()) == 3
 
 
 def test_a_bad_hf_folder_is_one_error_line_and_the_previous_model_stays(tmp_path):

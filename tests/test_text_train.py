@@ -3,6 +3,7 @@
 Losses are checked against direct computations; a labelled classifier scores exactly as before.
 """
 import dataclasses
+import json
 import math
 
 import pytest
@@ -251,3 +252,24 @@ def test_forced_distillation_trains_a_labelled_classifier_and_reports_accuracy()
     result = train(dense, data, TrainConfig(epochs=1, batch_size=16, loss="distill", temperature=2.0))
     row = result.history[0]
     assert row["loss_kind"] == "distill" and row["metric"] == "accuracy" and row["val_accuracy"] == row["val_metric"]
+
+
+def test_a_recipe_prunes_and_distils_a_transformer_without_labels(tmp_path, capsys):
+    """``python -m explorer run --recipe`` with a transformer and a fine-tune: history names the metric."""
+    lines = [f"sentence number {i} says that the model {'prunes' if i % 2 else 'keeps'} weight {i % 7}."
+             for i in range(100)]
+    (tmp_path / "notes.txt").write_text("\n".join(lines))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{source: tiny_bert, data: text, data_file: {tmp_path / 'notes.txt'}}}\n"
+                      "scoring: {structure: unstructured, criterion: taylor, calib_batches: 1}\n"
+                      "plan: {sparsity: 0.5}\n"
+                      "finetune: {epochs: 1, lr: 0.0001, batch_size: 16}\n"
+                      "measure: {batch: 8, latency: false}\n")
+    from explorer import cli
+
+    assert cli.main(["run", "--recipe", str(recipe), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["metrics"]["task"]["name"] == "fidelity"
+    assert [(row["metric"], row["val_accuracy"]) for row in result["history"]] == [("top1", None)]
+    assert 0 <= result["history"][0]["val_metric"] <= 1
+    assert result["recipe"]["finetune"]["loss"] == "auto"
