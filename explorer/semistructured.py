@@ -133,16 +133,22 @@ def semi_structured_latency(model: nn.Module, example_input: torch.Tensor, *, dt
     if not time_it:
         result["reason"] = "Not timed: latency measurement is off."
         return result
-    dense = clone_model(model).to(device=device, dtype=dtype).eval()
-    sparse = clone_model(dense)
-    modules = dict(sparse.named_modules())
-    for name in converted:
-        linear = modules[name]
-        linear.weight = nn.Parameter(to_semi_structured(linear.weight.detach(), kernel), requires_grad=False)
-    inputs = example_input.to(device)
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
-    timing = compare_latency(dense, sparse, inputs, device=device, min_run_time=min_run_time, channels_last=False)
+    try:
+        dense = clone_model(model).to(device=device, dtype=dtype).eval()
+        sparse = clone_model(dense)
+        modules = dict(sparse.named_modules())
+        for name in converted:
+            linear = modules[name]
+            linear.weight = nn.Parameter(to_semi_structured(linear.weight.detach(), kernel), requires_grad=False)
+        inputs = example_input.to(device)
+        if inputs.is_floating_point():
+            inputs = inputs.to(dtype)
+        timing = compare_latency(dense, sparse, inputs, device=device, min_run_time=min_run_time, channels_last=False)
+    except Exception as exc:  # noqa: BLE001 - a kernel or dtype refusal must not lose the run's other numbers
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return {**result, "available": False,
+                "reason": f"The semi-structured kernels failed on this model in {result['dtype']} "
+                          f"({type(exc).__name__}: {first})."}
     result.update(dense_ms=timing["dense"]["median_ms"], sparse_ms=timing["pruned"]["median_ms"],
                   speedup=timing["speedup_measured"])
     return result

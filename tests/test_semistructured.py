@@ -126,3 +126,16 @@ def test_the_prune_page_says_what_2_4_kernels_give_here(tmp_path, monkeypatch):
     assert semi.describe(semi_result) in captions
     if not torch.cuda.is_available():
         assert "No CUDA GPU" in captions
+
+
+def test_a_kernel_failure_becomes_the_reason_not_a_lost_run(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("fakes a capable GPU on a machine without one")
+    monkeypatch.setattr(semi, "machine_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    result = semi.semi_structured_latency(nn.Sequential(_two_four(32, 64)), torch.randn(8, 64))
+    assert result["available"] is False and result["layers_converted"] == 1
+    assert result["reason"].startswith("The semi-structured kernels failed on this model in float16")
+    assert semi.describe(result).endswith(result["reason"])
