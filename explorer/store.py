@@ -72,6 +72,8 @@ def _default_name(run: Run) -> str:
         name += f" + fine-tune {finetune.get('epochs_done', 0)} ep"
     if finetune.get("cancelled") or run.settings.get("cancelled"):
         name += " (cancelled)"
+    if run.settings.get("error"):  # a sweep's point that failed: its error is in settings
+        name += " (failed)"
     return name
 
 

@@ -159,6 +159,7 @@ def test_a_local_pool_stores_every_point_with_the_numbers_of_running_it_alone():
         assert run.settings["sweep"]["point"] == result["point"] and run.sweep == sweep.id
         assert Recipe.from_dict(run.recipe) == points[result["index"]].recipe
         assert run.settings.get("error") == result.get("error")
+        assert run.name.endswith(" (failed)") == ("error" in result)
         assert run.metrics == result.get("metrics", {})
 
 
