@@ -52,7 +52,7 @@ from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.layers import prunable_counts
 from explorer.recipe import Recipe
-from explorer.sensitivity import Cell, Scan, validation_subset
+from explorer.sensitivity import Scan, validation_subset
 from explorer.specs import PlanSpec
 
 _TOLERANCE = 1e-12
