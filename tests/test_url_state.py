@@ -110,3 +110,18 @@ def test_a_link_to_a_missing_hf_folder_falls_back_with_a_warning(tmp_path):
     assert at.session_state["current_model"]["label"] == "mlp"
     assert any("cannot be loaded here" in w.value for w in at.warning)
     assert not at.error
+
+
+def test_a_link_to_an_hf_folder_reopens_it_and_the_model_page_names_the_folder(tmp_path):
+    from explorer import hf
+
+    bundle = hf.builtin("tiny_bert")
+    folder = hf.save_hf(bundle.model, bundle.tokenizer, tmp_path / "bert")
+    at = AppTest.from_file("../app.py", default_timeout=120)  # the Model page, as at the site root
+    at.query_params.update(model=f"hf:{folder}", data="text", structure="unstructured", sparsity="0.6")
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state["current_model"]["label"] == f"hf:{folder}"
+    assert at.selectbox(key="tf_model").value == "local Hugging Face folder"
+    assert at.text_input(key="tf_folder").value == str(folder)
+    assert dict(at.query_params)["model"] == f"hf:{folder}"
