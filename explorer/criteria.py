@@ -368,6 +368,9 @@ def _conductance_channels(request: _Request) -> Scores:
     sums = [torch.zeros(module.weight.shape[0], device=request.device) for module in modules]
     examples = 0
     for batch_index, (inputs, labels) in enumerate(_batches(request)):
+        if not inputs.is_floating_point():
+            raise ExplorerError("Conductance integrates along a path of scaled inputs, and token ids cannot be "
+                                "scaled: choose taylor, snip, gradient, wanda or magnitude for this model.")
         if batch_index == 0:
             with torch.no_grad():
                 model(inputs[:1])

@@ -273,3 +273,8 @@ def test_a_recipe_prunes_and_distils_a_transformer_without_labels(tmp_path, caps
     assert [(row["metric"], row["val_accuracy"]) for row in result["history"]] == [("top1", None)]
     assert 0 <= result["history"][0]["val_metric"] <= 1
     assert result["recipe"]["finetune"]["loss"] == "auto"
+
+
+def test_conductance_on_token_ids_is_one_clear_error(bert, bert_text):
+    with pytest.raises(ExplorerError, match="token ids cannot be scaled"):
+        criteria.channel_scores(bert.model, "conductance", bert_text.calibration(1, 4))
