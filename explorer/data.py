@@ -69,8 +69,16 @@ class Dataset:
         return batches
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        """A real input batch of the dataset's shape (for tracing, FLOPs and latency)."""
-        return self.x_test[:batch].clone() if len(self.x_test) >= batch else torch.zeros(batch, *self.input_shape)
+        """A real input batch of the dataset's shape (for tracing, FLOPs and latency).
+
+        Test rows first; a split smaller than ``batch`` is repeated (token ids must stay token ids,
+        so never made-up values), falling back to validation and training rows when the test split is empty.
+        """
+        rows = next((x for x in (self.x_test, self.x_val, self.x_train) if len(x)), None)
+        if rows is None:
+            return torch.zeros(batch, *self.input_shape)
+        repeats = -(-batch // len(rows))
+        return rows.repeat(repeats, *([1] * (rows.dim() - 1)))[:batch].clone()
 
     @property
     def sizes(self) -> dict[str, int]:

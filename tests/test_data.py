@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.data import DATASETS, SHAPE_CLASSES, load_dataset, shapes, tensors
+from explorer.data import DATASETS, SHAPE_CLASSES, Dataset, load_dataset, shapes, tensors
 from explorer.errors import ExplorerError
 
 
@@ -83,3 +83,20 @@ def test_user_tensors_bad_input(tmp_path):
     with pytest.raises(ExplorerError, match="Unknown dataset"):
         load_dataset("cifar10")
     assert set(DATASETS) == {"digits", "mnist1d", "shapes", "tensors"}
+
+
+def test_example_input_repeats_real_rows_when_the_test_split_is_small():
+    """FLOPs and latency trace with real inputs: token ids must stay integer ids, never float zeros."""
+    ids = torch.arange(20, dtype=torch.long).reshape(10, 2)
+    small = Dataset(name="ids", input_shape=(2,), num_classes=2, class_names=("a", "b"),
+                    x_train=ids[:7], y_train=torch.zeros(7, dtype=torch.long),
+                    x_val=ids[7:8], y_val=torch.zeros(1, dtype=torch.long),
+                    x_test=ids[8:], y_test=torch.zeros(2, dtype=torch.long))
+    batch = small.example_input(5)
+    assert batch.dtype == torch.long
+    assert batch.tolist() == [[16, 17], [18, 19], [16, 17], [18, 19], [16, 17]]
+    empty_test = Dataset(name="ids", input_shape=(2,), num_classes=2, class_names=("a", "b"),
+                         x_train=ids[:7], y_train=torch.zeros(7, dtype=torch.long),
+                         x_val=ids[7:], y_val=torch.zeros(3, dtype=torch.long),
+                         x_test=ids[:0], y_test=torch.zeros(0, dtype=torch.long))
+    assert empty_test.example_input(2).tolist() == [[14, 15], [16, 17]]
