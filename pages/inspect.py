@@ -111,10 +111,11 @@ labelled = task["name"] == "accuracy"
 st.subheader("Gradients")
 grad_key = ("inspect_gradients", model["key"], target_label, calib_batches, bins, shared)
 if not labelled:
-    st.caption(f"Gradients and conductance follow the loss on the correct class; {model['label']} on "
-               f"{model['dataset'].name} has no labels (it is judged by {common.task_label(task)}). Load a "
-               "classifier with a labelled text file (.jsonl / .csv) to see them.")
-elif st.button(f"Collect gradients over {calib_batches} calibration batches", key="inspect_collect"):
+    st.caption(f"{model['label']} on {model['dataset'].name} is judged by {common.task_label(task)}, so the gradients "
+               "follow " + ("the next-token loss on the text (as LLM-Pruner calibrates)." if task["name"] == "perplexity"
+                            else "the sampled-label Fisher loss: targets drawn from the model's own outputs, since "
+                                 "there are no labels and a loss against the dense model itself has no gradient."))
+if st.button(f"Collect gradients over {calib_batches} calibration batches", key="inspect_collect"):
     try:
         with st.spinner("Running forward and backward passes ..."):
             calib = model["dataset"].calibration(calib_batches, 64)
@@ -124,7 +125,7 @@ elif st.button(f"Collect gradients over {calib_batches} calibration batches", ke
         st.error(str(exc))
 stored = st.session_state.get("inspect_gradients")
 gradients = stored[1] if stored is not None and stored[0] == grad_key else None
-if gradients is None and labelled:
+if gradients is None:
     st.caption("Press the button to average the loss gradient of every layer over the calibration batches.")
 elif gradients is not None and chosen:
     st.plotly_chart(figures.histograms(gradients, [n for n in chosen if n in gradients],
@@ -155,7 +156,9 @@ if grouped:
 
 st.subheader("Attribution per channel")
 if not labelled:
-    st.caption("Needs labels: see Gradients above.")
+    st.caption(f"Conductance attributes the score of the correct class, and {model['label']} on "
+               f"{model['dataset'].name} has no classes to attribute: load a classifier with a labelled text file "
+               "(.jsonl / .csv) to see it.")
     st.stop()
 attr_layer = st.selectbox("Layer", in_block, key="inspect_attr_layer")
 attr_key = ("inspect_attribution", model["key"], target_label, attr_layer, calib_batches)

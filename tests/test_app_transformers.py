@@ -163,7 +163,12 @@ def test_a_bad_hf_folder_is_one_error_line_and_the_previous_model_stays(tmp_path
     query = at.session_state["current_model"]["module"].hf.bert.encoder.layer[1].attention.self.query.weight
     assert per_block.loc["hf.bert.encoder.layer.1", "attention.self.query"] == pytest.approx(
         float(query.detach().abs().mean()), rel=1e-5)
-    assert "no labels" in texts(at.caption)  # gradients and conductance need labels: said, not crashed
+    assert "no classes to attribute" in texts(at.caption)  # conductance needs labels: said, not crashed
+    at.button(key="inspect_collect").click().run()  # gradients work without labels (sampled-label Fisher loss)
+    assert not at.error and not at.exception, texts(at.error)
+    gradients = at.session_state["inspect_gradients"][1]
+    assert set(gradients) >= {"hf.bert.encoder.layer.0.attention.self.query"}
+    assert all(stats["mean_abs"] > 0 for stats in gradients.values())
 
 
 def test_head_on_a_plain_network_and_sparsegpt_by_channel_are_the_library_errors():
