@@ -416,13 +416,14 @@ class _Evaluator:
     def __init__(self, model: nn.Module, work: nn.Module, subset: Dataset, split: str):
         self.model, self.work, self.subset, self.split = model, work, subset, split
         self.task = tasks.task_for(model, subset)
-        self.replay = None
+        self.replay, self.outputs = None, None
         if self.task == "accuracy":
             x, y = subset.split(split)
             self.replay = _Replay(work, x, y, subset.num_classes)
             self.measure, self.higher_is_better = "accuracy", True
             self.base = self.replay.accuracy(work)
-        elif self.task == "fidelity":
+        elif self.task == "fidelity":  # the dense outputs are computed once, not once per cell
+            self.outputs = tasks.reference_outputs(model, subset, split)
             self.measure = tasks.default_measure(model)
             self.base, self.higher_is_better = tasks.PERFECT[self.measure], tasks.HIGHER_IS_BETTER[self.measure]
         else:
@@ -440,8 +441,8 @@ class _Evaluator:
         if self.replay is not None:
             return self.replay.accuracy(candidate)
         return tasks.evaluate_task(candidate if candidate is not None else self.work, self.subset, reference=self.model,
-                                   task=self.task, split=self.split, measure=self.measure
-                                   if self.task == "fidelity" else None)["value"]
+                                   task=self.task, split=self.split, outputs=self.outputs,
+                                   measure=self.measure if self.task == "fidelity" else None)["value"]
 
 
 def _drop(value: float | None, base: float, higher_is_better: bool) -> float | None:

@@ -147,21 +147,41 @@ def _token_rows(x: torch.Tensor, out: torch.Tensor, pad_id) -> torch.Tensor:
     return out.reshape(out.shape[0], -1)
 
 
+def reference_outputs(reference: nn.Module, dataset: Dataset, split: str = "test", *, batch_size: int = 32,
+                      max_bytes: int = 256 << 20) -> list[torch.Tensor] | None:
+    """The dense model's outputs on ``split``, batch by batch as `fidelity` reads them, to compare many
+    candidates against one reference without running it again; None when they would take more than
+    ``max_bytes`` (a language model's logits over a large vocabulary), and then `fidelity` runs the reference."""
+    kept, size = [], 0
+    reference, was_training = _in_eval_mode(reference)
+    try:
+        with torch.no_grad():
+            for _, _, out in _outputs(reference, dataset, split, batch_size):
+                size += out.numel() * out.element_size()
+                if size > max_bytes:
+                    return None
+                kept.append(out)
+    finally:
+        reference.train(was_training)
+    return kept
+
+
 def fidelity(model: nn.Module, reference: nn.Module, dataset: Dataset, split: str = "test", *,
-             batch_size: int = 32) -> dict[str, float | None]:
+             batch_size: int = 32, outputs: list[torch.Tensor] | None = None) -> dict[str, float | None]:
     """How close ``model``'s outputs stay to ``reference``'s on the same inputs: cosine, KL, top-1.
 
     ``kl`` and ``top1`` are None for embedding models (their outputs are not distributions).
+    ``outputs`` are the reference's, from `reference_outputs` with the same split and batch size.
     """
     pad_id = dataset.info.get("pad_id")
     logits = model_task(reference) != "embedding"
     cos_sum, kl_sum, agree, rows = 0.0, 0.0, 0, 0
     model, was_training = _in_eval_mode(model)
     reference, ref_training = _in_eval_mode(reference)
+    refs = outputs if outputs is not None else (ref for _, _, ref in _outputs(reference, dataset, split, batch_size))
     try:
         with torch.no_grad():
-            for (x, _, out), (_, _, ref) in zip(_outputs(model, dataset, split, batch_size),
-                                                _outputs(reference, dataset, split, batch_size)):
+            for (x, _, out), ref in zip(_outputs(model, dataset, split, batch_size), refs, strict=True):
                 if out.shape != ref.shape:
                     raise ExplorerError(f"The pruned model outputs {tuple(out.shape)} where the dense one outputs "
                                         f"{tuple(ref.shape)}; fidelity compares outputs of the same shape.")
@@ -187,10 +207,12 @@ def accuracy(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_s
 
 
 def evaluate_task(model: nn.Module, dataset: Dataset, *, reference: nn.Module | None = None, task: str | None = None,
-                  split: str = "test", measure: str | None = None) -> dict:
+                  split: str = "test", measure: str | None = None,
+                  outputs: list[torch.Tensor] | None = None) -> dict:
     """The task metric of ``model`` on ``split``: ``{name, value, measure, higher_is_better, measures}``.
 
     ``reference`` (the dense model) is needed for fidelity; fidelity of a model to itself is 1.
+    ``outputs``: the reference's outputs kept by `reference_outputs` (fidelity only).
     """
     task = task or task_for(reference if reference is not None else model, dataset)
     if task not in TASKS:
@@ -206,7 +228,8 @@ def evaluate_task(model: nn.Module, dataset: Dataset, *, reference: nn.Module | 
     measure = measure or default_measure(reference if reference is not None else model)
     if measure not in FIDELITY_MEASURES:
         raise ExplorerError(f"Unknown fidelity measure '{measure}': use one of {', '.join(FIDELITY_MEASURES)}.")
-    measures = fidelity(model, reference if reference is not None else clone_model(model), dataset, split)
+    measures = fidelity(model, reference if reference is not None else clone_model(model), dataset, split,
+                        outputs=outputs)
     if measures[measure] is None:
         raise ExplorerError(f"Fidelity '{measure}' needs logits; this model outputs embeddings: use cosine.")
     return {"name": "fidelity", "value": measures[measure], "measure": measure,

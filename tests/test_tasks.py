@@ -97,6 +97,16 @@ def test_kl_and_agreement_equal_a_direct_computation_over_non_padding_tokens():
     assert measured["top1"] == pytest.approx(agree / rows)
 
 
+def test_kept_reference_outputs_give_the_same_fidelity_and_too_large_ones_are_not_kept():
+    torch.manual_seed(1)
+    model, other, data = TinyLM().eval(), TinyLM().eval(), token_dataset()
+    kept = tasks.reference_outputs(model, data, "val", batch_size=5)
+    assert len(kept) == math.ceil(len(data.x_val) / 5)
+    assert tasks.fidelity(other, model, data, "val", batch_size=5, outputs=kept) == tasks.fidelity(
+        other, model, data, "val", batch_size=5)
+    assert tasks.reference_outputs(model, data, "val", max_bytes=100) is None
+
+
 def test_an_embedding_model_is_judged_by_cosine_fidelity_and_refuses_kl():
     torch.manual_seed(0)
     model, data = TinyEncoder().eval(), token_dataset()
