@@ -14,12 +14,13 @@ from explorer import jobs
 from explorer.data import load_dataset
 from explorer.models import build, save_model
 
-PAGES = ["pages/model.py", "pages/inspect.py", "pages/prune.py", "pages/finetune.py", "pages/compare.py"]
+PAGES = ["pages/model.py", "pages/inspect.py", "pages/prune.py", "pages/finetune.py", "pages/sensitivity.py",
+         "pages/compare.py"]
 
 
 def start() -> AppTest:
     """A fresh session on the Model page, which loads the default mlp on digits."""
-    at = AppTest.from_file("../app.py", default_timeout=120).run()
+    at = AppTest.from_file("../app.py", default_timeout=240).run()  # the first one trains the mlp baseline
     assert not at.exception, at.exception
     assert at.session_state["current_model"]["label"] == "mlp"
     return at
