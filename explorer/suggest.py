@@ -342,8 +342,11 @@ def _interaction_note(suggestion: Suggestion, actual: dict) -> str:
     same_subset = actual["split"] == suggestion.split and actual["samples"] == suggestion.samples
     where = "" if same_subset else f" (actual on {actual['samples']} of {actual['split']}, the scan on " \
                                    f"{suggestion.samples} of {suggestion.split})"
-    why = ("layers interact: each unit was scanned with the rest dense, together their errors compound"
-           if gap > 0 else "layers interact: each unit was scanned with the rest dense, together some errors cancel")
+    if math.isclose(gap, 0.0, abs_tol=1e-9):
+        why = "they agree: on this subset the units' drops add up"
+    else:
+        why = ("layers interact: each unit was scanned with the rest dense, together their errors compound"
+               if gap > 0 else "layers interact: each unit was scanned with the rest dense, together some errors cancel")
     line = (f"predicted drop {predicted['drop']:.4g} (sum of the units' drops alone), actual {actual['drop']:.4g}"
             f"{where}: {why}")
     if abs(actual["sparsity"] - predicted["sparsity"]) > 0.005:
