@@ -128,6 +128,7 @@ class Scan:
     seconds: float = 0.0
     cancelled: bool = False
     params_prunable: int = 0  # weights of the prunable layers: what an overall sparsity is a fraction of
+    flops_dense: int = 0  # FLOPs per input of the dense model: what a FLOPs reduction is a fraction of
 
     def row(self, unit: str) -> list[Cell]:
         """The cells of one unit, in sparsity order."""
@@ -146,7 +147,7 @@ class Scan:
             "measure": self.measure, "higher_is_better": self.higher_is_better, "structure": self.structure,
             "criterion": self.criterion, "sparsities": list(self.sparsities), "units": list(self.units),
             "physical": list(self.physical), "base_latency_ms": self.base_latency_ms, "seconds": self.seconds,
-            "cancelled": self.cancelled, "params_prunable": self.params_prunable,
+            "cancelled": self.cancelled, "params_prunable": self.params_prunable, "flops_dense": self.flops_dense,
         }
 
 
@@ -497,7 +498,8 @@ def scan(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *,
                   split=split, samples=count, base=evaluator.base, structure=prepared.structure,
                   criterion=prepared.criterion, sparsities=grid, units=units,
                   physical=[unit for unit in units if not edits.can_emulate(unit)],
-                  params_prunable=sum(prepared.layer_params.values()))
+                  params_prunable=sum(prepared.layer_params.values()),
+                  flops_dense=prepared.flops_dense)
     example = dataset.example_input(MeasureSpec.batch) if latency else None
     if latency:
         result.base_latency_ms = _latency_ms(work, example)

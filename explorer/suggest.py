@@ -4,8 +4,13 @@ A scan (`explorer.sensitivity`) says what each unit — a layer, or a coupled ch
 when it alone is pruned to each sparsity of a grid. `suggest` picks one grid sparsity (or 0) per unit:
 
 * **goal**: a largest acceptable metric drop (``max_drop``: remove as many weights as possible
-  while the predicted drop stays within it) or a target overall sparsity (``target_sparsity``: reach
-  it with the smallest predicted drop).
+  while the predicted drop stays within it), a target overall sparsity (``target_sparsity``: reach
+  it with the smallest predicted drop) or a target FLOPs reduction (``target_flops``: the fraction of
+  the dense model's FLOPs per input to remove, ``scan.flops_dense``; the greedy then weighs each step's
+  drop against the FLOPs it saves instead of the weights). FLOPs are theoretical: for unstructured
+  masks they are the multiply-adds of the non-zero weights, which dense kernels still compute (only
+  channel and head removal turn them into measured time). A latency goal is not offered: a unit's
+  measured saving is too noisy on a shared CPU to add up.
 * **overall sparsity** is weights-weighted: the fraction of the prunable layers' weights that go,
   ``sum(cell.params_saved) / scan.params_prunable``. For unstructured pruning ``params_saved`` is the
   unit's pruned weights, so this is exact. For channel groups a cell's count is `pipeline.estimate`'s of
@@ -123,17 +128,23 @@ class _Row:
     chosen: int = 0
 
 
-def check_goal(max_drop: float | None, target_sparsity: float | None) -> dict:
-    """The goal as ``{"max_drop": x}`` or ``{"target_sparsity": s}``; exactly one, drop >= 0, s in [0, 1)."""
-    if (max_drop is None) == (target_sparsity is None):
-        raise ExplorerError("Give exactly one goal: a largest acceptable drop (max_drop) or a target overall "
-                            "sparsity (target_sparsity).")
-    name, value = ("max_drop", max_drop) if max_drop is not None else ("target_sparsity", target_sparsity)
+def check_goal(max_drop: float | None, target_sparsity: float | None, target_flops: float | None = None) -> dict:
+    """The goal as ``{"max_drop": x}``, ``{"target_sparsity": s}`` or ``{"target_flops": f}``: exactly one,
+    drop >= 0, s and f in [0, 1)."""
+    given = {name: value for name, value in (("max_drop", max_drop), ("target_sparsity", target_sparsity),
+                                             ("target_flops", target_flops)) if value is not None}
+    if len(given) != 1:
+        raise ExplorerError("Give exactly one goal: a largest acceptable drop (max_drop), a target overall "
+                            "sparsity (target_sparsity) or a target FLOPs reduction (target_flops).")
+    (name, value), = given.items()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ExplorerError(f"{name} must be a number, got {value!r}.")
     if name == "max_drop" and value < 0:
         raise ExplorerError(f"max_drop {value:g} is negative: the largest acceptable drop is 0 or more "
                             "(0 keeps only what costs nothing).")
+    if name == "target_flops" and not 0.0 <= value < 1.0:
+        raise ExplorerError(f"target_flops {value:g} is outside [0, 1): it is the fraction of the dense model's "
+                            "FLOPs per input to remove.")
     if name == "target_sparsity" and not 0.0 <= value < 1.0:
         raise ExplorerError(f"target_sparsity {value:g} is outside [0, 1): it is the fraction of the prunable "
                             "weights to remove.")
@@ -213,18 +224,18 @@ class _Ledger:
         return sum(row.options[index].drop for row, index in zip(self.rows, choice))
 
 
-def _step(ledger: _Ledger, fits: Callable[[float], bool]) -> tuple[_Row, int] | None:
-    """The unit move with the smallest extra drop per extra weight removed, among those whose total
-    predicted drop ``fits`` allows; ties: the larger step, then model order."""
+def _step(ledger: _Ledger, fits: Callable[[float], bool], axis: int = 0) -> tuple[_Row, int] | None:
+    """The unit move with the smallest extra drop per extra weight (``axis`` 0) or FLOP (1) removed, among
+    those whose total predicted drop ``fits`` allows; ties: the larger step, then model order."""
     current = ledger.now()
-    saved_now = ledger.saved(current)[0]
+    saved_now = ledger.saved(current)[axis]
     best, best_key = None, None
     for order, row in enumerate(ledger.rows):
         now = row.options[row.chosen]
         for index in range(row.chosen + 1, len(row.options)):
             option = row.options[index]
             choice = current[:order] + (index,) + current[order + 1:]
-            saved = ledger.saved(choice)[0] - saved_now
+            saved = ledger.saved(choice)[axis] - saved_now
             if saved <= 0 or not fits(ledger.drop(choice)):
                 continue
             key = ((option.drop - now.drop) / saved, -saved, order)
@@ -233,18 +244,18 @@ def _step(ledger: _Ledger, fits: Callable[[float], bool]) -> tuple[_Row, int] | 
     return best
 
 
-def _trim(ledger: _Ledger, needed: int) -> None:
+def _trim(ledger: _Ledger, needed: int, axis: int = 0) -> None:
     """Undo overshoot: move a unit back to a lower grid point while the target still holds and the drop does
-    not grow; the largest saving of drop first, then the most weights given back (closest to the target)."""
+    not grow; the largest saving of drop first, then the most weights (FLOPs) given back (closest to the target)."""
     while True:
         current = ledger.now()
-        total = ledger.saved(current)[0]
+        total = ledger.saved(current)[axis]
         best, best_key = None, None
         for order, row in enumerate(ledger.rows):
             now = row.options[row.chosen]
             for index in range(row.chosen):
                 choice = current[:order] + (index,) + current[order + 1:]
-                given_back = total - ledger.saved(choice)[0]
+                given_back = total - ledger.saved(choice)[axis]
                 if total - given_back < needed or given_back <= 0:
                     continue
                 key = (-(now.drop - row.options[index].drop), -given_back)
@@ -256,13 +267,13 @@ def _trim(ledger: _Ledger, needed: int) -> None:
 
 
 def suggest(scan: Scan, *, max_drop: float | None = None, target_sparsity: float | None = None,
-            prepared: pipeline.Prepared | None = None) -> Suggestion:
+            target_flops: float | None = None, prepared: pipeline.Prepared | None = None) -> Suggestion:
     """Per-unit sparsities from the scan's grid (or 0) that meet one goal; greedy, additive drops (module doc).
 
     ``prepared`` (the scan's scores, optional) makes the count of removed weights exact for channel groups
     that share layers (`_Ledger`); unstructured counts are exact without it.
     """
-    goal = check_goal(max_drop, target_sparsity)
+    goal = check_goal(max_drop, target_sparsity, target_flops)
     _check_scan(scan)
     if prepared is not None and (prepared.structure, prepared.criterion) != (scan.structure, scan.criterion):
         raise ExplorerError(f"The prepared scores are {prepared.structure} / {prepared.criterion}, the scan "
@@ -278,23 +289,30 @@ def suggest(scan: Scan, *, max_drop: float | None = None, target_sparsity: float
         while (move := _step(ledger, lambda drop: drop <= budget + _TOLERANCE)):
             move[0].chosen = move[1]
     else:
-        target = goal["target_sparsity"]
-        reachable = ledger.saved(tuple(len(row.options) - 1 for row in rows))[0] / weights
+        (name, target), = goal.items()
+        axis = 0 if name == "target_sparsity" else 1
+        what = "sparsity" if axis == 0 else "FLOPs reduction"
+        total = weights if axis == 0 else int(scan.flops_dense)
+        if total <= 0:
+            raise ExplorerError("The scan has no count of the dense model's FLOPs (scanned before they were kept): "
+                                "scan again for a FLOPs goal.")
+        reachable = ledger.saved(tuple(len(row.options) - 1 for row in rows))[axis] / total
         if reachable + _TOLERANCE < target:
-            raise ExplorerError(f"No combination of the scan's grid reaches {target:.1%} sparsity (at most "
+            raise ExplorerError(f"No combination of the scan's grid reaches {target:.1%} {what} (at most "
                                 f"{reachable:.1%} without emptying a unit): lower the target or scan higher "
                                 "sparsities.")
-        needed = math.ceil(target * weights - 1e-9)
-        while ledger.saved(ledger.now())[0] < needed and (move := _step(ledger, lambda drop: True)):
+        needed = math.ceil(target * total - 1e-9)
+        while ledger.saved(ledger.now())[axis] < needed and (move := _step(ledger, lambda drop: True, axis)):
             move[0].chosen = move[1]
-        _trim(ledger, needed)
-        reached = ledger.saved(ledger.now())[0] / weights
+        _trim(ledger, needed, axis)
+        reached = ledger.saved(ledger.now())[axis] / total
         if reached > target + 0.005:
             notes.append(f"the grid's steps are coarse: reached {reached:.1%} for a target of {target:.1%}")
     drop = ledger.drop(ledger.now())
     saved, flops = ledger.saved(ledger.now())
     sign = -1.0 if scan.higher_is_better else 1.0
-    predicted = {"value": scan.base + sign * drop, "drop": drop, "sparsity": saved / weights, "flops_saved": flops}
+    predicted = {"value": scan.base + sign * drop, "drop": drop, "sparsity": saved / weights, "flops_saved": flops,
+                 "flops_reduction": flops / scan.flops_dense if scan.flops_dense else None}
     return Suggestion(goal=goal, sparsities={row.unit: row.options[row.chosen].sparsity for row in rows},
                       predicted=predicted, note="; ".join(notes), grid_note="; ".join(notes), base=scan.base,
                       metric=scan.metric, measure=scan.measure, higher_is_better=scan.higher_is_better,
@@ -330,7 +348,9 @@ def evaluate(model: nn.Module, dataset: Dataset, prepared: pipeline.Prepared, su
     estimate = pipeline.estimate(prepared, plan)
     sparsity = 1 - prunable_counts(pruned)[0] / max(1, prunable_counts(model)[1])  # as `run` reports it
     actual = {"value": value, "drop": drop, "sparsity": sparsity,
-              "flops_saved": estimate["flops_dense"] - estimate["flops_after"], "base": base, "split": split,
+              "flops_saved": estimate["flops_dense"] - estimate["flops_after"],
+              "flops_reduction": 1 - estimate["flops_after"] / max(1, estimate["flops_dense"]), "base": base,
+              "split": split,
               "samples": len(subset.split(split)[1])}
     return dataclasses.replace(suggestion, actual=actual, note=_interaction_note(suggestion, actual))
 
@@ -361,13 +381,16 @@ def add_command(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> a
     """Register ``suggest``: the scan's flags (`sensitivity.add_scan_args`), one goal, --save-recipe."""
     from explorer.sensitivity import add_scan_args
 
-    parser = sub.add_parser("suggest", help="per-layer sparsities from a sensitivity scan for a max drop or a "
-                                            "target sparsity; predicted and actual result, and the recipe")
+    parser = sub.add_parser("suggest", help="per-layer sparsities from a sensitivity scan for a max drop, a "
+                                            "target sparsity or a target FLOPs reduction; predicted and actual "
+                                            "result, and the recipe")
     model_args(parser)
     add_scan_args(parser)
     goal = parser.add_mutually_exclusive_group(required=True)
     goal.add_argument("--max-drop", type=float, help="largest acceptable drop of the metric (e.g. 0.02 accuracy)")
     goal.add_argument("--target-sparsity", type=float, help="fraction of the prunable weights to remove, in [0, 1)")
+    goal.add_argument("--target-flops", type=float, help="fraction of the dense model's FLOPs per input to remove, "
+                                                         "in [0, 1) (theoretical: see the module doc)")
     parser.add_argument("--save-recipe", metavar="FILE", help="write the suggested recipe (YAML) for `run --recipe`")
     return parser
 
@@ -380,7 +403,7 @@ def command(args) -> list[dict]:
     from explorer.sensitivity import check_samples, check_sparsities, scan
     from explorer.specs import ScoringSpec
 
-    check_goal(args.max_drop, args.target_sparsity)  # bad flags fail before the model loads
+    check_goal(args.max_drop, args.target_sparsity, args.target_flops)  # bad flags fail before the model loads
     scoring = ScoringSpec(structure=args.structure, criterion=args.criterion, norm=args.norm,
                           calib_batches=args.calib_batches).validate()
     check_sparsities(args.sparsities)
@@ -390,7 +413,8 @@ def command(args) -> list[dict]:
     prepared = pipeline.prepare(model, scoring, dataset=dataset, seed=args.seed)
     result = scan(model, dataset, scoring, sparsities=args.sparsities, split=args.split, samples=args.samples,
                   seed=args.seed, prepared=prepared)
-    suggestion = suggest(result, max_drop=args.max_drop, target_sparsity=args.target_sparsity, prepared=prepared)
+    suggestion = suggest(result, max_drop=args.max_drop, target_sparsity=args.target_sparsity,
+                         target_flops=args.target_flops, prepared=prepared)
     suggestion = evaluate(model, dataset, prepared, suggestion, split=args.split, samples=args.samples)
     recipe = suggestion.recipe(Recipe(model=spec, scoring=scoring, seed=args.seed))
     output = {"model": args.model, "data": dataset.name, "goal": suggestion.goal, "sparsities": suggestion.sparsities,
@@ -417,7 +441,9 @@ def format_human(result: dict) -> str:
     for label, numbers_ in (("predicted", predicted), ("actual", actual)):
         if numbers_:
             lines.append(f"{label:9s} {scan_info['measure']} {numbers_['value']:.4g} (drop {numbers_['drop']:.4g}), "
-                         f"sparsity {numbers_['sparsity']:.1%}, FLOPs saved {numbers_['flops_saved']:,} per input")
+                         f"sparsity {numbers_['sparsity']:.1%}, FLOPs saved {numbers_['flops_saved']:,} per input"
+                         + (f" ({numbers_['flops_reduction']:.1%})" if numbers_.get("flops_reduction") is not None
+                            else ""))
     lines.append(result["note"])
     if result.get("saved_recipe"):
         lines.append(f"recipe written to {result['saved_recipe']} (python -m explorer run --recipe "

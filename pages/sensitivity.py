@@ -188,13 +188,20 @@ if scan.cells and (scan.structure != "unstructured" or scan.base_latency_ms is n
 st.divider()
 st.subheader("Suggested recipe")
 goal_col, value_col = st.columns([1, 2])
-goal = goal_col.radio("Goal", ["Largest acceptable drop", "Target overall sparsity"], key="sens_goal",
-                      help="A drop budget: remove as much as the scan says fits in it. A sparsity: reach it with "
-                           "the smallest predicted drop.")
+goal = goal_col.radio("Goal", ["Largest acceptable drop", "Target overall sparsity", "Target FLOPs reduction"],
+                      key="sens_goal",
+                      help="A drop budget: remove as much as the scan says fits in it. A sparsity or a FLOPs "
+                           "reduction: reach it with the smallest predicted drop (FLOPs weigh each unit by the "
+                           "compute it saves, so conv layers early in the network count more than their weights).")
 if goal == "Target overall sparsity":
     target = value_col.slider("Overall sparsity (fraction of the prunable weights removed)", 0.0, 0.95, 0.5, 0.01,
                               key="sens_target")
     goal_args, max_drop = {"target_sparsity": float(target)}, None
+elif goal == "Target FLOPs reduction":
+    target = value_col.slider("FLOPs reduction (fraction of the dense model's FLOPs per input removed)", 0.0, 0.95,
+                              0.5, 0.01, key="sens_target_flops",
+                              help="Theoretical: for unstructured masks dense kernels still do this work.")
+    goal_args, max_drop = {"target_flops": float(target)}, None
 elif percent:
     points = value_col.number_input(f"Largest acceptable drop in {label} (points)", 0.0, 100.0, 1.0, 0.5,
                                     key="sens_max_drop_points")
@@ -228,7 +235,9 @@ metrics[0].metric(f"Predicted {label}", common.fmt_task(task_of_scan, predicted[
                   delta_color="normal" if scan.higher_is_better else "inverse",
                   help="The dense value minus the sum of the chosen cells' drops: each measured with the rest dense.")
 metrics[1].metric("Predicted overall sparsity", common.fmt_pct(predicted["sparsity"]))
-metrics[2].metric("Predicted FLOPs saved (per input)", common.fmt_int(predicted["flops_saved"]))
+metrics[2].metric("Predicted FLOPs saved (per input)", common.fmt_int(predicted["flops_saved"]),
+                  f"-{common.fmt_pct(predicted['flops_reduction'])}" if predicted.get("flops_reduction") else None,
+                  delta_color="off")
 if checked is None:
     metrics[3].metric(f"Actual {label}", "-", "press Check actual", delta_color="off", delta_arrow="off")
 else:

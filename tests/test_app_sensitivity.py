@@ -119,6 +119,20 @@ def test_suggestion_checks_actual_loads_onto_prune_and_exports_a_recipe_that_rep
     assert at.session_state["recipe"].plan.overrides == expected.sparsities
 
 
+def test_a_flops_goal_suggests_what_the_core_suggests(scanned):
+    at = goto(scanned, PAGE)
+    at.radio(key="sens_goal").set_value("Target FLOPs reduction").run()
+    at.slider(key="sens_target_flops").set_value(0.4).run()
+    assert not at.error and not at.exception, texts(at.error)
+    model = at.session_state["current_model"]
+    stored = at.session_state["sensitivity_scans"][(model["key"], ScoringSpec())]
+    expected = suggest.suggest(stored["scan"], target_flops=0.4, prepared=stored["prepared"])
+    assert expected.predicted["flops_reduction"] >= 0.4
+    assert Recipe.from_dict(yaml.safe_load(at.code[0].value)).plan.overrides == expected.sparsities
+    shown = {m.label: m for m in at.metric}["Predicted FLOPs saved (per input)"]
+    assert shown.value == f"{expected.predicted['flops_saved']:,}"
+
+
 def test_a_transformer_scans_heads_by_its_own_metric():
     at = goto(transformers.load_transformer(transformers.start(), "tiny_bert"), PAGE)
     run_scan(at, structure="head", samples=64, grid=(0.5, 1.0))

@@ -23,16 +23,18 @@ from explorer.train import TrainConfig, train
 
 GRID = [0.2, 0.4, 0.6, 0.8]
 SIZES = {"a": 100, "b": 300, "c": 50}
+FLOPS_PER_WEIGHT = {"a": 49, "b": 1, "c": 16}  # a conv's weight is used at every output position, a Linear's once
 
 
 def _scan(drops: dict[str, list[float]], *, base: float = 0.9, cancelled: bool = False) -> Scan:
     """A synthetic unstructured scan: unit -> drop at each GRID sparsity; params_saved = pruned weights."""
     cells = [Cell(unit=unit, sparsity=s, value=base - d, drop=d, pruned=round(s * SIZES[unit]), total=SIZES[unit],
-                  params_saved=round(s * SIZES[unit]), flops_saved=10 * round(s * SIZES[unit]))
+                  params_saved=round(s * SIZES[unit]), flops_saved=FLOPS_PER_WEIGHT[unit] * round(s * SIZES[unit]))
              for unit, row in drops.items() for s, d in zip(GRID, row)]
     return Scan(metric="accuracy", measure="accuracy", higher_is_better=True, split="val", samples=100, base=base,
                 structure="unstructured", criterion="magnitude", sparsities=list(GRID), units=list(drops),
-                cells=cells, params_prunable=sum(SIZES[unit] for unit in drops), cancelled=cancelled)
+                cells=cells, params_prunable=sum(SIZES[unit] for unit in drops), cancelled=cancelled,
+                flops_dense=sum(FLOPS_PER_WEIGHT[unit] * SIZES[unit] for unit in drops))
 
 
 # strictly convex, increasing rows with distinct slopes: no ties between units
@@ -73,6 +75,25 @@ def test_on_convex_rows_the_greedy_finds_the_brute_force_optimum_at_every_hull_v
         most = max(s for s, d, _ in combos if d <= drop + 1e-12)
         assert by_drop.predicted["sparsity"] * total == pytest.approx(most)
         assert by_drop.predicted["drop"] <= drop + 1e-12
+
+
+def test_a_flops_target_is_the_brute_force_optimum_over_flops_not_weights():
+    scan = _scan(CONVEX)
+    dense = sum(FLOPS_PER_WEIGHT[u] * SIZES[u] for u in SIZES)
+    options = {unit: [(0.0, 0, 0.0)] + [(s, FLOPS_PER_WEIGHT[unit] * round(s * SIZES[unit]), d)
+                                        for s, d in zip(GRID, row)] for unit, row in CONVEX.items()}
+    combos = [(sum(o[1] for o in c), sum(o[2] for o in c)) for c in itertools.product(*options.values())]
+    vertices = _lower_hull([(saved, round(drop, 12)) for saved, drop in combos])
+    for saved, _ in vertices[1:]:
+        result = suggest(scan, target_flops=saved / dense)
+        assert result.predicted["drop"] == pytest.approx(min(d for f, d in combos if f >= saved))
+        assert result.predicted["flops_reduction"] == pytest.approx(result.predicted["flops_saved"] / dense)
+        assert result.predicted["flops_saved"] >= saved
+    # the same reduction asked of weights picks other units: "a" holds few weights but most FLOPs
+    by_flops, by_weights = suggest(scan, target_flops=0.5), suggest(scan, target_sparsity=0.5)
+    assert by_flops.sparsities["a"] > by_weights.sparsities["a"]
+    with pytest.raises(ExplorerError, match="FLOPs reduction"):
+        suggest(scan, target_flops=0.99)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -119,6 +140,8 @@ def test_a_target_between_grid_points_is_approached_from_above_and_the_overshoot
     ({"target_sparsity": -0.1}, "outside [0, 1)"),
     ({"target_sparsity": float("nan")}, "must be a number"),
     ({"target_sparsity": 0.85}, "No combination"),
+    ({"target_flops": 1.0}, "outside [0, 1)"),
+    ({"target_flops": 0.5, "max_drop": 0.1}, "exactly one goal"),
 ])
 def test_bad_goals_are_one_line(kwargs, message):
     with pytest.raises(ExplorerError, match=message.replace("[", r"\[").replace(")", r"\)")) as info:
@@ -254,7 +277,7 @@ def test_the_command_prints_the_contract_and_its_recipe_runs(lenet_file, tmp_pat
 
 @pytest.mark.parametrize("argv, message", [
     (["--max-drop", "0.1", "--target-sparsity", "0.5"], "not allowed with"),
-    ([], "one of the arguments --max-drop --target-sparsity is required"),
+    ([], "one of the arguments --max-drop --target-sparsity --target-flops is required"),
     (["--max-drop", "-0.1"], "negative"),
     (["--target-sparsity", "1.5"], "outside [0, 1)"),
     (["--target-sparsity", "0.99", "--sparsities", "0.5"], "No combination"),
