@@ -127,13 +127,30 @@ def stage_rows() -> list[tuple[str, float]]:
     return rows
 
 
+def kept_quality_section() -> list[str]:
+    """The fidelity table of the existing results file, with when it was measured (``--timings-only``)."""
+    lines = RESULTS.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## Fidelity"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("## Whole processes"))
+    kept = next((line for line in lines[start:end] if line.startswith("(Kept from")), None)
+    if kept is None:
+        header = next((line for line in lines if line.startswith("`python -m bench.bench_transformers`")), "")
+        kept = f"(Kept from the previous full run: {header.replace('`', '')})"
+    body = [line for line in lines[start + 1:end] if not line.startswith("(Kept from")]
+    while body and not body[0].strip():
+        body.pop(0)
+    return [lines[start], "", kept, "", *body]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timings-only", action="store_true",
+                        help="re-measure the process and stage tables; keep the fidelity table of the results file")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
-    quality = quality_rows(args.calib_batches)
+    quality = None if args.timings_only else quality_rows(args.calib_batches)
     processes = process_rows(args.repeats)
     stages = stage_rows()
     bare = processes[0][1]
@@ -144,16 +161,18 @@ def main() -> None:
         f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.",
         "",
-        "## Fidelity to the dense model (mean cosine of sentence embeddings, test split, higher is better)",
-        "",
-        f"Every prunable Linear at 50 % (local) or 2:4; {args.calib_batches} calibration batches of 64 sentences. "
-        "Seconds = prepare (scores, Hessians) + plan + apply (SparseGPT's weight rebuild included).",
-        "",
-        "| sparsity | criterion | cosine | seconds | weights pruned |",
-        "|---|---|---|---|---|",
-        *[f"| {label} | {criterion} | {cosine:.4f} | {seconds:.1f} | {pruned:.1%} |"
-          for label, criterion, cosine, seconds, pruned in quality],
-        "",
+        *(kept_quality_section() if quality is None else [
+            "## Fidelity to the dense model (mean cosine of sentence embeddings, test split, higher is better)",
+            "",
+            f"Every prunable Linear at 50 % (local) or 2:4; {args.calib_batches} calibration batches of 64 "
+            "sentences. Seconds = prepare (scores, Hessians) + plan + apply (SparseGPT's weight rebuild included).",
+            "",
+            "| sparsity | criterion | cosine | seconds | weights pruned |",
+            "|---|---|---|---|---|",
+            *[f"| {label} | {criterion} | {cosine:.4f} | {seconds:.1f} | {pruned:.1%} |"
+              for label, criterion, cosine, seconds, pruned in quality],
+            "",
+        ]),
         f"## Whole processes (median of {args.repeats}, the commands taking turns)",
         "",
         "| command | seconds | x bare load |",
