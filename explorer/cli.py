@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, llm, pipeline, planner, sensitivity, stats, suggest, sweep, tasks
+from explorer import criteria, hf, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError
 from explorer.models import SAVE_FORMAT, ZOO, save_model
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"batch size for latency (default {MeasureSpec.batch}, as the app); FLOPs are per input")
     prune.add_argument("--threads", type=_positive, default=None, help="threads for latency (default: torch's)")
     prune.add_argument("--save", help="write the pruned model (last sparsity; with several, FILE gets -S suffixes)")
+    prune.add_argument("--plan-only", action="store_true",
+                       help="only plan: per-layer cuts, collapse and estimated params / FLOPs, without applying, "
+                            "evaluating or measuring (what the app's preview shows, in a fraction of the time)")
     run = sub.add_parser("run", help="run a recipe (or replay a downloaded run.yaml): its method within its budget")
     run.add_argument("--recipe", required=True, help="YAML/JSON recipe, or the run.yaml of a downloaded run")
     run.add_argument("--save", help="write the pruned (and fine-tuned) model to FILE")
@@ -190,12 +193,15 @@ def cmd_prune(args) -> list[dict]:
         args.sparsity = [fixed]
     elif args.sparsity is None:
         raise ExplorerError("--sparsity is required (S or S1,S2,...), except with --structure nm.")
+    if args.plan_only and (args.save or args.measure):
+        raise ExplorerError("--plan-only prunes nothing, so there is nothing to --save or --measure: drop one.")
     model, dataset, arch = _resolve(args)
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
     prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed)
     kinds = {g.name: g.kind for g in prepared.groups} or prepared.layer_kinds
     task_name = tasks.task_for(model, dataset)
-    base_value = tasks.evaluate_task(model, dataset, task=task_name)["value"] if task_name != "fidelity" else None
+    base_value = (tasks.evaluate_task(model, dataset, task=task_name)["value"]
+                  if task_name != "fidelity" and not args.plan_only else None)
     results = []
     for recipe in recipes:
         plan = pipeline.preview(prepared, recipe.plan)
@@ -213,13 +219,14 @@ def cmd_prune(args) -> list[dict]:
             result["note"] = " ".join(filter(None, [prepared.note, plan.note]))
         if prepared.nm is not None:
             result["nm"] = {"n": prepared.nm[0], "m": prepared.nm[1]}
-        if plan.collapsed:
+        if plan.collapsed or args.plan_only:
             estimate = pipeline.estimate(prepared, plan)
             result["params"] = {"total": estimate["params_total"], "nonzero": estimate["params_after"],
                                 "estimated": True}
             result["flops"] = {"dense": prepared.flops_dense, "effective": estimate["flops_after"], "estimated": True}
-            result["error"] = (f"not applied: the plan empties {', '.join(plan.collapsed)}; lower the sparsity, "
-                               "use --scope local or --min-keep")
+            if plan.collapsed:
+                result["error"] = (f"not applied: the plan empties {', '.join(plan.collapsed)}; lower the sparsity, "
+                                   "use --scope local or --min-keep")
             results.append(result)
             continue
         pruned = pipeline.apply(model, prepared, plan)
@@ -236,6 +243,8 @@ def cmd_prune(args) -> list[dict]:
         if "measures" in m["task"]:
             result["task"]["measures"] = m["task"]["measures"]
         result["speedup"] = {"flops": m["speedup_flops"], "measured": m["speedup_measured"]}
+        if m.get("semi_structured") is not None:  # a 2:4 model: timed with sparse kernels on a capable GPU, or why not
+            result["semi_structured"] = m["semi_structured"]
         if recipe.measure.latency:
             result["latency_ms"] = {"dense": m["baseline_latency_ms"], "pruned": m["latency_ms"], "device": m["device"],
                                     "batch": m["batch"], "threads": m["threads"], "layout": m["layout"]}
@@ -298,6 +307,8 @@ def _print_human(command: str, results: list[dict]) -> None:
             print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "
                   f"{lat['threads']} threads, {lat['layout']}); speed-up FLOPs {result['speedup']['flops']:.2f}x, "
                   f"measured {result['speedup']['measured']:.2f}x")
+        if "semi_structured" in result:
+            print(f"  {semistructured.describe(result['semi_structured'])}")
         if "error" in result:
             print(f"  {result['error']}")
 

@@ -29,6 +29,19 @@ def test_prune_json_contract_and_independent_counts(capsys):
         assert set(result["layers"][0]) == {"name", "kind", "total", "kept", "sparsity", "collapsed"}
 
 
+def test_plan_only_gives_the_same_plan_without_applying_or_evaluating(capsys):
+    argv = ["prune", "--model", "mlp", "--sparsity", "0.5,0.8", "--scope", "global", "--json"]
+    _, full, _ = run_cli(capsys, *argv)
+    code, planned, _ = run_cli(capsys, *argv, "--plan-only")
+    assert code == 0
+    for applied, plan in zip(map(json.loads, full.splitlines()), map(json.loads, planned.splitlines())):
+        assert plan["layers"] == applied["layers"] and plan["collapse_point"] == applied["collapse_point"]
+        assert plan["params"]["estimated"] and plan["params"]["nonzero"] == applied["params"]["nonzero"]
+        assert "accuracy" not in plan and "task" not in plan and "size_bytes" not in plan and "error" not in plan
+    code, _, err = run_cli(capsys, *argv, "--plan-only", "--save", "x.pt")
+    assert code == 2 and "--plan-only" in err and err.count("\n") == 1
+
+
 def test_prune_measure_and_save_round_trip(capsys, tmp_path):
     path = tmp_path / "pruned.pt"
     code, out, _ = run_cli(capsys, "prune", "--model", "lenet5", "--structure", "channel", "--sparsity", "0.5",

@@ -32,6 +32,20 @@ def test_heads_removed_from_tiny_bert_shrink_parameters_and_report_fidelity(caps
     assert attention and all(layer["total"] == 4 and layer["kept"] == 2 for layer in attention)
 
 
+def test_a_2_4_prune_reports_the_sparse_kernels_or_why_there_are_none(capsys):
+    import torch
+
+    (result,) = prune(capsys, "--model", "tiny_bert", "--structure", "nm", "--nm", "2:4", "--criterion", "magnitude")
+    semi = result["semi_structured"]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        assert semi["available"] and semi["speedup"] is not None
+    else:  # the CPU (and CI) case: dense kernels do the work on the zeros, and the JSON says so
+        assert semi["available"] is False and "CPU" in semi["reason"]
+    (other,) = prune(capsys, "--model", "tiny_bert", "--structure", "unstructured", "--criterion", "magnitude",
+                     "--sparsity", "0.3")
+    assert "semi_structured" not in other  # no weight carries a 2:4 pattern
+
+
 def test_the_real_pretrained_minilm_prunes_end_to_end(capsys):
     pytest.importorskip("transformers")
     (result,) = prune(capsys, "--model", "minilm", "--structure", "unstructured", "--criterion", "magnitude",
