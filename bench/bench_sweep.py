@@ -7,8 +7,9 @@ so every backend pays the same. Each backend's wall time includes starting its w
 fresh processes, Ray's instance). Every point's numbers must agree across the three backends
 (checked, and written below).
 
-Run from the repository root: ``python -m bench.bench_sweep [--workers 2]``; writes
-``bench/RESULTS_sweep.md``.
+Run from the repository root: ``python -m bench.bench_sweep [--workers 2] [--epochs 15]``; writes
+``bench/RESULTS_sweep.md``. A pool or Ray pays a few seconds to start its workers (each imports torch),
+so it only wins when a point costs more than that: ``--epochs 150`` makes a point cost several seconds.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ EXACT = ("accuracy", "sparsity_actual", "params_nonzero", "flops_effective", "si
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=15, help="fine-tune epochs of every point")
     args = parser.parse_args()
+    GRID["finetune"] = {"epochs": args.epochs}
     os.environ.setdefault("PRUNING_EXPLORER_DATA", tempfile.mkdtemp())
     _, points = expand(GRID)
     _warm_baselines(points, threads=1)
@@ -57,6 +60,8 @@ def main() -> None:
         "# Sweep: one 8-point grid, sequential vs a local process pool vs a local Ray instance",
         "",
         "`python -m bench.bench_sweep` (this file is its output). " + __doc__.split("\n\n")[1].replace("\n", " "),
+        "",
+        f"- fine-tune epochs per point: {args.epochs}",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread per point",
