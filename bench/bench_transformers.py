@@ -84,10 +84,6 @@ def process_rows(repeats: int) -> list[tuple[str, float]]:
     bare = ("import torch, transformers; "
             f"transformers.AutoModel.from_pretrained({str(folder)!r}, local_files_only=True)")
     python = sys.executable
-    plan_only = ("from explorer import pipeline; from explorer.specs import ModelSpec, PlanSpec, ScoringSpec; "
-                 "model, data, _ = pipeline.resolve_model(ModelSpec(source='minilm', data='text', baseline=False)); "
-                 "prepared = pipeline.prepare(model, ScoringSpec(structure='unstructured', criterion='magnitude'), "
-                 "dataset=data); [pipeline.preview(prepared, PlanSpec(sparsity=s, scope='global')) for s in (0.5, 0.9)]")
     return timed_processes({
         "bare: import torch + transformers, from_pretrained": [python, "-c", bare],
         "python -m explorer inspect --model minilm": [python, "-m", "explorer", "inspect", "--model", "minilm",
@@ -95,7 +91,9 @@ def process_rows(repeats: int) -> list[tuple[str, float]]:
         "python -m explorer prune --model minilm --scope global --sparsity 0.5,0.9": [
             python, "-m", "explorer", "prune", "--model", "minilm", "--scope", "global", "--sparsity", "0.5,0.9",
             "--json"],
-        "the same two plans, not applied or measured (python -c: load, prepare, preview)": [python, "-c", plan_only],
+        "python -m explorer prune ... the same, --plan-only (not applied, evaluated or measured)": [
+            python, "-m", "explorer", "prune", "--model", "minilm", "--scope", "global", "--sparsity", "0.5,0.9",
+            "--plan-only", "--json"],
     }, repeats)
 
 
