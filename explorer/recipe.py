@@ -165,15 +165,20 @@ def recipe_from_run(run: Mapping[str, Any]) -> Recipe:
     ).validate()
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe (or a downloaded ``run.yaml`` / ``run.json``) from YAML or JSON."""
+def read_yaml(path: str | Path, what: str = "Recipe") -> Any:
+    """The data of a YAML or JSON file; a missing or unreadable file is one line naming ``what`` it should be."""
     path = Path(path)
     if not path.is_file():
-        raise ExplorerError(f"Recipe file '{path}' does not exist.")
+        raise ExplorerError(f"{what} file '{path}' does not exist.")
     try:
-        values = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ExplorerError(f"'{path.name}' is not valid YAML or JSON: {str(exc).splitlines()[0]}") from exc
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe (or a downloaded ``run.yaml`` / ``run.json``) from YAML or JSON."""
+    values = read_yaml(path)
     if isinstance(values, Mapping) and "settings" in values and "structure" in values:
         return recipe_from_run(values)
     return Recipe.from_dict(values)

@@ -41,11 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from explorer import backends
 from explorer.errors import ExplorerError
-from explorer.recipe import Recipe
+from explorer.recipe import Recipe, read_yaml
 from explorer.specs import BudgetSpec, MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec
 from explorer.train import TrainConfig
 
@@ -183,15 +181,9 @@ def expand(values: Mapping[str, Any], *, yes: bool = False) -> tuple[str, list[P
 
 def load_grid(path: str | Path, *, yes: bool = False) -> tuple[str, list[Point]]:
     """Read and expand a grid file (YAML or JSON); the name defaults to the file's stem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExplorerError(f"Grid file '{path}' does not exist.")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ExplorerError(f"'{path.name}' is not valid YAML or JSON: {str(exc).splitlines()[0]}") from exc
+    values = read_yaml(path, "Grid")
     name, points = expand(values, yes=yes)
-    return name or path.stem, points
+    return name or Path(path).stem, points
 
 
 def run_point(recipe: dict) -> dict:
