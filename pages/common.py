@@ -346,7 +346,8 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
     The measurement is `pipeline.measure_run` with the recipe's MeasureSpec, the very call the
     CLI makes. The run keeps the full Recipe; ``outcome`` adds facts the recipe cannot know
     (e.g. how many fine-tune epochs ran before a cancel). Weights are stored only when the
-    architecture is known (zoo name or factory), since a stored file is rebuilt from it (not for transformers: load_model cannot rebuild them).
+    architecture is known (zoo name, factory, built-in transformer or hf: folder), since a stored file is
+    rebuilt from it; a transformer with heads removed comes back with its head counts.
     """
     data, task = model["dataset"], model_task(model)
     with st.status(f"Measuring {task_label(task)}, parameters, FLOPs, size and latency (base and pruned, same batch) ...",
@@ -359,8 +360,7 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
                 "model_source": model["source"], **(outcome or {})}
     run = Run.from_recipe(recipe, model_name=model["label"], dataset=data.name, settings=settings, metrics=metrics,
                           history=list(history or []), name=name, stage=stage)
-    keep_weights = model["arch"] and model["source"] != "transformer"
-    return RunStore().save(run, pruned_module if keep_weights else None)
+    return RunStore().save(run, pruned_module if model["arch"] else None)
 
 
 def fmt_int(value) -> str:

@@ -9,9 +9,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from explorer import tasks
+from explorer.models import load_model
 from explorer.store import RunStore
 
 
@@ -81,6 +83,12 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     shown = {m.label: m.value for m in at.metric}
     assert shown["Fidelity (top-1 agreement)"] == f"{100 * bert['task']['pruned']:.1f} %"
     assert bert["params_total"] < bert["baseline_params_total"]  # heads physically removed
+    # the run keeps its weights: the head-pruned BERT reloads with its head counts and computes the same
+    (bert_run,) = RunStore().list()
+    reloaded = load_model(RunStore().weights_path(bert_run.id)).eval()
+    x = model["dataset"].example_input(4)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), at.session_state["pruned_result"]["module"].eval()(x), atol=1e-5)
 
     load_transformer(at, "tiny_gpt2")
     gpt2 = at.session_state["current_model"]
