@@ -202,6 +202,7 @@ def cmd_prune(args) -> list[dict]:
     task_name = tasks.task_for(model, dataset)
     base_value = (tasks.evaluate_task(model, dataset, task=task_name)["value"]
                   if task_name != "fidelity" and not args.plan_only else None)
+    dense_outputs = None  # fidelity compares every pruned copy with the same dense outputs: computed once
     results = []
     for recipe in recipes:
         plan = pipeline.preview(prepared, recipe.plan)
@@ -230,7 +231,10 @@ def cmd_prune(args) -> list[dict]:
             results.append(result)
             continue
         pruned = pipeline.apply(model, prepared, plan)
-        m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_task_value=base_value)
+        if task_name == "fidelity" and dense_outputs is None:
+            dense_outputs = tasks.reference_outputs(model, dataset, "test")
+        m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_task_value=base_value,
+                                 reference_outputs=dense_outputs)
         result["params"] = {"total": m["params_total"], "nonzero": m["params_nonzero"],
                             "dense_total": m["baseline_params_total"]}
         result["flops"] = {"dense": m["flops_dense"], "effective": m["flops_effective"],

@@ -320,7 +320,7 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module
 
 def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset,
                 spec: MeasureSpec = MeasureSpec(), *, base_accuracy: float | None = None,
-                base_task_value: float | None = None) -> dict:
+                base_task_value: float | None = None, reference_outputs: list | None = None) -> dict:
     """The task metric plus theoretical and measured cost of a pruned model next to its base.
 
     The one measurement call of the app, the CLI and recipes (same defaults everywhere).
@@ -331,7 +331,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     ``task`` is ``{name, measure, base, pruned, higher_is_better}``: accuracy for a classifier
     on labelled data (then ``accuracy`` / ``base_accuracy`` hold the same numbers), perplexity for
     a causal language model, fidelity to ``base_model`` otherwise (``accuracy`` is then None).
-    ``base_accuracy`` / ``base_task_value`` skip recomputing the base model's value.
+    ``base_accuracy`` / ``base_task_value`` skip recomputing the base model's value, and
+    ``reference_outputs`` (`tasks.reference_outputs` of the base model on the test split) its forwards
+    for fidelity, when several pruned copies of one base are measured.
     ``semi_structured`` is None unless some Linear carries a 2:4 weight; then it holds the 2:4 model
     timed with PyTorch's semi-structured kernels next to dense on a capable GPU, or the reason it
     cannot be (`semistructured.semi_structured_latency`).
@@ -351,7 +353,7 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         task = {"name": "accuracy", "measure": "accuracy", "base": base_accuracy, "pruned": accuracy,
                 "higher_is_better": True}
     else:
-        result = tasks.evaluate_task(deployed, dataset, reference=base_model, task=name)
+        result = tasks.evaluate_task(deployed, dataset, reference=base_model, task=name, outputs=reference_outputs)
         if base_task_value is None:
             base_task_value = tasks.evaluate_task(base_model, dataset, task=name)["value"] if name == "perplexity" \
                 else tasks.PERFECT[result["measure"]]
