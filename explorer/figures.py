@@ -140,6 +140,8 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
 
     ``metric`` names the run's task metric (accuracy for runs stored before tasks existed) and
     ``metric value`` / ``base value`` hold it for the pruned copy and its dense model.
+    ``speed-up 2:4 kernels``: a 2:4 run timed with semi-structured sparse kernels next to dense fp16 (GPU
+    of compute capability 8.0+ only; None elsewhere).
     """
     rows = []
     for run in runs:
@@ -159,6 +161,7 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
             "FLOPs": m.get("flops_effective"), "compressed size (B)": m.get("size_compressed_bytes"),
             "latency (ms)": m.get("latency_ms"), "base latency (ms)": m.get("baseline_latency_ms"),
             "speed-up measured": m.get("speedup_measured"), "speed-up FLOPs": m.get("speedup_flops"),
+            "speed-up 2:4 kernels": (m.get("semi_structured") or {}).get("speedup"),
             "device": f"{m.get('device')} (batch {m.get('batch')}, {m.get('threads')} threads)",
         })
     table = pd.DataFrame(rows)

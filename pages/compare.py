@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import figures
+from explorer import figures, semistructured
 from explorer.errors import ExplorerError
 from explorer.store import RunStore
 from pages import common
@@ -26,6 +26,9 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
   not (they are timed with masks folded into plain weights, as they would be deployed). Their gain
   is the *compressed file size*. Channel pruning produces genuinely smaller dense tensors, so it does get faster, though usually less than FLOPs say (memory traffic, overheads and
   small layers do not shrink in proportion). Points on the dashed line y = x keep their promise.
+  The one weight-level pattern with real kernels is **2:4**: on an NVIDIA GPU of compute capability
+  8.0+, 2:4 runs are also timed with PyTorch's semi-structured sparse tensors (column *speed-up 2:4
+  kernels*); elsewhere a line under the table says why they run at about 1x.
 * **Accuracy vs latency** - the Pareto front joins the runs no other run beats on both at once:
   the only ones worth choosing from.
 * **Sweeps** - `python -m explorer sweep --grid FILE` runs a grid of recipes (criteria x sparsities x
@@ -94,7 +97,15 @@ st.dataframe(shown, hide_index=True, column_config={
     "base latency (ms)": st.column_config.NumberColumn(format="%.3f"),
     "speed-up measured": st.column_config.NumberColumn(format="%.2fx"),
     "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
+    "speed-up 2:4 kernels": st.column_config.NumberColumn(
+        format="%.2fx", help="2:4 runs timed with PyTorch's semi-structured sparse kernels next to dense fp16, "
+                             "on a GPU of compute capability 8.0+ only."),
 }, key="cmp_table")
+reasons = {semistructured.describe(run.metrics["semi_structured"]) for run in runs
+           if run.id in set(shown["id"]) and (run.metrics.get("semi_structured") or {}).get("speedup") is None
+           and run.metrics.get("semi_structured")}
+for reason in sorted(filter(None, reasons)):
+    st.caption(reason)
 
 left, right = st.columns(2)
 with left:

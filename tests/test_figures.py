@@ -62,6 +62,14 @@ def test_runs_frame_and_compare_charts_stay_within_their_ranges():
     assert figures.accuracy_vs_latency(table).data[-1].name == "Pareto front"
 
 
+def test_runs_frame_shows_the_2_4_kernel_speed_up_only_where_it_was_timed():
+    timed, untimed = runs()
+    timed.metrics["semi_structured"] = {"available": True, "speedup": 1.37}
+    untimed.metrics["semi_structured"] = {"available": False, "reason": "No CUDA GPU here."}
+    assert figures.runs_frame([timed, untimed])["speed-up 2:4 kernels"].tolist()[0] == 1.37
+    assert pd.isna(figures.runs_frame([untimed])["speed-up 2:4 kernels"].tolist()[0])
+
+
 def test_trajectories_and_cost_bars_carry_their_numbers():
     traj = {"one_shot": [{"epoch": 0, "sparsity": 0.9, "val_accuracy": None}, {"epoch": 1, "sparsity": 0.9,
                                                                                "val_accuracy": 0.7}]}

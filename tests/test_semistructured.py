@@ -139,3 +139,20 @@ def test_a_kernel_failure_becomes_the_reason_not_a_lost_run(monkeypatch):
     assert result["available"] is False and result["layers_converted"] == 1
     assert result["reason"].startswith("The semi-structured kernels failed on this model in float16")
     assert semi.describe(result).endswith(result["reason"])
+
+
+def test_compare_shows_the_2_4_kernel_speed_up_or_why_there_is_none(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.store import Run, RunStore
+
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path))  # a run database of this test's runs only
+    task = {"name": "fidelity", "measure": "cosine", "base": 1.0, "pruned": 0.9, "higher_is_better": True}
+    for speedup, semi in ((1.4, {"available": True, "speedup": 1.4}),
+                          (None, {"available": False, "reason": "No CUDA GPU here. On CPU, dense kernels ..."})):
+        RunStore().save(Run(model_name="minilm", dataset="text", structure="nm", criterion="magnitude", scope="local",
+                            sparsity=0.5, metrics={"task": task, "semi_structured": semi}))
+    at = AppTest.from_file("../pages/compare.py", default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert sorted(at.dataframe[0].value["speed-up 2:4 kernels"].fillna(0)) == [0, 1.4]
+    assert "2:4 sparse kernels: No CUDA GPU here" in "\n".join(c.value for c in at.caption)
