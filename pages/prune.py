@@ -15,6 +15,7 @@ from pages import common
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
             "prune_calib": 4, "prune_nm": "2:4"}
+PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
 
 st.title("Prune")
 common.explain("""
@@ -129,7 +130,7 @@ def plan_view() -> None:
     except ExplorerError as exc:
         st.error(str(exc))
         st.stop()
-    st.session_state[common.RECIPE] = recipe
+    st.session_state[common.RECIPE], st.session_state[PLAN] = recipe, plan
     common.sync_url()  # a fragment rerun skips app.py, which syncs the URL on full reruns
 
     with collapse_col:
@@ -159,9 +160,6 @@ def plan_view() -> None:
                    f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}", delta_color="off", delta_arrow="off")
     cols[3].metric("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual),
                    delta_color="off", delta_arrow="off")
-    if not estimate["exact"]:
-        st.caption("Channel estimates leave out biases and BatchNorm; Apply replaces them with exact counts. "
-                   "Unstructured: non-zero parameters, and FLOPs a sparse kernel would do.")
 
     layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
                             "kept": lp.kept, "pruned": lp.pruned, "sparsity": lp.sparsity, "rule": lp.source,
@@ -193,42 +191,49 @@ def plan_view() -> None:
             st.dataframe(pd.DataFrame([{"layer": m.layer, "type": m.type, "cut": m.cut, "channels": m.channels,
                                         "depthwise": m.depthwise} for m in group.members]), hide_index=True)
 
-    st.divider()
-    if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply"):
-        try:
-            pruned_module = pipeline.apply(model["module"], prepared, plan)
-            run = common.measure_and_save(model, pruned_module, recipe)
-        except ExplorerError as exc:
-            st.error(str(exc))
-        else:
-            st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": recipe, "plan": plan.to_dict(),
-                                               "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
-                                               "run_name": run.name}
-            st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy
-
-    pruned = st.session_state.get(common.PRUNED)
-    if pruned is not None and pruned["model_key"] == model["key"]:
-        m = pruned["metrics"]
-        task = m.get("task") or {**common.model_task(model), "pruned": m["accuracy"]}
-        st.success(f"Saved **{pruned['run_name']}**.")
-        r = st.columns(5)
-        r[0].metric(common.task_label(task).capitalize(), common.fmt_task(task, task["pruned"]),
-                    common.fmt_task_delta(task, task["base"], task["pruned"]),
-                    delta_color="normal" if task["higher_is_better"] else "inverse",
-                    help=f"Dense model: {common.fmt_task(task, task['base'])}.")
-        r[1].metric("Non-zero params", common.fmt_int(m["params_nonzero"]), f"of {common.fmt_int(m['params_total'])}",
-                    delta_color="off", delta_arrow="off")
-        r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
-                    f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off", delta_arrow="off")
-        r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")
-        r[4].metric("Speed-up, measured", f"{m['speedup_measured']:.2f}x" if m.get("speedup_measured") else "-",
-                    f"{m.get('device')}, batch {m.get('batch')}", delta_color="off", delta_arrow="off")
-        scoring_of_run = pruned["recipe"].scoring
-        kernels = semistructured.describe(m.get("semi_structured"),
-                                          scoring_of_run.nm if scoring_of_run.structure == "nm" else None)
-        if kernels:
-            st.caption(kernels)
-        st.page_link("pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
-
 
 plan_view()
+# Outside the fragment: nothing below changes with a sparsity move, and every element a fragment
+# rerun re-sends costs the browser time (bench/RESULTS_slider.md). Apply is a full rerun, whose
+# fragment run has just stored the plan on screen.
+if not pipeline.estimate(prepared, st.session_state[PLAN])["exact"]:
+    st.caption("Channel estimates leave out biases and BatchNorm; Apply replaces them with exact counts. "
+               "Unstructured: non-zero parameters, and FLOPs a sparse kernel would do.")
+st.divider()
+if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply"):
+    plan, recipe = st.session_state[PLAN], st.session_state[common.RECIPE]
+    try:
+        pruned_module = pipeline.apply(model["module"], prepared, plan)
+        run = common.measure_and_save(model, pruned_module, recipe)
+    except ExplorerError as exc:
+        st.error(str(exc))
+    else:
+        st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": recipe, "plan": plan.to_dict(),
+                                           "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
+                                           "run_name": run.name}
+        st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy
+
+pruned = st.session_state.get(common.PRUNED)
+if pruned is not None and pruned["model_key"] == model["key"]:
+    m = pruned["metrics"]
+    task = m.get("task") or {**common.model_task(model), "pruned": m["accuracy"]}
+    st.success(f"Saved **{pruned['run_name']}**.")
+    r = st.columns(5)
+    r[0].metric(common.task_label(task).capitalize(), common.fmt_task(task, task["pruned"]),
+                common.fmt_task_delta(task, task["base"], task["pruned"]),
+                delta_color="normal" if task["higher_is_better"] else "inverse",
+                help=f"Dense model: {common.fmt_task(task, task['base'])}.")
+    r[1].metric("Non-zero params", common.fmt_int(m["params_nonzero"]), f"of {common.fmt_int(m['params_total'])}",
+                delta_color="off", delta_arrow="off")
+    r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
+                f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off", delta_arrow="off")
+    r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")
+    r[4].metric("Speed-up, measured", f"{m['speedup_measured']:.2f}x" if m.get("speedup_measured") else "-",
+                f"{m.get('device')}, batch {m.get('batch')}", delta_color="off", delta_arrow="off")
+    scoring_of_run = pruned["recipe"].scoring
+    kernels = semistructured.describe(m.get("semi_structured"),
+                                      scoring_of_run.nm if scoring_of_run.structure == "nm" else None)
+    if kernels:
+        st.caption(kernels)
+    st.page_link("pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
+
