@@ -173,24 +173,29 @@ def plan_view() -> None:
                 "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0,
                                                             max_value=1.0)})
 
-    if structure == "channel":
+    if structure in ("channel", "head"):
         st.subheader("Coupled groups")
         root = st.selectbox("Layer", [g.name for g in prepared.groups], key="prune_group_layer",
                             help="The group whose removal shrinks this layer's outputs.")
         group = group_of(prepared.groups, root)
         if group is not None:
-            removed = plan.layer(group.name).pruned if group.name in prepared.names else 0
+            unit_plan = plan.layer(group.name) if group.name in prepared.names else None
+            removed = unit_plan.pruned if unit_plan is not None else 0
+            # a head group's unit is a whole head: head_dim channels of the query, key and value together
+            per_unit = group.channels // unit_plan.total if unit_plan is not None and unit_plan.total else 1
+            unit = "head" if per_unit > 1 else "channel"
+            real, naive = per_unit * group.params_per_channel_real, per_unit * group.params_per_channel_naive
             g1, g2, g3 = st.columns(3)
-            g1.metric("Channels in group", group.channels, f"{removed} removed by this plan", delta_color="off", delta_arrow="off")
-            g2.metric("Params per channel, real", f"{group.params_per_channel_real:,.0f}")
-            g3.metric("Params per channel, naive", f"{group.params_per_channel_naive:,}",
-                      help="Only the root filter (weight slice and bias): what a per-layer view suggests.")
-            st.caption(f"Group kind: {group.kind}. Removing {removed} channel(s) frees about "
-                       f"{removed * group.params_per_channel_real:,.0f} parameters; counting only the root filter "
-                       f"would say {removed * group.params_per_channel_naive:,}.")
+            g1.metric(f"{unit.capitalize()}s in group", group.channels // per_unit, f"{removed} removed by this plan",
+                      delta_color="off", delta_arrow="off")
+            g2.metric(f"Params per {unit}, real", f"{real:,.0f}")
+            g3.metric(f"Params per {unit}, naive", f"{naive:,}",
+                      help="Only the root layer's own slice (weight rows and bias): what a per-layer view suggests.")
+            st.caption(f"Group kind: {group.kind}" + (f", {per_unit} channels a head" if per_unit > 1 else "")
+                       + f". Removing {removed} {unit}(s) frees about {removed * real:,.0f} parameters; counting only "
+                       f"the root layer would say {removed * naive:,}.")
             st.dataframe(pd.DataFrame([{"layer": m.layer, "type": m.type, "cut": m.cut, "channels": m.channels,
                                         "depthwise": m.depthwise} for m in group.members]), hide_index=True)
-
 
 plan_view()
 # Outside the fragment: nothing below changes with a sparsity move, and every element a fragment

@@ -150,6 +150,28 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     assert len(RunStore().list()) == 3
 
 
+def test_a_head_group_shows_its_real_and_naive_cost_per_head():
+    at = start()
+    load_transformer(at, "tiny_bert")
+    goto(at, "pages/prune.py")
+    at.radio(key="prune_structure").set_value("head").run()
+    at.selectbox(key="prune_criterion").set_value("magnitude").run()
+    at.radio(key="prune_scope").set_value("local").run()
+    at.slider(key="prune_sparsity").set_value(0.5).run()  # local: 2 of the 4 heads of every layer
+    at.selectbox(key="prune_group_layer").set_value("hf.bert.encoder.layer.0.attention.self.query").run()
+    assert not at.error and not at.exception, texts(at.error)
+    config = at.session_state["current_model"]["module"].hf.config
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = hidden // heads
+    # one head: head_dim rows (weights and bias) of query, key and value, and head_dim input columns of the output
+    real = head_dim * (3 * (hidden + 1) + hidden)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Heads in group"] == str(heads) and "2 removed" in next(
+        m.delta for m in at.metric if m.label == "Heads in group")
+    assert metrics["Params per head, real"] == f"{real:,}"
+    assert metrics["Params per head, naive"] == f"{head_dim * (hidden + 1):,}"  # the query slice alone
+
+
 def test_a_bad_hf_folder_is_one_error_line_and_the_previous_model_stays(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model\n")
     at = start()
