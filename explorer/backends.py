@@ -24,6 +24,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -122,9 +124,27 @@ def run_tasks(fn: Callable, argsets: Sequence[tuple], *, backend: str = "local",
                 yield index, None, _one_line(exc)
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with _bare_main(), ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             yield from _drive(argsets, workers, cancel, lambda args: pool.submit(call, fn, args, threads),
                               _wait_futures, lambda future: future.result())
+
+
+@contextmanager
+def _bare_main():
+    """While the pool runs, ``__main__`` is an empty module, so the spawned workers import no main script.
+
+    ``spawn`` re-runs the parent's main *file* in every worker (a module run with ``-m`` is skipped).
+    That file may be a Streamlit page (Streamlit installs each page as ``__main__``), a script fed on
+    stdin, or a notebook: none of it is needed, since every call is `call` with a function of
+    ``explorer``, and re-running a page in a worker would redo its work or fail.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 def _wait_futures(running):

@@ -4,6 +4,7 @@ The numbers of a sweep are checked against `run_recipe` on each point's recipe a
 thread, as in every worker); Ray is checked against the local pool on the same grid and seeds with
 one local Ray instance for the module (about 7 s to start here).
 """
+import math
 import sys
 import threading
 
@@ -277,3 +278,17 @@ def test_the_compare_page_filters_and_plots_one_sweep():
     chart = next(c for c in at.get("plotly_chart") if "cmp_sweep_chart" in str(c.proto.id))
     figure = __import__("json").loads(chart.proto.spec)
     assert {trace["name"] for trace in figure["data"]} == {"magnitude", "taylor"}
+
+
+def test_a_local_pool_does_not_rerun_the_parents_main_script(tmp_path, monkeypatch):
+    """Streamlit installs each page as __main__; spawned workers must not run it again."""
+    import types
+
+    script = tmp_path / "page.py"
+    script.write_text("raise SystemExit('a worker ran the main script')\n")
+    page = types.ModuleType("__main__")
+    page.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", page)
+    results = sorted(backends.run_tasks(math.factorial, [(3,), (4,), (5,)], backend="local", workers=2))
+    assert results == [(0, 6, None), (1, 24, None), (2, 120, None)]
+    assert sys.modules["__main__"] is page  # put back afterwards
