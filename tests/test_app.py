@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from explorer import jobs
 from explorer.data import load_dataset
 from explorer.models import build, save_model
+from tests.apptest import goto, texts, wait_for_job
 
 PAGES = ["pages/model.py", "pages/inspect.py", "pages/prune.py", "pages/finetune.py", "pages/sensitivity.py",
          "pages/compare.py"]
@@ -24,16 +25,6 @@ def start() -> AppTest:
     assert not at.exception, at.exception
     assert at.session_state["current_model"]["label"] == "mlp"
     return at
-
-
-def goto(at: AppTest, page: str) -> AppTest:
-    at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 def test_every_page_renders_without_exception():
@@ -160,21 +151,6 @@ def test_channel_structure_shows_coupled_group():
     # one fc1 neuron is its weight row and bias (64 + 1) plus its column in fc2 (128)
     assert metrics["Params per channel, naive"] == "65"
     assert metrics["Params per channel, real"] == "193"
-
-
-def wait_for_job(at: AppTest, timeout: float = 90):
-    """Rerun the page until its fine-tune job is done; at the deadline cancel it and fail with its status."""
-    assert "finetune_job" in at.session_state, f"no fine-tune job was started; errors: {texts(at.error)}"
-    job = at.session_state["finetune_job"]
-    deadline = time.monotonic() + timeout
-    while not job.wait(timeout=0.3):
-        if time.monotonic() > deadline:
-            where = f"{job.fraction:.0%} done, status '{job.status}'{', cancel requested' if job.cancelled else ''}"
-            job.cancel.set()  # do not leave it training behind the next tests
-            pytest.fail(f"the fine-tune job is not done after {timeout} s: {where}")
-        at.run()
-    at.run()
-    return job
 
 
 def test_wait_for_job_fails_loudly_at_its_deadline():

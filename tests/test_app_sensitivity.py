@@ -1,6 +1,4 @@
 """The Sensitivity page through AppTest: scan as a job, heatmap and order, cancel, suggestion to Prune, export."""
-import time
-
 import pytest
 import yaml
 from streamlit.testing.v1 import AppTest
@@ -9,24 +7,14 @@ from explorer import pipeline, sensitivity, suggest
 from explorer.recipe import Recipe
 from explorer.specs import ScoringSpec
 from tests import test_app_transformers as transformers
-from tests.test_app import goto, start, texts
+from tests.apptest import goto, texts, wait_for_job
+from tests.test_app import start
 
 PAGE = "pages/sensitivity.py"
 
 
 def wait_for_scan(at: AppTest, timeout: float = 60):
-    """Rerun the page until its scan job is done (cancel it and fail at the deadline)."""
-    assert "sensitivity_job" in at.session_state, f"no scan was started; errors: {texts(at.error)}"
-    job = at.session_state["sensitivity_job"]
-    deadline = time.monotonic() + timeout
-    while not job.wait(timeout=0.3):
-        if time.monotonic() > deadline:
-            job.cancel.set()
-            pytest.fail(f"the scan is not done after {timeout} s: {job.fraction:.0%}, '{job.status}'")
-        at.run()
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return job
+    return wait_for_job(at, "sensitivity_job", timeout, "scan")
 
 
 def run_scan(at: AppTest, *, structure="unstructured", samples=200, grid=(0.2, 0.5, 0.8), latency=False) -> AppTest:

@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from explorer import tasks
 from explorer.models import load_model
 from explorer.store import RunStore
+from tests.apptest import goto, texts
 
 
 def start() -> AppTest:
@@ -25,16 +26,6 @@ def start() -> AppTest:
     assert not at.exception, at.exception
     assert "current_model" not in at.session_state
     return at
-
-
-def goto(at: AppTest, page: str) -> AppTest:
-    at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 def numbers(array) -> list[float]:

@@ -1,29 +1,17 @@
 """The Methods page through AppTest: methods run side by side in the background, are saved and compared."""
-import time
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from explorer.store import RunStore
+from tests.apptest import goto, wait_for_job
 
 
 def open_methods() -> AppTest:
-    at = AppTest.from_file("../app.py", default_timeout=120).run()
-    at.switch_page("pages/methods.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return goto(AppTest.from_file("../app.py", default_timeout=120).run(), "pages/methods.py")
 
 
 def wait_for_lab(at: AppTest, timeout: float = 120):
-    job = at.session_state["methods_job"]
-    deadline = time.monotonic() + timeout
-    while not job.wait(timeout=0.3):
-        if time.monotonic() > deadline:
-            job.cancel.set()
-            pytest.fail(f"the methods job is not done after {timeout} s: {job.fraction:.0%}, '{job.status}'")
-        at.run()
-    at.run()
-    return job
+    return wait_for_job(at, "methods_job", timeout, "methods")
 
 
 def test_methods_run_side_by_side_and_become_runs():

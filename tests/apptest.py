@@ -1,0 +1,32 @@
+"""What the AppTest files share: moving between pages, reading texts, waiting for a page's background job."""
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def wait_for_job(at: AppTest, key: str = "finetune_job", timeout: float = 90, what: str = "fine-tune"):
+    """Rerun the page until the job in ``session_state[key]`` is done; at the deadline cancel it and fail
+    with its status (a job left running would train behind the next tests)."""
+    assert key in at.session_state, f"no {what} job was started; errors: {texts(at.error)}"
+    job = at.session_state[key]
+    deadline = time.monotonic() + timeout
+    while not job.wait(timeout=0.3):
+        if time.monotonic() > deadline:
+            where = f"{job.fraction:.0%} done, status '{job.status}'{', cancel requested' if job.cancelled else ''}"
+            job.cancel.set()
+            pytest.fail(f"the {what} job is not done after {timeout} s: {where}")
+        at.run()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return job
