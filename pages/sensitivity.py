@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pandas as pd
 import streamlit as st
@@ -247,15 +248,10 @@ else:
                       delta_color="normal" if scan.higher_is_better else "inverse",
                       help=f"All units pruned together, measured on {actual['samples']} examples of {actual['split']}; "
                            f"overall sparsity {common.fmt_pct(actual['sparsity'])}.")
-    note = checked["suggestion"].note
-    agree = abs(actual["drop"] - predicted["drop"]) < 1e-9
-    if agree:  # the core's note explains a gap; with none, say so (the sparsity can still differ)
-        note = (f"**Predicted and actual agree here**: these cuts happen not to interact on this subset (they "
-                f"usually do). Overall sparsity measured {common.fmt_pct(actual['sparsity'])}, predicted "
-                f"{common.fmt_pct(predicted['sparsity'])}")
-    else:
-        note = f"**Why predicted and actual differ.** {note[:1].upper()}{note[1:]}"
-    st.info(note + ".", icon=":material/info:")
+    note = checked["suggestion"].note  # the core's line: the gap and why, or that they agree
+    agree = math.isclose(actual["drop"], predicted["drop"], abs_tol=1e-9)
+    title = "Predicted and actual agree here (they usually do not)." if agree else "Why predicted and actual differ."
+    st.info(f"**{title}** {note[:1].upper()}{note[1:]}.", icon=":material/info:")
 if suggestion.note and checked is None:
     st.caption(suggestion.note.capitalize() + ".")
 
