@@ -1,6 +1,6 @@
 """Pruning Explorer: `streamlit run app.py`.
 
-The entry point sets up navigation over the steps in ``pages/``, reopens what a link names
+The entry point sets up navigation over the steps in ``app_pages/``, reopens what a link names
 (model and Prune settings in the URL's query parameters, so a reload or a shared link shows the
 same view) and draws the sidebar card of the session's current model; every page is a thin
 layer over ``explorer/``.
@@ -8,19 +8,19 @@ layer over ``explorer/``.
 import streamlit as st
 
 from explorer.layers import choose_device
-from pages import common
+from app_pages import common
 
 st.set_page_config(page_title="Pruning Explorer", page_icon=":material/content_cut:", layout="wide")
 
 navigation = st.navigation([
-    st.Page("pages/tour.py", title="Tour", icon=":material/school:"),
-    st.Page("pages/model.py", title="Model", icon=":material/model_training:", default=True),
-    st.Page("pages/inspect.py", title="Inspect", icon=":material/query_stats:"),
-    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
-    st.Page("pages/finetune.py", title="Fine-tune", icon=":material/tune:"),
-    st.Page("pages/methods.py", title="Methods", icon=":material/timeline:"),
-    st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/grid_on:"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:"),
+    st.Page("app_pages/tour.py", title="Tour", icon=":material/school:"),
+    st.Page("app_pages/model.py", title="Model", icon=":material/model_training:", default=True),
+    st.Page("app_pages/inspect.py", title="Inspect", icon=":material/query_stats:"),
+    st.Page("app_pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("app_pages/finetune.py", title="Fine-tune", icon=":material/tune:"),
+    st.Page("app_pages/methods.py", title="Methods", icon=":material/timeline:"),
+    st.Page("app_pages/sensitivity.py", title="Sensitivity", icon=":material/grid_on:"),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/leaderboard:"),
 ])
 
 common.restore_from_url()

@@ -55,7 +55,7 @@ _WAIT_FOR_REDRAW = """
 const before = arguments[0], done = arguments[arguments.length - 1];
 const started = performance.now();
 function heights() {
-  const plot = document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot');
+  const plot = document.querySelector('.js-plotly-plot');
   return plot && plot._fullData && plot._fullData.length ? JSON.stringify(Array.from(plot._fullData[0].y)) : null;
 }
 function check() {
@@ -67,7 +67,7 @@ function check() {
 check();
 """
 _HEIGHTS = """
-const plot = document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot');
+const plot = document.querySelector('.js-plotly-plot');
 return plot && plot._fullData && plot._fullData.length ? JSON.stringify(Array.from(plot._fullData[0].y)) : null;
 """
 _LISTEN = ("window.__keydown = null; document.addEventListener('keydown', () => { window.__keydown = "

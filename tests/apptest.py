@@ -30,3 +30,16 @@ def wait_for_job(at: AppTest, key: str = "finetune_job", timeout: float = 90, wh
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return job
+
+
+def live_view(at: AppTest, key: str = "prune_chart") -> dict:
+    """The data the in-place chart component (app_pages/live_chart.py) was sent: ``figure``, ``cards``, ``src``."""
+    import json
+    views = [e.proto for e in at.get("bidi_component") if key in e.proto.id]
+    assert len(views) == 1, f"{len(views)} live views with key {key!r}"
+    return json.loads(views[0].json)
+
+
+def live_cards(at: AppTest, key: str = "prune_chart") -> dict[str, str]:
+    """Label -> shown value of the live view's cards (the Prune page's estimates)."""
+    return {card["label"]: card["value"] for card in live_view(at, key)["cards"]}

@@ -1,6 +1,6 @@
 """The Streamlit app through AppTest: every page renders, the main path works, bad input is an error.
 
-Runs the real script (app.py + pages/) in-process; conftest gives every test session its own
+Runs the real script (app.py + app_pages/) in-process; conftest gives every test session its own
 baseline cache and run database, so the first test trains the mlp/digits baseline once.
 """
 import threading
@@ -13,10 +13,10 @@ from streamlit.testing.v1 import AppTest
 from explorer import jobs
 from explorer.data import load_dataset
 from explorer.models import build, save_model
-from tests.apptest import goto, texts, wait_for_job
+from tests.apptest import goto, live_cards, texts, wait_for_job
 
-PAGES = ["pages/model.py", "pages/inspect.py", "pages/prune.py", "pages/finetune.py", "pages/sensitivity.py",
-         "pages/compare.py"]
+PAGES = ["app_pages/model.py", "app_pages/inspect.py", "app_pages/prune.py", "app_pages/finetune.py", "app_pages/sensitivity.py",
+         "app_pages/compare.py"]
 
 
 def start() -> AppTest:
@@ -42,15 +42,15 @@ def test_main_path_inspect_prune_finetune_compare():
     base_accuracy = at.session_state["current_model"]["base_accuracy"]
     assert base_accuracy > 0.9
 
-    goto(at, "pages/inspect.py")
+    goto(at, "app_pages/inspect.py")
     at.button(key="inspect_collect").click().run()
     assert not at.exception and not at.error
     assert "inspect_gradients" in at.session_state
 
-    goto(at, "pages/prune.py")
+    goto(at, "app_pages/prune.py")
     assert at.radio(key="prune_scope").value == "global"
     at.slider(key="prune_sparsity").set_value(0.8).run()
-    metrics = {m.label: m.value for m in at.metric}
+    metrics = live_cards(at)
     units = 64 * 256 + 256 * 128 + 128 * 10  # the mlp's weights on 8x8 digits
     assert metrics["Units pruned"] == f"{round(0.8 * units):,} / {units:,}"
     at.button(key="prune_apply").click().run()
@@ -61,7 +61,7 @@ def test_main_path_inspect_prune_finetune_compare():
     base = at.session_state["current_model"]["module"]
     assert float((base.fc1.weight == 0).float().mean()) < 0.01
 
-    goto(at, "pages/finetune.py")
+    goto(at, "app_pages/finetune.py")
     at.number_input(key="ft_epochs").set_value(1)
     at.button(key="ft_start").click().run()
     wait_for_job(at, timeout=60)
@@ -72,7 +72,7 @@ def test_main_path_inspect_prune_finetune_compare():
     assert saved is not None
     assert "fine-tune 1 ep" in texts(at.success)
 
-    goto(at, "pages/compare.py")
+    goto(at, "app_pages/compare.py")
     table = at.dataframe[0].value.set_index("id")
     assert {pruned["run_id"], saved.id} <= set(table.index)  # other tests may have saved runs too
     assert table.loc[pruned["run_id"], "fine-tune epochs"] == 0
@@ -107,7 +107,7 @@ def load_upload(at: AppTest, name: str, content: bytes) -> AppTest:
 def test_collapse_warning_and_one_click_fixes(tmp_path):
     at = load_upload(start(), "tiny_fc2.pt", crafted_model_file(tmp_path))
     assert at.session_state["current_model"]["label"] == "tiny_fc2.pt"
-    goto(at, "pages/prune.py")
+    goto(at, "app_pages/prune.py")
     at.slider(key="prune_sparsity").set_value(0.8).run()
     assert "Layer collapse" in texts(at.warning) and "`fc2`" in texts(at.warning)
     assert "empties `fc2` beyond" in texts(at.info)
@@ -133,7 +133,7 @@ def test_corrupt_upload_shows_error_not_traceback():
 
 
 def test_sparsity_one_shows_error_not_traceback():
-    at = goto(start(), "pages/prune.py")
+    at = goto(start(), "app_pages/prune.py")
     at.slider(key="prune_sparsity").set_value(1.0).run()
     assert "Layer collapse" in texts(at.warning)
     at.button(key="prune_apply").click().run()
@@ -143,7 +143,7 @@ def test_sparsity_one_shows_error_not_traceback():
 
 
 def test_channel_structure_shows_coupled_group():
-    at = goto(start(), "pages/prune.py")
+    at = goto(start(), "app_pages/prune.py")
     at.radio(key="prune_structure").set_value("channel").run()
     assert not at.exception and not at.error
     metrics = {m.label: m.value for m in at.metric}
@@ -166,9 +166,9 @@ def test_wait_for_job_fails_loudly_at_its_deadline():
 
 
 def test_cancel_keeps_the_partial_result():
-    at = goto(start(), "pages/prune.py")
+    at = goto(start(), "app_pages/prune.py")
     at.button(key="prune_apply").click().run()
-    goto(at, "pages/finetune.py")
+    goto(at, "app_pages/finetune.py")
     at.number_input(key="ft_epochs").set_value(100)
     at.button(key="ft_start").click().run()
     job = at.session_state["finetune_job"]
@@ -187,18 +187,18 @@ def test_cancel_keeps_the_partial_result():
 
 
 def test_sessions_are_isolated_and_runs_persist():
-    first = goto(start(), "pages/prune.py")
+    first = goto(start(), "app_pages/prune.py")
     first.slider(key="prune_sparsity").set_value(0.3).run()
     first.button(key="prune_apply").click().run()
     run_name = first.session_state["pruned_result"]["run_name"]
 
     second = start()  # another browser session
-    goto(second, "pages/prune.py")
+    goto(second, "app_pages/prune.py")
     assert second.slider(key="prune_sparsity").value == pytest.approx(0.5)
     assert "pruned_result" not in second.session_state
-    goto(second, "pages/finetune.py")
+    goto(second, "app_pages/finetune.py")
     assert "apply a plan on the Prune page first" in texts(second.info)
-    goto(second, "pages/compare.py")  # but saved runs are on disk for everyone, across restarts
+    goto(second, "app_pages/compare.py")  # but saved runs are on disk for everyone, across restarts
     assert run_name in second.dataframe[0].value["name"].tolist()
 
 
@@ -239,7 +239,7 @@ def test_user_tensors_train_a_zoo_model_and_nan_data_is_refused():
 
 
 def test_the_per_layer_table_is_built_when_opened_and_counts_a_brute_force_global_cut():
-    at = goto(start(), "pages/prune.py")
+    at = goto(start(), "app_pages/prune.py")
     at.slider(key="prune_sparsity").set_value(0.7).run()
     assert not at.dataframe  # closed: nothing built on a slider move
     at.session_state["prune_table_open"] = True

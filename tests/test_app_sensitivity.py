@@ -10,7 +10,7 @@ from tests import test_app_transformers as transformers
 from tests.apptest import goto, texts, wait_for_job
 from tests.test_app import start
 
-PAGE = "pages/sensitivity.py"
+PAGE = "app_pages/sensitivity.py"
 
 
 def wait_for_scan(at: AppTest, timeout: float = 60):
@@ -50,7 +50,7 @@ def test_scan_completes_draws_the_heatmap_and_orders_like_the_core(scanned):
 
 
 def test_revisit_shows_the_stored_scan_without_scanning_again(scanned):
-    at = goto(goto(scanned, "pages/prune.py"), PAGE)
+    at = goto(goto(scanned, "app_pages/prune.py"), PAGE)
     assert at.session_state["sensitivity_job"].done
     assert at.dataframe[0].value["unit"].tolist() == at.session_state["sensitivity_job"].result["scan"].order
 

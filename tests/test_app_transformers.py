@@ -36,7 +36,7 @@ def numbers(array) -> list[float]:
 
 
 def load_transformer(at: AppTest, name: str, *, folder: str = "") -> AppTest:
-    goto(at, "pages/model.py")
+    goto(at, "app_pages/model.py")
     at.radio(key="model_source").set_value("Transformer").run()
     at.selectbox(key="tf_model").set_value(name).run()
     if folder:
@@ -47,7 +47,7 @@ def load_transformer(at: AppTest, name: str, *, folder: str = "") -> AppTest:
 
 
 def apply(at: AppTest, structure: str, sparsity: float) -> dict:
-    goto(at, "pages/prune.py")
+    goto(at, "app_pages/prune.py")
     at.radio(key="prune_structure").set_value(structure).run()
     at.selectbox(key="prune_criterion").set_value("magnitude").run()
     at.slider(key="prune_sparsity").set_value(sparsity).run()
@@ -87,7 +87,7 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     # an independent computation of the dense model's perplexity on the same test split
     assert gpt2["task"]["base"] == pytest.approx(tasks.perplexity(gpt2["module"], gpt2["dataset"]), rel=1e-6)
     assert "Baseline perplexity (test)" in [m.label for m in at.metric]
-    goto(at, "pages/prune.py")
+    goto(at, "app_pages/prune.py")
     at.radio(key="prune_structure").set_value("nm").run()
     assert "fixes the sparsity at 50%" in texts(at.caption)
     assert at.slider(key="prune_sparsity").disabled
@@ -98,7 +98,7 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     assert gpt2_run["task"]["base"] == pytest.approx(gpt2["task"]["base"])  # passed in, not recomputed
     assert gpt2_run["task"]["pruned"] > 0
 
-    goto(at, "pages/compare.py")
+    goto(at, "app_pages/compare.py")
     assert not at.error, texts(at.error)
     at.selectbox(key="cmp_model").set_value("all models").run()
     table = at.dataframe[0].value
@@ -119,7 +119,7 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     assert len(RunStore().list()) == 2
 
     # Fine-tune trains the language model on its text (next-token loss) and reports perplexity.
-    goto(at, "pages/finetune.py")
+    goto(at, "app_pages/finetune.py")
     assert "perplexity before fine-tuning" in texts(at.markdown) and "next-token" in texts(at.caption)
     at.number_input(key="ft_epochs").set_value(1)
     at.selectbox(key="ft_batch").set_value(256)
@@ -144,7 +144,7 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
 def test_a_head_group_shows_its_real_and_naive_cost_per_head():
     at = start()
     load_transformer(at, "tiny_bert")
-    goto(at, "pages/prune.py")
+    goto(at, "app_pages/prune.py")
     at.radio(key="prune_structure").set_value("head").run()
     at.selectbox(key="prune_criterion").set_value("magnitude").run()
     at.radio(key="prune_scope").set_value("local").run()
@@ -172,7 +172,7 @@ def test_a_bad_hf_folder_is_one_error_line_and_the_previous_model_stays(tmp_path
     assert "\n" not in at.error[0].value
     assert at.session_state["current_model"]["label"] == "tiny_bert"
 
-    goto(at, "pages/inspect.py")  # 14 Linear layers: grouped by block, one block's histograms at a time
+    goto(at, "app_pages/inspect.py")  # 14 Linear layers: grouped by block, one block's histograms at a time
     assert not at.error, texts(at.error)
     blocks = at.selectbox(key="inspect_block")
     assert blocks.options == ["all blocks", "hf.bert.encoder.layer.0", "hf.bert.encoder.layer.1", "(outside blocks)"]
@@ -198,7 +198,7 @@ def test_head_on_a_plain_network_and_sparsegpt_by_channel_are_the_library_errors
     at.number_input(key="factory_epochs").set_value(0).run()
     at.button(key="factory_load").click().run()
     assert at.session_state["current_model"]["task"]["name"] == "accuracy"
-    goto(at, "pages/prune.py")
+    goto(at, "app_pages/prune.py")
     at.radio(key="prune_structure").set_value("head").run()
     assert not at.exception and len(at.error) == 1 and "\n" not in at.error[0].value
     at.radio(key="prune_structure").set_value("channel").run()
@@ -206,7 +206,7 @@ def test_head_on_a_plain_network_and_sparsegpt_by_channel_are_the_library_errors
     assert not at.exception and len(at.error) == 1 and "sparsegpt" in at.error[0].value
 
 
-@pytest.mark.parametrize("page", ["pages/methods.py", "pages/tour.py"])
+@pytest.mark.parametrize("page", ["app_pages/methods.py", "app_pages/tour.py"])
 def test_pages_that_train_say_so_for_a_model_judged_by_perplexity(page):
     at = load_transformer(start(), "tiny_gpt2")
     goto(at, page)

@@ -1,6 +1,6 @@
 """One real-browser smoke test: `streamlit run app.py` headless, driven by Debian's Chromium.
 
-Opens the app, waits for the default model, goes to the Prune page, moves the sparsity slider
+Opens a link to the Prune page on a fresh server (the default model trains), moves the sparsity slider
 with the keyboard and checks that the per-layer chart changed. Screenshots go to a temporary
 folder and, with SAVE_SCREENSHOTS=1, one per page to docs/screenshots/ for the README.
 """
@@ -117,7 +117,7 @@ def open_page(driver, title: str) -> None:
 
 def bar_heights(driver) -> list:
     return driver.execute_script(
-        "const plot = document.querySelector('[data-testid=\"stPlotlyChart\"] .js-plotly-plot');"
+        "const plot = document.querySelector('.js-plotly-plot');"
         "if (!plot || !plot._fullData || !plot._fullData.length) return null;"
         "return Array.from(plot._fullData[0].y);")  # _fullData: plotly's decoded copy of the figure
 
@@ -149,16 +149,16 @@ def click_button(driver, label: str) -> None:
 
 
 def test_slider_moves_chart(server, browser, tmp_path):
-    browser.get(server)
-    wait_for(browser, lambda d: "Baseline accuracy" in d.find_element(By.TAG_NAME, "body").text, 300,
-             "the default model (mlp on digits) did not load")
+    # The first page a fresh server gets is a link to Prune: app.py must run it (sidebar card, navigation);
+    # with a folder named pages/ next to app.py, Streamlit ran that file alone as an old-style page.
+    browser.get(f"{server}/prune?model=mlp&data=digits")
+    wait_for(browser, lambda d: bar_heights(d) is not None and sparsity_thumb(d) is not None, 300, "no prune chart")
     settle(browser)
-    shoot(browser, tmp_path, "model")
-
-    open_page(browser, "Prune")
-    wait_for(browser, lambda d: bar_heights(d) is not None and sparsity_thumb(d) is not None, 60, "no prune chart")
+    sidebar = browser.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
+    assert "Current model" in sidebar and "Fine-tune" in sidebar and "common" not in sidebar.split(), sidebar
     before = bar_heights(browser)
     assert before and all(abs(y - 0.5) < 0.3 for y in before), before  # 50 % global by default
+    assert "25,216 / 50,432" in browser.find_element(By.TAG_NAME, "body").text  # the Units pruned card, 50 %
 
     thumb = sparsity_thumb(browser)
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", thumb)
@@ -185,12 +185,17 @@ def test_slider_moves_chart(server, browser, tmp_path):
     assert "mlp" in browser.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
     assert bar_heights(browser) == after
 
+    assert "37,824 / 50,432" in browser.find_element(By.TAG_NAME, "body").text  # the card followed the slider
+
     if os.environ.get("SAVE_SCREENSHOTS") == "1":
         tour_for_screenshots(browser, tmp_path)
 
 
 def tour_for_screenshots(driver, tmp_path) -> None:
     """The remaining pages with something on them: two applied plans, a fine-tune, the dashboard."""
+    open_page(driver, "Model")
+    shoot(driver, tmp_path, "model")
+    open_page(driver, "Prune")
     click_button(driver, "Apply")
     wait_for(driver, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 120, "apply did not finish")
     shoot(driver, tmp_path, "prune")

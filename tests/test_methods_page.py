@@ -7,7 +7,7 @@ from tests.apptest import goto, wait_for_job
 
 
 def open_methods() -> AppTest:
-    return goto(AppTest.from_file("../app.py", default_timeout=120).run(), "pages/methods.py")
+    return goto(AppTest.from_file("../app.py", default_timeout=120).run(), "app_pages/methods.py")
 
 
 def wait_for_lab(at: AppTest, timeout: float = 120):
@@ -34,7 +34,7 @@ def test_methods_run_side_by_side_and_become_runs():
     stored = RunStore().get(result.run_id)
     assert stored.trajectory == result.trajectory and stored.recipe["method"] == {"name": "one_shot"}
     assert stored.recipe["budget"] == {"epochs": 1}
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("app_pages/compare.py").run()
     assert not at.exception and not at.error
     assert "Trajectories of methods over time" in [h.value for h in at.subheader]
     assert at.multiselect(key="cmp_traj").value == [result.run_id, penalty.run_id]

@@ -24,7 +24,7 @@ def cli_flags(recipe: Recipe) -> list[str]:
 @pytest.mark.parametrize("structure,criterion", [("unstructured", "magnitude"), ("channel", "taylor")])
 def test_the_app_and_the_cli_give_the_same_numbers_for_one_recipe(capsys, structure, criterion):
     at = AppTest.from_file("../app.py", default_timeout=120).run()
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("app_pages/prune.py").run()
     at.radio(key="prune_structure").set_value(structure).run()
     at.selectbox(key="prune_criterion").set_value(criterion).run()
     at.slider(key="prune_sparsity").set_value(0.6).run()

@@ -118,7 +118,7 @@ def test_the_prune_page_says_what_2_4_kernels_give_here(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path / "data"))
     at = AppTest.from_file("../app.py", default_timeout=120)
     at.query_params["model"], at.query_params["data"], at.query_params["structure"] = "tiny_bert", "text", "nm"
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("app_pages/prune.py").run()
     at.button(key="prune_apply").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     semi_result = at.session_state["pruned_result"]["metrics"]["semi_structured"]
@@ -152,7 +152,7 @@ def test_compare_shows_the_2_4_kernel_speed_up_or_why_there_is_none(tmp_path, mo
                           (None, {"available": False, "reason": "No CUDA GPU here. On CPU, dense kernels ..."})):
         RunStore().save(Run(model_name="minilm", dataset="text", structure="nm", criterion="magnitude", scope="local",
                             sparsity=0.5, metrics={"task": task, "semi_structured": semi}))
-    at = AppTest.from_file("../pages/compare.py", default_timeout=60).run()
+    at = AppTest.from_file("../app_pages/compare.py", default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
     assert sorted(at.dataframe[0].value["speed-up 2:4 kernels"].fillna(0)) == [0, 1.4]
     assert "2:4 sparse kernels: No CUDA GPU here" in "\n".join(c.value for c in at.caption)

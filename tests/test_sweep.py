@@ -263,7 +263,7 @@ def test_the_compare_page_filters_and_plots_one_sweep():
             _stored(store, "grid-a", criterion, sparsity, accuracy)
     _stored(store, "grid-a", "random", 0.8, None, error="This plan empties fc1")
     _stored(store, "grid-b", "magnitude", 0.9, 0.5)
-    at = AppTest.from_file("../pages/compare.py", default_timeout=60).run()
+    at = AppTest.from_file("../app_pages/compare.py", default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.selectbox(key="cmp_sweep").options == ["all runs", "grid-b", "grid-a"]
     assert len(at.dataframe[0].value) == 6  # every finished run

@@ -33,7 +33,7 @@ def test_how_to_decide_shows_global_collapse_where_local_keeps_every_layer(mlp):
 
 def test_the_tour_page_computes_each_step_on_the_current_model():
     at = AppTest.from_file("../app.py", default_timeout=180)
-    at.switch_page("pages/tour.py").run()
+    at.switch_page("app_pages/tour.py").run()
     assert not at.exception and not at.error
     for step in ("what", "decide", "time"):
         at.button(key=f"tour_{step}").click().run()

@@ -8,7 +8,7 @@ from explorer.errors import ExplorerError
 from explorer.layers import available_devices
 from explorer.jobs import Job
 from explorer.train import OPTIMIZERS, TrainConfig, metric_for, start_training
-from pages import common
+from app_pages import common
 
 st.title("Fine-tune")
 common.explain("""
@@ -36,7 +36,7 @@ label = common.task_label(task)
 pruned = st.session_state.get(common.PRUNED)
 if pruned is None or pruned["model_key"] != model["key"]:
     st.info("Nothing to fine-tune yet: apply a plan on the Prune page first.")
-    st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
+    st.page_link("app_pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
     st.stop()
 
 before = pruned["metrics"]
@@ -134,4 +134,4 @@ if job is not None and job.done:
         cols[3].metric("Speed-up measured / FLOPs",
                        f"{after['speedup_measured']:.2f}x / {after['speedup_flops']:.2f}x"
                        if after.get("speedup_measured") else f"- / {after['speedup_flops']:.2f}x")
-        st.page_link("pages/compare.py", label="Next: compare the runs", icon=":material/arrow_forward:")
+        st.page_link("app_pages/compare.py", label="Next: compare the runs", icon=":material/arrow_forward:")

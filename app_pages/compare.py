@@ -6,7 +6,7 @@ import streamlit as st
 from explorer import figures, semistructured
 from explorer.errors import ExplorerError
 from explorer.store import RunStore
-from pages import common
+from app_pages import common
 
 st.title("Compare")
 common.explain("""
@@ -45,7 +45,7 @@ except ExplorerError as exc:
     st.stop()
 if not runs:
     st.info("No runs yet. Apply a plan on the Prune page: each applied plan and each fine-tune is saved here.")
-    st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
+    st.page_link("app_pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
     st.stop()
 
 sweeps = store.sweeps()

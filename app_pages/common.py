@@ -130,7 +130,7 @@ def require_accuracy_task(model: dict, what: str) -> None:
     st.info(f"{what} and compares accuracy; **{model['label']}** is judged by {task_label(task)}. Load a zoo model "
             "(or a transformer classifier on a labelled text file) to use this page; Prune, Fine-tune (next-token "
             "loss, or distillation to the dense model) and Compare work with every model.", icon=":material/info:")
-    st.page_link("pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
+    st.page_link("app_pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
     st.stop()
 
 

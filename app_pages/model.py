@@ -13,7 +13,7 @@ from explorer.errors import ExplorerError
 from explorer.models import ZOO, load_model, read_saved_metadata
 from explorer.specs import ModelSpec
 from explorer.train import TrainConfig, evaluate, train
-from pages import common
+from app_pages import common
 
 st.title("Model")
 common.explain("""
@@ -259,4 +259,4 @@ st.dataframe(table, hide_index=True, column_config={
     "flops": st.column_config.NumberColumn("FLOPs", format="localized"),
     "prunable": st.column_config.CheckboxColumn("prunable"),
 })
-st.page_link("pages/inspect.py", label="Next: look inside the layers", icon=":material/arrow_forward:")
+st.page_link("app_pages/inspect.py", label="Next: look inside the layers", icon=":material/arrow_forward:")

@@ -14,7 +14,7 @@ from explorer.planner import SCOPES
 from explorer.specs import STRUCTURES, BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
 from explorer.store import RunStore
 from explorer.train import TrainConfig
-from pages import common
+from app_pages import common
 
 LAB_JOB = "methods_job"
 
@@ -141,4 +141,4 @@ if job is not None and job.done:
                                 key="methods_norms")
             with st.expander(f"{r.method}: the idea"):
                 st.markdown(METHODS[r.method].__doc__ or METHODS[r.method].summary)
-        st.page_link("pages/compare.py", label="Compare every run", icon=":material/arrow_forward:")
+        st.page_link("app_pages/compare.py", label="Compare every run", icon=":material/arrow_forward:")

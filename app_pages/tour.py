@@ -8,7 +8,7 @@ from explorer import figures, tour
 from explorer.errors import ExplorerError
 from explorer.specs import BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
 from explorer.train import TrainConfig
-from pages import common
+from app_pages import common
 
 st.title("Tour")
 common.explain("""
@@ -61,7 +61,7 @@ if what is not None:
                     f"couples {len(group['members'])} layers: one of its channels really takes "
                     f"**{group['real']:,.0f}** parameters with it, where counting only the root filter says "
                     f"**{group['naive']:,}**.")
-st.page_link("pages/prune.py", label="Try it: the Prune page", icon=":material/content_cut:")
+st.page_link("app_pages/prune.py", label="Try it: the Prune page", icon=":material/content_cut:")
 
 st.header("2. How to decide")
 st.markdown("A criterion scores every unit; the lowest go. Random scores are the baseline every criterion "
@@ -87,7 +87,7 @@ if decide is not None:
                 st.success(f"{scope}: no layer emptied"
                            + (f" (the first would empty beyond {plan.collapse_point:.1%})" if plan.collapse_point
                               else "") + ".")
-st.page_link("pages/inspect.py", label="Try it: look at the weights on Inspect", icon=":material/query_stats:")
+st.page_link("app_pages/inspect.py", label="Try it: look at the weights on Inspect", icon=":material/query_stats:")
 
 st.header("3. How over time")
 st.markdown("Cutting everything at once and then fine-tuning is one answer. Cutting in rounds, with training "
@@ -112,4 +112,4 @@ if over_time is not None:
         st.plotly_chart(figures.trajectories(finished), key="tour_methods")
         st.markdown(" ".join(f"**{name}** ends at {common.fmt_pct(result['metrics']['accuracy'])}."
                              for name, result in over_time.items() if result["metrics"]))
-st.page_link("pages/methods.py", label="Try it: the Methods page", icon=":material/timeline:")
+st.page_link("app_pages/methods.py", label="Try it: the Methods page", icon=":material/timeline:")

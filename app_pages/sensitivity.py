@@ -12,7 +12,7 @@ from explorer import figures, jobs, pipeline, sensitivity, suggest
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.specs import STRUCTURES
-from pages import common
+from app_pages import common
 
 SCAN_JOB = "sensitivity_job"          # the running (or last) scan's background job
 SCANS = "sensitivity_scans"           # {(model key, ScoringSpec): {"scan": Scan, "prepared": Prepared}}
@@ -280,7 +280,7 @@ if load_col.button("Load on the Prune page", key="sens_load", type="primary",
     st.session_state[common.RECIPE] = suggested_recipe
     for key in [k for k in st.session_state if str(k).startswith("prune_")]:  # the Prune page rebuilds its widgets
         st.session_state.pop(key)
-    st.switch_page("pages/prune.py")
+    st.switch_page("app_pages/prune.py")
 recipe_yaml = yaml.safe_dump(suggested_recipe.to_dict(), sort_keys=False)
 download_col.download_button("Download the recipe (YAML)", recipe_yaml, file_name=f"suggested_{model['label']}.yaml",
                              mime="application/x-yaml", key="sens_download", on_click="ignore")

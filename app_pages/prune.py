@@ -10,7 +10,7 @@ from explorer.errors import ExplorerError
 from explorer.llm import parse_nm
 from explorer.specs import PlanSpec, ScoringSpec
 from explorer.structural import group_of
-from pages import common
+from app_pages import common, live_chart
 
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
@@ -151,21 +151,20 @@ def plan_view() -> None:
         if plan.note:
             st.caption(plan.note)
 
-    cols = st.columns(4)
-    cols[0].metric("Parameters after", common.fmt_int(estimate["params_after"]),
-                   f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}", delta_color="off", delta_arrow="off")
-    cols[1].metric("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
-                   f"{estimate['speedup_flops']:.2f}x fewer", delta_color="off", delta_arrow="off")
-    cols[2].metric("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
-                   f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}", delta_color="off", delta_arrow="off")
-    cols[3].metric("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual),
-                   delta_color="off", delta_arrow="off")
-
     layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
                             "kept": lp.kept, "pruned": lp.pruned, "sparsity": lp.sparsity, "rule": lp.source,
                             "collapsed": lp.collapsed} for lp in plan.layers])
-    st.plotly_chart(figures.plan_sparsity(plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); "
-                                                       "red = emptied"), key="prune_chart")
+    # One element that updates in place: the estimates and the chart (app_pages/live_chart.py, bench/RESULTS_slider.md).
+    live_chart.live_view(
+        figures.plan_sparsity(plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); red = emptied"),
+        [live_chart.Card("Parameters after", common.fmt_int(estimate["params_after"]),
+                         f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}"),
+         live_chart.Card("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
+                         f"{estimate['speedup_flops']:.2f}x fewer"),
+         live_chart.Card("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
+                         f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}"),
+         live_chart.Card("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual))],
+        key="prune_chart")
     # Built only while open: a grid redrawn on every move costs ~10-20 ms in the browser (bench/RESULTS_slider.md).
     with st.expander("Per-layer table", key="prune_table_open", on_change="rerun") as table:
         if table.open:
@@ -240,5 +239,5 @@ if pruned is not None and pruned["model_key"] == model["key"]:
                                       scoring_of_run.nm if scoring_of_run.structure == "nm" else None)
     if kernels:
         st.caption(kernels)
-    st.page_link("pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
+    st.page_link("app_pages/finetune.py", label="Next: fine-tune the pruned copy", icon=":material/arrow_forward:")
 

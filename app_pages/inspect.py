@@ -9,7 +9,7 @@ import streamlit as st
 from explorer import figures, pipeline, stats
 from explorer.errors import ExplorerError
 from explorer.specs import PlanSpec, ScoringSpec
-from pages import common
+from app_pages import common
 
 st.title("Inspect")
 common.explain("""
