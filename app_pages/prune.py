@@ -1,6 +1,8 @@
 """Prune: structure, criterion, scope and sparsity -> a live plan; Apply makes a pruned copy."""
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import streamlit as st
 
@@ -8,14 +10,16 @@ from explorer import figures, pipeline, semistructured
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.llm import parse_nm
+from explorer.planner import Plan
 from explorer.specs import PlanSpec, ScoringSpec
 from explorer.structural import group_of
-from app_pages import common, live_chart
+from app_pages import common, live_slider
 
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
             "prune_calib": 4, "prune_nm": "2:4"}
 PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
+STEPS = "prune_steps"  # (settings, the plan at every slider step)
 
 st.title("Prune")
 common.explain("""
@@ -104,70 +108,89 @@ with layers_col, st.expander("Per-layer settings: protect, override, min_keep"):
                                  key=f"prune_override_{name}") for name in override_layers}
 
 
-def full_rerun(**changes) -> None:
-    """A collapse fix changes a setting drawn outside the fragment: apply it and redraw the whole page."""
-    st.session_state.update(changes)
-    st.session_state["prune_full_rerun"] = True
+SPARSITY_STEPS = [round(i / 100, 2) for i in range(101)]  # the slider's values
+
+
+def plan_steps(spec: PlanSpec) -> list[tuple[float, Plan]]:
+    """The plan at every slider step for these settings: 101 cuts of scores sorted once (about 2 ms for
+    the mlp, 100-180 ms for 25 M weights in 51 layers), kept in the session until a setting changes."""
+    key = (model["key"], scoring, dataclasses.replace(spec, sparsity=0.0))
+    cached = st.session_state.get(STEPS)
+    if cached is None or cached[0] != key:
+        values = [pipeline.nm_sparsity(parse_nm(nm))] if structure == "nm" else SPARSITY_STEPS
+        cached = key, [(value, pipeline.preview(prepared, dataclasses.replace(spec, sparsity=value))) for value in values]
+        st.session_state[STEPS] = cached
+    return cached[1]
+
+
+def step_view(plan: Plan) -> dict:
+    """What a slider step shows at once: the collapse warning, the four estimates and the per-layer chart."""
+    estimate = pipeline.estimate(prepared, plan)
+    warning = (f"**Layer collapse:** this plan empties {', '.join(f'`{n}`' for n in plan.collapsed)}. "
+               "Nothing would flow through that layer: the network is cut in two." if plan.collapsed else "")
+    return {"warning": warning, "note": plan.note, "figure": figures.plan_sparsity_spec(
+        plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); red = emptied"), "cards": [
+        live_slider.Card("Parameters after", common.fmt_int(estimate["params_after"]),
+                         f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}"),
+        live_slider.Card("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
+                         f"{estimate['speedup_flops']:.2f}x fewer"),
+        live_slider.Card("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
+                         f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}"),
+        live_slider.Card("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual))]}
+
+
+plan_spec = PlanSpec(sparsity=float(st.session_state["prune_sparsity"]), scope=scope, protect=tuple(protect),
+                     overrides=overrides, min_keep=float(min_keep))
+try:
+    steps = plan_steps(plan_spec)
+except ExplorerError as exc:
+    st.error(str(exc))
+    st.stop()
+
+# Depends on the settings, not on the sparsity: drawn once per full rerun, never by a slider move.
+any_plan = steps[0][1]
+info_col, guards_col = st.columns([1, 1])
+with info_col:
+    if any_plan.collapse_point is not None:
+        st.info(f"{scope.capitalize()} {criterion} pruning empties `{any_plan.collapse_layer}` beyond "
+                f"**{100 * any_plan.collapse_point:.1f} %** sparsity.", icon=":material/info:")
+    elif scope == "global":
+        st.success("No layer can collapse with these guards.", icon=":material/check_circle:")
+if scope == "global" and structure != "nm":
+    with guards_col:
+        st.caption("Guards against layer collapse:")
+        fix_local, fix_guard = st.columns(2)
+        fix_local.button("Switch to local scope", on_click=st.session_state.update, args=({"prune_scope": "local"},),
+                         key="fix_local")
+        fix_guard.button("Keep at least 5 % per layer", on_click=st.session_state.update,
+                         args=({"prune_min_keep": max(0.05, float(min_keep))},), key="fix_min_keep")
 
 
 @st.fragment
 def plan_view() -> None:
-    """Everything a sparsity move changes. A fragment: moving the slider reruns only this part (a new
-    cut of the scores sorted once), not the scoring, the settings or the rest of the page."""
-    if st.session_state.pop("prune_full_rerun", False):
-        st.rerun(scope="app")
-    slider_col, collapse_col = st.columns([1, 1])
-    with slider_col:
-        sparsity = st.slider("Sparsity (fraction of units removed)", 0.0, 1.0, step=0.01, key="prune_sparsity",
-                             disabled=structure == "nm", help="N:M fixes the sparsity." if structure == "nm" else None)
-
+    """Everything a sparsity move changes. The live slider shows every step's estimates and chart at once
+    (app_pages/live_slider.py); when the moves settle it reports the value, which reruns only this fragment
+    (the table, the coupled group, the plan Apply uses and the URL), not the scoring or the settings."""
+    values = [value for value, _ in steps]
+    sparsity = live_slider.live_slider(
+        "Sparsity (fraction of units removed)", values, lambda: [step_view(plan) for _, plan in steps],
+        value_key="prune_sparsity", key="prune_live", disabled=structure == "nm",
+        help="N:M fixes the sparsity." if structure == "nm" else None)
+    plan = steps[values.index(sparsity)][1]
     try:
-        recipe = common.session_recipe(model).replace(
-            scoring=scoring, plan=PlanSpec(sparsity=float(sparsity), scope=scope, protect=tuple(protect),
-                                           overrides=overrides, min_keep=float(min_keep)))
-        plan = pipeline.preview(prepared, recipe.plan)
-        estimate = pipeline.estimate(prepared, plan)
+        recipe = common.session_recipe(model).replace(scoring=scoring, plan=dataclasses.replace(plan_spec, sparsity=sparsity))
     except ExplorerError as exc:
         st.error(str(exc))
         st.stop()
     st.session_state[common.RECIPE], st.session_state[PLAN] = recipe, plan
     common.sync_url()  # a fragment rerun skips app.py, which syncs the URL on full reruns
 
-    with collapse_col:
-        if plan.collapsed:
-            st.warning(f"**Layer collapse:** this plan empties {', '.join(f'`{n}`' for n in plan.collapsed)}. "
-                       "Nothing would flow through that layer: the network is cut in two.", icon=":material/warning:")
-            fix_local, fix_guard = st.columns(2)
-            fix_local.button("Switch to local scope", on_click=full_rerun, kwargs={"prune_scope": "local"},
-                             key="fix_local", disabled=scope == "local")
-            fix_guard.button("Keep at least 5 % per layer", on_click=full_rerun,
-                             kwargs={"prune_min_keep": max(0.05, st.session_state.get("prune_min_keep", 0.0))},
-                             key="fix_min_keep")
-        if plan.collapse_point is not None:
-            st.info(f"{scope.capitalize()} {criterion} pruning empties `{plan.collapse_layer}` beyond "
-                    f"**{100 * plan.collapse_point:.1f} %** sparsity.", icon=":material/info:")
-        elif scope == "global":
-            st.success("No layer can collapse with these guards.", icon=":material/check_circle:")
-        if plan.note:
-            st.caption(plan.note)
-
-    layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
-                            "kept": lp.kept, "pruned": lp.pruned, "sparsity": lp.sparsity, "rule": lp.source,
-                            "collapsed": lp.collapsed} for lp in plan.layers])
-    # One element that updates in place: the estimates and the chart (app_pages/live_chart.py, bench/RESULTS_slider.md).
-    live_chart.live_view(
-        figures.plan_sparsity(plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); red = emptied"),
-        [live_chart.Card("Parameters after", common.fmt_int(estimate["params_after"]),
-                         f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}"),
-         live_chart.Card("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
-                         f"{estimate['speedup_flops']:.2f}x fewer"),
-         live_chart.Card("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
-                         f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}"),
-         live_chart.Card("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual))],
-        key="prune_chart")
     # Built only while open: a grid redrawn on every move costs ~10-20 ms in the browser (bench/RESULTS_slider.md).
     with st.expander("Per-layer table", key="prune_table_open", on_change="rerun") as table:
         if table.open:
+            layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
+                                    "kept": lp.kept, "pruned": lp.pruned, "sparsity": lp.sparsity, "rule": lp.source,
+                                    "collapsed": lp.collapsed} for lp in plan.layers])
             st.dataframe(layers, hide_index=True, column_config={
                 "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0,
                                                             max_value=1.0)})

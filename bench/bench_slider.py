@@ -140,6 +140,10 @@ def settle(driver) -> None:
 
 
 def thumb(driver):
+    """The sparsity slider's focusable input: the Prune page's live slider, or Streamlit's (the floor)."""
+    live = driver.find_elements(By.CSS_SELECTOR, 'input[type="range"][aria-label^="Sparsity (fraction"]')
+    if live:
+        return live[0]
     for slider in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"]'):
         if "Sparsity (fraction" in slider.text:
             return slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')

@@ -78,18 +78,15 @@ def attribution(values: Sequence[float], layer: str) -> go.Figure:
     return figure
 
 
-def plan_sparsity(plan: Plan, *, title: str = "Per-layer sparsity") -> go.Figure:
-    """Fraction removed per layer of a plan: red = emptied (collapse), grey = protected; dashed = requested.
-
-    Redrawn on every slider move, so it is built in one constructor call: ``add_hline`` and
-    ``update_layout`` re-validate the whole figure and cost about 5x more (bench/RESULTS_slider.md).
-    """
+def plan_sparsity_spec(plan: Plan, *, title: str = "Per-layer sparsity") -> dict:
+    """`plan_sparsity` as a plain plotly JSON spec (``{"data": [...], "layout": {...}}``), built without
+    plotly's validation: the Prune page builds one per slider step (101 of them) whenever a setting changes."""
     layers = plan.layers
     requested = plan.sparsity_requested
-    bar = go.Bar(
-        x=[lp.name for lp in layers], y=[lp.sparsity for lp in layers],
-        marker_color=[COLLAPSED if lp.collapsed else (PROTECTED if lp.source == "protected" else PRUNED)
-                      for lp in layers],
+    bar = dict(
+        type="bar", x=[lp.name for lp in layers], y=[lp.sparsity for lp in layers],
+        marker=dict(color=[COLLAPSED if lp.collapsed else (PROTECTED if lp.source == "protected" else PRUNED)
+                           for lp in layers]),
         customdata=[[lp.kept, lp.total, lp.source] for lp in layers], text=[f"{lp.sparsity:.0%}" for lp in layers],
         hovertemplate="%{x}<br>sparsity %{y:.1%}<br>kept %{customdata[0]} of %{customdata[1]}<br>%{customdata[2]}"
                       "<extra></extra>")
@@ -100,7 +97,12 @@ def plan_sparsity(plan: Plan, *, title: str = "Per-layer sparsity") -> go.Figure
                      line=dict(dash="dash"))],
         annotations=[dict(text=f"requested {requested:.0%}", xref="x domain", x=1, yref="y", y=requested,
                           xanchor="right", yanchor="bottom", showarrow=False)])
-    return go.Figure(data=[bar], layout=layout)
+    return dict(data=[bar], layout=layout)
+
+
+def plan_sparsity(plan: Plan, *, title: str = "Per-layer sparsity") -> go.Figure:
+    """Fraction removed per layer of a plan: red = emptied (collapse), grey = protected; dashed = requested."""
+    return go.Figure(plan_sparsity_spec(plan, title=title))
 
 
 def training_curve(step_losses: Sequence[tuple[int, float]], val_accuracy: Sequence[tuple[int, float]]) -> go.Figure:

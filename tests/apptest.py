@@ -32,14 +32,35 @@ def wait_for_job(at: AppTest, key: str = "finetune_job", timeout: float = 90, wh
     return job
 
 
-def live_view(at: AppTest, key: str = "prune_chart") -> dict:
-    """The data the in-place chart component (app_pages/live_chart.py) was sent: ``figure``, ``cards``, ``src``."""
+
+def live_slider(at: AppTest, key: str = "prune_live") -> dict:
+    """What the live slider (app_pages/live_slider.py) was sent: values, index, base view and patches."""
     import json
-    views = [e.proto for e in at.get("bidi_component") if key in e.proto.id]
-    assert len(views) == 1, f"{len(views)} live views with key {key!r}"
-    return json.loads(views[0].json)
+    sliders = [e.proto for e in at.get("bidi_component") if key in e.proto.id]
+    assert len(sliders) == 1, f"{len(sliders)} live sliders with key {key!r}"
+    return json.loads(sliders[0].json)
 
 
-def live_cards(at: AppTest, key: str = "prune_chart") -> dict[str, str]:
-    """Label -> shown value of the live view's cards (the Prune page's estimates)."""
-    return {card["label"]: card["value"] for card in live_view(at, key)["cards"]}
+def shown_view(at: AppTest, key: str = "prune_live") -> dict:
+    """The view the browser shows for the slider's current value: cards, figure, warning, note."""
+    from app_pages.live_slider import apply_patch
+    data = live_slider(at, key)
+    return apply_patch(data["base"], data["patches"][data["index"]])
+
+
+def live_cards(at: AppTest, key: str = "prune_live") -> dict[str, str]:
+    """Label -> shown value of the live slider's cards (the Prune page's estimates)."""
+    return {card["label"]: card["value"] for card in shown_view(at, key)["cards"]}
+
+
+def shown_sparsity(at: AppTest) -> float:
+    data = live_slider(at)
+    return data["values"][data["index"]]
+
+
+def set_sparsity(at: AppTest, value: float) -> AppTest:
+    """What the browser does when a move settles: the value reaches ``prune_sparsity`` and the page reruns."""
+    at.session_state["prune_sparsity"] = value
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at

@@ -10,10 +10,10 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from explorer import jobs
+from explorer import figures, jobs
 from explorer.data import load_dataset
 from explorer.models import build, save_model
-from tests.apptest import goto, live_cards, texts, wait_for_job
+from tests.apptest import goto, live_cards, set_sparsity, shown_sparsity, shown_view, texts, wait_for_job
 
 PAGES = ["app_pages/model.py", "app_pages/inspect.py", "app_pages/prune.py", "app_pages/finetune.py", "app_pages/sensitivity.py",
          "app_pages/compare.py"]
@@ -49,7 +49,7 @@ def test_main_path_inspect_prune_finetune_compare():
 
     goto(at, "app_pages/prune.py")
     assert at.radio(key="prune_scope").value == "global"
-    at.slider(key="prune_sparsity").set_value(0.8).run()
+    set_sparsity(at, 0.8)
     metrics = live_cards(at)
     units = 64 * 256 + 256 * 128 + 128 * 10  # the mlp's weights on 8x8 digits
     assert metrics["Units pruned"] == f"{round(0.8 * units):,} / {units:,}"
@@ -108,19 +108,21 @@ def test_collapse_warning_and_one_click_fixes(tmp_path):
     at = load_upload(start(), "tiny_fc2.pt", crafted_model_file(tmp_path))
     assert at.session_state["current_model"]["label"] == "tiny_fc2.pt"
     goto(at, "app_pages/prune.py")
-    at.slider(key="prune_sparsity").set_value(0.8).run()
-    assert "Layer collapse" in texts(at.warning) and "`fc2`" in texts(at.warning)
+    set_sparsity(at, 0.8)
+    warning = shown_view(at)["warning"]  # shown next to the slider the moment it reaches 0.8
+    assert "Layer collapse" in warning and "`fc2`" in warning
+    assert shown_view(at)["figure"]["data"][0]["marker"]["color"][1] == figures.COLLAPSED  # fc2's bar is red
     assert "empties `fc2` beyond" in texts(at.info)
 
     at.button(key="fix_local").click().run()
     assert at.radio(key="prune_scope").value == "local"
-    assert not at.warning
+    assert not shown_view(at)["warning"] and shown_sparsity(at) == pytest.approx(0.8)
 
     at.radio(key="prune_scope").set_value("global").run()
-    assert "Layer collapse" in texts(at.warning)
+    assert "Layer collapse" in shown_view(at)["warning"]
     at.button(key="fix_min_keep").click().run()
     assert at.slider(key="prune_min_keep").value == pytest.approx(0.05)
-    assert not at.warning
+    assert not shown_view(at)["warning"]
     at.button(key="prune_apply").click().run()
     assert not at.error and at.session_state["pruned_result"]["metrics"]["params_nonzero"] > 0
 
@@ -134,8 +136,8 @@ def test_corrupt_upload_shows_error_not_traceback():
 
 def test_sparsity_one_shows_error_not_traceback():
     at = goto(start(), "app_pages/prune.py")
-    at.slider(key="prune_sparsity").set_value(1.0).run()
-    assert "Layer collapse" in texts(at.warning)
+    set_sparsity(at, 1.0)
+    assert "Layer collapse" in shown_view(at)["warning"]
     at.button(key="prune_apply").click().run()
     assert not at.exception
     assert "empties" in texts(at.error)
@@ -188,13 +190,13 @@ def test_cancel_keeps_the_partial_result():
 
 def test_sessions_are_isolated_and_runs_persist():
     first = goto(start(), "app_pages/prune.py")
-    first.slider(key="prune_sparsity").set_value(0.3).run()
+    set_sparsity(first, 0.3)
     first.button(key="prune_apply").click().run()
     run_name = first.session_state["pruned_result"]["run_name"]
 
     second = start()  # another browser session
     goto(second, "app_pages/prune.py")
-    assert second.slider(key="prune_sparsity").value == pytest.approx(0.5)
+    assert shown_sparsity(second) == pytest.approx(0.5)
     assert "pruned_result" not in second.session_state
     goto(second, "app_pages/finetune.py")
     assert "apply a plan on the Prune page first" in texts(second.info)
@@ -240,7 +242,7 @@ def test_user_tensors_train_a_zoo_model_and_nan_data_is_refused():
 
 def test_the_per_layer_table_is_built_when_opened_and_counts_a_brute_force_global_cut():
     at = goto(start(), "app_pages/prune.py")
-    at.slider(key="prune_sparsity").set_value(0.7).run()
+    set_sparsity(at, 0.7)
     assert not at.dataframe  # closed: nothing built on a slider move
     at.session_state["prune_table_open"] = True
     at.run()

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 from explorer import tasks
 from explorer.models import load_model
 from explorer.store import RunStore
-from tests.apptest import goto, texts
+from tests.apptest import goto, live_slider, set_sparsity, texts
 
 
 def start() -> AppTest:
@@ -50,7 +50,7 @@ def apply(at: AppTest, structure: str, sparsity: float) -> dict:
     goto(at, "app_pages/prune.py")
     at.radio(key="prune_structure").set_value(structure).run()
     at.selectbox(key="prune_criterion").set_value("magnitude").run()
-    at.slider(key="prune_sparsity").set_value(sparsity).run()
+    set_sparsity(at, sparsity)
     at.button(key="prune_apply").click().run()
     assert not at.exception and not at.error, texts(at.error)
     return at.session_state["pruned_result"]["metrics"]
@@ -90,7 +90,7 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     goto(at, "app_pages/prune.py")
     at.radio(key="prune_structure").set_value("nm").run()
     assert "fixes the sparsity at 50%" in texts(at.caption)
-    assert at.slider(key="prune_sparsity").disabled
+    assert live_slider(at)["disabled"]
     at.selectbox(key="prune_nm").set_value("4:8").run()
     assert at.session_state["recipe"].scoring.nm == "4:8"
     gpt2_run = apply(at, "unstructured", 0.5)
@@ -148,7 +148,7 @@ def test_a_head_group_shows_its_real_and_naive_cost_per_head():
     at.radio(key="prune_structure").set_value("head").run()
     at.selectbox(key="prune_criterion").set_value("magnitude").run()
     at.radio(key="prune_scope").set_value("local").run()
-    at.slider(key="prune_sparsity").set_value(0.5).run()  # local: 2 of the 4 heads of every layer
+    set_sparsity(at, 0.5)  # local: 2 of the 4 heads of every layer
     at.selectbox(key="prune_group_layer").set_value("hf.bert.encoder.layer.0.attention.self.query").run()
     assert not at.error and not at.exception, texts(at.error)
     config = at.session_state["current_model"]["module"].hf.config

@@ -123,10 +123,13 @@ def bar_heights(driver) -> list:
 
 
 def sparsity_thumb(driver):
-    for slider in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"]'):
-        if "Sparsity (fraction" in slider.text:
-            return slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')  # react-aria's focusable thumb
-    return None
+    """The live slider's input (app_pages/live_slider.py): its value is a step index, its aria-valuetext the value."""
+    found = driver.find_elements(By.CSS_SELECTOR, 'input[type="range"][aria-label^="Sparsity (fraction"]')
+    return found[0] if found else None
+
+
+def sparsity(driver) -> float:
+    return float(sparsity_thumb(driver).get_attribute("aria-valuetext"))
 
 
 def shoot(driver, tmp_path, name: str) -> Path:
@@ -166,26 +169,35 @@ def test_slider_moves_chart(server, browser, tmp_path):
     for _ in range(25):
         keys.send_keys(Keys.ARROW_RIGHT)
     keys.perform()
-    wait_for(browser, lambda d: float(sparsity_thumb(d).get_attribute("value")) > 0.5, 30, "the slider did not move")
+    wait_for(browser, lambda d: sparsity(d) > 0.5, 30, "the slider did not move")
     settle(browser)
     wait_for(browser, lambda d: bar_heights(d) != before, 60, "the chart did not change")
     after = bar_heights(browser)
     assert sum(after) > sum(before), (before, after)
-    assert float(sparsity_thumb(browser).get_attribute("value")) == pytest.approx(0.75)
+    assert sparsity(browser) == pytest.approx(0.75)
     screenshot = shoot(browser, tmp_path, "prune")
     assert screenshot.stat().st_size > 10_000
 
     # A reload is a new browser session: the URL carries the model and the sparsity back.
-    assert "sparsity=0.75" in browser.current_url and "model=mlp" in browser.current_url
+    wait_for(browser, lambda d: "sparsity=0.75" in d.current_url, 30, "the moved value did not reach the server")
+    assert "model=mlp" in browser.current_url
     browser.refresh()
     wait_for(browser, lambda d: sparsity_thumb(d) is not None and bar_heights(d) is not None, 120,
              "the Prune page did not come back after a reload")
     settle(browser)
-    assert float(sparsity_thumb(browser).get_attribute("value")) == pytest.approx(0.75)
+    assert sparsity(browser) == pytest.approx(0.75)
     assert "mlp" in browser.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
     assert bar_heights(browser) == after
 
     assert "37,824 / 50,432" in browser.find_element(By.TAG_NAME, "body").text  # the card followed the slider
+
+    # Apply straight after a move, before the slider has reported it: leaving the slider reports it first.
+    thumb = sparsity_thumb(browser)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", thumb)
+    apply = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip().startswith("Apply"))
+    ActionChains(browser).send_keys(*[Keys.ARROW_LEFT] * 5).move_to_element(apply).click().perform()  # one burst
+    wait_for(browser, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 120, "apply did not finish")
+    assert "global 70%" in browser.find_element(By.TAG_NAME, "body").text
 
     if os.environ.get("SAVE_SCREENSHOTS") == "1":
         tour_for_screenshots(browser, tmp_path)

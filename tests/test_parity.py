@@ -7,6 +7,7 @@ from streamlit.testing.v1 import AppTest
 from explorer.cli import main
 from explorer.recipe import Recipe
 from explorer.store import RunStore
+from tests.apptest import set_sparsity
 
 
 def cli_flags(recipe: Recipe) -> list[str]:
@@ -27,7 +28,7 @@ def test_the_app_and_the_cli_give_the_same_numbers_for_one_recipe(capsys, struct
     at.switch_page("app_pages/prune.py").run()
     at.radio(key="prune_structure").set_value(structure).run()
     at.selectbox(key="prune_criterion").set_value(criterion).run()
-    at.slider(key="prune_sparsity").set_value(0.6).run()
+    set_sparsity(at, 0.6)
     at.button(key="prune_apply").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     app = at.session_state["pruned_result"]["metrics"]

@@ -5,7 +5,7 @@ from streamlit.testing.v1 import AppTest
 from explorer.recipe import Recipe
 from explorer.specs import ModelSpec, PlanSpec, ScoringSpec
 from explorer.store import Run, RunStore
-from tests.apptest import live_cards
+from tests.apptest import live_cards, set_sparsity, shown_sparsity
 
 
 def open_page(page: str, **params) -> AppTest:
@@ -21,19 +21,19 @@ def open_page(page: str, **params) -> AppTest:
 def test_a_page_opened_without_a_model_loads_the_default_instead_of_a_dead_end():
     at = open_page("app_pages/prune.py")
     assert at.session_state["current_model"]["label"] == "mlp"
-    assert not at.error and at.slider(key="prune_sparsity").value == 0.5
+    assert not at.error and shown_sparsity(at) == 0.5
 
 
 def test_the_prune_settings_travel_in_the_url_and_come_back_after_a_reload():
     at = open_page("app_pages/prune.py")
-    at.slider(key="prune_sparsity").set_value(0.73).run()
+    set_sparsity(at, 0.73)
     at.radio(key="prune_scope").set_value("local").run()
     params = dict(at.query_params)
     assert params["model"] == "mlp" and params["data"] == "digits"
     assert params["sparsity"] == "0.73" and params["scope"] == "local"
 
     reloaded = open_page("app_pages/prune.py", **params)
-    assert reloaded.slider(key="prune_sparsity").value == pytest.approx(0.73)
+    assert shown_sparsity(reloaded) == pytest.approx(0.73)
     assert reloaded.radio(key="prune_scope").value == "local"
     units = 64 * 256 + 256 * 128 + 128 * 10
     metrics = live_cards(reloaded)
@@ -46,7 +46,7 @@ def test_a_link_to_another_zoo_model_opens_it_with_its_settings():
                    scope="global", sparsity="0.3")
     assert at.session_state["current_model"]["label"] == "lenet5"
     assert at.radio(key="prune_structure").value == "channel"
-    assert at.slider(key="prune_sparsity").value == pytest.approx(0.3)
+    assert shown_sparsity(at) == pytest.approx(0.3)
 
 
 def test_a_link_to_a_stored_run_reopens_its_model_and_recipe():
@@ -55,7 +55,7 @@ def test_a_link_to_a_stored_run_reopens_its_model_and_recipe():
     run = RunStore().save(Run.from_recipe(recipe, model_name="mlp", dataset="digits"))
     at = open_page("app_pages/prune.py", run=str(run.id))
     assert at.selectbox(key="prune_criterion").value == "random"
-    assert at.slider(key="prune_sparsity").value == pytest.approx(0.42)
+    assert shown_sparsity(at) == pytest.approx(0.42)
     assert at.radio(key="prune_scope").value == "local"
 
 
@@ -64,7 +64,7 @@ def test_a_link_to_a_stored_run_reopens_its_model_and_recipe():
 def test_a_bad_link_falls_back_without_an_error(params):
     at = open_page("app_pages/prune.py", **params)
     assert at.session_state["current_model"]["label"] == "mlp"
-    assert at.slider(key="prune_sparsity").value == 0.5 and at.radio(key="prune_structure").value == "unstructured"
+    assert shown_sparsity(at) == 0.5 and at.radio(key="prune_structure").value == "unstructured"
     assert not at.error
 
 
