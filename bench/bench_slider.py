@@ -1,25 +1,30 @@
 """How fast does the Prune page answer a slider move? Measured in a real browser, against Streamlit's floor.
 
-In one run, on this machine, headless Debian Chromium drives three pages, each served by its own
+In one run, on this machine, headless Debian Chromium drives these pages, each served by its own
 ``streamlit run`` (headless, file watcher off):
 
-* **floor** - ``bench/floor_app.py``: one slider and one three-bar plotly chart, nothing else;
-  the fastest a Streamlit slider can redraw a chart here;
+* **floor** - ``bench/floor_app.py``: one ``st.slider`` and one three-bar ``st.plotly_chart``, nothing
+  else; the fastest a Streamlit slider can redraw a chart here;
+* **floor in a multipage shell** - ``bench/floor_nav_app.py``: the same slider and chart in a fragment
+  on one of 8 pages of ``st.navigation`` with a sidebar card, as app.py has them;
 * **prune, mlp** - the app's Prune page with the default mlp on digits (opened through its link,
   ``/prune?model=mlp&data=digits``);
 * **prune, 25 M** - the same page with a 25 M-parameter MLP (``bench.common:mlp_25m``) built through
   the Model page's factory form;
 * the floor and the mlp page once more with ``--runner.postScriptGC true``, Streamlit's default that
-  ``.streamlit/config.toml`` turns off: a full ``gc.collect(2)`` after every script run, which held
-  the GIL for 110-200 ms while a slider move's reply waited to be sent.
+  ``.streamlit/config.toml`` turns off: a full ``gc.collect(2)`` after every script run.
 
 A move is one ArrowRight / ArrowLeft on the focused sparsity slider. Its latency runs from the
 browser's keydown event to the moment the first chart's bar heights differ (polled in the page
-every 2 ms), both on the page's own clock, so Selenium's overhead is not counted. The median of
-``--moves`` moves per page is reported, and each page's median divided by the floor's.
+every 2 ms), both on the page's own clock, so Selenium's overhead is not counted. The Prune page's
+live slider (app_pages/live_slider.py) redraws without a round trip and reports the value when the
+moves settle; for it the table also gives when the server had the value (the link in the address
+bar shows the new sparsity; a factory model is not in the link, so not for the 25 M row). The median of ``--moves`` moves per page is reported, and each
+page's median divided by the floor's.
 
-Run from the repository root: ``python -m bench.bench_slider [--moves 15]``; it writes
-``bench/RESULTS_slider.md``. Needs ``selenium`` and Debian's ``chromium`` + ``chromium-driver``.
+Run from the repository root: ``python -m bench.bench_slider [--moves 15]``; it rewrites the part of
+``bench/RESULTS_slider.md`` between its ``bench:start`` / ``bench:end`` markers (the notes below them
+stay). Needs ``selenium`` and Debian's ``chromium`` + ``chromium-driver``.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from bench.common import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS_slider.md"
+FLOOR = "floor (one slider, one chart)"
 
 _WAIT_FOR_REDRAW = """
 const before = arguments[0], done = arguments[arguments.length - 1];
@@ -63,6 +69,16 @@ function check() {
   if (now !== null && now !== before && window.__keydown) { done(performance.now() - window.__keydown); return; }
   if (performance.now() - started > 30000) { done(-1); return; }
   setTimeout(check, 2);
+}
+check();
+"""
+_WAIT_FOR_URL = """
+const before = arguments[0], done = arguments[arguments.length - 1];
+const started = performance.now();
+function check() {
+  if (location.search !== before) { done(performance.now() - window.__keydown); return; }
+  if (performance.now() - started > 30000) { done(-1); return; }
+  setTimeout(check, 5);
 }
 check();
 """
@@ -150,70 +166,89 @@ def thumb(driver):
     return None
 
 
-def measure_moves(driver, moves: int) -> list[float]:
-    """Milliseconds from keydown to a changed chart, for ``moves`` alternating right/left steps."""
+def measure_moves(driver, moves: int, server: bool = False) -> tuple[list[float], list[float]]:
+    """Milliseconds from keydown to a changed chart, for ``moves`` alternating right/left steps; with
+    ``server``, also from keydown to the page's link showing the new value (the server has it)."""
     wait_for(driver, lambda d: thumb(d) is not None and d.execute_script(_HEIGHTS) is not None, 300, "no slider/chart")
     settle(driver)
     driver.execute_script(_LISTEN)
-    times = []
+    times, server_times = [], []
     for move in range(moves + 2):  # two warm-up moves
         handle = thumb(driver)
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", handle)
-        before = driver.execute_script(_HEIGHTS)
+        before, search = driver.execute_script(_HEIGHTS), driver.execute_script("return location.search;")
         driver.execute_script("window.__keydown = null;")
         ActionChains(driver).send_keys(Keys.ARROW_RIGHT if move % 2 == 0 else Keys.ARROW_LEFT).perform()
         elapsed = driver.execute_async_script(_WAIT_FOR_REDRAW, before)
         if elapsed < 0:
             raise RuntimeError("the chart did not change within 30 s of a slider move")
+        reached = driver.execute_async_script(_WAIT_FOR_URL, search) if server else None
+        if reached is not None and reached < 0:
+            raise RuntimeError("the server did not get the value within 30 s of a slider move")
         if move >= 2:
             times.append(elapsed)
+            if reached is not None:
+                server_times.append(reached)
         settle(driver)
-    return times
+    return times, server_times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--moves", type=int, default=15)
     args = parser.parse_args()
-    rows = {}
+    load_before = os.getloadavg()[0]
+    rows, server_rows = {}, {}
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
         driver = browser(folder)
         try:
             with served("bench/floor_app.py", folder) as url:
                 driver.get(url)
-                rows["floor (one slider, one chart)"] = measure_moves(driver, args.moves)
+                rows[FLOOR], _ = measure_moves(driver, args.moves)
+            with served("bench/floor_nav_app.py", folder) as url:
+                driver.get(url)
+                rows["floor in a multipage shell (8 pages, sidebar, fragment)"], _ = measure_moves(driver, args.moves)
             with served("app.py", folder) as url:
                 driver.get(f"{url}/prune?model=mlp&data=digits")
-                rows["Prune page, mlp (51 k weights)"] = measure_moves(driver, args.moves)
+                name = "Prune page, mlp (51 k weights)"
+                rows[name], server_rows[name] = measure_moves(driver, args.moves, server=True)
                 load_factory(driver, url, "bench.common:mlp_25m")
-                rows["Prune page, 25.5 M-parameter MLP"] = measure_moves(driver, args.moves)
+                # a factory model is not in the link (it cannot come back from one): no server column
+                rows["Prune page, 25.5 M-parameter MLP"], _ = measure_moves(driver, args.moves)
             with served("bench/floor_app.py", folder, "--runner.postScriptGC", "true") as url:
                 driver.get(url)
-                rows["floor, Streamlit's default post-run GC"] = measure_moves(driver, args.moves)
+                rows["floor, Streamlit's default post-run GC"], _ = measure_moves(driver, args.moves)
             with served("app.py", folder, "--runner.postScriptGC", "true") as url:
                 driver.get(f"{url}/prune?model=mlp&data=digits")
-                rows["Prune page, mlp, Streamlit's default post-run GC"] = measure_moves(driver, args.moves)
+                name = "Prune page, mlp, Streamlit's default post-run GC"
+                rows[name], server_rows[name] = measure_moves(driver, args.moves, server=True)
         finally:
             driver.quit()
-    floor = statistics.median(rows["floor (one slider, one chart)"])
+    floor = statistics.median(rows[FLOOR])
     lines = [
+        "<!-- bench:start -->",
         "# Slider latency in a real browser (keydown to redrawn chart)",
         "",
         f"{datetime.date.today()}, {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"streamlit {streamlit.__version__}, load average before the run {os.getloadavg()[0]:.2f}; "
-        f"headless Debian Chromium; {args.moves} moves per page (after 2 warm-up moves), median.",
+        f"streamlit {streamlit.__version__}, load average before the run {load_before:.2f}, after "
+        f"{os.getloadavg()[0]:.2f}; headless Debian Chromium; {args.moves} moves per page (after 2 warm-up moves), median.",
         "",
-        "| page | median ms | p90 ms | x floor |",
-        "|---|---|---|---|",
+        "| page | redrawn, median ms | p90 ms | x floor | server has the value, median ms |",
+        "|---|---|---|---|---|",
     ]
     for name, times in rows.items():
         ordered = sorted(times)
         median = statistics.median(ordered)
         p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-        lines.append(f"| {name} | {median:.0f} | {p90:.0f} | {median / floor:.2f} |")
-    lines += ["", "Command: `python -m bench.bench_slider --moves " + str(args.moves) + "`", ""]
-    RESULTS.write_text("\n".join(lines))
+        server_median = f"{statistics.median(server_rows[name]):.0f}" if server_rows.get(name) else "-"
+        lines.append(f"| {name} | {median:.0f} | {p90:.0f} | {median / floor:.2f} | {server_median} |")
+    lines += ["", "Command: `python -m bench.bench_slider --moves " + str(args.moves) + "`", "<!-- bench:end -->"]
+    table = "\n".join(lines)
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    if "<!-- bench:start -->" in old and "<!-- bench:end -->" in old:
+        table = old[:old.index("<!-- bench:start -->")] + table + old[old.index("<!-- bench:end -->") + len("<!-- bench:end -->"):]
+    RESULTS.write_text(table if table.endswith("\n") else table + "\n")
     print("\n".join(lines))
 
 
