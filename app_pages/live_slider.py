@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import plotly
 import plotly.offline
@@ -113,14 +113,15 @@ def bundle_served() -> bool:
     return True
 
 
-def live_slider(label: str, values: Sequence[float], views: Callable[[], list[dict]], *, value_key: str,
+def live_slider(label: str, values: Sequence[float], views: list[dict], *, value_key: str,
                 key: str, labels: Sequence[str] | None = None, disabled: bool = False, help: str | None = None) -> float:
     """A slider over ``values`` whose views, one per value, show at once on a move; returns the value chosen,
     which lives in ``st.session_state[value_key]``. A view is ``{"cards": [Card, ...], "figure": a plotly
     JSON spec, "warning": markdown or "", "note": text or ""}``; JSON only, as it travels to the browser.
 
-    ``views`` is called only when the views are needed. Without static serving this is ``st.slider``
-    (key ``value_key``) above the chosen value's ``st.metric`` cards and ``st.plotly_chart``.
+    Pass the same ``views`` list again while nothing changed: its patches are then not rebuilt. Without
+    static serving this is ``st.select_slider`` (key ``value_key``) above the chosen value's warning,
+    ``st.metric`` cards and ``st.plotly_chart``.
     """
     values = [float(v) for v in values]
     labels = list(labels) if labels is not None else [f"{v:.2f}" for v in values]
@@ -132,7 +133,7 @@ def live_slider(label: str, values: Sequence[float], views: Callable[[], list[di
         else:
             chosen = values[0]
             st.slider(label, 0.0, 1.0, chosen, disabled=True, help=help)
-        view = views()[values.index(chosen)]
+        view = views[values.index(chosen)]
         if view.get("warning"):
             st.warning(view["warning"], icon=":material/warning:")
         if view.get("note"):
@@ -145,10 +146,14 @@ def live_slider(label: str, values: Sequence[float], views: Callable[[], list[di
 
     current = st.session_state.get(value_key, values[0])
     index = min(range(len(values)), key=lambda i: abs(values[i] - current))
-    serialised = [{**view, "cards": [asdict(card) for card in view["cards"]]} for view in views()]
-    base = serialised[0]
-    patches = [json_patch(base, view) for view in serialised]
-    version = hashlib.sha1(json.dumps([label, values, base, patches], sort_keys=True).encode()).hexdigest()[:16]
+    cached = st.session_state.get(f"_live_slider_{key}")
+    if cached is None or cached[0] is not views:  # the list object itself: the caller keeps it while unchanged
+        serialised = [{**view, "cards": [asdict(card) for card in view["cards"]]} for view in views]
+        base = serialised[0]
+        patches = [json_patch(base, view) for view in serialised]
+        version = hashlib.sha1(json.dumps([label, values, base, patches], sort_keys=True).encode()).hexdigest()[:16]
+        cached = views, {"base": base, "patches": patches, "version": version}
+        st.session_state[f"_live_slider_{key}"] = cached
 
     def chosen_by_the_browser() -> None:
         reported = st.session_state[key]["value"]
@@ -156,7 +161,7 @@ def live_slider(label: str, values: Sequence[float], views: Callable[[], list[di
             st.session_state[value_key] = float(reported)
 
     _COMPONENT(key=key, on_value_change=chosen_by_the_browser,
-               data={"label": label, "values": values, "labels": labels, "index": index, "base": base,
-                     "patches": patches, "version": version, "disabled": disabled or len(values) == 1,
+               data={"label": label, "values": values, "labels": labels, "index": index, **cached[1],
+                     "disabled": disabled or len(values) == 1,
                      "help": help or "", "src": f"app/static/{BUNDLE}"})
     return values[index]
