@@ -210,6 +210,8 @@ def tour_for_screenshots(driver, tmp_path) -> None:
     open_page(driver, "Prune")
     click_button(driver, "Apply")
     wait_for(driver, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 120, "apply did not finish")
+    scope = driver.find_element(By.XPATH, '//div[@data-testid="stRadio"][.//p[text()="Scope"]]')  # then the slider
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", scope)
     shoot(driver, tmp_path, "prune")
     open_page(driver, "Inspect")
     click_button(driver, "Collect gradients")
@@ -223,7 +225,9 @@ def tour_for_screenshots(driver, tmp_path) -> None:
     driver.find_element(By.XPATH, "//label[.//p[text()='channel']]").click()
     settle(driver)
     click_button(driver, "Apply")
-    wait_for(driver, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 120, "apply did not finish")
+    wait_for(driver, lambda d: "mlp channel" in d.find_element(By.TAG_NAME, "body").text, 120,
+             "the channel apply did not finish")  # the saved run's name
+    settle(driver)
     shoot(driver, tmp_path, "prune_channel")
     open_page(driver, "Compare")
     shoot(driver, tmp_path, "compare")
