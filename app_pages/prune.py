@@ -121,7 +121,7 @@ def step_view(plan: Plan) -> dict:
         live_slider.Card("Parameters after", common.fmt_int(estimate["params_after"]),
                          f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}"),
         live_slider.Card("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
-                         f"{estimate['speedup_flops']:.2f}x fewer"),
+                         f"{estimate['speedup_flops']:.2f}x fewer" if estimate["flops_after"] else "all removed"),
         live_slider.Card("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
                          f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}"),
         live_slider.Card("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual))]}
@@ -180,14 +180,15 @@ def plan_view() -> None:
         help="N:M fixes the sparsity." if structure == "nm" else None)
     plan = steps[values.index(sparsity)][1]
     try:
-        recipe = common.session_recipe(model).replace(scoring=scoring, plan=dataclasses.replace(plan_spec, sparsity=sparsity))
+        recipe = common.session_recipe(model).replace(scoring=scoring,
+                                                      plan=dataclasses.replace(plan_spec, sparsity=sparsity))
     except ExplorerError as exc:
         st.error(str(exc))
         st.stop()
     st.session_state[common.RECIPE], st.session_state[PLAN] = recipe, plan
     common.sync_url()  # a fragment rerun skips app.py, which syncs the URL on full reruns
 
-    # Built only while open: a grid redrawn on every move costs ~10-20 ms in the browser (bench/RESULTS_slider.md).
+    # Built only while open: a grid re-sent with every reported value costs the browser ~10-20 ms.
     with st.expander("Per-layer table", key="prune_table_open", on_change="rerun") as table:
         if table.open:
             layers = pd.DataFrame([{"layer": lp.name, "kind": prepared.layer_kinds.get(lp.name, ""), "units": lp.total,
