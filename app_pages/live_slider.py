@@ -68,10 +68,11 @@ class Card:
 
 def json_patch(base: Any, other: Any, path: tuple = ()) -> list[list]:
     """``[path, value]`` pairs that turn ``base`` into ``other`` (`apply_patch` applies them). Dicts with the
-    same keys and lists of dicts or lists, of the same length, are walked; anything else that differs, a list
-    of numbers or strings included, is replaced whole: one path for a chart's 50 bar heights, not 50."""
+    same keys, and lists of dicts of the same length, are walked; anything else that differs is replaced
+    whole: one path for a chart's 37 bar heights or its 37 ``[kept, total, rule]`` rows, not 37 (MiniLM's
+    101 steps under global scope: 0.40 MB walking every list, 0.25 MB so; the mlp's: 47 KB)."""
     def walkable(items: list) -> bool:
-        return any(isinstance(item, (dict, list)) for item in items)
+        return any(isinstance(item, dict) for item in items)
 
     if isinstance(base, dict) and isinstance(other, dict) and base.keys() == other.keys():
         return [change for key in base for change in json_patch(base[key], other[key], (*path, key))]

@@ -119,8 +119,8 @@ def test_an_unwritable_folder_falls_back_instead_of_failing(tmp_path, monkeypatc
     assert not live_slider.bundle_served()
 
 
-def test_a_changed_list_of_numbers_travels_as_one_replacement():
-    base = {"figure": {"data": [{"y": [0.1, 0.2, 0.3], "customdata": [[1, 4], [2, 4]]}]}}
-    other = {"figure": {"data": [{"y": [0.1, 0.5, 0.3], "customdata": [[1, 4], [3, 4]]}]}}
+def test_a_changed_list_of_numbers_or_rows_travels_as_one_replacement():
+    base = {"figure": {"data": [{"y": [0.1, 0.2, 0.3], "customdata": [[1, 4], [2, 4]], "x": ["a", "b", "c"]}]}}
+    other = {"figure": {"data": [{"y": [0.1, 0.5, 0.3], "customdata": [[1, 4], [3, 4]], "x": ["a", "b", "c"]}]}}
     assert live_slider.json_patch(base, other) == [[["figure", "data", 0, "y"], [0.1, 0.5, 0.3]],
-                                                   [["figure", "data", 0, "customdata", 1], [3, 4]]]
+                                                   [["figure", "data", 0, "customdata"], [[1, 4], [3, 4]]]]
