@@ -114,6 +114,13 @@ def bundle_served() -> bool:
     return True
 
 
+def bundle_url() -> str:
+    """Where the browser fetches plotly.js: absolute, under ``server.baseUrlPath`` (a page's own URL, such
+    as ``/prune``, is not the app's root, so a relative address would depend on the page)."""
+    base = str(st.get_option("server.baseUrlPath") or "").strip("/")
+    return f"/{base}/app/static/{BUNDLE}" if base else f"/app/static/{BUNDLE}"
+
+
 def live_slider(label: str, values: Sequence[float], views: list[dict], *, value_key: str,
                 key: str, labels: Sequence[str] | None = None, disabled: bool = False, help: str | None = None) -> float:
     """A slider over ``values`` whose views, one per value, show at once on a move; returns the value chosen,
@@ -164,5 +171,5 @@ def live_slider(label: str, values: Sequence[float], views: list[dict], *, value
     _COMPONENT(key=key, on_value_change=chosen_by_the_browser,
                data={"label": label, "values": values, "labels": labels, "index": index, **cached[1],
                      "disabled": disabled or len(values) == 1,
-                     "help": help or "", "src": f"app/static/{BUNDLE}"})
+                     "help": help or "", "src": bundle_url()})
     return values[index]

@@ -39,7 +39,7 @@ def test_every_step_is_sent_and_each_matches_a_direct_count():
     at = local_prune_page()
     data = sent(at)
     assert data["values"] == [i / 100 for i in range(101)] and data["values"][data["index"]] == 0.5
-    assert data["src"] == f"app/static/plotly-{plotly.__version__}.min.js"
+    assert data["src"] == f"/app/static/plotly-{plotly.__version__}.min.js"
     for index in (0, 1, 30, 77, 100):
         view = live_slider.apply_patch(data["base"], data["patches"][index])
         sparsity = data["values"][index]
@@ -95,6 +95,17 @@ def test_patches_rebuild_every_view_exactly():
     assert live_slider.json_patch(base, base) == []
     with pytest.raises(ValueError):
         live_slider.json_patch([1], {"a": 1})
+
+
+def test_the_bundle_address_follows_the_base_url_path():
+    before = config.get_option("server.baseUrlPath")
+    try:
+        config.set_option("server.baseUrlPath", "/tools/explorer/")
+        assert live_slider.bundle_url() == f"/tools/explorer/app/static/plotly-{plotly.__version__}.min.js"
+        config.set_option("server.baseUrlPath", "")
+        assert live_slider.bundle_url() == f"/app/static/plotly-{plotly.__version__}.min.js"
+    finally:
+        config.set_option("server.baseUrlPath", before)
 
 
 def test_the_bundle_is_written_once_from_the_plotly_package(tmp_path, monkeypatch):
