@@ -7,7 +7,7 @@ from explorer import figures, tasks
 from explorer.errors import ExplorerError
 from explorer.layers import available_devices
 from explorer.jobs import Job
-from explorer.train import OPTIMIZERS, TrainConfig, metric_for, start_training
+from explorer.train import OPTIMIZERS, TrainConfig, start_training
 from app_pages import common
 
 st.title("Fine-tune")
@@ -90,12 +90,8 @@ def live() -> None:
         st.button("Cancel (keep the partial result)", key="ft_cancel", on_click=job.cancel.set,
                   disabled=job.cancelled)
     points = job.payload()
-    curve = figures.training_curve(points.get("step_loss", []), points.get("val_metric", []))
-    if metric_for(model["module"], model["dataset"]) != "accuracy":  # the curve's right axis is accuracy's
-        curve.update_traces(name=f"validation {label} (epoch)", selector=dict(mode="lines+markers"))
-        curve.update_yaxes(title_text=label, tickformat=".0%" if task["measure"] == "top1" else "",
-                           range=[0, 1.02] if task["measure"] == "top1" else None, secondary_y=True)
-    st.plotly_chart(curve, key="ft_curve")
+    st.plotly_chart(figures.training_curve(points.get("step_loss", []), points.get("val_metric", []), metric=label,
+                                           percent=task["measure"] in ("accuracy", "top1")), key="ft_curve")
     if job.done and job.meta["saved_run"] is None and running:
         st.rerun(scope="app")
 

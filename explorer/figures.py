@@ -105,17 +105,23 @@ def plan_sparsity(plan: Plan, *, title: str = "Per-layer sparsity") -> go.Figure
     return go.Figure(plan_sparsity_spec(plan, title=title))
 
 
-def training_curve(step_losses: Sequence[tuple[int, float]], val_accuracy: Sequence[tuple[int, float]]) -> go.Figure:
-    """Training loss per step and validation accuracy per epoch, against the optimiser step."""
+def training_curve(step_losses: Sequence[tuple[int, float]], val_metric: Sequence[tuple[int, float]], *,
+                   metric: str = "accuracy", percent: bool = True) -> go.Figure:
+    """Training loss per step and the validation ``metric`` per epoch, against the optimiser step.
+
+    ``percent``: the metric is a fraction (accuracy, top-1 agreement), drawn in % on a 0-1 axis;
+    otherwise (perplexity, cosine) on its own scale.
+    """
     figure = make_subplots(specs=[[{"secondary_y": True}]])
     figure.add_trace(go.Scatter(x=[s for s, _ in step_losses], y=[v for _, v in step_losses],
                                 name="training loss (step)", line=dict(width=1)), secondary_y=False)
-    figure.add_trace(go.Scatter(x=[s for s, _ in val_accuracy], y=[v for _, v in val_accuracy],
-                                name="validation accuracy (epoch)", mode="lines+markers"), secondary_y=True)
+    figure.add_trace(go.Scatter(x=[s for s, _ in val_metric], y=[v for _, v in val_metric],
+                                name=f"validation {metric} (epoch)", mode="lines+markers"), secondary_y=True)
     figure.update_layout(height=340, margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12),
                          xaxis_title="step")
     figure.update_yaxes(title_text="loss", secondary_y=False)
-    figure.update_yaxes(title_text="accuracy", tickformat=".0%", secondary_y=True, range=[0, 1.02], showgrid=False)
+    figure.update_yaxes(title_text=metric, tickformat=".0%" if percent else "", range=[0, 1.02] if percent else None,
+                        showgrid=False, secondary_y=True)
     return figure
 
 

@@ -84,6 +84,11 @@ def test_trajectories_and_cost_bars_carry_their_numbers():
 def test_training_curve_and_summary():
     curve = figures.training_curve([(1, 2.0), (2, 1.5)], [(2, 0.6)])
     assert list(curve.data[0].y) == [2.0, 1.5] and list(curve.data[1].x) == [2]
+    assert curve.data[1].name == "validation accuracy (epoch)" and curve.layout.yaxis2.tickformat == ".0%"
+    assert list(curve.layout.yaxis2.range) == [0, 1.02] and curve.layout.yaxis2.title.text == "accuracy"
+    perplexity = figures.training_curve([(1, 9.0)], [(1, 1233.0)], metric="perplexity", percent=False)
+    assert perplexity.data[1].name == "validation perplexity (epoch)" and perplexity.layout.yaxis2.range is None
+    assert perplexity.layout.yaxis2.title.text == "perplexity" and not perplexity.layout.yaxis2.tickformat
     weights = stats.weight_stats(build("mlp", (1, 8, 8), 10))
     summary = figures.layer_summary(weights)
     assert list(summary.data[0].x) == ["fc1", "fc2", "classifier"] and len(summary.data) == 2
