@@ -61,6 +61,9 @@ function themed(root, layout) {
     modebar: { bgcolor: "rgba(0,0,0,0)", color: "rgba(128,128,128,0.7)", activecolor: style.color },
     font: Object.assign({ family: style.fontFamily, color: style.color }, layout.font || {}),
   });
+  // lines drawn without a colour (the requested sparsity) take the page's ink, as in a dark theme
+  out.shapes = (layout.shapes || []).map((shape) => (shape.line && shape.line.color) ? shape
+    : Object.assign({}, shape, { line: Object.assign({}, shape.line || {}, { color: style.color }) }));
   for (const axis of ["xaxis", "yaxis"]) {
     out[axis] = Object.assign({ gridcolor: "rgba(128,128,128,0.2)", zerolinecolor: "rgba(128,128,128,0.4)" },
                               layout[axis] || {});
