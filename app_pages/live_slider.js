@@ -77,7 +77,6 @@ export default function ({ parentElement, data, setStateValue }) {
   const shown = root.querySelector(".pe-shown");
   const chart = root.querySelector(".pe-chart");
   const state = root.__peState || (root.__peState = { version: null, serverIndex: null, reported: null, timer: null });
-  state.data = data;
 
   const show = (index) => {
     state.shown = `${data.version}:${index}`;
@@ -100,7 +99,7 @@ export default function ({ parentElement, data, setStateValue }) {
     const index = Number(input.value);
     if (index === state.reported) return;
     state.reported = index;
-    setStateValue("value", state.data.values[index]);
+    setStateValue("value", data.values[index]);
   };
 
   input.setAttribute("aria-label", data.label);
