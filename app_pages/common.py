@@ -207,8 +207,11 @@ def restore_from_url() -> None:
     if params.get("run"):
         try:
             recipe = Recipe.from_dict(RunStore().get(int(params["run"])).recipe)
-        except (ExplorerError, ValueError):
+        except ValueError:
             st.warning(f"The link names run {params['run']!r}, which cannot be reopened here; showing the default.")
+        except ExplorerError as exc:  # a deleted run, or a store that cannot be read (the message names it)
+            st.warning(f"The link names run {params['run']!r}, which cannot be reopened here: {exc} "
+                       "Showing the default.")
     model_name = recipe.model.source if recipe is not None else params.get("model")
     if model_name is None:
         return

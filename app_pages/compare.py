@@ -38,8 +38,9 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
 """)
 
 store = RunStore()
-try:
+try:  # a damaged or unreadable store is one line naming the file and what to do; the app runs on
     runs = store.list()
+    sweeps = store.sweeps()
 except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
@@ -48,7 +49,6 @@ if not runs:
     st.page_link("app_pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")
     st.stop()
 
-sweeps = store.sweeps()
 sweep = None
 if sweeps:
     sweep = st.selectbox("Sweep", ["all runs", *sweeps[::-1]], key="cmp_sweep",

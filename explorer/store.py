@@ -10,6 +10,11 @@ for listing.
 Databases written before runs kept their recipe are migrated when opened (new columns, empty).
 The database lives in ``$PRUNING_EXPLORER_DATA`` (default ``~/.local/share/pruning-explorer``)
 with one weights file per run in ``weights/`` beside it.
+
+Several writers share it (the app's sessions, a sweep, a second sweep): the database runs in WAL
+mode with a busy timeout, so a writer waits for another instead of failing. Every sqlite error
+becomes a `StoreError` that names the file and what to do, and a run the database refuses is
+never dropped: it is written to a JSON file (`keep_runs`) that the message names.
 """
 from __future__ import annotations
 
@@ -17,8 +22,11 @@ import io
 import json
 import os
 import sqlite3
+import tempfile
 import time
+import uuid
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,6 +90,7 @@ def data_dir() -> Path:
     return Path(root)
 
 
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another writer (a sweep, another session) before failing
 _COLUMNS = ("id", "name", "created", "model_name", "dataset", "structure", "criterion", "scope", "sparsity",
             "settings", "metrics", "history", "recipe", "stage", "trajectory", "sweep")
 _JSON_COLUMNS = {"settings": "{}", "metrics": "{}", "history": "[]", "recipe": "{}", "trajectory": "[]"}
@@ -90,51 +99,208 @@ _ADDED_COLUMNS = {"recipe": "TEXT", "stage": "INTEGER NOT NULL DEFAULT 0", "traj
                   "sweep": "TEXT NOT NULL DEFAULT ''"}
 
 
+class StoreError(ExplorerError):
+    """The run database refused a read or a write; the message names the file and what to do.
+
+    An `ExplorerError`, so pages show it with ``st.error`` and the CLI prints it on one line. ``kept``
+    is the file the refused run went to instead (`RunStore.save`), or None.
+    """
+
+    def __init__(self, message: str, kept: Path | None = None):
+        super().__init__(message)
+        self.kept = kept
+
+
+def _explain(exc: sqlite3.Error, path: Path) -> str:
+    """One line for a sqlite error: what is wrong with the file at ``path`` and what the user can do."""
+    code, text = getattr(exc, "sqlite_errorname", "") or "", str(exc)
+    elsewhere = "or set PRUNING_EXPLORER_DATA to another folder"
+    if code in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text or "malformed" in text:
+        return (f"The run store {path} is damaged or not a SQLite database ({text}): move it away (a new, empty "
+                f"store is made in its place) {elsewhere}.")
+    if code.startswith("SQLITE_READONLY") or "readonly" in text:
+        return (f"The run store {path} is read-only ({text}): fix the permissions of the file and its folder "
+                f"{elsewhere}.")
+    if code.startswith("SQLITE_BUSY") or "locked" in text:
+        return (f"The run store {path} stayed locked by another writer for {BUSY_TIMEOUT_S:g} s ({text}): let the "
+                f"other sweep or session finish and try again, {elsewhere}.")
+    if code.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+        return (f"Cannot open the run store {path} ({text}): it must be a file in a folder you can write; "
+                f"fix that {elsewhere}.")
+    if code == "SQLITE_FULL" or "disk is full" in text:
+        return f"The disk holding the run store {path} is full: free some space {elsewhere}."
+    return f"The run store {path} failed ({text}); if this persists, move the file away {elsewhere}."
+
+
+def keep_runs(runs: list[Run], folder: Path, stem: str, model: nn.Module | None = None, **weights) -> Path:
+    """Write runs the database refused to ``folder/unsaved/<stem>.json`` (else the temp folder); returns the file.
+
+    The file is a JSON list of `Run.to_dict` (``Run(**entry)`` rebuilds one, `RunStore.save` stores it
+    again); ``model``'s weights go beside it as ``<stem>.pt``. It is written whole and then renamed,
+    so a caller may rewrite it after every point (a sweep does) and a kill never leaves half a file.
+    """
+    payload = json.dumps([run.to_dict() for run in runs], indent=1)
+    tried = []
+    for place in (folder / "unsaved", Path(tempfile.gettempdir()) / "pruning-explorer-unsaved"):
+        path = place / f"{stem}.json"
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+            partial.write_text(payload)
+            os.replace(partial, path)
+            if model is not None:
+                save_model(model, path.with_suffix(".pt"), **weights)
+            return path
+        except OSError as exc:
+            tried.append(f"{path} ({exc.strerror or exc})")
+    raise StoreError(f"Could not keep the result in a file either: {'; '.join(tried)}.")
+
+
+def _schema(db) -> tuple[set[str], set[str]]:
+    """The tables of the database and the columns of its ``runs`` table."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return tables, {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+
+
+def _schema_complete(tables: set[str], columns: set[str]) -> bool:
+    return {"runs", "sweeps"} <= tables and set(_ADDED_COLUMNS) <= columns
+
+
+def _create_or_migrate(db, tables: set[str], columns: set[str]) -> None:
+    """Create what a new database lacks, add the columns an older one lacks, and the table numbering sweeps."""
+    if "runs" not in tables:
+        db.execute("""CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, created REAL NOT NULL,
+            model_name TEXT, dataset TEXT, structure TEXT, criterion TEXT, scope TEXT, sparsity REAL,
+            settings TEXT, metrics TEXT, history TEXT)""")
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in columns:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+    if "sweeps" not in tables:  # hands out sweep numbers, so two sweeps never share an id
+        db.execute("CREATE TABLE sweeps (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, "
+                   "created REAL NOT NULL)")
+
+
 class RunStore:
-    """SQLite-backed list of runs; every call opens its own connection (safe across sessions)."""
+    """SQLite-backed list of runs; every call opens its own connection (safe across sessions and processes).
+
+    Nothing is touched until the first call, so building one never fails: a missing folder, a damaged
+    or read-only file shows up as a `StoreError` from the call that needs it.
+    """
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else data_dir()
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "weights").mkdir(exist_ok=True)
         self.db_path = self.root / "runs.sqlite"
-        with self._connect() as db:
-            db.execute("""CREATE TABLE IF NOT EXISTS runs (
-                id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, created REAL NOT NULL,
-                model_name TEXT, dataset TEXT, structure TEXT, criterion TEXT, scope TEXT, sparsity REAL,
-                settings TEXT, metrics TEXT, history TEXT)""")
-            present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-            for column, kind in _ADDED_COLUMNS.items():
-                if column not in present:
-                    db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+        self._ready = False
 
-    def _connect(self) -> sqlite3.Connection:
+    def _prepare(self) -> None:
+        """Create the folders and the tables, migrate an older database, switch it to WAL (once per store)."""
         try:
-            return sqlite3.connect(self.db_path, timeout=10)
+            (self.root / "weights").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Cannot create the run store's folder {self.root} ({exc.strerror or exc}): "
+                             "set PRUNING_EXPLORER_DATA to a folder you can write.") from None
+        with self._connection() as db:
+            if not _schema_complete(*_schema(db)):  # write only when something is missing: a read-only store lists
+                db.execute("BEGIN IMMEDIATE")  # then read again under the write lock: another process may migrate
+                _create_or_migrate(db, *_schema(db))
+        try:  # WAL lets the app read while a sweep writes; a read-only file keeps the mode it has
+            with self._connection() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+        except StoreError:
+            pass
+        self._ready = True
+
+    @contextmanager
+    def _connection(self):
+        """One connection, committed (or rolled back) and closed; any sqlite error becomes a one-line StoreError."""
+        try:
+            db = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S)
+            try:
+                with db:
+                    yield db
+            finally:
+                db.close()
         except sqlite3.Error as exc:
-            raise ExplorerError(f"Cannot open the run database at {self.db_path}: {exc}. "
-                                "Set PRUNING_EXPLORER_DATA to a writable folder.") from exc
+            raise StoreError(_explain(exc, self.db_path)) from None
+
+    @contextmanager
+    def _connect(self):
+        if not self._ready:
+            self._prepare()
+        with self._connection() as db:
+            yield db
 
     def weights_path(self, run_id: int) -> Path:
         return self.root / "weights" / f"run-{run_id}.pt"
 
-    def save(self, run: Run, model: nn.Module | None = None, *, input_shape=None, num_classes=None) -> Run:
-        """Store a run (and its pruned weights, when given); returns it with id and time set."""
-        run.created = run.created or time.time()
+    def check_writable(self) -> None:
+        """Raise a StoreError now if a run could not be written: call it before long work starts.
+
+        A write is tried inside a transaction that is rolled back (root ignores file modes, and a
+        read-only file may still open: only a real write tells), and the weights folder is checked.
+        """
         with self._connect() as db:
-            cursor = db.execute(
-                f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
-                (run.name or "", run.created, run.model_name, run.dataset, run.structure, run.criterion, run.scope,
-                 float(run.sparsity), json.dumps(run.settings), json.dumps(run.metrics), json.dumps(run.history),
-                 json.dumps(run.recipe), int(run.stage), json.dumps(run.trajectory), run.sweep or ""))
-            run.id = int(cursor.lastrowid)
-            if not run.name:
-                run.name = _default_name(run)
-                db.execute("UPDATE runs SET name = ? WHERE id = ?", (run.name, run.id))
+            db.execute("DELETE FROM runs WHERE 0")
+            db.rollback()
+        probe = self.root / "weights" / f".probe-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"Cannot write run weights in {probe.parent} ({exc.strerror or exc}): fix its "
+                             "permissions or set PRUNING_EXPLORER_DATA to a writable folder.") from None
+
+    def new_sweep(self, name: str) -> str:
+        """A sweep id no other sweep in this store has: ``name (start time) #n``, n handed out by the store."""
+        created = time.time()
+        with self._connect() as db:
+            number = db.execute("INSERT INTO sweeps (name, created) VALUES (?, ?)", (name, created)).lastrowid
+        return f"{name} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(created))}) #{number}"
+
+    def save(self, run: Run, model: nn.Module | None = None, *, input_shape=None, num_classes=None,
+             keep: bool = True) -> Run:
+        """Store a run (and its pruned weights, when given); returns it with id and time set.
+
+        When the database refuses it, nothing computed is lost: with ``keep`` the run (and weights)
+        go to a file (`keep_runs`) and the StoreError names it (``.kept``); without, the StoreError
+        leaves keeping to the caller (a sweep gathers all its refused points in one file).
+        """
+        run.created = run.created or time.time()
+        weights = {"arch": run.settings.get("arch", run.model_name),
+                   "input_shape": input_shape or run.settings.get("input_shape"),
+                   "num_classes": num_classes or run.settings.get("num_classes")}
+        try:
+            with self._connect() as db:
+                cursor = db.execute(
+                    f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
+                    (run.name or "", run.created, run.model_name, run.dataset, run.structure, run.criterion,
+                     run.scope, float(run.sparsity), json.dumps(run.settings), json.dumps(run.metrics),
+                     json.dumps(run.history), json.dumps(run.recipe), int(run.stage), json.dumps(run.trajectory),
+                     run.sweep or ""))
+                run.id = int(cursor.lastrowid)
+                named = run.name or _default_name(run)
+                db.execute("UPDATE runs SET name = ? WHERE id = ?", (named, run.id))
+            run.name = named
+        except StoreError as exc:
+            run.id = None
+            if not keep:
+                raise
+            stem = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            try:
+                kept = keep_runs([run], self.root, stem, model, **weights)
+            except StoreError as lost:
+                raise StoreError(f"{exc} {lost}") from None
+            raise StoreError(f"{exc} Nothing is lost: the run is kept in {kept}"
+                             + (" (weights beside it)." if model is not None else "."), kept=kept) from None
         if model is not None:
-            save_model(model, self.weights_path(run.id), arch=run.settings.get("arch", run.model_name),
-                       input_shape=input_shape or run.settings.get("input_shape"),
-                       num_classes=num_classes or run.settings.get("num_classes"), metadata={"run": run.id})
+            try:
+                save_model(model, self.weights_path(run.id), **weights, metadata={"run": run.id})
+            except OSError as exc:
+                kept = keep_runs([run], self.root, f"run-{run.id}", model, **weights)
+                raise StoreError(f"Run {run.id} is stored but its weights could not be written to "
+                                 f"{self.weights_path(run.id)} ({exc.strerror or exc}); they are kept in "
+                                 f"{kept.with_suffix('.pt')}.", kept=kept) from None
         return run
 
     def _row(self, row) -> Run:
@@ -180,7 +346,11 @@ class RunStore:
         self.get(run_id)
         with self._connect() as db:
             db.execute("DELETE FROM runs WHERE id = ?", (int(run_id),))
-        self.weights_path(run_id).unlink(missing_ok=True)
+        try:
+            self.weights_path(run_id).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Run {run_id} is deleted but its weights file {self.weights_path(run_id)} could not "
+                             f"be removed ({exc.strerror or exc}); delete it by hand.") from None
 
     def export(self, run_id: int) -> bytes:
         """A zip with the pruned model (if stored) and the run's settings and metrics as JSON and YAML."""

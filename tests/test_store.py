@@ -1,13 +1,18 @@
 import io
 import json
+import sqlite3
+import threading
 import zipfile
 
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
 
+from explorer import store as store_module
 from explorer.errors import ExplorerError
 from explorer.models import build, load_model
-from explorer.store import Run, RunStore
+from explorer.store import Run, RunStore, StoreError, keep_runs
+from tests.storefaults import damage, freeze, thaw
 
 
 def test_runs_survive_a_new_store_object(tmp_path):
@@ -53,8 +58,6 @@ def test_a_fine_tune_run_is_named_after_itself_not_after_its_parent(tmp_path):
 
 
 def test_an_old_database_gains_the_sweep_column_and_filters_by_it(tmp_path):
-    import sqlite3
-
     with sqlite3.connect(tmp_path / "runs.sqlite") as db:  # the first release's table, one run in it
         db.execute("""CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, created REAL NOT NULL,
                       model_name TEXT, dataset TEXT, structure TEXT, criterion TEXT, scope TEXT, sparsity REAL,
@@ -69,3 +72,118 @@ def test_an_old_database_gains_the_sweep_column_and_filters_by_it(tmp_path):
     store.save(Run("mlp", "digits", "unstructured", "magnitude", "local", 0.8, sweep="grid-2"))
     assert [run.criterion for run in store.list(sweep="grid-1")] == ["taylor"]
     assert store.sweeps() == ["grid-1", "grid-2"] and len(store.list()) == 3
+    assert store.new_sweep("grid").endswith(" #1")  # the old file gained the table that numbers sweeps
+
+
+# --- many writers, and stores that fail (issue 23) -------------------------------------------------
+
+
+def _run(**values) -> Run:
+    return Run("mlp", "digits", "unstructured", "magnitude", "local", 0.5, **values)
+
+
+@pytest.fixture
+def frozen(tmp_path):
+    """A store with one run whose file then refuses every write (see tests/storefaults.py)."""
+    store = RunStore(tmp_path / "data")
+    store.save(_run(name="before"))
+    if not freeze(store.db_path):
+        pytest.skip("cannot make a file read-only here (root without chattr)")
+    yield RunStore(store.root)
+    thaw(store.db_path)
+
+
+def test_the_store_runs_in_wal_mode_so_a_reader_never_blocks_a_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 2.0)  # a regression fails in seconds, not 30
+    store = RunStore(tmp_path)
+    store.save(_run())
+    reader = sqlite3.connect(store.db_path)
+    assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM runs").fetchone()  # holds a read transaction open, as a listing page does
+    try:
+        assert store.save(_run()).id == 2
+    finally:
+        reader.close()
+
+
+def test_writers_in_several_threads_all_land_with_distinct_ids(tmp_path):
+    errors = []
+
+    def write(count):
+        try:
+            for _ in range(count):
+                RunStore(tmp_path).save(_run())  # one store object each, as separate sessions have
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(15,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert sorted(run.id for run in RunStore(tmp_path).list()) == list(range(1, 61))
+
+
+def test_a_damaged_store_is_one_line_naming_the_file_and_what_to_do(tmp_path):
+    damage(tmp_path / "runs.sqlite")
+    store = RunStore(tmp_path)  # building one never fails; the first call says what is wrong
+    for call in (store.list, store.sweeps, lambda: store.get(1), store.check_writable):
+        with pytest.raises(StoreError) as caught:
+            call()
+        message = str(caught.value)
+        assert "\n" not in message and str(store.db_path) in message
+        assert "not a SQLite database" in message and "move it away" in message
+        assert "PRUNING_EXPLORER_DATA" in message
+
+
+def test_a_store_whose_folder_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "data").write_text("a file where the store's folder should be")
+    with pytest.raises(StoreError, match=r"Cannot create the run store's folder .*PRUNING_EXPLORER_DATA"):
+        RunStore(tmp_path / "data").list()
+
+
+def test_a_read_only_store_still_lists_and_a_refused_run_is_kept_in_a_file(frozen):
+    assert [run.name for run in frozen.list()] == ["before"]  # reading needs no write
+    with pytest.raises(StoreError, match=r"read-only .*fix the permissions") as refused:
+        frozen.check_writable()
+    assert str(frozen.db_path) in str(refused.value)
+    model = build("mlp", (1, 8, 8), 10)
+    run = _run(name="after", settings={"input_shape": [1, 8, 8], "num_classes": 10}, metrics={"accuracy": 0.9})
+    with pytest.raises(StoreError) as caught:
+        frozen.save(run, model)
+    message, kept = str(caught.value), caught.value.kept
+    assert "\n" not in message and "read-only" in message and f"kept in {kept}" in message
+    assert kept.parent == frozen.root / "unsaved" and run.id is None
+    [entry] = json.loads(kept.read_text())
+    assert Run(**entry) == run  # the whole run, ready to store again
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(load_model(kept.with_suffix(".pt"))(x), model(x))
+    assert [r.name for r in frozen.list()] == ["before"]
+
+
+def test_keeping_falls_back_to_the_temp_folder_when_the_stores_folder_refuses(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file: no 'unsaved' folder can be made inside it")
+    monkeypatch.setattr(store_module.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = keep_runs([_run(name="orphan")], blocked, "sweep-x")
+    assert path == tmp_path / "tmp" / "pruning-explorer-unsaved" / "sweep-x.json"
+    assert [entry["name"] for entry in json.loads(path.read_text())] == ["orphan"]
+
+
+def test_sweep_ids_are_handed_out_once_even_within_one_second(tmp_path):
+    store = RunStore(tmp_path)
+    ids = [store.new_sweep("grid") for _ in range(3)]
+    assert len(set(ids)) == 3 and all(i.startswith("grid (") for i in ids)
+    assert [i.rsplit("#", 1)[1] for i in ids] == ["1", "2", "3"]
+    assert RunStore(tmp_path).new_sweep("grid").endswith("#4")  # numbers live in the file, not the object
+
+
+def test_the_compare_page_shows_a_damaged_store_as_one_error_and_keeps_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path))
+    damage(tmp_path / "runs.sqlite")
+    at = AppTest.from_file("../app_pages/compare.py", default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    [error] = at.error
+    assert str(tmp_path / "runs.sqlite") in error.value and "move it away" in error.value
