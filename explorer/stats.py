@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explorer import measure, tasks
+from explorer import criteria, measure, tasks
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, effective_weight, prunable_layers
 

@@ -40,7 +40,10 @@ class GroupMember:
     BatchNorm entries; a depthwise conv's in- and out-channels, which are the same) or
     ``"in"`` (the consumer's input channels). ``idxs[j]`` is the layer's channel that goes
     when unit ``units[j]`` of the group is removed; across a concat the layer sees only
-    part of the group, at an offset, which is what the two lists record.
+    part of the group, at an offset, which is what the two lists record; after a flatten one
+    unit is ``H x W`` of the consumer's inputs, so it appears that many times in ``units``.
+    ``params_per_channel`` is what the layer loses per index in ``idxs``, measured on a copy
+    (zero for a weight tied to an earlier member's, which is counted there).
     """
 
     layer: str
@@ -50,6 +53,7 @@ class GroupMember:
     depthwise: bool = False
     idxs: list[int] = field(default_factory=list)
     units: list[int] = field(default_factory=list)
+    params_per_channel: int = 0
 
 
 @dataclass
@@ -59,8 +63,10 @@ class ChannelGroup:
     ``params_per_channel_naive`` counts only the root filter (its weight slice and bias),
     which is what a per-layer view suggests; ``params_per_channel_real`` counts every
     parameter that really disappears with one channel of the group (coupled convs, the
-    consumers' input channels, BatchNorm weight and bias), averaged over the group's
-    channels. ``root_channels[u]`` is the root layer's channel behind unit ``u``.
+    consumers' input channels, all ``H x W`` of them after a flatten, BatchNorm weight and
+    bias), averaged over the group's channels: exact when every channel costs the same
+    (``uniform()``), and ``params_removed`` is exact for any set of channels.
+    ``root_channels[u]`` is the root layer's channel behind unit ``u``.
     """
 
     name: str
@@ -74,6 +80,27 @@ class ChannelGroup:
     def out_layers(self) -> list[str]:
         """Names of the layers whose outputs shrink (the coupled producers)."""
         return [m.layer for m in self.members if m.cut == "out"]
+
+    def params_removed(self, units) -> int:
+        """Parameters that go when ``units`` (indices into the group's channels) are removed.
+
+        Each member loses its ``params_per_channel`` for every index it holds of a chosen unit,
+        so a concat member that sees only some units counts only those.
+        """
+        chosen = {int(u) for u in units}
+        return sum(m.params_per_channel * sum(u in chosen for u in m.units) for m in self.members)
+
+    def uniform(self) -> bool:
+        """True when every channel frees the same parameters, so ``k * params_per_channel_real`` is exact.
+
+        Only a group whose channels reach layers of different sizes (the branches of a concat)
+        has channels of different costs.
+        """
+        costs = [0] * self.channels
+        for member in self.members:
+            for unit in member.units:
+                costs[unit] += member.params_per_channel
+        return len(set(costs)) <= 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,6 +199,7 @@ def apply(
     least one channel; a request that would empty one raises ``ExplorerError``.
     """
     pruned = _copy_for_tracing(model)
+    ties = _tied_parameters(pruned)
     graph = _build_graph(pruned, example_input)
     groups = {g.name: g for g in _enumerate_groups(graph, pruned)}
     requests = _validated_requests(groups, prune_idxs)
@@ -194,6 +222,7 @@ def apply(
                 removed.setdefault(member.layer, []).extend(
                     i for i, u in zip(member.idxs, member.units) if u in chosen
                 )
+    _retie(pruned, ties)
     _restore_modes(model, pruned)
     return pruned
 
@@ -225,6 +254,25 @@ def _copy_for_tracing(model: nn.Module) -> nn.Module:
     traced = clone_model(model)
     traced.eval()
     return traced
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """(module, attribute) pairs that share one parameter, such as GPT-2's embedding and output head."""
+    shared: dict[int, list[tuple[str, str]]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        module, _, attribute = name.rpartition(".")
+        shared.setdefault(id(parameter), []).append((module, attribute))
+    return [places for places in shared.values() if len(places) > 1]
+
+
+def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
+    """Share each tied parameter again: torch-pruning cuts every holder of it into a copy of its own."""
+    for (first_module, first_attribute), *others in ties:
+        parameter = getattr(model.get_submodule(first_module), first_attribute)
+        for module, attribute in others:
+            holder = model.get_submodule(module)
+            if getattr(holder, attribute).shape == parameter.shape:
+                setattr(holder, attribute, parameter)
 
 
 def _restore_modes(source: nn.Module, target: nn.Module) -> None:
@@ -271,7 +319,7 @@ def _enumerate_groups(graph: tp.DependencyGraph, model: nn.Module) -> list[Chann
         for item in tp_group:
             if graph.is_out_channel_pruning_fn(item.dep.handler) and item.dep.target.module in names:
                 covered.update((names[item.dep.target.module], i) for i in item.idxs)
-        if _reaches_output(graph, tp_group) or _has_grouped_conv(graph, tp_group):
+        if _reaches_output(graph, tp_group) or _has_grouped_conv(graph, tp_group) or _overruns(graph, tp_group):
             continue
         groups.append(_describe(graph, tp_group, root_name, root, free))
     return groups
@@ -293,11 +341,30 @@ def _has_grouped_conv(graph, tp_group) -> bool:
     return False
 
 
+def _overruns(graph, tp_group) -> bool:
+    """True if torch-pruning maps a channel past a layer's size: it misread the graph between them.
+
+    GPT-2's fused query-key-value projection is one: its 192 outputs are split into three and
+    reshaped into heads, and torch-pruning maps all 192 onto the 64 inputs of the attention's
+    output projection. Removing such a channel leaves a model that no longer runs.
+    """
+    for item in tp_group:
+        module = item.dep.target.module
+        pruner = graph.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+        if pruner is None or not item.idxs:
+            continue
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        size = pruner.get_out_channels(module) if out else pruner.get_in_channels(module)
+        if size is not None and max(int(i) for i in item.idxs) >= size:
+            return True
+    return False
+
+
 def _describe(graph, tp_group, root_name, root, root_channels) -> ChannelGroup:
     names = graph._module2name
     unit_of = {c: u for u, c in enumerate(root_channels)}
     merged: dict[tuple[str, str], GroupMember] = {}
-    modules_and_handlers: dict[str, tuple[nn.Module, list]] = {}
+    deps: dict[tuple[str, str], list] = {}  # member -> the torch-pruning dependencies that cut it
     for item in tp_group:
         module = item.dep.target.module
         if module not in names or not isinstance(module, nn.Module):
@@ -315,21 +382,24 @@ def _describe(graph, tp_group, root_name, root, root_channels) -> ChannelGroup:
                 member.idxs.append(int(idx))
                 member.units.append(unit_of[root_idx])
         member.channels = len(member.idxs)
-        handlers = modules_and_handlers.setdefault(layer, (module, []))[1]
+        handlers = deps.setdefault((layer, cut), [])
         if all(dep.handler != item.dep.handler for dep, _ in handlers):
-            handlers.append((item.dep, {unit_of[r]: int(i) for i, r in zip(item.idxs, item.root_idxs) if r in unit_of}))
+            handlers.append((item.dep, {int(i) for i in item.idxs}))
     members = sorted(merged.values(), key=lambda m: (m.cut != "out", m.layer != root_name))
+    _price_members(members, deps, {layer: module for module, layer in names.items()})
     channels = len(root_channels)
-    real = sum(_params_removed(module, handlers, channels) for module, handlers in modules_and_handlers.values())
-    return ChannelGroup(
+    group = ChannelGroup(
         name=root_name,
         kind=_kind(members, root),
         channels=channels,
         members=members,
-        params_per_channel_real=int(real) if float(real).is_integer() else real,
+        params_per_channel_real=0,
         params_per_channel_naive=_naive_params(root),
         root_channels=[int(c) for c in root_channels],
     )
+    real = group.params_removed(range(channels)) / channels
+    group.params_per_channel_real = int(real) if float(real).is_integer() else real
+    return group
 
 
 def _kind(members: list[GroupMember], root: nn.Module) -> str:
@@ -341,26 +411,32 @@ def _kind(members: list[GroupMember], root: nn.Module) -> str:
     return "linear" if isinstance(root, nn.Linear) else "conv"
 
 
-def _params_removed(module: nn.Module, handlers: list, channels: int) -> float:
-    """Parameters ``module`` loses when one channel of its group goes, measured on a copy.
+def _price_members(members: list[GroupMember], deps: dict, modules: dict[str, nn.Module]) -> None:
+    """Set each member's ``params_per_channel`` by cutting one of its indices on a copy of its layer.
 
-    All of the module's handlers (a conv can lose a filter *and* an input channel in the
-    same residual group) are applied for the same unit. A module that sees only part of
-    the group (through a concat) counts in proportion to the units it sees.
+    All of a member's dependencies are applied together (a depthwise conv loses a filter and an
+    input channel at once). A weight shared with a layer already priced (GPT-2's tied embedding
+    and output head) is counted once: the removal re-ties it, so it goes once.
     """
-    units = [u for _, unit_to_idx in handlers for u in unit_to_idx]
-    if not units:
-        return 0
-    unit = min(units)
-    trial = clone_model(module)
-    before = sum(p.numel() for p in trial.parameters())
-    for dep, unit_to_idx in handlers:
-        if unit in unit_to_idx:
-            dep.handler.__self__.pruning_dim = dep.target.pruning_dim  # as Dependency.__call__ does
-            trial = dep.handler(trial, [unit_to_idx[unit]]) or trial
-    lost = before - sum(p.numel() for p in trial.parameters())
-    seen = len(set(units))
-    return lost if seen == channels else lost * seen / channels
+    priced: dict[int, str] = {}  # id of an original parameter -> the layer that counted it
+    for member in members:
+        if not member.idxs:
+            continue
+        module = modules[member.layer]
+        idx = member.idxs[0]
+        trial = clone_model(module)
+        before = {name: p.numel() for name, p in trial.named_parameters()}
+        for dep, idxs in deps[(member.layer, member.cut)]:
+            if idx in idxs:
+                dep.handler.__self__.pruning_dim = dep.target.pruning_dim  # as Dependency.__call__ does
+                trial = dep.handler(trial, [idx]) or trial
+        after = {name: p.numel() for name, p in trial.named_parameters()}
+        lost = 0
+        for name, parameter in module.named_parameters():
+            owner = priced.setdefault(id(parameter), member.layer)
+            if owner == member.layer:
+                lost += before[name] - after.get(name, 0)
+        member.params_per_channel = int(lost)
 
 
 def _naive_params(root: nn.Module) -> int:
@@ -403,6 +479,8 @@ def _check_nothing_emptied(model, groups, requests) -> None:
 
 
 def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Embedding):  # its weight is (vocabulary, width): the width is what a group cuts
+        return int(module.embedding_dim)
     for attribute in ("out_channels", "out_features", "num_features"):
         if hasattr(module, attribute):
             return int(getattr(module, attribute))
