@@ -7,3 +7,10 @@ class ExplorerError(Exception):
     Pages catch it and show ``st.error``; the CLI prints the message on one line and
     exits non-zero. Anything else escaping the core is a bug.
     """
+
+
+class ExplorerWarning(UserWarning):
+    """Something the project ignored or changed on the user's behalf, and said so.
+
+    The CLI prints each as one ``warning:`` line on stderr; the run goes on.
+    """
