@@ -217,7 +217,8 @@ def plan_view() -> None:
             g3.metric(f"Params per {unit}, naive", f"{naive:,}",
                       help="Only the root layer's own slice (weight rows and bias): what a per-layer view suggests.")
             st.caption(f"Group kind: {group.kind}" + (f", {per_unit} channels a head" if per_unit > 1 else "")
-                       + f". Removing {removed} {unit}(s) frees about {removed * real:,.0f} parameters; counting only "
+                       + f". Removing {removed} {unit}(s) frees {'' if group.uniform() else 'about '}"
+                       f"{removed * real:,.0f} parameters; counting only "
                        f"the root layer would say {removed * naive:,}.")
             st.dataframe(pd.DataFrame([{"layer": m.layer, "type": m.type, "cut": m.cut, "channels": m.channels,
                                         "depthwise": m.depthwise} for m in group.members]), hide_index=True)
