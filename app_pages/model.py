@@ -45,6 +45,7 @@ fidelity to itself is 100 % by definition.
 """)
 
 TEXT_TYPES = ["txt", "jsonl", "csv"]
+FILE_FACTORY = "a Python factory I name"  # code a file is loaded into is named by the user, never by the file
 LOCAL_FOLDER = common.TRANSFORMER_FOLDER
 
 DATASET_LABELS = {name: f"{name} - {DATASETS[name].description}" for name in (*common.ZOO_DATASETS, "tensors")}
@@ -185,14 +186,20 @@ try:
         left, right = st.columns(2)
         with left:
             upload = st.file_uploader("Model file", type=["pt", "pth", "safetensors", "ts", "pt2"], key="model_file")
-            arch_choice = st.selectbox("Architecture (for a plain state dict)", ["(stored in the file)", *ZOO],
-                                       key="file_arch")
+            arch_choice = st.selectbox("Architecture (for a plain state dict)",
+                                       ["(stored in the file)", *ZOO, FILE_FACTORY], key="file_arch",
+                                       help="A file may name a zoo model; a factory runs only when you name it here.")
+            file_factory = ""
+            if arch_choice == FILE_FACTORY:
+                file_factory = st.text_input("Factory (package.module:callable)", key="file_factory",
+                                             placeholder="mypackage.models:make")
             trust = st.checkbox("I trust this file: allow a pickled model (runs code from the file)", key="file_trust")
         with right:
             data = pick_dataset("file")
             epochs = st.number_input("Train epochs before pruning (0 = use as is)", 0, 100, 0, key="file_epochs")
         if st.button("Load file", type="primary", key="file_load", disabled=upload is None or data is None):
-            arch = None if arch_choice.startswith("(") else arch_choice
+            arch = file_factory.strip() or None if arch_choice == FILE_FACTORY else \
+                None if arch_choice.startswith("(") else arch_choice
             loaded = load_file(upload, data, arch, trust, int(epochs))
     elif source == "Python factory":
         left, right = st.columns(2)

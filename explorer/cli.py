@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks
+from explorer import criteria, hf, limits, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks
 from explorer.data import DATASETS, Dataset
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, ExplorerWarning
 from explorer.models import SAVE_FORMAT, ZOO, save_model
 from explorer.recipe import Recipe
 from explorer.specs import MeasureSpec, ModelSpec, PlanSpec, ScoringSpec
@@ -46,14 +47,50 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _save(model, path, **saved) -> None:
+    """`save_model`, with a place that refuses the file (read-only, full) said in one line."""
+    try:
+        save_model(model, path, **saved)
+    except OSError as exc:
+        raise ExplorerError(f"Cannot write the model to '{path}' ({exc.strerror or exc}); choose another --save.") from exc
+
+
+def _whole(low: int, high: int):
+    """An argparse type: a whole number in [low, high] (`explorer.limits`), else one line with the bounds."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low:,} to {high:,}, got '{text}'")
+        return value
+    return parse
+
+
 def _positive(text: str) -> int:
+    """A positive whole number, bounded by the largest batch (the widest count a flag here takes)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value > limits.MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"{value} is above the limit of {limits.MAX_BATCH:,}")
     return value
+
+
+def check_save_path(path: str | None) -> None:
+    """Refuse a --save target that cannot become a file before any work starts (the work would be lost)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ExplorerError(f"--save '{path}' is a folder; give a file name, e.g. {target / 'model.pt'}.")
+    parent = next((p for p in target.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ExplorerError(f"--save '{path}': '{parent}' is a file, not a folder; choose another path.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the trained baseline of a zoo model (trains once, then cached)")
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow pickled nn.Module files (they can run code: only for files you trust)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_whole(0, limits.MAX_SEED), default=0)
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     inspect = sub.add_parser("inspect", help="per-layer weight (and gradient) statistics")
     model_args(inspect)
-    inspect.add_argument("--calib-batches", type=_positive, default=None,
+    inspect.add_argument("--calib-batches", type=_whole(1, limits.MAX_CALIB_BATCHES), default=None,
                          help="also summarise gradients over N calibration batches")
-    inspect.add_argument("--bins", type=_positive, default=30)
+    inspect.add_argument("--bins", type=_whole(1, limits.MAX_BINS), default=30)
 
     prune = sub.add_parser("prune", help="plan (and optionally apply and measure) pruning")
     model_args(prune)
@@ -98,11 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--protect", nargs="+", default=[], metavar="LAYER", help="layers never pruned")
     prune.add_argument("--min-keep", type=_fraction, default=0.0, help="global scope: keep this fraction of every layer")
     prune.add_argument("--norm", choices=["l1", "l2"], default="l1", help="channel magnitude norm")
-    prune.add_argument("--calib-batches", type=_positive, default=4)
+    prune.add_argument("--calib-batches", type=_whole(1, limits.MAX_CALIB_BATCHES), default=4)
     prune.add_argument("--measure", action="store_true", help="measure latency of dense and pruned models")
     prune.add_argument("--batch", type=_positive, default=MeasureSpec.batch,
                        help=f"batch size for latency (default {MeasureSpec.batch}, as the app); FLOPs are per input")
-    prune.add_argument("--threads", type=_positive, default=None, help="threads for latency (default: torch's)")
+    prune.add_argument("--threads", type=_whole(1, limits.MAX_THREADS), default=None,
+                       help="threads for latency (default: torch's)")
     prune.add_argument("--save", help="write the pruned model (last sparsity; with several, FILE gets -S suffixes)")
     prune.add_argument("--plan-only", action="store_true",
                        help="only plan: per-layer cuts, collapse and estimated params / FLOPs, without applying, "
@@ -111,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", required=True, help="YAML/JSON recipe, or the run.yaml of a downloaded run")
     run.add_argument("--save", help="write the pruned (and fine-tuned) model to FILE")
     run.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    run.add_argument("--trust-pickle", action="store_true",
+                     help="allow a pickled nn.Module model file (it can run code; a recipe itself cannot allow it)")
     run.add_argument("--json", action="store_true", help="machine-readable output")
     sensitivity.add_command(sub, model_args)
     sweep.add_command(sub, model_args)
@@ -121,15 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> list[dict]:
     from explorer.recipe import load_recipe, run_recipe
 
+    check_save_path(args.save)
     recipe = load_recipe(args.recipe)
     if args.no_latency:
         recipe = recipe.replace(measure={"latency": False})
+    if args.trust_pickle:  # the person running it, never the file, allows pickles
+        recipe = recipe.replace(model={"trust_pickle": True})
     outcome = run_recipe(recipe)
     result = run_summary(outcome)
     if args.save:
         dataset = outcome["dataset"]
-        save_model(outcome["model"], args.save, arch=outcome["arch"], input_shape=dataset.input_shape,
-                   num_classes=dataset.num_classes, metadata={"recipe": outcome["recipe"]})
+        _save(outcome["model"], args.save, arch=outcome["arch"], input_shape=dataset.input_shape,
+              num_classes=dataset.num_classes, metadata={"recipe": outcome["recipe"]})
         result["saved"] = args.save
     return [result]
 
@@ -195,6 +238,7 @@ def cmd_prune(args) -> list[dict]:
         raise ExplorerError("--sparsity is required (S or S1,S2,...), except with --structure nm.")
     if args.plan_only and (args.save or args.measure):
         raise ExplorerError("--plan-only prunes nothing, so there is nothing to --save or --measure: drop one.")
+    check_save_path(args.save)
     model, dataset, arch = _resolve(args)
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
     prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed)
@@ -254,9 +298,9 @@ def cmd_prune(args) -> list[dict]:
                                     "batch": m["batch"], "threads": m["threads"], "layout": m["layout"]}
         if args.save:
             path = _save_path(args.save, recipe.plan.sparsity, len(recipes) > 1)
-            save_model(pruned, path, arch=arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                       metadata={"plan": plan.to_dict() if len(plan.layers) < 500 else None,
-                                 "recipe": recipe.to_dict(), "format": SAVE_FORMAT})
+            _save(pruned, path, arch=arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                  metadata={"plan": plan.to_dict() if len(plan.layers) < 500 else None,
+                            "recipe": recipe.to_dict(), "format": SAVE_FORMAT})
             result["saved"] = str(path)
         results.append(result)
     return results
@@ -317,15 +361,26 @@ def _print_human(command: str, results: list[dict]) -> None:
             print(f"  {result['error']}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """An ExplorerWarning is one ``warning:`` line on stderr; any other warning is shown as Python shows it."""
+    if issubclass(category, ExplorerWarning):
+        print(f"warning: {str(message).splitlines()[0]}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
-                   "sensitivity": sensitivity.command, "sweep": sweep.command,
-                   "suggest": suggest.command}[args.command](args)
-    except ExplorerError as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", ExplorerWarning)
+        warnings.showwarning = _show_warning
+        try:
+            results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
+                       "sensitivity": sensitivity.command, "sweep": sweep.command,
+                       "suggest": suggest.command}[args.command](args)
+        except ExplorerError as exc:
+            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
     if args.json:
         for result in results:
             print(json.dumps(result))

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from explorer import limits
 from explorer.errors import ExplorerError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -209,8 +210,7 @@ def tensors(path: str | Path | bytes, seed: int = 0, name: str = "tensors") -> D
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
         raise ExplorerError(f"Cannot read '{label}' as .pt or .npz data ({type(exc).__name__}). "
                             "Save a dict {'x': tensor, 'y': tensor} with torch.save or np.savez.") from exc
-    x = np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x)
-    y = np.asarray(y.numpy() if isinstance(y, torch.Tensor) else y)
+    x, y = _array(x, "x", label), _array(y, "y", label)
     if x.ndim < 2 or len(x) != len(y) or y.ndim != 1:
         raise ExplorerError(f"'{label}': x must be (N, features...) and y (N,) labels; got x {x.shape}, y {y.shape}.")
     if x.ndim == 2:
@@ -227,9 +227,28 @@ def tensors(path: str | Path | bytes, seed: int = 0, name: str = "tensors") -> D
         raise ExplorerError(f"'{label}': x contains NaN or infinite values; clean the data first.")
     if y.min() < 0:
         raise ExplorerError(f"'{label}': labels must be >= 0.")
+    if y.max() >= limits.MAX_CLASSES:
+        raise ExplorerError(f"'{label}': labels go up to {int(y.max()):,}; labels are class numbers 0..K-1 with "
+                            f"at most {limits.MAX_CLASSES:,} classes: renumber them.")
     classes = int(y.max()) + 1
     return _split(name, x, y.astype(np.int64), seed, class_names=[str(c) for c in range(classes)],
                   description=f"User tensors from {label}: {len(y):,} samples, {classes} classes.")
+
+
+def _array(values, name: str, label: str) -> np.ndarray:
+    """``values`` (a tensor or array) as a numeric numpy array; any other dtype is one line naming it."""
+    if isinstance(values, torch.Tensor):
+        if values.is_complex():
+            raise ExplorerError(f"'{label}': {name} is a {values.dtype} tensor; store real numbers (float32 inputs, "
+                                "integer labels).")
+        values = values.detach().float() if values.is_floating_point() and values.dtype != torch.float64 \
+            else values.detach()  # numpy has no bfloat16
+        return values.numpy()
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf":
+        raise ExplorerError(f"'{label}': {name} holds {array.dtype} values, not numbers; store float32 inputs "
+                            "and integer labels.")
+    return array
 
 
 @dataclass(frozen=True)

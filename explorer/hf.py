@@ -189,6 +189,44 @@ def _max_positions(config) -> int | None:
     return None
 
 
+CODE_KEYS = ("auto_map", "custom_pipelines")  # config entries that point transformers at the folder's own .py files
+
+
+def _refuse_custom_code(folder: Path, label: str) -> None:
+    """Refuse a folder that asks to run its own Python code, before transformers reads it.
+
+    ``auto_map`` in config.json or tokenizer_config.json names classes in the folder's .py files;
+    transformers would import them (asking on standard input, where a piped "y" says yes). Pruning
+    Explorer never runs a folder's code: every call passes ``trust_remote_code=False`` as well.
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            values = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # transformers reports an unreadable file in its own words
+        if isinstance(values, dict) and any(values.get(key) for key in CODE_KEYS):
+            raise ExplorerError(f"'{label}' asks to run its own Python code ({name} has "
+                                f"{next(key for key in CODE_KEYS if values.get(key))}), which Pruning Explorer never "
+                                "runs; export the model to a standard transformers architecture and save it again.")
+
+
+def _architecture(config, label: str) -> str:
+    """``config.architectures[0]`` if transformers has that class ('' when the config names none)."""
+    import transformers
+
+    named = getattr(config, "architectures", None) or []
+    if not isinstance(named, (list, tuple)) or not all(isinstance(name, str) for name in named):
+        raise ExplorerError(f"config.json in '{label}': 'architectures' must be a list of class names, got {named!r}.")
+    if named and not isinstance(getattr(transformers, named[0], None), type):
+        raise ExplorerError(f"config.json in '{label}' names the architecture '{named[0]}', which transformers "
+                            f"{transformers.__version__} does not have; fix 'architectures' (e.g. BertModel) or save "
+                            "the model again with model.save_pretrained(PATH).")
+    return named[0] if named else ""
+
+
 def load_hf(path: str | Path, *, seq_len: int = DEFAULT_SEQ_LEN) -> HFBundle:
     """Load a local Hugging Face folder with the Auto class its config names, and its tokenizer.
 
@@ -211,25 +249,28 @@ def load_hf(path: str | Path, *, seq_len: int = DEFAULT_SEQ_LEN) -> HFBundle:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ExplorerError(f"'{label}' has no tokenizer (tokenizer.json / vocab files); "
                             "save one with tokenizer.save_pretrained(PATH).")
+    _refuse_custom_code(folder, label)
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - malformed JSON, unknown model_type...
         raise ExplorerError(f"Cannot read config.json in '{label}': {_first_line(exc)}") from exc
-    task = task_of((getattr(config, "architectures", None) or [""])[0])
+    architecture = _architecture(config, label)
+    task = task_of(architecture)
     auto = {"classification": transformers.AutoModelForSequenceClassification,
             "causal_lm": transformers.AutoModelForCausalLM}.get(task, transformers.AutoModel)
     try:
         with _quiet():
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                                   trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise ExplorerError(f"Cannot load the tokenizer in '{label}' ({type(exc).__name__}: {_first_line(exc)}); "
                             "save a working one with tokenizer.save_pretrained(PATH).") from exc
     try:
         with _quiet():
             hf, info = auto.from_pretrained(folder, config=config, local_files_only=True, dtype=torch.float32,
-                                            output_loading_info=True)
+                                            output_loading_info=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - corrupt or truncated weights, shape mismatches
         raise ExplorerError(f"Cannot load the weights in '{label}' ({type(exc).__name__}: {_first_line(exc)}); "
                             "the file is unreadable or does not match config.json: save it again with "

@@ -105,6 +105,9 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:
+        raise ExplorerError(f"Importing '{module_name}' for factory '{spec}' called sys.exit({exc.code!r}); "
+                            "a model module must import without exiting.") from None
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
         raise ExplorerError(f"Cannot import '{module_name}' for factory '{spec}': {exc}. "
                             "Check the module is on PYTHONPATH and imports cleanly.") from exc
@@ -131,6 +134,9 @@ def _call_factory(spec: str, input_shape: tuple[int, ...] | None, num_classes: i
         kwargs["num_classes"] = num_classes
     try:
         model = factory(**kwargs)
+    except SystemExit as exc:  # a factory must return a model, never end the program (or the app's server)
+        raise ExplorerError(f"Factory '{spec}' called sys.exit({exc.code!r}) instead of returning a model; "
+                            "make it return the torch.nn.Module.") from None
     except Exception as exc:  # noqa: BLE001
         raise ExplorerError(f"Factory '{spec}' raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
@@ -226,7 +232,7 @@ def load_model(spec: str | Path, *, input_shape: tuple[int, ...] | None = None, 
             path = Path(weights)
             state = _load_weights_file(path, _read_bytes(path))
             if isinstance(state, dict) and state.get("format") == SAVE_FORMAT:
-                return _from_saved(state, path, input_shape, num_classes)
+                return _from_saved(state, path, input_shape, num_classes, chosen=spec_text)
             load_state(model, state, path.name)
         return model
 
@@ -256,14 +262,14 @@ def load_model(spec: str | Path, *, input_shape: tuple[int, ...] | None = None, 
                     raise ExplorerError(
                         f"'{path.name}' is a pickled model: loading it runs arbitrary code from the file. "
                         "Re-save it as a state dict or TorchScript, or, only if you trust its source, "
-                        "allow pickled models (trust_pickle=True / the 'trust this file' switch).") from exc
+                        "allow pickled models (--trust-pickle / the app's 'I trust this file').") from exc
                 return _load_pickled(path, data)
             raise ExplorerError(f"'{path.name}' is not a readable model file ({type(exc).__name__}). "
                                 "It may be truncated or corrupt; save it again.") from exc
     if isinstance(state, nn.Module):
         return state
     if isinstance(state, dict) and state.get("format") == SAVE_FORMAT:
-        return _from_saved(state, path, input_shape, num_classes)
+        return _from_saved(state, path, input_shape, num_classes, chosen=arch)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -292,10 +298,29 @@ def _load_pickled(path: Path, data: bytes) -> nn.Module:
     return model
 
 
-def _from_saved(payload: dict, path: Path, input_shape, num_classes) -> nn.Module:
+def saved_arch(named, path: Path, chosen: str | None = None) -> str:
+    """The architecture to rebuild a saved file with: the user's ``chosen`` one, else what the file names.
+
+    A file is data, often someone else's: the architecture it names may be a zoo name or a transformer
+    (neither runs code from anywhere but this project and transformers), never an import path, which
+    would import and call whatever the file says. A factory runs only if the user named it
+    (``--arch``, a ``pkg.mod:fn --weights FILE`` source, the app's factory field).
+    """
+    if chosen is not None:
+        return chosen
+    if not isinstance(named, str) or not named:
+        raise ExplorerError(f"'{path.name}' names no architecture; choose it (a zoo name, or --arch pkg.mod:fn).")
+    if named in ZOO or named in _hf_builtin() or named.startswith("hf:"):
+        return named
+    raise ExplorerError(f"'{path.name}' names its architecture as '{named}', which is not a zoo model; a file never "
+                        f"chooses code to run: if you trust that factory, name it yourself (--arch {named}, or the "
+                        "app's factory field).")
+
+
+def _from_saved(payload: dict, path: Path, input_shape, num_classes, chosen: str | None = None) -> nn.Module:
     shape = tuple(payload.get("input_shape") or input_shape or ())
     classes = payload.get("num_classes") or num_classes
-    model = _build_arch(payload["arch"], shape, classes)
+    model = _build_arch(saved_arch(payload.get("arch"), path, chosen), shape, classes)
     _resize_to_state(model, payload["state_dict"], payload.get("attributes", {}))
     return load_state(model, payload["state_dict"], path.name)
 

@@ -24,15 +24,17 @@ Recipes written before these sections existed (flat keys such as ``structure:`` 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from explorer import pipeline
-from explorer.errors import ExplorerError
+from explorer import limits, pipeline
+from explorer.errors import ExplorerError, ExplorerWarning
 from explorer.specs import BudgetSpec, MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec, build
+from explorer.layers import choose_device
 from explorer.train import TrainConfig
 
 _SECTIONS = {"model": ModelSpec, "scoring": ScoringSpec, "plan": PlanSpec, "method": MethodSpec,
@@ -76,8 +78,10 @@ class Recipe:
                 self.finetune.validate()
             except ExplorerError as exc:
                 raise ExplorerError(f"recipe: finetune: {exc}") from exc
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ExplorerError(f"recipe: seed must be an integer, got {self.seed!r}.")
+        try:
+            limits.check_int("seed", self.seed, 0, limits.MAX_SEED)
+        except ExplorerError as exc:
+            raise ExplorerError(f"recipe: {exc}") from None
         return self
 
     def to_dict(self) -> dict:
@@ -89,10 +93,15 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Recipe":
-        """Build and validate a Recipe; unknown keys are refused, old flat recipes are migrated."""
+        """Build and validate a Recipe; unknown keys are refused, old flat recipes are migrated.
+
+        A recipe is data, often someone else's (a downloaded ``run.yaml``), so it cannot turn on
+        pickle loading: ``model.trust_pickle: true`` is ignored with an `ExplorerWarning`. Only the
+        person running it can: ``run --trust-pickle`` or the app's checkbox (`Recipe.replace`).
+        """
         if not isinstance(values, Mapping):
             raise ExplorerError("recipe: expected a mapping of settings (YAML or JSON object).")
-        values = _migrate(dict(values))
+        values = _without_trust(_migrate(dict(values)))
         method = values.get("method")
         if isinstance(method, Mapping) and "params" not in method:
             values["method"] = {"name": method.get("name", MethodSpec.name),
@@ -122,6 +131,18 @@ class Recipe:
                 value = dataclasses.replace(current, **value)
             changes[name] = value
         return dataclasses.replace(self, **changes).validate()
+
+
+def _without_trust(values: dict) -> dict:
+    """``values`` with ``model.trust_pickle`` off; a recipe that asked for it gets one warning line."""
+    model = values.get("model")
+    if not isinstance(model, Mapping) or "trust_pickle" not in model:
+        return values
+    if model["trust_pickle"] is not False:
+        warnings.warn("the recipe's model.trust_pickle is ignored: a recipe or run file cannot allow pickled "
+                      "models; pass --trust-pickle (or tick the app's 'I trust this file') if you trust the file.",
+                      ExplorerWarning, stacklevel=3)
+    return {**values, "model": {**model, "trust_pickle": False}}
 
 
 def _migrate(values: dict) -> dict:
@@ -165,14 +186,56 @@ def recipe_from_run(run: Mapping[str, Any]) -> Recipe:
     ).validate()
 
 
+MAX_YAML_BYTES = 1_000_000  # a recipe or grid is a few hundred bytes
+MAX_YAML_DEPTH = 32         # sections nest two or three deep
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases (``*name``) and bounds nesting and the node count.
+
+    A recipe is someone else's file: a few lines of aliases expand to gigabytes (the "billion
+    laughs"), and thousands of nested brackets overflow Python's stack. Recipes never need either.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = self._nodes = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ExplorerError(f"line {mark.line + 1} uses a YAML alias (*name); recipes refuse aliases "
+                                "(a few can expand to gigabytes): write the values out.")
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise ExplorerError(f"it has more than {MAX_YAML_NODES:,} values; a recipe or grid is far smaller.")
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise ExplorerError(f"line {mark.line + 1} nests deeper than {MAX_YAML_DEPTH} levels; "
+                                "recipes nest two or three.")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def read_yaml(path: str | Path, what: str = "Recipe") -> Any:
-    """The data of a YAML or JSON file; a missing or unreadable file is one line naming ``what`` it should be."""
+    """The data of a YAML or JSON file; a missing, oversized or unreadable file is one line naming ``what`` it should be."""
     path = Path(path)
+    if path.is_dir():
+        raise ExplorerError(f"{what} file '{path}' is a folder; give the path of a YAML or JSON file.")
     if not path.is_file():
         raise ExplorerError(f"{what} file '{path}' does not exist.")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ExplorerError(f"{what} file '{path.name}' is {path.stat().st_size:,} bytes, more than "
+                            f"{MAX_YAML_BYTES:,}; a {what.lower()} is a short YAML or JSON file.")
     try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        return yaml.load(path.read_text(), Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except ExplorerError as exc:
+        raise ExplorerError(f"'{path.name}' is refused: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise ExplorerError(f"'{path.name}' is not valid YAML or JSON: {str(exc).splitlines()[0]}") from exc
 
 
@@ -201,6 +264,8 @@ def run_recipe(recipe: Recipe, *, progress: Callable[[float, str], None] | None 
     from explorer.methods import collapsed_layers, run_method
 
     recipe.validate()
+    if recipe.measure.device is not None:
+        choose_device(recipe.measure.device)  # present here? before the model loads
     model, dataset, arch = pipeline.resolve_model(recipe.model, seed=recipe.seed)
     outcome = run_method(recipe, model, dataset, progress=progress, cancel=cancel, on_point=on_point)
     metrics = pipeline.measure_run(model, outcome.model, dataset, recipe.measure)

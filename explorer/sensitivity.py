@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from explorer import criteria, measure, pipeline, planner, tasks
+from explorer import criteria, limits, measure, pipeline, planner, tasks
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, prunable_layers
@@ -202,6 +202,8 @@ def check_samples(samples: int | None) -> None:
         raise ExplorerError(f"samples must be a whole number of examples or all, got {samples!r}.")
     if samples < 1:
         raise ExplorerError(f"A validation subset of {samples} samples is empty: ask for at least 1 sample (or all).")
+    if samples > limits.MAX_SAMPLES:
+        raise ExplorerError(f"samples {samples:,} is above the limit of {limits.MAX_SAMPLES:,}; ask for all instead.")
 
 
 def validation_subset(dataset: Dataset, split: str, samples: int | None) -> tuple[Dataset, int]:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from explorer import criteria, planner
+from explorer import criteria, limits, planner
 from explorer.errors import ExplorerError
 
 STRUCTURES: dict[str, str] = {
@@ -36,14 +36,33 @@ def _fraction(section: str, name: str, value) -> None:
         raise _fail(section, f"{name} must be a number in [0, 1], got {value!r}.")
 
 
-def _positive_int(section: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(section, f"{name} must be a positive integer, got {value!r}.")
+def _positive_int(section: str, name: str, value, high: int) -> None:
+    """A whole number in [1, high]: the high bound (`explorer.limits`) refuses a typo before work starts."""
+    try:
+        limits.check_int(name, value, 1, high)
+    except ExplorerError as exc:
+        raise _fail(section, str(exc)) from None
 
 
 def _optional_text(section: str, name: str, value) -> None:
     if value is not None and (not isinstance(value, str) or not value):
         raise _fail(section, f"{name} must be text (or left out), got {value!r}.")
+
+
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def check_device(section: str, device: str) -> None:
+    """A device name torch can parse and this project runs on (whether it is present is checked at run time)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in DEVICE_KINDS:
+        raise _fail(section, f"device {device!r} is not a device: use {', '.join(DEVICE_KINDS)} "
+                             "(with an index, e.g. cuda:0) or leave it out.")
 
 
 def _yaml_number(value):
@@ -113,8 +132,10 @@ class ModelSpec:
         for name in ("baseline", "trust_pickle"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail("model", f"{name} must be true or false, got {getattr(self, name)!r}.")
-        if isinstance(self.train_epochs, bool) or not isinstance(self.train_epochs, int) or self.train_epochs < 0:
-            raise _fail("model", f"train_epochs must be an integer >= 0, got {self.train_epochs!r}.")
+        try:
+            limits.check_int("train_epochs", self.train_epochs, 0, limits.MAX_EPOCHS)
+        except ExplorerError as exc:
+            raise _fail("model", str(exc)) from None
         return self
 
 
@@ -142,8 +163,8 @@ class ScoringSpec:
             raise _fail("scoring", f"criterion '{self.criterion}' is not one of {', '.join(criteria.CRITERIA)}.")
         if self.norm not in criteria.NORMS:
             raise _fail("scoring", f"norm must be one of {', '.join(criteria.NORMS)}, got {self.norm!r}.")
-        _positive_int("scoring", "calib_batches", self.calib_batches)
-        _positive_int("scoring", "calib_batch_size", self.calib_batch_size)
+        _positive_int("scoring", "calib_batches", self.calib_batches, limits.MAX_CALIB_BATCHES)
+        _positive_int("scoring", "calib_batch_size", self.calib_batch_size, limits.MAX_BATCH)
         try:
             self.nm_pair
         except ExplorerError as exc:
@@ -204,8 +225,7 @@ class BudgetSpec:
     epochs: int = 8
 
     def validate(self) -> "BudgetSpec":
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise _fail("budget", f"epochs must be a positive integer (the total training epochs), got {self.epochs!r}.")
+        _positive_int("budget", "epochs", self.epochs, limits.MAX_EPOCHS)
         return self
 
 
@@ -227,11 +247,14 @@ class MeasureSpec:
     def validate(self) -> "MeasureSpec":
         if not isinstance(self.latency, bool):
             raise _fail("measure", f"latency must be true or false, got {self.latency!r}.")
-        _positive_int("measure", "batch", self.batch)
+        _positive_int("measure", "batch", self.batch, limits.MAX_BATCH)
         if self.threads is not None:
-            _positive_int("measure", "threads", self.threads)
+            _positive_int("measure", "threads", self.threads, limits.MAX_THREADS)
         _optional_text("measure", "device", self.device)
+        if self.device is not None:
+            check_device("measure", self.device)
         if isinstance(self.min_run_time, bool) or not isinstance(self.min_run_time, (int, float)) \
-                or not self.min_run_time > 0 or math.isinf(self.min_run_time):
-            raise _fail("measure", f"min_run_time must be a positive number of seconds, got {self.min_run_time!r}.")
+                or not 0 < self.min_run_time <= limits.MAX_SECONDS:
+            raise _fail("measure", f"min_run_time must be a number of seconds in (0, {limits.MAX_SECONDS:g}], "
+                                   f"got {self.min_run_time!r}.")
         return self

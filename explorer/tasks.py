@@ -94,6 +94,10 @@ def check_forward(model: nn.Module, dataset: Dataset, label: str = "the model") 
     if not isinstance(out, torch.Tensor):
         raise ExplorerError(f"{label} returns {type(out).__name__}, not a tensor; wrap it so forward returns the "
                             "logits (or embeddings) tensor.")
+    if task_for(model, dataset) == "accuracy" and out.ndim == 2 and out.shape[1] < dataset.num_classes:
+        raise ExplorerError(f"{label} outputs {out.shape[1]} classes, but the labels of '{dataset.name}' go up to "
+                            f"{dataset.num_classes - 1}; give labels 0..{out.shape[1] - 1} or a model with "
+                            f"{dataset.num_classes} outputs.")
     return out
 
 

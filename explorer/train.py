@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explorer import jobs, tasks
+from explorer import jobs, limits, tasks
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.layers import choose_device, clone_model, model_device
@@ -74,9 +74,17 @@ def _fail(name: str, allowed: str, value) -> ExplorerError:
     return ExplorerError(f"Training setting '{name}' must be {allowed}, got {value!r}.")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(name, f"an integer >= {minimum}", value)
+def _check_int(name: str, value, minimum: int, maximum: int) -> None:
+    """A whole number in [minimum, maximum]; the maximum (`explorer.limits`) refuses a typo before training starts."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise _fail(name, f"a whole number from {minimum:,} to {maximum:,}", value)
+
+
+def _parses_as_device(name: str) -> bool:
+    try:
+        return torch.device(name).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _check_number(name: str, value, allowed: str, accept: Callable[[float], bool]) -> None:
@@ -122,10 +130,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field; the error names the field and what it accepts."""
-        _check_int("epochs", self.epochs, 0)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("step_epochs", self.step_epochs, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("epochs", self.epochs, 0, limits.MAX_EPOCHS)
+        _check_int("batch_size", self.batch_size, 1, limits.MAX_BATCH)
+        _check_int("step_epochs", self.step_epochs, 1, limits.MAX_EPOCHS)
+        _check_int("seed", self.seed, 0, limits.MAX_SEED)
         _check_number("lr", self.lr, "a positive learning rate", lambda v: v > 0)
         _check_number("weight_decay", self.weight_decay, "a number >= 0", lambda v: v >= 0)
         _check_number("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
@@ -140,7 +148,7 @@ class TrainConfig:
         _check_number("temperature", self.temperature, "a positive temperature", lambda v: v > 0)
         if not isinstance(self.amp, bool):
             raise _fail("amp", "true or false", self.amp)
-        if not isinstance(self.device, str):
+        if not isinstance(self.device, str) or (self.device != "auto" and not _parses_as_device(self.device)):
             raise _fail("device", "a device name such as auto, cpu or cuda", self.device)
         return self
 

@@ -46,7 +46,7 @@ def test_one_shot_prunes_once_then_spends_the_budget_fine_tuning(digits):
 
 
 def test_budget_zero_and_unknown_methods_are_refused_with_one_line():
-    with pytest.raises(ExplorerError, match=r"budget\.epochs must be a positive integer"):
+    with pytest.raises(ExplorerError, match=r"budget\.epochs must be a whole number from 1 to 1,000"):
         recipe(budget={"epochs": 0})
     with pytest.raises(ExplorerError, match=r"method\.name 'annealing' is not one of"):
         recipe(method={"name": "annealing"})

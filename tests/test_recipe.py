@@ -27,7 +27,7 @@ def test_recipe_validation_names_the_bad_setting(tmp_path):
         Recipe.from_dict({"model": "mlp", "plan": {"sparsity": 1.5}})
     with pytest.raises(ExplorerError, match=r"scoring\.criterion 'oracle' is not one of magnitude"):
         Recipe.from_dict({"model": {"source": "mlp"}, "scoring": {"criterion": "oracle"}})
-    with pytest.raises(ExplorerError, match=r"measure\.batch must be a positive integer"):
+    with pytest.raises(ExplorerError, match=r"measure\.batch must be a whole number from 1 to 65,536"):
         Recipe.from_dict({"model": "mlp", "measure": {"batch": 0}})
     with pytest.raises(ExplorerError, match=r"method\.name 'lottery' is not one of one_shot"):
         Recipe.from_dict({"model": "mlp", "method": {"name": "lottery"}})

@@ -177,7 +177,7 @@ def test_bad_schedule_settings_name_the_field_and_the_choices():
         TrainConfig(anneal="cubic").validate()
     with pytest.raises(ExplorerError, match="'lr'.*got '1e-3'"):  # what YAML 1.1 makes of `lr: 1e-3`
         TrainConfig(lr="1e-3").validate()
-    with pytest.raises(ExplorerError, match="'step_epochs' must be an integer >= 1"):
+    with pytest.raises(ExplorerError, match="'step_epochs' must be a whole number from 1 to 1,000"):
         TrainConfig(step_epochs=0).validate()
     with pytest.raises(ExplorerError, match="outside the schedule: 1 epochs of 10 steps make 10 steps"):
         lr_at(TrainConfig(epochs=1), 10, 10)
