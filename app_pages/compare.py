@@ -20,8 +20,10 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
   (top-1 agreement of the predicted class, or cosine similarity of the sentence embeddings). Runs
   judged by different metrics share no axis: pick the metric to plot.
 * **Measured vs theoretical speed-up** - the FLOPs speed-up is what counting multiply-adds promises;
-  the measured one is the ratio of median latencies of base and pruned model, timed in the same
-  call, same batch and threads. **Unstructured runs sit near 1x measured**: their zeros are still
+  the measured one is the median ratio over pairs of forward passes of base and pruned model, timed
+  alternately in the same call, same batch and threads, with its 95 % interval as an error bar (an
+  open marker: *noisy*, the interval stayed wider than +-5 %, usually a busy machine; read the bar,
+  not the point). **Unstructured runs should sit at 1x measured**: their zeros are still
   stored in dense tensors, and a dense matrix multiply does the same work whether a weight is 0 or
   not (they are timed with masks folded into plain weights, as they would be deployed). Their gain
   is the *compressed file size*. Channel pruning produces genuinely smaller dense tensors, so it does get faster, though usually less than FLOPs say (memory traffic, overheads and
@@ -95,7 +97,13 @@ st.dataframe(shown, hide_index=True, column_config={
     "compressed size (B)": st.column_config.NumberColumn(format="localized"),
     "latency (ms)": st.column_config.NumberColumn(format="%.3f"),
     "base latency (ms)": st.column_config.NumberColumn(format="%.3f"),
-    "speed-up measured": st.column_config.NumberColumn(format="%.2fx"),
+    "speed-up measured": st.column_config.NumberColumn(
+        format="%.2fx", help="Median over pairs of forward passes timed alternately (dense, pruned)."),
+    "measured 95 % low": st.column_config.NumberColumn(format="%.2fx"),
+    "measured 95 % high": st.column_config.NumberColumn(format="%.2fx"),
+    "noisy": st.column_config.CheckboxColumn(
+        help="The 95 % interval stayed wider than +-5 %: the machine was busy while timing. Read the interval, "
+             "not the median."),
     "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
     "speed-up 2:4 kernels": st.column_config.NumberColumn(
         format="%.2fx", help="2:4 runs timed with PyTorch's semi-structured sparse kernels next to dense fp16, "
@@ -112,6 +120,8 @@ with left:
     st.plotly_chart(figures.accuracy_vs_sparsity(shown, metric), key="cmp_accuracy")
 with right:
     st.plotly_chart(figures.speedup_promise(shown), key="cmp_speedup")
+    if figures.unstructured_speedup_summary(shown):
+        st.caption(figures.unstructured_speedup_summary(shown))
 st.plotly_chart(figures.accuracy_vs_latency(shown, metric), key="cmp_pareto")
 
 if sweep_fields:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import figures, tasks
+from explorer import figures, tasks, timing
 from explorer.errors import ExplorerError
 from explorer.layers import available_devices
 from explorer.jobs import Job
@@ -127,7 +127,8 @@ if job is not None and job.done:
         cols[1].metric("vs. dense model", common.fmt_task_delta(task, task["base"], after_value) or "-",
                        delta_color="off", delta_arrow="off")
         cols[2].metric("Non-zero params", common.fmt_int(after["params_nonzero"]))
-        cols[3].metric("Speed-up measured / FLOPs",
-                       f"{after['speedup_measured']:.2f}x / {after['speedup_flops']:.2f}x"
-                       if after.get("speedup_measured") else f"- / {after['speedup_flops']:.2f}x")
+        cols[3].metric("Speed-up measured / FLOPs", f"{timing.speedup_text(after)} / {after['speedup_flops']:.2f}x",
+                       help="Measured: median over pairs of forward passes timed alternately, with its 95 % interval.")
+        if timing.timing_note(after):
+            st.caption(timing.timing_note(after))
         st.page_link("app_pages/compare.py", label="Next: compare the runs", icon=":material/arrow_forward:")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from explorer import figures, jobs
+from explorer import figures, jobs, timing
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.methods import METHODS
@@ -122,7 +122,7 @@ if job is not None and job.done:
             "accuracy": r.metrics["accuracy"], "Δ accuracy (pts)": 100 * r.metrics["delta_accuracy"],
             "sparsity reached": r.metrics["sparsity_actual"], "epochs trained": max((p["epoch"] for p in r.trajectory),
                                                                                    default=0),
-            "speed-up FLOPs": r.metrics["speedup_flops"], "speed-up measured": r.metrics.get("speedup_measured"),
+            "speed-up FLOPs": r.metrics["speedup_flops"], "speed-up measured": timing.speedup_text(r.metrics),
             "run": r.run_id} for r in finished])
         st.subheader(f"{lab_recipe.scoring.structure} / {lab_recipe.scoring.criterion} / {lab_recipe.plan.scope}, "
                      f"target {lab_recipe.plan.sparsity:.0%}, budget {lab_recipe.budget.epochs} epochs")
@@ -131,7 +131,13 @@ if job is not None and job.done:
             "sparsity reached": st.column_config.NumberColumn(format="percent"),
             "Δ accuracy (pts)": st.column_config.NumberColumn(format="%+.1f"),
             "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
-            "speed-up measured": st.column_config.NumberColumn(format="%.2fx")})
+            "speed-up measured": st.column_config.TextColumn(
+                "speed-up measured (95 % interval)",
+                help="Median over pairs of forward passes timed alternately (dense, pruned); 'noisy' when the "
+                     "interval stayed wider than +-5 %.")})
+        for r in finished:
+            if timing.timing_note(r.metrics):
+                st.caption(f"{r.method}: {timing.timing_note(r.metrics)}")
         for r in finished:
             if r.method == "penalty" and r.model is not None:
                 kind = DEFAULT_KIND[lab_recipe.scoring.structure]  # the lab runs each method with its defaults

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from explorer import figures, tour
+from explorer import figures, timing, tour
 from explorer.errors import ExplorerError
 from explorer.specs import BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
 from explorer.train import TrainConfig
@@ -48,13 +48,22 @@ st.markdown("Zeros in a dense tensor do not make a dense kernel faster: the mult
 what = computed("what", "Prune it both ways and measure", lambda: tour.what_to_prune(model["module"], data))
 if what is not None:
     st.plotly_chart(figures.cost_side_by_side(what["rows"]), key="tour_cost")
-    st.dataframe(pd.DataFrame(what["rows"]).drop(columns=["structure"]), hide_index=True, column_config={
-        "sparsity": st.column_config.NumberColumn(format="percent"),
-        "accuracy": st.column_config.NumberColumn("accuracy (no fine-tune)", format="percent"),
-        "base_accuracy": st.column_config.NumberColumn("base accuracy", format="percent"),
-        "speedup_flops": st.column_config.NumberColumn("FLOPs speed-up", format="%.2fx"),
-        "speedup_measured": st.column_config.NumberColumn("measured speed-up", format="%.2fx"),
-        "compression_ratio": st.column_config.NumberColumn("file x smaller", format="%.2fx")})
+    st.dataframe(pd.DataFrame([{
+        "label": row["label"], "sparsity": row["sparsity"], "speedup_flops": row["speedup_flops"],
+        "speedup_measured": timing.speedup_text(row), "compression_ratio": row["compression_ratio"],
+        "accuracy": row["accuracy"], "base_accuracy": row["base_accuracy"]} for row in what["rows"]]),
+        hide_index=True, column_config={
+            "sparsity": st.column_config.NumberColumn(format="percent"),
+            "accuracy": st.column_config.NumberColumn("accuracy (no fine-tune)", format="percent"),
+            "base_accuracy": st.column_config.NumberColumn("base accuracy", format="percent"),
+            "speedup_flops": st.column_config.NumberColumn("FLOPs speed-up", format="%.2fx"),
+            "speedup_measured": st.column_config.TextColumn(
+                "measured speed-up (95 % interval)",
+                help="Median over pairs of forward passes timed alternately (dense, pruned)."),
+            "compression_ratio": st.column_config.NumberColumn("file x smaller", format="%.2fx")})
+    for row in what["rows"]:
+        if timing.timing_note(row):
+            st.caption(f"{row['label']}: {timing.timing_note(row)}")
     group = what["group"]
     if group is not None:
         st.markdown(f"A channel is never removed alone. The group rooted at `{group['name']}` ({group['kind']}) "

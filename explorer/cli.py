@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, limits, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks
+from explorer import criteria, hf, limits, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks, timing
 from explorer.data import DATASETS, Dataset
 from explorer.errors import ExplorerError, ExplorerWarning
 from explorer.models import SAVE_FORMAT, ZOO, save_model
@@ -81,16 +81,20 @@ def _positive(text: str) -> int:
     return value
 
 
-def check_save_path(path: str | None) -> None:
-    """Refuse a --save target that cannot become a file before any work starts (the work would be lost)."""
+SAVE_FLAGS = ("save", "save_recipe")  # every flag that names a file a command writes at its end
+
+
+def check_save_path(path: str | None, flag: str = "--save") -> None:
+    """Refuse a file to write that cannot become one, before any work starts (else the work is lost at the end)."""
     if path is None:
         return
     target = Path(path)
     if target.is_dir():
-        raise ExplorerError(f"--save '{path}' is a folder; give a file name, e.g. {target / 'model.pt'}.")
+        example = target / ("recipe.yaml" if "recipe" in flag else "model.pt")
+        raise ExplorerError(f"{flag} '{path}' is a folder; give a file name, e.g. {example}.")
     parent = next((p for p in target.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise ExplorerError(f"--save '{path}': '{parent}' is a file, not a folder; choose another path.")
+        raise ExplorerError(f"{flag} '{path}': '{parent}' is a file, not a folder; choose another path.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> list[dict]:
     from explorer.recipe import load_recipe, run_recipe
 
-    check_save_path(args.save)
     recipe = load_recipe(args.recipe)
     if args.no_latency:
         recipe = recipe.replace(measure={"latency": False})
@@ -238,7 +241,6 @@ def cmd_prune(args) -> list[dict]:
         raise ExplorerError("--sparsity is required (S or S1,S2,...), except with --structure nm.")
     if args.plan_only and (args.save or args.measure):
         raise ExplorerError("--plan-only prunes nothing, so there is nothing to --save or --measure: drop one.")
-    check_save_path(args.save)
     model, dataset, arch = _resolve(args)
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
     prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed)
@@ -290,12 +292,18 @@ def cmd_prune(args) -> list[dict]:
         result["task"] = {key: m["task"][key] for key in ("name", "measure", "base", "pruned", "higher_is_better")}
         if "measures" in m["task"]:
             result["task"]["measures"] = m["task"]["measures"]
-        result["speedup"] = {"flops": m["speedup_flops"], "measured": m["speedup_measured"]}
+        result["speedup"] = {"flops": m["speedup_flops"], "measured": m["speedup_measured"],
+                             "measured_interval": m["speedup_interval"], "noisy": m["speedup_noisy"],
+                             "noise": m["speedup_noise"]}
         if m.get("semi_structured") is not None:  # a 2:4 model: timed with sparse kernels on a capable GPU, or why not
             result["semi_structured"] = m["semi_structured"]
         if recipe.measure.latency:
             result["latency_ms"] = {"dense": m["baseline_latency_ms"], "pruned": m["latency_ms"], "device": m["device"],
-                                    "batch": m["batch"], "threads": m["threads"], "layout": m["layout"]}
+                                    "batch": m["batch"], "threads": m["threads"], "layout": m["layout"],
+                                    "dense_interval": m["timing"]["baseline_interval_ms"],
+                                    "pruned_interval": m["latency_interval_ms"], "pairs": m["timing"]["pairs"],
+                                    "seconds": m["timing"]["seconds"], "load": m["timing"]["load"],
+                                    "threads_note": m["timing"]["threads_note"]}
         if args.save:
             path = _save_path(args.save, recipe.plan.sparsity, len(recipes) > 1)
             _save(pruned, path, arch=arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
@@ -325,9 +333,11 @@ def _print_human(command: str, results: list[dict]) -> None:
                        else f"test {task['name']} ({task['measure']}) {task['base']:.4g} -> {task['pruned']:.4g}")
             print(f"  {quality}; params {m['params_nonzero']:,} "
                   f"non-zero of {m['baseline_params_total']:,}; speed-up FLOPs {m['speedup_flops']:.2f}x"
-                  + (f", measured {m['speedup_measured']:.2f}x ({m['device']}, batch {m['batch']}, "
+                  + (f", measured {timing.speedup_text(m)} ({m['device']}, batch {m['batch']}, "
                      f"{m['threads']} threads, {m['layout']})"
                      if m.get("speedup_measured") else ""))
+            if timing.timing_note(m):
+                print(f"  {timing.timing_note(m)}")
             continue
         if command == "inspect":
             print(f"{'layer':32s} {'kind':8s} {'count':>9s} {'mean|w|':>9s} {'std':>9s} {'zeros':>6s}")
@@ -354,11 +364,22 @@ def _print_human(command: str, results: list[dict]) -> None:
             lat = result["latency_ms"]
             print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "
                   f"{lat['threads']} threads, {lat['layout']}); speed-up FLOPs {result['speedup']['flops']:.2f}x, "
-                  f"measured {result['speedup']['measured']:.2f}x")
+                  f"measured {timing.speedup_text(_as_metrics(result))}")
+            if timing.timing_note(_as_metrics(result)):
+                print(f"  {timing.timing_note(_as_metrics(result))}")
         if "semi_structured" in result:
             print(f"  {semistructured.describe(result['semi_structured'])}")
         if "error" in result:
             print(f"  {result['error']}")
+
+
+def _as_metrics(result: dict) -> dict:
+    """The measured speed-up of a ``prune`` result in the shape `explorer.timing`'s texts read."""
+    speedup, latency = result["speedup"], result.get("latency_ms") or {}
+    return {"speedup_measured": speedup["measured"], "speedup_interval": speedup.get("measured_interval"),
+            "speedup_noisy": speedup.get("noisy"), "speedup_noise": speedup.get("noise"),
+            "timing": {"pairs": latency.get("pairs"), "seconds": latency.get("seconds"),
+                       "threads_note": latency.get("threads_note")}}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
@@ -375,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("default", ExplorerWarning)
         warnings.showwarning = _show_warning
         try:
+            for flag in SAVE_FLAGS:
+                check_save_path(getattr(args, flag, None), "--" + flag.replace("_", "-"))
             results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
                        "sensitivity": sensitivity.command, "sweep": sweep.command,
                        "suggest": suggest.command}[args.command](args)

@@ -149,7 +149,8 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
     ``metric`` names the run's task metric (accuracy for runs stored before tasks existed) and
     ``metric value`` / ``base value`` hold it for the pruned copy and its dense model.
     ``speed-up 2:4 kernels``: a 2:4 run timed with semi-structured sparse kernels next to dense fp16 (GPU
-    of compute capability 8.0+ only; None elsewhere).
+    of compute capability 8.0+ only; None elsewhere). ``measured 95 % low`` / ``high`` bound the measured
+    speed-up and ``noisy`` marks an interval wider than +-5 % (None for runs stored before intervals).
     """
     rows = []
     for run in runs:
@@ -168,7 +169,10 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
             "params": m.get("params_total"), "non-zero params": m.get("params_nonzero"),
             "FLOPs": m.get("flops_effective"), "compressed size (B)": m.get("size_compressed_bytes"),
             "latency (ms)": m.get("latency_ms"), "base latency (ms)": m.get("baseline_latency_ms"),
-            "speed-up measured": m.get("speedup_measured"), "speed-up FLOPs": m.get("speedup_flops"),
+            "speed-up measured": m.get("speedup_measured"),
+            "measured 95 % low": (m.get("speedup_interval") or [None, None])[0],
+            "measured 95 % high": (m.get("speedup_interval") or [None, None])[1],
+            "noisy": m.get("speedup_noisy"), "speed-up FLOPs": m.get("speedup_flops"),
             "speed-up 2:4 kernels": (m.get("semi_structured") or {}).get("speedup"),
             "device": f"{m.get('device')} (batch {m.get('batch')}, {m.get('threads')} threads)",
         })
@@ -229,16 +233,54 @@ def accuracy_vs_sparsity(table: pd.DataFrame, metric: str = "accuracy") -> go.Fi
 
 
 def speedup_promise(table: pd.DataFrame) -> go.Figure:
-    """Measured against FLOPs speed-up, with the y = x line where the promise is kept."""
-    timed = table.dropna(subset=["speed-up measured"])
+    """Measured against FLOPs speed-up, each with its 95 % interval as an error bar, and the y = x line
+    where the promise is kept. Noisy runs are drawn open, so a wide bar is not read as a finding."""
+    timed = table.dropna(subset=["speed-up measured"]).copy()
+    low = timed.get("measured 95 % low", pd.Series(index=timed.index, dtype=float)).astype(float)
+    high = timed.get("measured 95 % high", pd.Series(index=timed.index, dtype=float)).astype(float)
+    timed["error up"] = (high - timed["speed-up measured"]).clip(lower=0).fillna(0.0)
+    timed["error down"] = (timed["speed-up measured"] - low).clip(lower=0).fillna(0.0)
+    timed["timing"] = timed.get("noisy", pd.Series(index=timed.index, dtype=object)).map(
+        {True: "noisy", False: "tight"}).fillna("no interval")
     figure = px.scatter(timed, x="speed-up FLOPs", y="speed-up measured", color="structure", hover_name="name",
-                        symbol="tuned", title="Measured vs theoretical (FLOPs) speed-up")
-    top = max([1.0, *timed["speed-up FLOPs"].tolist(), *timed["speed-up measured"].tolist()]) * 1.05
+                        symbol="timing", symbol_map={"tight": "circle", "noisy": "circle-open",
+                                                     "no interval": "diamond"},
+                        error_y="error up", error_y_minus="error down",
+                        hover_data={"measured 95 % low": ":.2f", "measured 95 % high": ":.2f", "tuned": True},
+                        title="Measured vs theoretical (FLOPs) speed-up")
+    top = max([1.0, *timed["speed-up FLOPs"].tolist(), *(timed["speed-up measured"] + timed["error up"]).tolist()]) * 1.05
     figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="y = x (promise kept)",
                                 line=dict(dash="dash", color="grey")))
     figure.update_layout(height=460, xaxis_range=[0, top], yaxis_range=[0, top], legend_title_text="",
                          legend=_LEGEND_BELOW)
     return figure
+
+
+def unstructured_speedup_summary(table: pd.DataFrame) -> str:
+    """What the shown unstructured runs measured, in one sentence computed from the table.
+
+    The page's claim is that zeros in dense tensors do not speed anything up; this says how many of
+    the runs' 95 % intervals contain 1x, how many were noisy, and the range of their medians, so the
+    words beside the chart are the chart's own.
+    """
+    if table.empty or "structure" not in table:
+        return ""
+    runs = table[(table["structure"] == "unstructured") & table["speed-up measured"].notna()]
+    if runs.empty:
+        return ""
+    low = runs.get("measured 95 % low", pd.Series(index=runs.index, dtype=float)).astype(float)
+    high = runs.get("measured 95 % high", pd.Series(index=runs.index, dtype=float)).astype(float)
+    with_interval = low.notna() & high.notna()
+    contains_one = int(((low <= 1.0) & (high >= 1.0) & with_interval).sum())
+    noisy = int(runs.get("noisy", pd.Series(index=runs.index, dtype=object)).fillna(False).astype(bool).sum())
+    medians = runs["speed-up measured"].astype(float)
+    text = (f"Unstructured runs shown: medians {medians.min():.2f}-{medians.max():.2f}x measured; "
+            f"{contains_one} of {int(with_interval.sum())} with an interval have 1x inside it")
+    if noisy:
+        text += f"; {noisy} noisy (timed on a busy machine: read their intervals, not the medians)"
+    if int(with_interval.sum()) < len(runs):
+        text += f"; {len(runs) - int(with_interval.sum())} stored before intervals were measured"
+    return text + ". Zeros in a dense tensor leave a dense kernel's work unchanged."
 
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
@@ -272,21 +314,45 @@ def accuracy_vs_latency(table: pd.DataFrame, metric: str = "accuracy") -> go.Fig
 def cost_side_by_side(rows: Sequence[Mapping]) -> go.Figure:
     """What a pruning buys, per structure: FLOPs speed-up, measured speed-up and file-size ratio side by side.
 
-    ``rows`` are ``{label, speedup_flops, speedup_measured, compression_ratio}`` (as in `measure.Metrics`).
+    ``rows`` are ``{label, speedup_flops, speedup_measured, compression_ratio}`` (as in `measure.Metrics`),
+    with ``speedup_interval`` / ``speedup_noisy`` where measured: the measured bar carries its 95 %
+    interval as an error bar, and a noisy one is drawn hatched and labelled "noisy".
     The lesson: zeros shrink the compressed file, not the latency; removed channels shrink latency.
     """
     labels = [row["label"] for row in rows]
     figure = go.Figure()
     for key, name, color in (("speedup_flops", "FLOPs speed-up (theory)", PALETTE[0]),
-                             ("speedup_measured", "measured speed-up", PALETTE[1]),
+                             ("speedup_measured", "measured speed-up (95 % interval)", PALETTE[1]),
                              ("compression_ratio", "compressed file, x smaller", PALETTE[2])):
         values = [row.get(key) for row in rows]
-        figure.add_trace(go.Bar(x=labels, y=values, name=name, marker_color=color,
-                                text=[f"{v:.2f}x" if v is not None else "-" for v in values]))
+        text = [f"{v:.2f}x" if v is not None else "-" for v in values]
+        extra = {}
+        if key == "speedup_measured":
+            error_up, error_down = _interval_errors(rows)
+            noisy = [bool(row.get("speedup_noisy")) for row in rows]
+            text = [f"noisy {v:.2f}x" if flag and v is not None else t for v, t, flag in zip(values, text, noisy)]
+            extra = dict(error_y=dict(type="data", symmetric=False, array=error_up, arrayminus=error_down,
+                                      color="black", thickness=1.5, width=6),
+                         marker_pattern_shape=["/" if flag else "" for flag in noisy])
+        figure.add_trace(go.Bar(x=labels, y=values, name=name, marker_color=color, text=text, **extra))
     figure.add_hline(y=1.0, line_dash="dot", line_color="grey")
     figure.update_layout(barmode="group", title="What pruning buys: theory, measurement and file size",
                          yaxis_title="x better than dense", height=380, legend=_LEGEND_BELOW)
     return figure
+
+
+def _interval_errors(rows: Sequence[Mapping]) -> tuple[list, list]:
+    """Error-bar lengths above and below each row's measured speed-up, from its 95 % interval (0 if none)."""
+    up, down = [], []
+    for row in rows:
+        value, interval = row.get("speedup_measured"), row.get("speedup_interval")
+        if value is None or not interval:
+            up.append(0.0)
+            down.append(0.0)
+        else:
+            up.append(max(0.0, interval[1] - value))
+            down.append(max(0.0, value - interval[0]))
+    return up, down
 
 
 def norm_distributions(before: Mapping[str, "torch.Tensor"], after: Mapping[str, "torch.Tensor"], what: str,

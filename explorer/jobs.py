@@ -24,6 +24,19 @@ from explorer.errors import ExplorerError
 
 log = logging.getLogger(__name__)
 
+_RUNNING: "set[Job]" = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def running_elsewhere() -> list[str]:
+    """Names of the jobs running in this process, other than the one calling (if it is a job).
+
+    A latency measured while a fine-tune trains in the same process measures the contention, not
+    the model: `explorer.measure` asks this and flags such a figure.
+    """
+    with _RUNNING_LOCK:
+        return sorted(job.name for job in _RUNNING if job._thread is not threading.current_thread())
+
 
 class JobContext:
     """What the job's function receives: the cancel flag to check and a way to report progress."""
@@ -78,6 +91,8 @@ class Job:
 
     def _run(self) -> None:
         result, error = None, None
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
         try:
             result = self._work(JobContext(self))
         except ExplorerError as exc:
@@ -91,6 +106,8 @@ class Job:
             self._status = "failed" if error else "cancelled" if self.cancel.is_set() else "finished"
             if error is None and not self.cancel.is_set():
                 self._fraction = 1.0
+        with _RUNNING_LOCK:
+            _RUNNING.discard(self)
         self._finished.set()
 
     def _update(self, fraction: float | None, status: str | None) -> None:

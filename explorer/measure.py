@@ -11,8 +11,8 @@ Every number carries its unit in its name: ``flops``, ``latency_ms``, ``size_byt
 """
 from __future__ import annotations
 
+import contextlib
 import io
-import statistics
 import weakref
 import zlib
 from contextlib import contextmanager
@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.utils.benchmark as benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
+from explorer import jobs, timing
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, effective_tensors, effective_weights, fold_masks, is_masked, model_device, on_device
 
@@ -83,18 +83,21 @@ def latency(
     *,
     device: str | torch.device | None = None,
     threads: int | None = None,
-    min_run_time: float = 1.0,
+    min_run_time: float = 0.5,
+    max_run_time: float | None = None,
     warmup: int = 3,
 ) -> dict:
-    """Median wall-clock time of one forward pass (eval mode, no autograd).
+    """Median wall-clock time of one forward pass (eval mode, no autograd), with its 95 % interval.
 
-    ``torch.utils.benchmark.Timer`` runs the model in blocks until ``min_run_time``
-    seconds are spent, with a fixed thread count and CUDA synchronisation; we report the
-    median and inter-quartile range over blocks, after ``warmup`` untimed passes. The
-    batch is the example's first dimension. The model is copied if it must move device.
+    The same sampling as `compare_latency` with one model: many short samples until the median's
+    interval is within 5 % or the time cap passes, samples that lost their core left out, threads
+    no more than the free cores unless asked. Returns the model's summary (``median_ms``,
+    ``interval_ms``, ``low_ms``, ``iqr_ms``, device, batch, threads, layout) plus ``noisy`` and
+    ``noise``. The batch is the example's first dimension; the model is copied if it must move device.
     """
-    return compare_latency(model, None, example_input, device=device, threads=threads,
-                           min_run_time=min_run_time, warmup=warmup)["dense"]
+    result = compare_latency(model, None, example_input, device=device, threads=threads,
+                             min_run_time=min_run_time, max_run_time=max_run_time, warmup=warmup)
+    return {**result["dense"], **{key: result[key] for key in ("noisy", "noise", "threads_note", "load", "seconds")}}
 
 
 def compare_latency(
@@ -104,27 +107,33 @@ def compare_latency(
     *,
     device: str | torch.device | None = None,
     threads: int | None = None,
-    min_run_time: float = 1.0,
+    min_run_time: float = 0.5,
+    max_run_time: float | None = None,
+    tolerance: float = timing.TOLERANCE,
     warmup: int = 3,
-    rounds: int = 4,
     channels_last: bool | None = None,
 ) -> dict:
-    """Time two models with the same input, batch, device, threads and layout, interleaved.
+    """Time two models with the same input, batch, device, threads and layout: a ratio with its interval.
 
-    ``channels_last`` (default: on for 4-D image inputs) times copies of both models and
-    the input in the channels-last memory format, which oneDNN's convolutions prefer on
-    CPU; both models always share the layout, so the speed-up compares like with like.
+    The models are timed sample by sample in alternating order and each pair gives one ratio
+    (`explorer.timing`); ``speedup_measured`` is the median ratio, ``speedup_interval`` its 95 %
+    interval. Timing runs at least ``min_run_time`` seconds and stops once the interval is within
+    ``tolerance`` of the median, or after ``max_run_time`` (default the larger of 3 s and
+    ``min_run_time``); an interval still wider is ``noisy``, and ``noise`` says why (machine load,
+    a job of this app running beside it, samples that lost their core). ``threads`` None times on
+    torch's thread count, lowered to the cores that are free (``threads_note`` says so).
 
-    A masked model is timed as deployed (`as_deployed`: masks folded into plain weights, the
-    zeros kept), so the pruning hook's own overhead is never mistaken for the cost of sparsity.
-
-    The total ``min_run_time`` per model is split into ``rounds`` alternating slices
-    (dense, pruned, dense, ...), so drift in clock speed or background load hits both
-    alike. Returns ``{"dense": {...}, "pruned": {...}, "speedup_measured": float}`` where
-    speed-up is dense median / pruned median.
+    ``channels_last`` (default: on for 4-D image inputs) times copies of both models and the input
+    in the channels-last memory format, which oneDNN's convolutions prefer on CPU. A masked model is
+    timed as deployed (`as_deployed`: masks folded, zeros kept), so the pruning hook's own overhead is
+    never mistaken for the cost of sparsity. Per model: ``median_ms`` (samples that kept their core),
+    ``interval_ms`` (its 95 % interval), ``low_ms`` (10th percentile: the uncontended estimate),
+    ``iqr_ms``. ``pairs_ms`` holds the raw kept samples, ``[dense, pruned]`` per pair.
     """
     device = torch.device(device) if device is not None else model_device(dense_model)
-    threads = int(threads) if threads else torch.get_num_threads()
+    load = timing.machine_load()
+    busy_jobs = jobs.running_elsewhere()
+    threads, threads_note = timing.choose_threads(threads, torch.get_num_threads(), load, cpu=device.type == "cpu")
     inputs = example_input.to(device)
     models = {"dense": dense_model} if pruned_model is None else {"dense": dense_model, "pruned": pruned_model}
     prepared = {label: on_device(as_deployed(m), device) for label, m in models.items()}
@@ -133,30 +142,31 @@ def compare_latency(
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         prepared = {label: clone_model(m).to(memory_format=torch.channels_last) for label, m in prepared.items()}
-    times: dict[str, list[float]] = {label: [] for label in prepared}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    check_cpu = device.type == "cpu"
     previous_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        with torch.inference_mode():
-            for label, model in prepared.items():
-                with _eval(model):
-                    for _ in range(warmup):
-                        model(inputs)
-            for _ in range(max(1, rounds)):
-                for label, model in prepared.items():
-                    with _eval(model):
-                        timer = benchmark.Timer(
-                            stmt="model(inputs)", globals={"model": model, "inputs": inputs},
-                            num_threads=threads,
-                        )
-                        times[label].extend(timer.blocked_autorange(min_run_time=min_run_time / max(1, rounds)).times)
+        with torch.inference_mode(), contextlib.ExitStack() as modes:
+            for model in prepared.values():
+                modes.enter_context(_eval(model))
+                for _ in range(warmup):
+                    model(inputs)
+            sync()
+            calls = {label: (lambda model=model: model(inputs)) for label, model in prepared.items()}
+            samples, _ = timing.time_alternating(
+                calls, sync=sync, min_run_time=min_run_time,
+                max_run_time=max(timing.MAX_RUN_TIME_S, min_run_time) if max_run_time is None else max_run_time,
+                tolerance=tolerance, check_cpu=check_cpu)
     finally:
         torch.set_num_threads(previous_threads)
-    result = {label: _summary(t, device, inputs, threads) for label, t in times.items()}
-    for summary in result.values():
-        summary["layout"] = "channels_last" if channels_last else "contiguous"
-    if "pruned" in result:
-        result["speedup_measured"] = result["dense"]["median_ms"] / result["pruned"]["median_ms"]
+    summary = timing.summarise(samples, load=load, busy_jobs=sorted(set(busy_jobs) | set(jobs.running_elsewhere())),
+                               tolerance=tolerance, check_cpu=check_cpu)
+    result = {label: {**summary.pop(label), "device": str(device), "threads": threads,
+                      "batch": int(inputs.shape[0]) if inputs.dim() else 1,
+                      "layout": "channels_last" if channels_last else "contiguous"}
+              for label in prepared}
+    result.update(summary, threads_note=threads_note or None)
     return result
 
 
@@ -217,10 +227,14 @@ class Metrics:
     """The standard numbers of one model (and, with a baseline, its speed-ups).
 
     ``speedup_flops`` is baseline effective FLOPs / this model's effective FLOPs (the
-    theoretical promise); ``speedup_measured`` is baseline median latency / this one's,
-    measured interleaved with the same batch and threads. Side by side they show whether
-    a pruning structure pays in practice. FLOPs are per input (one example); latency is per
-    ``batch`` inputs, on ``device`` with ``threads`` threads and the memory ``layout`` named.
+    theoretical promise); ``speedup_measured`` is the median of baseline / this model's latency
+    over pairs of samples timed alternately with the same batch and threads, and
+    ``speedup_interval`` its 95 % interval (`compare_latency`). Side by side they show whether a
+    pruning structure pays in practice. ``speedup_noisy`` marks a figure whose interval stayed
+    wider than +-5 %; ``speedup_noise`` says why (load, a job beside it). ``timing`` keeps how it was
+    timed: pairs kept and dropped, seconds, machine load, a note on threads, the raw kept pairs
+    (``pairs_ms``). FLOPs are per input (one example); latency is per ``batch`` inputs, on
+    ``device`` with ``threads`` threads and the memory ``layout`` named.
     """
 
     params_total: int
@@ -233,6 +247,7 @@ class Metrics:
     peak_memory_method: str
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
+    latency_interval_ms: list[float] | None = None
     device: str | None = None
     batch: int | None = None
     threads: int | None = None
@@ -243,6 +258,10 @@ class Metrics:
     baseline_latency_ms: float | None = None
     speedup_flops: float | None = None
     speedup_measured: float | None = None
+    speedup_interval: list[float] | None = None
+    speedup_noisy: bool | None = None
+    speedup_noise: str | None = None
+    timing: dict | None = None
     compression_ratio: float | None = None
 
     def to_dict(self) -> dict:
@@ -257,7 +276,8 @@ def report(
     latency: bool = True,
     device: str | torch.device | None = None,
     threads: int | None = None,
-    min_run_time: float = 1.0,
+    min_run_time: float = 0.5,
+    max_run_time: float | None = None,
 ) -> Metrics:
     """Measure ``model`` (and compare with ``baseline`` if given) in one call.
 
@@ -288,16 +308,23 @@ def report(
         metrics.speedup_flops = base_flops / max(1, model_flops["effective"])
         metrics.compression_ratio = base_size / max(1, size["compressed"])
     if latency:
-        timing = compare_latency(baseline if baseline is not None else model,
-                                 model if baseline is not None else None, example_input,
-                                 device=device, threads=threads, min_run_time=min_run_time)
-        own = timing["pruned"] if baseline is not None else timing["dense"]
+        timed = compare_latency(baseline if baseline is not None else model,
+                                model if baseline is not None else None, example_input,
+                                device=device, threads=threads, min_run_time=min_run_time,
+                                max_run_time=max_run_time)
+        own = timed["pruned"] if baseline is not None else timed["dense"]
         metrics.latency_ms, metrics.latency_iqr_ms = own["median_ms"], own["iqr_ms"]
+        metrics.latency_interval_ms = own["interval_ms"]
         metrics.device, metrics.batch, metrics.threads = own["device"], own["batch"], own["threads"]
         metrics.layout = own["layout"]
+        metrics.timing = {key: timed.get(key) for key in
+                          ("pairs", "pairs_dropped", "seconds", "load", "threads_note", "during_jobs", "pairs_ms")}
+        metrics.timing["baseline_interval_ms"] = timed["dense"]["interval_ms"]
+        metrics.speedup_noisy, metrics.speedup_noise = timed["noisy"], timed["noise"]
         if baseline is not None:
-            metrics.baseline_latency_ms = timing["dense"]["median_ms"]
-            metrics.speedup_measured = timing["speedup_measured"]
+            metrics.baseline_latency_ms = timed["dense"]["median_ms"]
+            metrics.speedup_measured = timed["speedup_measured"]
+            metrics.speedup_interval = timed["speedup_interval"]
     return metrics
 
 
@@ -353,14 +380,3 @@ def _tensors_in(output):
     elif isinstance(output, dict):
         for item in output.values():
             yield from _tensors_in(item)
-
-
-def _summary(times_s: list[float], device: torch.device, inputs: torch.Tensor, threads: int) -> dict:
-    times_ms = sorted(t * 1e3 for t in times_s)
-    if len(times_ms) >= 2:
-        quartiles = statistics.quantiles(times_ms, n=4)
-        iqr = quartiles[2] - quartiles[0]
-    else:
-        iqr = 0.0
-    return {"median_ms": statistics.median(times_ms), "iqr_ms": iqr, "device": str(device),
-            "batch": int(inputs.shape[0]) if inputs.dim() else 1, "threads": threads}

@@ -342,7 +342,7 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     deployed = measure.as_deployed(pruned_model)  # folded once: no mask hook in every evaluation forward
     metrics = measure.report(deployed, dataset.example_input(spec.batch), baseline=base_model,
                              latency=spec.latency, device=spec.device, threads=spec.threads,
-                             min_run_time=spec.min_run_time).to_dict()
+                             min_run_time=spec.min_run_time, max_run_time=spec.max_run_time).to_dict()
     name = tasks.task_for(base_model, dataset)
     if name == "accuracy":
         accuracy = evaluate(deployed, dataset, "test")["accuracy"]

@@ -235,7 +235,10 @@ class MeasureSpec:
 
     Latency is the median over many timed forward passes of one ``batch`` (both models with
     the same batch, threads, device and memory layout, interleaved); ``threads`` None keeps
-    torch's current setting, ``device`` None measures where the model lives.
+    torch's current setting (lowered to the free cores on a busy CPU), ``device`` None measures
+    where the model lives. Timing lasts at least ``min_run_time`` seconds and stops once the
+    speed-up's 95 % interval is within 5 %, or after ``max_run_time`` (None: 3 s, or
+    ``min_run_time`` if longer); a wider interval is reported as noisy.
     """
 
     latency: bool = True
@@ -243,6 +246,7 @@ class MeasureSpec:
     threads: int | None = None
     device: str | None = None
     min_run_time: float = 0.5
+    max_run_time: float | None = None
 
     def validate(self) -> "MeasureSpec":
         if not isinstance(self.latency, bool):
@@ -257,4 +261,9 @@ class MeasureSpec:
                 or not 0 < self.min_run_time <= limits.MAX_SECONDS:
             raise _fail("measure", f"min_run_time must be a number of seconds in (0, {limits.MAX_SECONDS:g}], "
                                    f"got {self.min_run_time!r}.")
+        if self.max_run_time is not None and (
+                isinstance(self.max_run_time, bool) or not isinstance(self.max_run_time, (int, float))
+                or not self.min_run_time <= self.max_run_time <= limits.MAX_SECONDS):
+            raise _fail("measure", f"max_run_time must be a number of seconds in [min_run_time, "
+                                   f"{limits.MAX_SECONDS:g}], got {self.max_run_time!r}.")
         return self

@@ -25,7 +25,8 @@ def what_to_prune(model: nn.Module, dataset: Dataset, *, unstructured: float = 0
                   measure: MeasureSpec = MeasureSpec(min_run_time=0.3)) -> dict:
     """Unstructured at ``unstructured`` and channel at ``channel`` sparsity (magnitude, local), measured alike.
 
-    Returns ``rows`` (label, speedup_flops, speedup_measured, compression_ratio, accuracy) and the
+    Returns ``rows`` (label, speedup_flops, speedup_measured with its ``speedup_interval``,
+    ``speedup_noisy`` and ``speedup_noise``, compression_ratio, accuracy) and the
     model's first channel group with the most coupled members (``group``: name, kind, real and naive
     parameters per channel), or None when the model has no removable channels.
     """
@@ -39,6 +40,8 @@ def what_to_prune(model: nn.Module, dataset: Dataset, *, unstructured: float = 0
         metrics = pipeline.measure_run(model, pruned, dataset, measure)
         rows.append({"label": f"{structure} {sparsity:.0%}", "structure": structure, "sparsity": sparsity,
                      "speedup_flops": metrics["speedup_flops"], "speedup_measured": metrics["speedup_measured"],
+                     "speedup_interval": metrics["speedup_interval"], "speedup_noisy": metrics["speedup_noisy"],
+                     "speedup_noise": metrics["speedup_noise"], "timing": metrics["timing"],
                      "compression_ratio": metrics["compression_ratio"], "accuracy": metrics["accuracy"],
                      "base_accuracy": metrics["base_accuracy"]})
         if structure == "channel" and prepared.groups:

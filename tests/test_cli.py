@@ -48,7 +48,13 @@ def test_prune_measure_and_save_round_trip(capsys, tmp_path):
                            "--measure", "--save", str(path), "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(result["latency_ms"]) == {"dense", "pruned", "device", "batch", "threads", "layout"}
+    assert set(result["latency_ms"]) == {"dense", "pruned", "device", "batch", "threads", "layout", "dense_interval",
+                                         "pruned_interval", "pairs", "seconds", "load", "threads_note"}
+    low, high = result["speedup"]["measured_interval"]
+    assert low <= result["speedup"]["measured"] <= high and isinstance(result["speedup"]["noisy"], bool)
+    for model_name in ("dense", "pruned"):
+        low, high = result["latency_ms"][f"{model_name}_interval"]
+        assert low <= result["latency_ms"][model_name] <= high
     assert result["latency_ms"]["batch"] == 64 and result["latency_ms"]["layout"] == "channels_last"
     assert result["recipe"]["plan"]["sparsity"] == 0.5 and result["recipe"]["measure"]["batch"] == 64
     model = load_model(path)

@@ -131,3 +131,53 @@ def test_sensitivity_curves_start_dense_skip_missing_values_and_draw_the_goal():
     assert list(figure.data[1].y) == [0.0, 0.1, 0.3, 0.6]
     assert figure.layout.shapes[0].y0 == 0.05
     assert [trace.name for trace in figures.sensitivity_curves(scan, units=["a"]).data] == ["a"]
+
+
+def interval_runs():
+    """Three unstructured runs: tight around 1x, tight away from 1x, noisy; and one stored before intervals."""
+    common = dict(model_name="lenet5", dataset="digits", structure="unstructured", criterion="magnitude",
+                  scope="global", sparsity=0.9)
+    return [Run(**common, id=1, name="tight", metrics={"speedup_measured": 1.01, "speedup_interval": [0.98, 1.03],
+                                                       "speedup_noisy": False, "speedup_flops": 5.0}),
+            Run(**common, id=2, name="away", metrics={"speedup_measured": 1.2, "speedup_interval": [1.15, 1.24],
+                                                      "speedup_noisy": False, "speedup_flops": 5.0}),
+            Run(**common, id=3, name="noisy", metrics={"speedup_measured": 0.9, "speedup_interval": [0.4, 2.1],
+                                                       "speedup_noisy": True, "speedup_flops": 5.0}),
+            Run(**common, id=4, name="old", metrics={"speedup_measured": 0.98, "speedup_flops": 5.0})]
+
+
+def test_runs_frame_and_speedup_chart_carry_each_runs_interval():
+    table = figures.runs_frame(interval_runs())
+    assert table["measured 95 % low"].tolist()[:3] == [0.98, 1.15, 0.4]
+    assert table["measured 95 % high"].tolist()[:3] == [1.03, 1.24, 2.1]
+    assert table["noisy"].tolist()[:3] == [False, False, True] and pd.isna(table["measured 95 % low"].iloc[3])
+    figure = figures.speedup_promise(table)
+    bars = {}
+    for trace in figure.data[:-1]:
+        for name, y, up, down in zip(trace.hovertext, trace.y, trace.error_y.array, trace.error_y.arrayminus):
+            bars[name] = (y - down, y + up, trace.marker.symbol)
+    assert bars["tight"][:2] == pytest.approx((0.98, 1.03)) and bars["noisy"][:2] == pytest.approx((0.4, 2.1))
+    assert bars["old"][:2] == pytest.approx((0.98, 0.98)), "no interval stored: no bar"
+    assert (bars["tight"][2], bars["noisy"][2], bars["old"][2]) == ("circle", "circle-open", "diamond")
+    assert figure.layout.yaxis.range[1] >= 2.1, "the whole noisy bar is on the chart"
+
+
+def test_unstructured_summary_counts_what_the_chart_shows():
+    text = figures.unstructured_speedup_summary(figures.runs_frame(interval_runs()))
+    assert text.startswith("Unstructured runs shown: medians 0.90-1.20x measured; 2 of 3 with an interval have "
+                           "1x inside it; 1 noisy")
+    assert "1 stored before intervals were measured" in text
+    channel = [Run(model_name="lenet5", dataset="digits", structure="channel", criterion="magnitude", scope="local",
+                   sparsity=0.5, id=9, name="c", metrics={"speedup_measured": 1.5, "speedup_flops": 2.0})]
+    assert figures.unstructured_speedup_summary(figures.runs_frame(channel)) == ""
+
+
+def test_cost_bars_draw_the_measured_interval_and_mark_noise():
+    rows = [{"label": "unstructured 90 %", "speedup_flops": 5.0, "speedup_measured": 1.0,
+             "speedup_interval": [0.95, 1.04], "speedup_noisy": False, "compression_ratio": 4.0},
+            {"label": "channel 50 %", "speedup_flops": 3.0, "speedup_measured": 1.4,
+             "speedup_interval": [0.5, 2.5], "speedup_noisy": True, "compression_ratio": 2.0}]
+    measured = figures.cost_side_by_side(rows).data[1]
+    assert list(measured.error_y.array) == pytest.approx([0.04, 1.1])
+    assert list(measured.error_y.arrayminus) == pytest.approx([0.05, 0.9])
+    assert list(measured.text) == ["1.00x", "noisy 1.40x"] and list(measured.marker.pattern.shape) == ["", "/"]

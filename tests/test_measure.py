@@ -1,5 +1,6 @@
 """Measurement: checked against textbook formulas and direct counts, not against itself."""
 import copy
+import statistics
 import json
 
 import pytest
@@ -93,7 +94,10 @@ def test_compare_latency_reports_both_and_speedup():
     big, small = _small_cnn(), nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
     result = measure.compare_latency(big, small, torch.randn(1, 3, 16, 16), threads=1, min_run_time=0.1)
     assert result["dense"]["threads"] == result["pruned"]["threads"] == 1
-    assert result["speedup_measured"] == pytest.approx(result["dense"]["median_ms"] / result["pruned"]["median_ms"])
+    ratios = sorted(dense / pruned for dense, pruned in result["pairs_ms"])
+    assert result["speedup_measured"] == pytest.approx(statistics.median(ratios), rel=1e-4)
+    low, high = result["speedup_interval"]
+    assert ratios[0] <= low <= result["speedup_measured"] <= high <= ratios[-1]
 
 
 def test_peak_memory_on_cpu_is_an_estimate_of_params_and_activations():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from explorer import measure, pipeline
+from explorer import measure, pipeline, timing
 from explorer.data import load_dataset
 from explorer.errors import ExplorerError
 from explorer.models import build
@@ -93,13 +93,13 @@ def test_masked_runs_are_timed_with_masks_folded(digits, monkeypatch):
     prepared = pipeline.prepare(model, ScoringSpec("unstructured", "magnitude"), dataset=digits)
     pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(0.5, "local")))
     timed = []
-    real_timer = measure.benchmark.Timer
+    real_timing = timing.time_alternating
 
-    def spy(*args, **kwargs):
-        timed.append(kwargs["globals"]["model"])
-        return real_timer(*args, **kwargs)
+    def spy(calls, **kwargs):
+        timed.extend(call.__defaults__[0] for call in calls.values())  # each call is `lambda model=model: ...`
+        return real_timing(calls, **kwargs)
 
-    monkeypatch.setattr(measure.benchmark, "Timer", spy)
+    monkeypatch.setattr(timing, "time_alternating", spy)
     metrics = pipeline.measure_run(model, pruned, digits, MeasureSpec(batch=8, min_run_time=0.05))
     measure.compare_latency(model, pruned, digits.example_input(8), min_run_time=0.05)
     assert timed and not any(hasattr(m, "weight_mask") for t in timed for m in t.modules())
