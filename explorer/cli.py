@@ -52,7 +52,8 @@ def _save(model, path, **saved) -> None:
     try:
         save_model(model, path, **saved)
     except OSError as exc:
-        raise ExplorerError(f"Cannot write the model to '{path}' ({exc.strerror or exc}); choose another --save.") from exc
+        raise ExplorerError(f"Cannot write the model to '{path}' ({exc.strerror or exc}); "
+                            "choose another --save.") from exc
 
 
 def _whole(low: int, high: int):

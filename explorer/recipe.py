@@ -222,7 +222,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: str | Path, what: str = "Recipe") -> Any:
-    """The data of a YAML or JSON file; a missing, oversized or unreadable file is one line naming ``what`` it should be."""
+    """The data of a YAML or JSON file; a missing, oversized or unreadable file is one line naming ``what`` it is."""
     path = Path(path)
     if path.is_dir():
         raise ExplorerError(f"{what} file '{path}' is a folder; give the path of a YAML or JSON file.")
@@ -248,8 +248,14 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write ``recipe`` as YAML (folders made as needed); a place that refuses the file is one line."""
     path = Path(path)
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    except OSError as exc:
+        raise ExplorerError(f"Cannot write the recipe to '{path}' ({exc.strerror or exc}); "
+                            "choose another file.") from exc
     return path
 
 
