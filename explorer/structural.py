@@ -85,7 +85,9 @@ class ChannelGroup:
         """Parameters that go when ``units`` (indices into the group's channels) are removed.
 
         Each member loses its ``params_per_channel`` for every index it holds of a chosen unit,
-        so a concat member that sees only some units counts only those.
+        so a concat member that sees only some units counts only those. (A layer whose inputs
+        and outputs were both in one group would lose the weights where they cross once, counted
+        twice here; torch-pruning builds no such group for the zoo or the built-in transformers.)
         """
         chosen = {int(u) for u in units}
         return sum(m.params_per_channel * sum(u in chosen for u in m.units) for m in self.members)
