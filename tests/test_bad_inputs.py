@@ -351,3 +351,43 @@ def test_the_corpus_covers_every_class_with_several_cases():
                            "file-arch", "hf-folder"}
     assert min(counts.values()) >= 4, counts
     assert len({(case.kind, case.name) for case in CASES}) == len(CASES)  # ids are unique
+
+
+# --------------------------------------------------------------------------- the same classes on the Model page
+def _start_app():
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file("../app.py", default_timeout=240).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _one_error(at) -> str:
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1, [e.value for e in at.error]
+    assert "\n" not in at.error[0].value
+    assert at.session_state["current_model"]["label"] == "mlp"  # the previous model stays
+    return at.error[0].value
+
+
+def test_app_factory_that_exits_is_one_error(tmp_path, monkeypatch):
+    (tmp_path / "exits_app.py").write_text("import sys\n\ndef make(input_shape=None, num_classes=None):\n"
+                                           "    sys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    at = _start_app()
+    at.radio(key="model_source").set_value("Python factory").run()
+    at.text_input(key="factory_spec").set_value("exits_app:make").run()
+    at.button(key="factory_load").click().run()
+    assert "called sys.exit(0)" in _one_error(at)
+
+
+@pytest.mark.parametrize("name, x, y, needle", [
+    ("labels.npz", X, np.full(60, 10**9), "labels go up to 1,000,000,000"),
+    ("text.npz", np.full((60, 4), "a"), Y, "x holds"),
+    ("complex.pt", torch.zeros(60, 4, dtype=torch.complex64), torch.tensor(Y), "complex64"),
+])
+def test_app_bad_data_file_is_one_error(tmp_path, name, x, y, needle):
+    path = Files(tmp_path, tmp_path).data(name, x, y)
+    at = _start_app()
+    at.selectbox(key="zoo_dataset").set_value("tensors").run()
+    at.file_uploader(key="zoo_data").set_value((name, Path(path).read_bytes(), "application/octet-stream")).run()
+    assert needle in _one_error(at)
