@@ -17,12 +17,15 @@ Every call runs with the same number of torch threads (``threads``, default 1) o
 a float sum split over another number of threads is added in another order, and the same seed
 must give the same numbers wherever it runs. At most ``workers`` calls are in flight; a ``cancel``
 (anything with ``is_set()``) stops new calls from starting and lets the running ones finish, so
-what finished is kept.
+what finished is kept. An interrupt (Ctrl-C, or SIGTERM turned into one) or an early stop of the
+iteration ends the local pool's workers at once instead: none is left running on its own.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import types
@@ -124,9 +127,47 @@ def run_tasks(fn: Callable, argsets: Sequence[tuple], *, backend: str = "local",
                 yield index, None, _one_line(exc)
     else:
         context = multiprocessing.get_context("spawn")
-        with _bare_main(), ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            yield from _drive(argsets, workers, cancel, lambda args: pool.submit(call, fn, args, threads),
-                              _wait_futures, lambda future: future.result())
+        with _bare_main():
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_setup,
+                                       initargs=(os.getpid(),))
+            try:
+                yield from _drive(argsets, workers, cancel, lambda args: pool.submit(call, fn, args, threads),
+                                  _wait_futures, lambda future: future.result())
+            except BaseException:  # an interrupt, an error, or the caller stopped iterating (GeneratorExit)
+                _end_workers(pool)
+                raise
+            pool.shutdown(wait=True)
+
+
+def _worker_setup(parent_pid: int) -> None:
+    """In each pool worker: leave Ctrl-C to the parent, and (Linux) die with the parent even if it is killed.
+
+    A terminal's Ctrl-C reaches every process of the group; the parent alone decides, and ends the
+    workers (`_end_workers`). ``PR_SET_PDEATHSIG`` covers a parent killed outright (SIGKILL), which
+    runs no clean-up at all.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the workers now (Python 3.14 has ``pool.terminate_workers``)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
 
 
 @contextmanager

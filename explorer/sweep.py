@@ -5,6 +5,10 @@ runs the product of the lists (every combination), each point with `recipe.run_r
 call of ``python -m explorer run``, so a point's numbers are those of running its recipe alone
 (same seed, same numbers, on every backend of `explorer.backends`). Each finished point is stored
 as a Run carrying the sweep's id and the point's grid coordinates; the Compare page filters by it.
+The id is the sweep's name, its start time and a number the store hands out once (``grid (2026-12-06
+15:58:38) #7``), so two sweeps started in the same second stay two. A point the store refuses is
+kept in one JSON file for the sweep (`explorer.store.keep_runs`), and Ctrl-C or SIGTERM ends the
+workers and keeps every point already stored.
 
 Example ``grid.yaml`` (``name`` is optional, the file's stem by default)::
 
@@ -35,8 +39,12 @@ import dataclasses
 import difflib
 import itertools
 import math
+import signal
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,10 +79,25 @@ class Sweep:
     results: list[dict] = field(default_factory=list)
     cancelled: bool = False
     seconds: float = 0.0
+    unsaved: int = 0         # points the store refused: they are in ``kept``
+    kept: str | None = None
+    store_error: str = ""
 
     @property
     def failed(self) -> list[dict]:
         return [result for result in self.results if "error" in result]
+
+    @property
+    def stored(self) -> int:
+        return sum(1 for result in self.results if result.get("run_id"))
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, see `command`) stopped a sweep: its workers are ended, ``sweep`` holds what finished."""
+
+    def __init__(self, sweep: Sweep, signal_name: str = "SIGINT"):
+        super().__init__(signal_name)
+        self.sweep, self.signal_name = sweep, signal_name
 
 
 def _section_fields(section: str) -> list[str]:
@@ -233,40 +256,87 @@ def run_sweep(points: Sequence[Point], *, name: str = "sweep", backend: str = "l
 
     ``progress(fraction, text)`` follows finished points; ``cancel`` (``is_set()``) starts no new
     point, lets the running ones finish and keeps them. A point that fails is stored and returned
-    with its ``error``; the rest go on. Results come back in grid order.
+    with its ``error``; the rest go on. Results come back in grid order. Once the store refuses a
+    point, it and every later point go to one file (``sweep.kept``) instead. A KeyboardInterrupt
+    ends the workers and comes out as `SweepInterrupted`, the points stored so far kept.
     """
-    from explorer.store import Run
+    from explorer.store import StoreError
 
     backends.check_backend(backend, address, workers)
     started = time.perf_counter()
-    sweep = Sweep(id=f"{name} ({time.strftime('%Y-%m-%d %H:%M:%S')})", points=len(points))
-    if backend == "local" or not address:
-        _warm_baselines(points, threads, progress)
+    sweep = Sweep(id=_new_id(name, store), points=len(points))
     by_index = {point.index: point for point in points}
     order = [point.index for point in points]
     tasks = [(point.recipe.to_dict(),) for point in points]
-    for done, (position, outcome, error) in enumerate(
-            backends.run_tasks(run_point, tasks, backend=backend, address=address, workers=workers, threads=threads,
-                               cancel=cancel), start=1):
-        point = by_index[order[position]]
-        outcome = outcome or {"recipe": point.recipe.to_dict(), "error": error}
-        result = {"sweep": sweep.id, "index": point.index, "point": point.coords, "run_id": None, **outcome}
-        if store is not None:
-            result["run_id"] = store.save(_run(Run, point, outcome, sweep.id)).id
-        for key in ("arch", "input_shape", "num_classes", "dataset"):
-            result.pop(key, None)
-        sweep.results.append(result)
-        if progress is not None:
-            progress(done / len(points), f"point {done}/{len(points)} ({_label(point.coords)})"
-                     + (f": failed, {result['error']}" if "error" in result else ""))
+    unsaved: list = []
+    try:
+        if backend == "local" or not address:
+            _warm_baselines(points, threads, progress)
+        for done, (position, outcome, error) in enumerate(
+                backends.run_tasks(run_point, tasks, backend=backend, address=address, workers=workers,
+                                   threads=threads, cancel=cancel), start=1):
+            point = by_index[order[position]]
+            outcome = outcome or {"recipe": point.recipe.to_dict(), "error": error}
+            result = {"sweep": sweep.id, "index": point.index, "point": point.coords, "run_id": None, **outcome}
+            note = ""
+            if store is not None:
+                run = _run(point, outcome, sweep.id)
+                try:
+                    if unsaved:
+                        raise StoreError(sweep.store_error)
+                    result["run_id"] = store.save(run, keep=False).id
+                except StoreError as exc:
+                    unsaved.append(run)
+                    sweep.store_error, sweep.unsaved = sweep.store_error or str(exc), len(unsaved)
+                    note = _keep(sweep, unsaved, store)
+            for key in ("arch", "input_shape", "num_classes", "dataset"):
+                result.pop(key, None)
+            sweep.results.append(result)
+            if progress is not None:
+                progress(done / len(points), f"point {done}/{len(points)} ({_label(point.coords)})"
+                         + (f": failed, {result['error']}" if "error" in result else "") + note)
+    except KeyboardInterrupt as exc:
+        sweep.cancelled, sweep.seconds = True, time.perf_counter() - started
+        sweep.results.sort(key=lambda result: result["index"])
+        raise SweepInterrupted(sweep, str(exc) or "SIGINT") from None
     sweep.results.sort(key=lambda result: result["index"])
     sweep.cancelled = bool(cancel is not None and cancel.is_set() and len(sweep.results) < len(points))
     sweep.seconds = time.perf_counter() - started
     return sweep
 
 
-def _run(run_cls, point: Point, outcome: dict, sweep_id: str):
+def _new_id(name: str, store) -> str:
+    """The store's unique sweep id; without a store (or when it refuses) the start time and a random suffix."""
+    from explorer.store import StoreError
+
+    if store is not None:
+        try:
+            return store.new_sweep(name)
+        except StoreError:
+            pass  # the first point meets the same error and keeps the points in a file
+    return f"{name} ({time.strftime('%Y-%m-%d %H:%M:%S')}) #{uuid.uuid4().hex[:8]}"
+
+
+def _keep(sweep: Sweep, runs: list, store) -> str:
+    """Rewrite the sweep's file of the points the store refused; what to tell the user (once), or ""."""
+    from explorer.store import StoreError, keep_runs
+
+    stem = "sweep-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in sweep.id)[:80]
+    try:
+        sweep.kept = str(keep_runs(runs, store.root, stem))
+    except StoreError as lost:  # no file either: the results still come back (and the CLI prints them)
+        sweep.kept = None
+        if lost.args[0] not in sweep.store_error:
+            sweep.store_error += f" {lost}"
+            return f"; not in the run store nor in a file: {lost}"
+        return ""
+    return f"; not in the run store, kept in {sweep.kept}" if len(runs) == 1 else ""
+
+
+def _run(point: Point, outcome: dict, sweep_id: str):
     """The stored Run of one point: its recipe, metrics and curves, or (failed) its error."""
+    from explorer.store import Run
+
     history = outcome.get("history") or []
     settings = {"sweep": {"id": sweep_id, "index": point.index, "point": point.coords}}
     if "error" in outcome:
@@ -276,10 +346,10 @@ def _run(run_cls, point: Point, outcome: dict, sweep_id: str):
                         cancelled=outcome["cancelled"])
         if history:
             settings["finetune"] = {"epochs_done": len(history), "cancelled": outcome["cancelled"]}
-    return run_cls.from_recipe(point.recipe, model_name=point.recipe.model.source,
-                               dataset=outcome.get("dataset") or point.recipe.model.data or "", settings=settings,
-                               metrics=outcome.get("metrics") or {}, history=history,
-                               trajectory=outcome.get("trajectory") or [], stage=1 if history else 0, sweep=sweep_id)
+    return Run.from_recipe(point.recipe, model_name=point.recipe.model.source,
+                           dataset=outcome.get("dataset") or point.recipe.model.data or "", settings=settings,
+                           metrics=outcome.get("metrics") or {}, history=history,
+                           trajectory=outcome.get("trajectory") or [], stage=1 if history else 0, sweep=sweep_id)
 
 
 # --- sensitivity scans on the same backends -------------------------------------------------------
@@ -361,7 +431,11 @@ def add_command(sub, model_args=None) -> argparse.ArgumentParser:
 
 
 def command(args) -> list[dict]:
-    """Validate the whole grid, then run it; one dict per point (grid order), progress on stderr."""
+    """Validate the whole grid and the store, then run it; one dict per point (grid order), progress on stderr.
+
+    SIGTERM is turned into a KeyboardInterrupt while the sweep runs, so both end the workers; the
+    command then says in one line how many points were stored and exits 128 + the signal's number.
+    """
     import sys
 
     from explorer.store import RunStore
@@ -370,10 +444,47 @@ def command(args) -> list[dict]:
     name, points = load_grid(args.grid, yes=args.yes)
     if args.no_latency:
         points = [dataclasses.replace(p, recipe=p.recipe.replace(measure={"latency": False})) for p in points]
-    sweep = run_sweep(points, name=args.name or name, backend=args.backend, address=args.address,
-                      workers=args.workers, store=RunStore(),
-                      progress=lambda fraction, text: print(f"sweep {fraction:4.0%} {text}", file=sys.stderr))
+    store = RunStore()
+    store.check_writable()  # before any point runs: a read-only or damaged store is one line, not lost work
+    def progress(fraction: float, text: str) -> None:
+        print(f"sweep {fraction:4.0%} {text}", file=sys.stderr)
+
+    try:
+        with _sigterm_interrupts():
+            sweep = run_sweep(points, name=args.name or name, backend=args.backend, address=args.address,
+                              workers=args.workers, store=store, progress=progress)
+    except SweepInterrupted as stop:
+        done = stop.sweep
+        try:  # the store is the truth: a point saved just as the signal came is counted too
+            stored = len(store.list(sweep=done.id))
+        except ExplorerError:
+            stored = done.stored
+        kept = f"; {done.unsaved} more kept in {done.kept}" if done.kept else ""
+        print(f"sweep '{done.id}' stopped by {stop.signal_name}: {stored} of {done.points} points stored in "
+              f"{store.db_path}{kept}; the workers are ended.", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, stop.signal_name, signal.SIGINT)) from None
+    if sweep.unsaved:
+        where = f"they are kept in {sweep.kept}" if sweep.kept else "no file could hold them either: only this output"
+        print(f"sweep: {sweep.unsaved} of {sweep.points} points are not in the run store; {where}. "
+              f"The store said: {sweep.store_error}", file=sys.stderr)
     return sweep.results
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """While inside, SIGTERM raises KeyboardInterrupt('SIGTERM') in the main thread (in another thread: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def format_human(result: dict) -> str:

@@ -187,3 +187,19 @@ def test_the_compare_page_shows_a_damaged_store_as_one_error_and_keeps_running(t
     assert not at.exception, [e.value for e in at.exception]
     [error] = at.error
     assert str(tmp_path / "runs.sqlite") in error.value and "move it away" in error.value
+
+
+def test_apply_on_a_damaged_store_keeps_the_measured_run_and_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path))
+    damage(tmp_path / "runs.sqlite")
+    at = AppTest.from_file("../app.py", default_timeout=120).run()
+    at.switch_page("app_pages/prune.py").run()
+    at.button(key="prune_apply").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    [error] = [e.value for e in at.error if "kept in" in e.value]
+    assert str(tmp_path / "runs.sqlite") in error and "move it away" in error
+    [kept] = (tmp_path / "unsaved").glob("run-*.json")
+    assert f"kept in {kept}" in error
+    [entry] = json.loads(kept.read_text())
+    assert entry["metrics"]["params_nonzero"] < entry["metrics"]["params_total"]  # the measured copy, not lost
+    assert load_model(kept.with_suffix(".pt")) is not None

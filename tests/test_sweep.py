@@ -4,9 +4,11 @@ The numbers of a sweep are checked against `run_recipe` on each point's recipe a
 thread, as in every worker); Ray is checked against the local pool on the same grid and seeds with
 one local Ray instance for the module (about 7 s to start here).
 """
+import json
 import math
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,6 +20,7 @@ from explorer.recipe import Recipe, run_recipe
 from explorer.specs import ScoringSpec
 from explorer.store import Run, RunStore
 from explorer.sweep import MAX_POINTS, expand, resolve_field, run_sweep
+from tests.storefaults import damage, freeze, thaw
 
 BASE = {"model": {"source": "mlp", "data": "digits"}, "measure": {"latency": False}}
 # Deterministic numbers of a run (latency is timed, so it is off in these grids).
@@ -292,3 +295,153 @@ def test_a_local_pool_does_not_rerun_the_parents_main_script(tmp_path, monkeypat
     results = sorted(backends.run_tasks(math.factorial, [(3,), (4,), (5,)], backend="local", workers=2))
     assert results == [(0, 6, None), (1, 24, None), (2, 120, None)]
     assert sys.modules["__main__"] is page  # put back afterwards
+
+
+# --- the store never loses or merges a sweep's work (issue 23) ----------------------------------------
+
+
+def test_two_sweeps_of_one_name_in_one_second_get_two_ids():
+    _, points = expand({**BASE, "grid": {"sparsity": [0.5]}})
+    store = RunStore()
+    first, second = (run_sweep(points, name="grid", workers=1, store=store) for _ in range(2))
+    assert first.id != second.id and first.id.startswith("grid (") and second.id.endswith(" #2")
+    assert store.sweeps() == [first.id, second.id]
+    assert [len(store.list(sweep=s.id)) for s in (first, second)] == [1, 1]
+
+
+def test_a_damaged_store_stops_a_sweep_before_its_first_point(tmp_path, capsys):
+    data = tmp_path / "data"
+    damage(data / "runs.sqlite")
+    assert cli.main(["sweep", "--grid", grid_file(tmp_path, {"sparsity": [0.3, 0.6]}), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(data / "runs.sqlite") in err and "move it away" in err
+    assert not (data / "unsaved").exists()  # nothing ran, so nothing needed keeping
+
+
+def test_a_read_only_store_stops_a_sweep_before_its_first_point(tmp_path, capsys):
+    data = tmp_path / "data"
+    RunStore(data).save(Run("mlp", "digits", "unstructured", "magnitude", "local", 0.5))
+    if not freeze(data / "runs.sqlite"):
+        pytest.skip("cannot make a file read-only here (root without chattr)")
+    try:
+        code = cli.main(["sweep", "--grid", grid_file(tmp_path, {"sparsity": [0.3]}), "--workers", "1"])
+    finally:
+        thaw(data / "runs.sqlite")
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "read-only" in err and str(data / "runs.sqlite") in err and "PRUNING_EXPLORER_DATA" in err
+
+
+def test_points_the_store_refuses_mid_sweep_are_kept_in_one_file(tmp_path):
+    _, points = expand({**BASE, "grid": {"sparsity": [0.2, 0.4, 0.6]}})
+    store = RunStore()
+    texts, frozen = [], []
+
+    def freeze_after_the_first_point(fraction, text):
+        texts.append(text)
+        if fraction > 0 and not frozen:
+            frozen.append(freeze(store.db_path))
+
+    try:
+        sweep = run_sweep(points, name="kept", workers=1, store=store, progress=freeze_after_the_first_point)
+    finally:
+        thaw(store.db_path)
+    if not frozen[0]:
+        pytest.skip("cannot make a file read-only here (root without chattr)")
+    assert [r["index"] for r in sweep.results] == [0, 1, 2] and all("metrics" in r for r in sweep.results)
+    assert (sweep.stored, sweep.unsaved) == (1, 2) and "read-only" in sweep.store_error
+    assert [run.settings["sweep"]["index"] for run in store.list(sweep=sweep.id)] == [0]
+    kept = json.loads(Path(sweep.kept).read_text())
+    assert [Run(**entry).settings["sweep"]["point"] for entry in kept] == [r["point"] for r in sweep.results[1:]]
+    assert all(entry["sweep"] == sweep.id and entry["metrics"] for entry in kept)
+    assert sum(f"kept in {sweep.kept}" in text for text in texts) == 1  # said once, on the first refused point
+
+
+def test_the_cli_names_the_file_that_holds_refused_points(tmp_path, capsys, monkeypatch):
+    from explorer.store import StoreError
+
+    saved = RunStore.save
+
+    def refuse_after_one(self, run, *args, **kwargs):
+        if self.list():
+            raise StoreError(f"The run store {self.db_path} is read-only (simulated): fix the permissions.")
+        return saved(self, run, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "save", refuse_after_one)
+    assert cli.main(["sweep", "--grid", grid_file(tmp_path, {"sparsity": [0.3, 0.6]}), "--workers", "1",
+                     "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2  # both points printed
+    [line] = [line for line in captured.err.splitlines() if line.startswith("sweep: ")]
+    kept = line.split("kept in ")[1].split(". ")[0]
+    assert "1 of 2 points are not in the run store" in line and "read-only (simulated)" in line
+    assert [entry["settings"]["sweep"]["point"] for entry in json.loads(Path(kept).read_text())] == \
+        [{"plan.sparsity": 0.6}]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live processes below ``pid``, read from /proc (psutil is not a dependency)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_signal_ends_the_pool_workers_and_keeps_the_stored_points(tmp_path, stop):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    data = tmp_path / "data"
+    grid = grid_file(tmp_path, {"sparsity": [round(0.01 * i, 2) for i in range(1, 61)]})
+    env = {**os.environ, "PRUNING_EXPLORER_DATA": str(data)}
+    sweep = subprocess.Popen([sys.executable, "-m", "explorer", "sweep", "--grid", grid, "--workers", "2"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store, workers = RunStore(data), set()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and sweep.poll() is None:
+            workers |= _descendants(sweep.pid)
+            if store.db_path.exists() and store.list():
+                break
+            time.sleep(0.1)
+        assert sweep.poll() is None, sweep.communicate()
+        assert store.list(), "no point was stored in time"
+        workers |= _descendants(sweep.pid)
+        assert len(workers) >= 2  # the pool's workers (and spawn's resource tracker)
+        sweep.send_signal(getattr(signal, stop))
+        out, err = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 128 + getattr(signal, stop), err
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the sweep"
+    [line] = [line for line in err.splitlines() if f"stopped by {stop}" in line]
+    stored = store.list()
+    assert f": {len(stored)} of 60 points stored in {store.db_path}" in line
+    assert "Traceback" not in err and len(stored) < 60
+    assert {run.sweep for run in stored} == {line.split("'")[1]}
