@@ -1,0 +1,204 @@
+"""Every control that no other AppTest pressed, pressed here, with the numbers it changes checked
+against an independent computation (a brute-force cut, a direct evaluation, torch on the weights, the store).
+
+Inventory (issue 18): page -> control (key) -> the test that presses it. "here" is this file.
+
+| page        | control                                     | pressed by                                              |
+|-------------|---------------------------------------------|---------------------------------------------------------|
+| Model       | model_source radio                          | test_app.load_upload, test_app_transformers, here       |
+| Model       | zoo_model, zoo_dataset, zoo_data, zoo_load  | test_app (usual dataset, user tensors)                  |
+| Model       | model_file, file_load                       | test_app.load_upload, test_hostile_files                |
+| Model       | file_arch, file_epochs                      | here: test_model_file_state_dict_with_architecture_...  |
+| Model       | file_factory, file_trust                    | test_hostile_files                                      |
+| Model       | factory_spec, factory_epochs, factory_load  | test_app, test_app_transformers                         |
+| Model       | tf_model, tf_folder, tf_load                | test_app_transformers, test_hostile_files               |
+| Model       | tf_text ("my text file"), tf_data           | here: test_transformer_on_an_uploaded_text_file_...     |
+| Inspect     | inspect_bins, inspect_log, inspect_shared   | here: test_inspect_histograms_...                       |
+| Inspect     | inspect_layers (multiselect)                | here: test_inspect_histograms_...                       |
+| Inspect     | inspect_calib, inspect_collect              | test_app (main path), here: test_inspect_gradients_...  |
+| Inspect     | inspect_which (pruned copy)                 | here: test_inspect_pruned_copy_...                      |
+| Inspect     | inspect_block, inspect_block_value          | here: test_inspect_blocks_of_resnet20_...               |
+| Inspect     | inspect_attr_layer, inspect_attr            | test_app_numbers (every zoo model, against captum)      |
+| Prune       | prune_structure, prune_criterion, prune_nm  | test_app, test_app_transformers, test_url_state         |
+| Prune       | prune_scope, fix_local, fix_min_keep        | test_app (collapse), test_url_state, test_live_slider   |
+| Prune       | live slider (prune_sparsity)                | tests/apptest.set_sparsity (test_app, test_live_slider) |
+| Prune       | prune_protect, prune_override_layers,       | here: test_prune_protect_override_and_min_keep_...      |
+|             | prune_override_<layer>, prune_min_keep      |                                                         |
+| Prune       | prune_calib (criterion with data)           | here: test_prune_calibration_batches_...                |
+| Prune       | prune_table_open (per-layer table)          | test_app (brute-force global cut), here                 |
+| Prune       | prune_group_layer                           | test_app_numbers, test_app_transformers                 |
+| Prune       | prune_apply                                 | test_app and most page tests, here                      |
+| Fine-tune   | ft_epochs, ft_batch, ft_start, ft_cancel    | test_app, test_app_transformers                         |
+| Fine-tune   | ft_lr, ft_optimizer, ft_device, ft_loss     | here: test_finetune_distill_with_sgd_...                |
+| Methods     | methods_structure/sparsity/chosen/epochs/   | test_methods_page                                       |
+|             | batch, methods_start                        |                                                         |
+| Methods     | methods_criterion, methods_scope,           | here: test_methods_local_scope_lr_and_cancel_...        |
+|             | methods_lr, methods_cancel                  |                                                         |
+| Sensitivity | sens_structure/samples/grid/latency/start,  | test_app_sensitivity                                    |
+|             | sens_cancel, sens_goal, sens_target(_flops),|                                                         |
+|             | sens_check, sens_load                       |                                                         |
+| Sensitivity | sens_criterion, sens_split, sens_whole,     | here: test_sensitivity_whole_test_split_...             |
+|             | sens_max_drop_points, sens_curve_units,     |                                                         |
+|             | sens_download                               |                                                         |
+| Tour        | tour_what, tour_decide, tour_time           | test_tour, here (the coupled group against a removal)   |
+| Compare     | cmp_model, cmp_metric                       | test_app_transformers                                   |
+| Compare     | cmp_sweep (cmp_sweep_x, cmp_sweep_color)    | test_sweep                                              |
+| Compare     | cmp_run, cmp_name_<id>, cmp_rename,         | here: test_compare_rename_download_and_delete_...       |
+|             | cmp_download, cmp_delete                    |                                                         |
+| Compare     | cmp_traj                                    | test_methods_page (default), here (a pick)              |
+
+Page links (st.page_link) are navigation, not computation; AppTest cannot follow them (goto() switches pages).
+"""
+import io
+import json
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from streamlit.testing.v1 import AppTest
+
+from explorer import zoo
+from explorer.data import load_dataset
+from explorer.models import build
+from explorer.store import RunStore
+from tests.apptest import goto, live_cards, set_sparsity, texts, wait_for_job
+from tests.test_app_numbers import _untrained_entry
+
+TIMEOUT = 300  # model loading, baselines and scoring take longer than AppTest's 3 s default on a busy machine
+
+
+def start() -> AppTest:
+    """A fresh session on the Model page, which loads the default mlp on digits."""
+    at = AppTest.from_file("../app.py", default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["current_model"]["label"] == "mlp"
+    return at
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, texts(at.error)
+    return at
+
+
+def chart(at: AppTest, key: str) -> dict:
+    """The plotly figure (as JSON) of the chart with this key."""
+    found = [c for c in at.get("plotly_chart") if key in str(c.proto.id)]
+    assert len(found) == 1, f"{len(found)} charts with key {key!r}"
+    return json.loads(found[0].proto.spec)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def direct_accuracy(module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``y`` the module's argmax gets right, in one forward pass."""
+    with torch.no_grad():
+        return float((module.eval()(x).argmax(1) == y).double().mean())
+
+
+def weights_of(module, names) -> dict[str, torch.Tensor]:
+    """The (masked) weight each layer computes with, read through the module attribute."""
+    return {name: module.get_submodule(name).weight.detach().double().flatten() for name in names}
+
+
+# ---------------------------------------------------------------------------------------------- Inspect
+def test_inspect_histograms_follow_bins_log_count_shared_axis_and_the_chosen_layers():
+    at = goto(start(), "app_pages/inspect.py")
+    at.slider(key="inspect_bins").set_value(20).run()
+    at.toggle(key="inspect_log").set_value(True).run()
+    at.toggle(key="inspect_shared").set_value(True).run()
+    at.multiselect(key="inspect_layers").set_value(["fc2", "classifier"]).run()
+    ok(at)
+    weights = weights_of(at.session_state["current_model"]["module"], ("fc1", "fc2", "classifier"))
+    low = min(float(w.min()) for w in weights.values())
+    high = max(float(w.max()) for w in weights.values())  # shared: one range over every layer, fc1 included
+
+    figure = chart(at, "inspect_weights")
+    bars = [trace for trace in figure["data"] if trace["type"] == "bar"]
+    assert [bar["name"] for bar in bars] == ["fc2", "classifier"]
+    for bar in bars:
+        expected, _ = np.histogram(weights[bar["name"]].numpy(), bins=20, range=(low, high))
+        shown = np.array(bar["y"])
+        assert len(shown) == 20 and shown.sum() == weights[bar["name"]].numel()
+        assert np.abs(shown - expected).max() <= 1, bar["name"]  # a value on a bin edge may land either side
+        assert bar["x"][0] == pytest.approx(low + (high - low) / 40)  # the first bin's centre, same for both
+    axes = [figure["layout"]["yaxis" + bar.get("yaxis", "y")[1:]] for bar in bars]  # the subplots drawn
+    assert [axis.get("type") for axis in axes] == ["log", "log"]
+
+    table = at.dataframe[0].value.set_index("layer")
+    for name, w in weights.items():
+        assert table.loc[name, "mean |w|"] == pytest.approx(float(w.abs().mean()), rel=1e-9)
+        assert table.loc[name, "std of w"] == pytest.approx(float(w.std()), rel=1e-9)
+        assert table.loc[name, "zeros"] == float((w == 0).double().mean())
+
+
+def test_inspect_gradients_are_the_mean_cross_entropy_gradient_over_the_calibration_batches():
+    at = goto(start(), "app_pages/inspect.py")
+    at.slider(key="inspect_calib").set_value(2).run()
+    at.button(key="inspect_collect").click().run()
+    ok(at)
+    model = at.session_state["current_model"]
+    module = model["module"]
+    names = ("fc1", "fc2", "classifier")
+    params = [module.get_submodule(name).weight for name in names]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    batches = model["dataset"].calibration(2, 64)
+    for x, y in batches:  # the derivative of the mean cross-entropy, batch by batch, then averaged
+        grads = torch.autograd.grad(F.cross_entropy(module.eval()(x), y), params)
+        sums = [s + g.double() for s, g in zip(sums, grads)]
+    table = at.dataframe[0].value.set_index("layer")
+    for name, total in zip(names, sums):
+        assert table.loc[name, "mean |g|"] == pytest.approx(float((total / len(batches)).abs().mean()), rel=1e-4)
+    assert "Gradient distributions (mean over 2 batches)" in json.dumps(chart(at, "inspect_grads")["layout"])
+
+
+def test_inspect_pruned_copy_shows_the_zeros_of_a_global_cut():
+    at = goto(start(), "app_pages/prune.py")
+    set_sparsity(at, 0.8)
+    at.button(key="prune_apply").click().run()
+    ok(goto(at, "app_pages/inspect.py"))
+    base = at.dataframe[0].value.set_index("layer")
+    assert (base["zeros"] < 0.01).all()  # the base model: trained weights, hardly any exact zero
+    at.radio(key="inspect_which").set_value("pruned copy").run()
+    ok(at)
+    table = at.dataframe[0].value.set_index("layer")
+    units = 64 * 256 + 256 * 128 + 128 * 10
+    zeros_shown = sum(table.loc[name, "zeros"] * size for name, size in
+                      (("fc1", 64 * 256), ("fc2", 256 * 128), ("classifier", 128 * 10)))
+    assert round(zeros_shown) == round(0.8 * units)  # global: exactly round(S * N) weights, wherever they are
+    pruned = weights_of(at.session_state["pruned_result"]["module"], table.index)
+    for name, w in pruned.items():
+        assert table.loc[name, "zeros"] == pytest.approx(float((w == 0).double().mean()), abs=1e-12)
+    assert "pruned copy" in json.dumps(chart(at, "inspect_weights")["layout"]["title"])
+
+
+def test_inspect_blocks_of_resnet20_group_layers_and_tabulate_each_role():
+    entry = _untrained_entry("resnet20")
+    at = AppTest.from_file("../app.py", default_timeout=TIMEOUT)
+    at.session_state["current_model"] = entry
+    goto(at, "app_pages/inspect.py")
+    assert at.selectbox(key="inspect_block").value == "(outside blocks)"  # conv1 and fc: no numbered block
+    at.selectbox(key="inspect_block").set_value("layer2.0").run()
+    ok(at)
+    in_block = ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.shortcut.conv"]
+    assert at.multiselect(key="inspect_layers_layer2.0").value == in_block
+    assert at.dataframe[0].value["layer"].tolist() == in_block  # the summary table follows the block
+    at.radio(key="inspect_block_value").set_value("std of w").run()
+    ok(at)
+    assert len(at.dataframe) == 2  # the layer summary, then the per-block table
+    block_table = at.dataframe[1].value
+    module = entry["module"]
+    assert list(block_table.index) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in (0, 1, 2)]
+    for block in block_table.index:
+        for role in ("conv1", "conv2"):
+            w = module.get_submodule(f"{block}.{role}").weight.detach().double()
+            assert block_table.loc[block, role] == pytest.approx(float(w.std()), rel=1e-9), (block, role)
+    shortcut = module.get_submodule("layer3.0.shortcut.conv").weight.detach().double()
+    assert block_table.loc["layer3.0", "shortcut.conv"] == pytest.approx(float(shortcut.std()), rel=1e-9)
+    assert math.isnan(block_table.loc["layer1.0", "shortcut.conv"])  # stage 1 keeps its width: no shortcut conv
