@@ -193,22 +193,31 @@ def _wait_futures(running):
     return done
 
 
-def _drive(argsets, workers, cancel, submit, wait_some, result):
-    """Keep at most ``workers`` calls in flight; yield each as it finishes; start no new one after a cancel."""
+def _drive(argsets, workers, cancel, submit, wait_some, result, abandon=None):
+    """Keep at most ``workers`` calls in flight; yield each as it finishes; start no new one after a cancel.
+
+    On an interrupt or an early stop, ``abandon(handles)`` is given the calls still in flight.
+    """
     queue = list(enumerate(argsets))[::-1]
     running: dict = {}
-    while queue or running:
-        while queue and len(running) < workers and not (cancel is not None and cancel.is_set()):
-            index, args = queue.pop()
-            running[submit(args)] = index
-        if not running:
-            return
-        for handle in wait_some(list(running)):
-            index = running.pop(handle)
-            try:
-                yield index, result(handle), None
-            except Exception as exc:  # noqa: BLE001 - a worker that died or raised: report, go on
-                yield index, None, _one_line(exc)
+    try:
+        while queue or running:
+            while queue and len(running) < workers and not (cancel is not None and cancel.is_set()):
+                index, args = queue.pop()
+                running[submit(args)] = index
+            if not running:
+                return
+            for handle in wait_some(list(running)):
+                index = running.pop(handle)
+                try:
+                    outcome = index, result(handle), None
+                except Exception as exc:  # noqa: BLE001 - a worker that died or raised: report, go on
+                    outcome = index, None, _one_line(exc)
+                yield outcome
+    except BaseException:
+        if abandon is not None and running:
+            abandon(list(running))
+        raise
 
 
 def ray_runtime_env(local: bool = True) -> dict:
@@ -238,9 +247,16 @@ def _run_ray(fn, argsets, address, workers, threads, cancel):
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     workers = min(workers, max(1, len(argsets)))
     remote = ray.remote(call).options(num_cpus=threads)
+    def abandon(refs):  # a cluster outlives this process: stop its tasks, not only the local instance
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - a task that finished meanwhile, a lost connection
+                pass
+
     try:
         yield from _drive(argsets, workers, cancel, lambda args: remote.remote(fn, args, threads),
-                          lambda running: ray.wait(running, num_returns=1)[0], ray.get)
+                          lambda running: ray.wait(running, num_returns=1)[0], ray.get, abandon)
     finally:
         if started:
             ray.shutdown()

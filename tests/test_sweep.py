@@ -230,6 +230,24 @@ def test_ray_gives_the_numbers_of_the_local_pool(local_ray):
     assert len(store.list(sweep=on_ray.id)) == 4
 
 
+def test_stopping_early_on_ray_cancels_the_tasks_in_flight(local_ray):
+    """The module's Ray outlives the call (as a cluster does): its two CPUs must be free again.
+
+    Without the cancel the two 600 s sleeps hold both CPUs and the follow-up waits (checked by hand).
+    """
+    import time
+
+    calls = backends.run_tasks(time.sleep, [(0,), (600,), (600,)], backend="ray", workers=3)
+    assert next(calls) == (0, None, None)
+    calls.close()  # as after Ctrl-C: the two 600 s sleeps are in flight (or queued), one per CPU
+    finished = []
+    follow_up = threading.Thread(target=lambda: finished.extend(
+        backends.run_tasks(math.factorial, [(3,), (4,)], backend="ray", workers=2)), daemon=True)
+    follow_up.start()
+    follow_up.join(timeout=120)
+    assert sorted(finished) == [(0, 6, None), (1, 24, None)]
+
+
 def test_a_scan_split_over_ray_equals_the_single_process_scan(local_ray):
     from explorer import pipeline
     from explorer.specs import ModelSpec
