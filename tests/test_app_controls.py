@@ -202,3 +202,86 @@ def test_inspect_blocks_of_resnet20_group_layers_and_tabulate_each_role():
     shortcut = module.get_submodule("layer3.0.shortcut.conv").weight.detach().double()
     assert block_table.loc["layer3.0", "shortcut.conv"] == pytest.approx(float(shortcut.std()), rel=1e-9)
     assert math.isnan(block_table.loc["layer1.0", "shortcut.conv"])  # stage 1 keeps its width: no shortcut conv
+
+
+# ---------------------------------------------------------------------------------------------- Prune
+MLP_SIZES = {"fc1": 64 * 256, "fc2": 256 * 128, "classifier": 128 * 10}  # the mlp's weights on 8x8 digits
+
+
+def open_table(at: AppTest):
+    at.session_state["prune_table_open"] = True
+    at.run()
+    ok(at)
+    return at.dataframe[0].value.set_index("layer")
+
+
+def lowest_global(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, int]:
+    """Brute force: sort every unit of these layers together, count where the round(S * N) lowest sit."""
+    names = list(scores)
+    everything = torch.cat([scores[n].flatten().double() for n in names])
+    owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
+    lowest = owner[torch.argsort(everything, stable=True)[:round(fraction * everything.numel())]]
+    return {n: int((lowest == i).sum()) for i, n in enumerate(names)}
+
+
+def test_prune_protect_override_and_min_keep_plan_and_apply_what_a_brute_force_cut_says():
+    at = goto(start(), "app_pages/prune.py")
+    module = at.session_state["current_model"]["module"]
+    magnitudes = {name: w.abs() for name, w in weights_of(module, MLP_SIZES).items()}
+    set_sparsity(at, 0.6)
+    at.multiselect(key="prune_protect").set_value(["classifier"]).run()
+    table = open_table(at)
+    expected = lowest_global({n: magnitudes[n] for n in ("fc1", "fc2")}, 0.6)  # the pool without the classifier
+    assert table.loc["classifier", "pruned"] == 0 and table.loc["classifier", "rule"] == "protected"
+    for name in ("fc1", "fc2"):
+        assert table.loc[name, "pruned"] == expected[name], name
+
+    at.multiselect(key="prune_override_layers").set_value(["fc2"]).run()
+    at.slider(key="prune_override_fc2").set_value(0.9).run()
+    table = open_table(at)
+    assert table.loc["fc2", "pruned"] == round(0.9 * MLP_SIZES["fc2"]) and table.loc["fc2", "rule"] == "override"
+    assert table.loc["fc1", "pruned"] == round(0.6 * MLP_SIZES["fc1"])  # alone in the global pool now
+
+    at.radio(key="prune_scope").set_value("local").run()
+    set_sparsity(at, 0.8)
+    at.slider(key="prune_min_keep").set_value(0.3).run()
+    table = open_table(at)
+    fc1 = min(round(0.8 * MLP_SIZES["fc1"]), MLP_SIZES["fc1"] - math.ceil(0.3 * MLP_SIZES["fc1"]))
+    assert fc1 < round(0.8 * MLP_SIZES["fc1"])  # min_keep binds
+    counts = {"fc1": fc1, "fc2": round(0.9 * MLP_SIZES["fc2"]), "classifier": 0}
+    assert {name: table.loc[name, "pruned"] for name in counts} == counts
+    assert live_cards(at)["Units pruned"] == f"{sum(counts.values()):,} / {sum(MLP_SIZES.values()):,}"
+
+    at.button(key="prune_apply").click().run()
+    ok(at)
+    pruned = weights_of(at.session_state["pruned_result"]["module"], MLP_SIZES)
+    for name, count in counts.items():
+        zeros = pruned[name] == 0
+        assert int(zeros.sum()) == count, name
+        # each layer lost its own smallest |w|: every zeroed weight is below every kept one
+        if 0 < count < MLP_SIZES[name]:
+            assert float(magnitudes[name][zeros].max()) <= float(magnitudes[name][~zeros].min()), name
+    stored = RunStore().get(at.session_state["pruned_result"]["run_id"])
+    assert stored.metrics["params_nonzero"] == sum(p.numel() for p in module.parameters()) - sum(counts.values())
+    assert stored.recipe["plan"]["protect"] == ["classifier"] and stored.recipe["plan"]["min_keep"] == 0.3
+
+
+def test_prune_calibration_batches_change_the_gradient_scores_as_a_direct_sum_says():
+    at = goto(start(), "app_pages/prune.py")
+    at.selectbox(key="prune_criterion").set_value("gradient").run()
+    at.slider(key="prune_calib").set_value(2).run()
+    set_sparsity(at, 0.5)
+    table = open_table(at)
+    model = at.session_state["current_model"]
+    module = model["module"].eval()
+    params = [module.get_submodule(name).weight for name in MLP_SIZES]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for x, y in model["dataset"].calibration(2, 64, seed=0):  # |dL/dw| summed over the two batches
+        grads = torch.autograd.grad(F.cross_entropy(module(x), y), params)
+        sums = [s + g.abs().double() for s, g in zip(sums, grads)]
+    expected = lowest_global(dict(zip(MLP_SIZES, sums)), 0.5)
+    assert sum(table["pruned"]) == sum(expected.values())
+    for name in MLP_SIZES:  # float32 sums in another order may swap a unit or two at the cut
+        assert abs(table.loc[name, "pruned"] - expected[name]) <= 2, (name, table.loc[name, "pruned"], expected)
+    assert any(spec.calib_batches == 2 and spec.criterion == "gradient"
+               for _, spec in at.session_state["prepared_cache"])
