@@ -424,8 +424,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_a_signal_ends_the_pool_workers_and_keeps_the_stored_points(tmp_path, stop):
+    """SIGTERM and Ctrl-C: the sweep ends its workers and says what it kept; SIGKILL: they die with it."""
     import os
     import signal
     import subprocess
@@ -453,11 +454,14 @@ def test_a_signal_ends_the_pool_workers_and_keeps_the_stored_points(tmp_path, st
     finally:
         if sweep.poll() is None:
             sweep.kill()
-    assert sweep.returncode == 128 + getattr(signal, stop), err
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the sweep"
+    if stop == "SIGKILL":  # no clean-up ran: the workers went by PR_SET_PDEATHSIG; the stored points stay
+        assert sweep.returncode == -signal.SIGKILL and store.list()
+        return
+    assert sweep.returncode == 128 + getattr(signal, stop), err
     [line] = [line for line in err.splitlines() if f"stopped by {stop}" in line]
     stored = store.list()
     assert f": {len(stored)} of 60 points stored in {store.db_path}" in line
