@@ -184,6 +184,11 @@ if scan.cells and (scan.structure != "unstructured" or scan.base_latency_ms is n
                 [u for u in rows if u in set(cells["unit"])])
             table.columns = [f"{s:.0%}" for s in table.columns]
             st.dataframe(table)
+        noisy = sum(1 for cell in scan.cells if cell.latency_noisy)
+        if noisy:
+            st.caption(f"{noisy} of {sum(1 for cell in scan.cells if cell.latency_ms is not None)} cell latencies "
+                       "were noisy (their 95 % interval stayed wider than +-5 %: the machine was busy); differences "
+                       "of a few percent between cells mean nothing.")
 
 # ---------------------------------------------------------------- the suggested recipe
 st.divider()

@@ -7,7 +7,8 @@ A ResNet-18-shaped network (defined here; no torchvision), 3x224x224, on CPU:
 * unstructured: 50 % of every conv/linear weight set to zero in place on a copy -- same
   shapes, dense kernels, so no measured gain is expected.
 
-Both are timed against the dense model interleaved, with the same batch and threads.
+Both are timed against the dense model alternately, pair by pair, with the same batch and threads
+(`measure.compare_latency`: the median ratio and its 95 % interval).
 Run from the repository root: ``python -m bench.bench_speedup [--batch 1] [--threads N] [--min-run-time 3]``;
 it prints a Markdown table (paste it into ``bench/RESULTS_speedup.md``).
 """
@@ -23,6 +24,12 @@ import torch.nn as nn
 
 from bench.common import ResNet18, cpu_model
 from explorer import criteria, measure, planner, structural
+from explorer.timing import speedup_text
+
+
+def timing_text(timed: dict) -> str:
+    return speedup_text({"speedup_measured": timed["speedup_measured"], "speedup_interval": timed["speedup_interval"],
+                         "speedup_noisy": timed["noisy"]}) + f", {timed['pairs']} pairs in {timed['seconds']:.1f} s"
 
 
 def structured_half(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -48,10 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--min-run-time", type=float, default=6.0, help="seconds of timing per model")
+    parser.add_argument("--min-run-time", type=float, default=6.0, help="least seconds of timing per pair of models")
+    parser.add_argument("--max-run-time", type=float, default=30.0,
+                        help="most seconds of timing per pair, if the speed-up's interval is not within 5 %% by then")
     parser.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last",
                         help="memory format of both models and the input (the app measures channels_last)")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved dense/pruned slices")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -72,7 +80,7 @@ def main() -> None:
                          ("unstructured 50 % (zeros in place)", unstructured)):
         model_flops = measure.flops(model, example)
         timing = measure.compare_latency(dense, model, example, threads=args.threads,
-                                         min_run_time=args.min_run_time, rounds=args.rounds,
+                                         min_run_time=args.min_run_time, max_run_time=args.max_run_time,
                                          channels_last=channels_last)
         flops_speedup = dense_flops / model_flops["effective"]
         rows.append((label, measure.count_params(model), model_flops, timing, flops_speedup))
@@ -84,7 +92,7 @@ def main() -> None:
     print(f"- dense: {measure.count_params(dense)['total'] / 1e6:.2f} M params, {dense_flops / 1e9:.2f} GFLOPs "
           "(FlopCounterMode, 2 FLOPs per MAC)\n")
     print("| variant | params (non-zero) | GFLOPs dense / effective | dense ms (IQR) | pruned ms (IQR) "
-          "| FLOPs speed-up | measured speed-up | measured / FLOPs |")
+          "| FLOPs speed-up | measured speed-up (95 % interval) | measured / FLOPs |")
     print("|---|---|---|---|---|---|---|---|")
     for label, params, model_flops, timing, flops_speedup in rows:
         measured = timing["speedup_measured"]
@@ -92,7 +100,7 @@ def main() -> None:
               f"| {model_flops['dense'] / 1e9:.2f} / {model_flops['effective'] / 1e9:.2f} "
               f"| {timing['dense']['median_ms']:.1f} ({timing['dense']['iqr_ms']:.1f}) "
               f"| {timing['pruned']['median_ms']:.1f} ({timing['pruned']['iqr_ms']:.1f}) "
-              f"| {flops_speedup:.2f}x | {measured:.2f}x | {measured / flops_speedup:.2f} |")
+              f"| {flops_speedup:.2f}x | {timing_text(timing)} | {measured / flops_speedup:.2f} |")
 
 
 if __name__ == "__main__":

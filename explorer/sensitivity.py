@@ -99,6 +99,7 @@ class Cell:
     flops_saved: int
     collapsed: bool = False
     latency_ms: float | None = None
+    latency_noisy: bool | None = None  # its 95 % interval stayed wider than +-5 % (a busy machine)
 
 
 @dataclass
@@ -504,7 +505,7 @@ def scan(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *,
                   flops_dense=prepared.flops_dense)
     example = dataset.example_input(MeasureSpec.batch) if latency else None
     if latency:
-        result.base_latency_ms = _latency_ms(work, example)
+        result.base_latency_ms, _ = _latency_ms(work, example)
     total, done = len(scanned) * len(grid), 0
     for unit in scanned:
         others = tuple(name for name in units if name != unit)
@@ -539,25 +540,27 @@ def _cell(model, prepared, plan, unit, sparsity, edits, evaluator, example) -> C
         try:
             cell.value = evaluator.value()
             if timed and prepared.structure == "unstructured":  # as deployed: the zeros stay in dense tensors
-                cell.latency_ms = _latency_ms(edits.work, example)
+                cell.latency_ms, cell.latency_noisy = _latency_ms(edits.work, example)
         finally:
             edits.restore()
     elif layer_plan.pruned:
         physical = None if plan.collapsed else pipeline.apply(model, prepared, plan)
         cell.value = None if physical is None else evaluator.value(physical)
         if timed and physical is not None:
-            cell.latency_ms = _latency_ms(physical, example)
+            cell.latency_ms, cell.latency_noisy = _latency_ms(physical, example)
     if timed and cell.latency_ms is None and not plan.collapsed:
         pruned_model = edits.work if prepared.structure == "unstructured" or not layer_plan.pruned \
             else pipeline.apply(model, prepared, plan)
-        cell.latency_ms = _latency_ms(pruned_model, example)
+        cell.latency_ms, cell.latency_noisy = _latency_ms(pruned_model, example)
     cell.drop = _drop(cell.value, evaluator.base, evaluator.higher_is_better)
     return cell
 
 
-def _latency_ms(model: nn.Module, example: torch.Tensor) -> float:
+def _latency_ms(model: nn.Module, example: torch.Tensor) -> tuple[float, bool]:
+    """Median latency of one cell's model and whether it was noisy (`measure.latency`, the default MeasureSpec)."""
     spec = MeasureSpec()
-    return float(measure.latency(model, example, threads=spec.threads, min_run_time=spec.min_run_time)["median_ms"])
+    timed = measure.latency(model, example, threads=spec.threads, min_run_time=spec.min_run_time)
+    return float(timed["median_ms"]), bool(timed["noisy"])
 
 
 # --- headless: python -m explorer sensitivity ------------------------------------------------------

@@ -308,6 +308,7 @@ def test_latency_is_measured_per_cell_on_request(digits):
     result = sensitivity.scan(model, digits, ScoringSpec("channel", "magnitude"), sparsities=[0.5], samples=32,
                               latency=True)
     assert result.base_latency_ms > 0 and all(cell.latency_ms > 0 for cell in result.cells)
+    assert all(isinstance(cell.latency_noisy, bool) for cell in result.cells)
     assert all(cell.params_saved > 0 and cell.flops_saved > 0 for cell in result.cells)
     plain = sensitivity.scan(model, digits, ScoringSpec("channel", "magnitude"), sparsities=[0.5], samples=32)
     assert plain.base_latency_ms is None and all(cell.latency_ms is None for cell in plain.cells)
