@@ -285,3 +285,78 @@ def test_prune_calibration_batches_change_the_gradient_scores_as_a_direct_sum_sa
         assert abs(table.loc[name, "pruned"] - expected[name]) <= 2, (name, table.loc[name, "pruned"], expected)
     assert any(spec.calib_batches == 2 and spec.criterion == "gradient"
                for _, spec in at.session_state["prepared_cache"])
+
+
+# ---------------------------------------------------------------------------------------------- Fine-tune
+def test_finetune_distill_with_sgd_keeps_the_zeros_and_reports_a_direct_evaluation():
+    at = goto(start(), "app_pages/prune.py")
+    set_sparsity(at, 0.7)
+    at.button(key="prune_apply").click().run()
+    goto(at, "app_pages/finetune.py")
+    at.number_input(key="ft_epochs").set_value(1)
+    at.number_input(key="ft_lr").set_value(0.05)
+    at.selectbox(key="ft_optimizer").set_value("sgd")
+    at.selectbox(key="ft_device").set_value("cpu")
+    at.selectbox(key="ft_loss").set_value("distill")
+    at.button(key="ft_start").click().run()
+    job = wait_for_job(at, timeout=180)
+    ok(at)
+    assert "Training loss: **distill**" in texts(at.caption)
+    config = job.meta["config"]
+    assert (config.loss, config.optimizer, config.lr, config.device, config.epochs) == ("distill", "sgd", 0.05, "cpu", 1)
+    data = at.session_state["current_model"]["dataset"]
+    tuned = job.result.model
+    accuracy = direct_accuracy(tuned, data.x_test, data.y_test)
+    saved = RunStore().get(job.meta["saved_run"].id)
+    assert saved.metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert metrics(at)["Accuracy after fine-tune"] == f"{100 * accuracy:.1f} %"
+    zeros = sum(int((w == 0).sum()) for w in weights_of(tuned, MLP_SIZES).values())
+    assert zeros == round(0.7 * sum(MLP_SIZES.values()))  # the masks stayed in force while training
+    assert saved.recipe["finetune"]["optimizer"] == "sgd" and saved.recipe["finetune"]["loss"] == "distill"
+
+
+# ---------------------------------------------------------------------------------------------- Methods
+def test_methods_local_scope_lr_and_cancel_are_what_ran_and_what_compare_draws():
+    at = AppTest.from_file("../app.py", default_timeout=TIMEOUT).run()
+    goto(at, "app_pages/methods.py")
+    at.selectbox(key="methods_criterion").set_value("random")
+    at.selectbox(key="methods_scope").set_value("local")
+    at.slider(key="methods_sparsity").set_value(0.5)
+    at.number_input(key="methods_lr").set_value(0.01)
+    at.number_input(key="methods_epochs").set_value(1)
+    at.multiselect(key="methods_chosen").set_value(["one_shot"])
+    at.button(key="methods_start").click().run()
+    job = wait_for_job(at, key="methods_job", timeout=240, what="methods lab")
+    ok(at)
+    (result,) = job.result
+    recipe = job.meta["recipe"]
+    assert (recipe.scoring.criterion, recipe.plan.scope, recipe.finetune.lr) == ("random", "local", 0.01)
+    pruned = weights_of(result.model, MLP_SIZES)
+    for name, w in pruned.items():  # local: every layer loses the same fraction
+        assert int((w == 0).sum()) == round(0.5 * MLP_SIZES[name]), name
+    table = at.dataframe[0].value
+    row = table[table["run"] == result.run_id].iloc[0]
+    assert row["sparsity reached"] == pytest.approx(sum(round(0.5 * n) for n in MLP_SIZES.values())
+                                                    / sum(MLP_SIZES.values()), abs=1e-6)
+    data = at.session_state["current_model"]["dataset"]
+    assert row["accuracy"] == pytest.approx(direct_accuracy(result.model, data.x_test, data.y_test), abs=1e-9)
+
+    at.multiselect(key="methods_chosen").set_value(["one_shot", "iterative"])
+    at.number_input(key="methods_epochs").set_value(100)
+    at.button(key="methods_start").click().run()
+    running = at.session_state["methods_job"]
+    assert running is not job and not running.done
+    at.button(key="methods_cancel").click().run()
+    cancelled = wait_for_job(at, key="methods_job", timeout=240, what="methods lab")
+    assert not at.exception, [e.value for e in at.exception]
+    assert cancelled.cancelled
+    assert "Cancelled: the method that was running was measured" in texts(at.warning)
+    assert len(cancelled.result) <= 1 and all(r.method == "one_shot" for r in cancelled.result)
+    if cancelled.result:  # cancelled inside one_shot: measured as it stood and saved
+        assert cancelled.result[0].cancelled and RunStore().get(cancelled.result[0].run_id)
+
+    goto(at, "app_pages/compare.py")
+    at.multiselect(key="cmp_traj").set_value([result.run_id]).run()
+    ok(at)
+    names = {trace["name"] for trace in chart(at, "cmp_trajectories")["data"]}
+    assert names == {RunStore().get(result.run_id).name}
