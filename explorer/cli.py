@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     run.add_argument("--trust-pickle", action="store_true",
                      help="allow a pickled nn.Module model file (it can run code; a recipe itself cannot allow it)")
+    run.add_argument("--trust-factory", action="store_true",
+                     help="allow the recipe to import and call the package.module:callable factory it names "
+                          "(importing runs its code; a recipe itself cannot allow it)")
     run.add_argument("--json", action="store_true", help="machine-readable output")
     sensitivity.add_command(sub, model_args)
     sweep.add_command(sub, model_args)
@@ -164,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> list[dict]:
-    from explorer.recipe import load_recipe, run_recipe
+    from explorer.recipe import check_factories, load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    check_factories(recipe, trusted=args.trust_factory)
     if args.no_latency:
         recipe = recipe.replace(measure={"latency": False})
     if args.trust_pickle:  # the person running it, never the file, allows pickles

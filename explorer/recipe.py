@@ -35,6 +35,7 @@ from explorer import limits, pipeline
 from explorer.errors import ExplorerError, ExplorerWarning
 from explorer.specs import BudgetSpec, MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec, build
 from explorer.layers import choose_device
+from explorer.models import ZOO
 from explorer.train import TrainConfig
 
 _SECTIONS = {"model": ModelSpec, "scoring": ScoringSpec, "plan": PlanSpec, "method": MethodSpec,
@@ -131,6 +132,29 @@ class Recipe:
                 value = dataclasses.replace(current, **value)
             changes[name] = value
         return dataclasses.replace(self, **changes).validate()
+
+
+def named_factories(recipe: Recipe) -> list[str]:
+    """The ``package.module:callable`` factories a recipe would import and call (its model source or arch).
+
+    Importing a module runs its code, and a recipe is often someone else's file: a downloaded run
+    folder can carry ``evil.py`` beside a ``run.yaml`` naming ``evil:make``. `check_factories` refuses
+    them unless the person running the recipe says they trust them.
+    """
+    named = []
+    for value in (recipe.model.source, recipe.model.arch):
+        if isinstance(value, str) and ":" in value and not value.startswith("hf:") and value not in ZOO \
+                and not Path(value).exists():
+            named.append(value)
+    return named
+
+
+def check_factories(recipe: Recipe, *, trusted: bool, flag: str = "--trust-factory") -> None:
+    """Refuse a recipe that names a Python factory unless ``trusted`` (the user's flag, never the file's)."""
+    named = named_factories(recipe)
+    if named and not trusted:
+        raise ExplorerError(f"The recipe names the Python factory {', '.join(repr(n) for n in named)}: importing it "
+                            f"runs its code. If you trust it, pass {flag}; a recipe cannot allow it by itself.")
 
 
 def _without_trust(values: dict) -> dict:

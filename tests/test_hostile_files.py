@@ -7,6 +7,7 @@
 Each test plants a payload that writes a marker file and asserts the marker never appears; the
 user's own opt-in (``--trust-pickle``, ``--arch``, the app's factory field) is the positive control.
 """
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,30 @@ def test_a_run_yaml_cannot_turn_on_pickle_loading(capsys, tmp_path):
 
     code, _, err = cli(capsys, "run", "--recipe", str(recipe), "--trust-pickle")  # the user's flag: the control
     assert marker.exists() and code == 0, err
+
+
+@pytest.mark.parametrize("field", ["source", "arch"])
+def test_a_run_folder_with_its_own_factory_module_runs_nothing_without_trust_factory(tmp_path, field):
+    """``python -m`` puts the working folder on the import path: an ``evil.py`` beside the ``run.yaml``
+    that names ``evil:make`` would be imported by a plain replay."""
+    marker = tmp_path / "marker"
+    folder = tmp_path / "run"
+    folder.mkdir()
+    factory = hostile.factory_module(folder, "evil", marker)
+    model = {"source": factory, "data": "digits"} if field == "source" else {
+        "source": str(hostile.saved_with_arch(folder / "model.pt", "mlp")), "arch": factory, "data": "digits"}
+    (folder / "run.yaml").write_text(json.dumps({"model": model, "plan": {"sparsity": 0.5},
+                                                 "measure": {"latency": False}}))
+    argv = [sys.executable, "-m", "explorer", "run", "--recipe", "run.yaml"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), "the recipe's factory was imported"
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [f"error: The recipe names the Python factory '{factory}': importing it runs "
+                                        "its code. If you trust it, pass --trust-factory; a recipe cannot allow it "
+                                        "by itself."]
+    done = subprocess.run(argv + ["--trust-factory"], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert marker.exists() and done.returncode == 0, done.stderr  # the user's flag: the control
 
 
 @pytest.mark.parametrize("asked", [True, "yes", 1, "true"])
