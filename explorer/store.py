@@ -7,7 +7,8 @@ training curve and the trajectory of a method over time, and the sweep it is a p
 empty for a run of its own; the point's grid coordinates are in ``settings["sweep"]``). Model,
 dataset, structure, criterion, scope and sparsity are also kept as columns, copied from the recipe,
 for listing.
-Databases written before runs kept their recipe are migrated when opened (new columns, empty).
+Databases written before runs kept their recipe are migrated when opened (new columns, empty), and
+gain the table that numbers sweeps (`RunStore.new_sweep`), so two sweeps never share an id.
 The database lives in ``$PRUNING_EXPLORER_DATA`` (default ``~/.local/share/pruning-explorer``)
 with one weights file per run in ``weights/`` beside it.
 
@@ -143,16 +144,22 @@ def keep_runs(runs: list[Run], folder: Path, stem: str, model: nn.Module | None 
     tried = []
     for place in (folder / "unsaved", Path(tempfile.gettempdir()) / "pruning-explorer-unsaved"):
         path = place / f"{stem}.json"
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         try:
             place.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
             partial.write_text(payload)
             os.replace(partial, path)
-            if model is not None:
-                save_model(model, path.with_suffix(".pt"), **weights)
-            return path
         except OSError as exc:
             tried.append(f"{path} ({exc.strerror or exc})")
+            if place.is_dir():
+                partial.unlink(missing_ok=True)
+            continue
+        if model is not None:
+            try:
+                save_model(model, path.with_suffix(".pt"), **weights)
+            except (OSError, RuntimeError):  # torch reports a failed write as RuntimeError: the run itself is kept
+                pass
+        return path
     raise StoreError(f"Could not keep the result in a file either: {'; '.join(tried)}.")
 
 
@@ -200,19 +207,19 @@ class RunStore:
         except OSError as exc:
             raise StoreError(f"Cannot create the run store's folder {self.root} ({exc.strerror or exc}): "
                              "set PRUNING_EXPLORER_DATA to a folder you can write.") from None
-        with self._connection() as db:
+        with self._open() as db:
             if not _schema_complete(*_schema(db)):  # write only when something is missing: a read-only store lists
                 db.execute("BEGIN IMMEDIATE")  # then read again under the write lock: another process may migrate
                 _create_or_migrate(db, *_schema(db))
         try:  # WAL lets the app read while a sweep writes; a read-only file keeps the mode it has
-            with self._connection() as db:
+            with self._open() as db:
                 db.execute("PRAGMA journal_mode=WAL")
         except StoreError:
             pass
         self._ready = True
 
     @contextmanager
-    def _connection(self):
+    def _open(self):
         """One connection, committed (or rolled back) and closed; any sqlite error becomes a one-line StoreError."""
         try:
             db = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S)
@@ -228,7 +235,7 @@ class RunStore:
     def _connect(self):
         if not self._ready:
             self._prepare()
-        with self._connection() as db:
+        with self._open() as db:
             yield db
 
     def weights_path(self, run_id: int) -> Path:
@@ -292,15 +299,23 @@ class RunStore:
             except StoreError as lost:
                 raise StoreError(f"{exc} {lost}") from None
             raise StoreError(f"{exc} Nothing is lost: the run is kept in {kept}"
-                             + (" (weights beside it)." if model is not None else "."), kept=kept) from None
+                             + (" (weights beside it)." if kept.with_suffix(".pt").exists() else "."),
+                             kept=kept) from None
         if model is not None:
             try:
                 save_model(model, self.weights_path(run.id), **weights, metadata={"run": run.id})
-            except OSError as exc:
-                kept = keep_runs([run], self.root, f"run-{run.id}", model, **weights)
-                raise StoreError(f"Run {run.id} is stored but its weights could not be written to "
-                                 f"{self.weights_path(run.id)} ({exc.strerror or exc}); they are kept in "
-                                 f"{kept.with_suffix('.pt')}.", kept=kept) from None
+            except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
+                reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [""])[0]
+                failed = f"Run {run.id} is stored but its weights could not be written to " \
+                         f"{self.weights_path(run.id)} ({reason})"
+                try:
+                    kept = keep_runs([run], self.root, f"run-{run.id}", model, **weights)
+                except StoreError as lost:
+                    raise StoreError(f"{failed}. {lost}") from None
+                where = (f"they are kept in {kept.with_suffix('.pt')}" if kept.with_suffix(".pt").exists()
+                         else "no other folder took them either")
+                raise StoreError(f"{failed}; {where}: fix the folder's permissions or free disk space.",
+                                 kept=kept) from None
         return run
 
     def _row(self, row) -> Run:

@@ -203,3 +203,18 @@ def test_apply_on_a_damaged_store_keeps_the_measured_run_and_names_the_file(tmp_
     [entry] = json.loads(kept.read_text())
     assert entry["metrics"]["params_nonzero"] < entry["metrics"]["params_total"]  # the measured copy, not lost
     assert load_model(kept.with_suffix(".pt")) is not None
+
+
+def test_weights_the_store_cannot_write_are_kept_beside_it_and_the_run_stays(tmp_path):
+    store = RunStore(tmp_path)
+    assert store.list() == []
+    (tmp_path / "weights").rmdir()
+    (tmp_path / "weights").write_text("a file where the weights folder should be")
+    model = build("mlp", (1, 8, 8), 10)
+    with pytest.raises(StoreError, match=r"Run 1 is stored but its weights could not be written") as caught:
+        store.save(_run(settings={"input_shape": [1, 8, 8], "num_classes": 10}), model)
+    kept = caught.value.kept.with_suffix(".pt")
+    assert f"kept in {kept}" in str(caught.value) and "\n" not in str(caught.value)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(load_model(kept)(x), model(x))
+    assert [run.id for run in store.list()] == [1]
