@@ -289,6 +289,7 @@ def run_sweep(points: Sequence[Point], *, name: str = "sweep", backend: str = "l
                     unsaved.append(run)
                     sweep.store_error, sweep.unsaved = sweep.store_error or str(exc), len(unsaved)
                     note = _keep(sweep, unsaved, store)
+                    result["kept"] = sweep.kept  # the file that holds the point instead of the store (or None)
             for key in ("arch", "input_shape", "num_classes", "dataset"):
                 result.pop(key, None)
             sweep.results.append(result)

@@ -373,6 +373,7 @@ def test_points_the_store_refuses_mid_sweep_are_kept_in_one_file(tmp_path):
     assert [Run(**entry).settings["sweep"]["point"] for entry in kept] == [r["point"] for r in sweep.results[1:]]
     assert all(entry["sweep"] == sweep.id and entry["metrics"] for entry in kept)
     assert sum(f"kept in {sweep.kept}" in text for text in texts) == 1  # said once, on the first refused point
+    assert [r.get("kept") for r in sweep.results] == [None, sweep.kept, sweep.kept]
 
 
 def test_the_cli_names_the_file_that_holds_refused_points(tmp_path, capsys, monkeypatch):
