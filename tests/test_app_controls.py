@@ -360,3 +360,53 @@ def test_methods_local_scope_lr_and_cancel_are_what_ran_and_what_compare_draws()
     ok(at)
     names = {trace["name"] for trace in chart(at, "cmp_trajectories")["data"]}
     assert names == {RunStore().get(result.run_id).name}
+
+
+# ---------------------------------------------------------------------------------------------- Sensitivity
+def test_sensitivity_whole_test_split_random_criterion_and_a_drop_budget_match_direct_evaluations():
+    at = goto(start(), "app_pages/sensitivity.py")
+    at.selectbox(key="sens_criterion").set_value("random")
+    at.radio(key="sens_split").set_value("test")
+    at.checkbox(key="sens_whole").check()
+    at.multiselect(key="sens_grid").set_value([0.5, 1.0])
+    at.button(key="sens_start").click().run()
+    job = wait_for_job(at, "sensitivity_job", 180, "scan")
+    ok(at)
+    model = at.session_state["current_model"]
+    module, data = model["module"], model["dataset"]
+    scan = job.result["scan"]
+    assert (scan.criterion, scan.split, scan.samples) == ("random", "test", len(data.y_test))
+    assert scan.base == pytest.approx(direct_accuracy(module, data.x_test, data.y_test), abs=1e-12)
+    drops = {(cell.unit, cell.sparsity): cell.drop for cell in scan.cells}
+    for name in MLP_SIZES:  # at 100 % the criterion does not matter: the layer's weights are all zero
+        emptied = build("mlp", data.input_shape, data.num_classes)
+        emptied.load_state_dict(module.state_dict())
+        with torch.no_grad():
+            emptied.get_submodule(name).weight.zero_()
+        assert drops[(name, 1.0)] == pytest.approx(scan.base - direct_accuracy(emptied, data.x_test, data.y_test),
+                                                   abs=1e-12), name
+    order = at.dataframe[0].value.set_index("unit")
+    for name in MLP_SIZES:  # trapezoids from (0, 0) through the 50 % and 100 % cells
+        area = 0.5 * drops[(name, 0.5)] / 2 + 0.5 * (drops[(name, 0.5)] + drops[(name, 1.0)]) / 2
+        assert order.loc[name, "area under drop curve"] == pytest.approx(area, abs=1e-12), name
+        assert order.loc[name, "drop at 100%"] == pytest.approx(drops[(name, 1.0)], abs=1e-12)
+    assert list(order.index) == sorted(MLP_SIZES, key=lambda n: order.loc[n, "area under drop curve"])
+
+    at.number_input(key="sens_max_drop_points").set_value(2.0).run()
+    ok(at)
+    chosen = at.dataframe[1].value
+    assert set(chosen["sparsity"]) <= {0.0, 0.5, 1.0}
+    total_drop = sum(drops.get((unit, value), 0.0) for unit, value in zip(chosen["unit"], chosen["sparsity"]))
+    assert total_drop <= 0.02 + 1e-9 and chosen["sparsity"].sum() > 0  # spent within the 2-point budget
+    assert metrics(at)["Predicted accuracy"] == f"{100 * (scan.base - total_drop):.1f} %"
+    recipe = yaml.safe_load(at.code[0].value)  # what the download button carries, shown under it
+    sparsities = dict(zip(chosen["unit"], chosen["sparsity"]))
+    assert recipe["scoring"]["criterion"] == "random" and recipe["plan"]["scope"] == "local"
+    assert recipe["plan"]["overrides"] == sparsities and set(sparsities) == set(MLP_SIZES)  # every unit, 0 too
+    at.get("download_button")[0].click().run()  # on_click="ignore": a download changes nothing on the page
+    ok(at)
+
+    robust = list(order.index)[0]
+    at.multiselect(key="sens_curve_units").set_value([robust]).run()
+    ok(at)
+    assert [trace["name"] for trace in chart(at, "sens_curves")["data"]] == [robust]
