@@ -410,3 +410,58 @@ def test_sensitivity_whole_test_split_random_criterion_and_a_drop_budget_match_d
     at.multiselect(key="sens_curve_units").set_value([robust]).run()
     ok(at)
     assert [trace["name"] for trace in chart(at, "sens_curves")["data"]] == [robust]
+
+
+# ---------------------------------------------------------------------------------------------- Compare
+def test_compare_rename_download_and_delete_act_on_the_store(monkeypatch, tmp_path):
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+    from streamlit.testing.v1 import app_test
+
+    from explorer.errors import ExplorerError
+    from explorer.models import load_model
+
+    storages = []  # AppTest makes a fresh in-memory media store per run: keep them to read the download's bytes
+
+    class Recording(MemoryMediaFileStorage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            storages.append(self)
+
+    monkeypatch.setattr(app_test, "MemoryMediaFileStorage", Recording)
+    at = goto(start(), "app_pages/prune.py")
+    ids = []
+    for sparsity in (0.3, 0.6):
+        set_sparsity(at, sparsity)
+        at.button(key="prune_apply").click().run()
+        ok(at)
+        ids.append(at.session_state["pruned_result"]["run_id"])
+    first, second = ids
+    goto(at, "app_pages/compare.py")
+    at.selectbox(key="cmp_run").set_value(first).run()
+    at.text_input(key=f"cmp_name_{first}").set_value("renamed by a test").run()
+    at.button(key="cmp_rename").click().run()
+    ok(at)
+    assert RunStore().get(first).name == "renamed by a test"
+    assert at.dataframe[0].value.set_index("id").loc[first, "name"] == "renamed by a test"
+
+    (button,) = [b for b in at.get("download_button") if "cmp_download" in b.proto.id]
+    filename = button.proto.url.rsplit("/", 1)[-1]
+    archive = zipfile.ZipFile(io.BytesIO(storages[-1].get_file(filename).content))
+    assert {"run.json", "run.yaml", "model.pt"} <= set(archive.namelist())
+    described = json.loads(archive.read("run.json"))
+    stored = RunStore().get(first)
+    assert described["name"] == "renamed by a test" and described["metrics"] == json.loads(json.dumps(stored.metrics))
+    (tmp_path / "model.pt").write_bytes(archive.read("model.pt"))
+    data = at.session_state["current_model"]["dataset"]
+    weights = load_model(str(tmp_path / "model.pt"), input_shape=data.input_shape, num_classes=data.num_classes)
+    nonzero = sum(int((p != 0).sum()) for p in weights.parameters())
+    assert nonzero == stored.metrics["params_nonzero"]  # the downloaded weights are the run's, zeros and all
+    assert sum(int((w == 0).sum()) for w in weights_of(weights, MLP_SIZES).values()) == \
+        round(0.3 * sum(MLP_SIZES.values()))
+
+    at.selectbox(key="cmp_run").set_value(second).run()
+    at.button(key="cmp_delete").click().run()
+    ok(at)
+    with pytest.raises(ExplorerError, match="no run"):
+        RunStore().get(second)
+    assert second not in set(at.dataframe[0].value["id"]) and first in set(at.dataframe[0].value["id"])
