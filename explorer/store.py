@@ -199,6 +199,7 @@ class RunStore:
         self.root = Path(root) if root is not None else data_dir()
         self.db_path = self.root / "runs.sqlite"
         self._ready = False
+        self._unmigrated: StoreError | None = None
 
     def _prepare(self) -> None:
         """Create the folders and the tables, migrate an older database, switch it to WAL (once per store)."""
@@ -208,9 +209,16 @@ class RunStore:
             raise StoreError(f"Cannot create the run store's folder {self.root} ({exc.strerror or exc}): "
                              "set PRUNING_EXPLORER_DATA to a folder you can write.") from None
         with self._open() as db:
-            if not _schema_complete(*_schema(db)):  # write only when something is missing: a read-only store lists
-                db.execute("BEGIN IMMEDIATE")  # then read again under the write lock: another process may migrate
-                _create_or_migrate(db, *_schema(db))
+            tables, columns = _schema(db)
+        if not _schema_complete(tables, columns):  # write only when something is missing: a read-only store lists
+            try:
+                with self._open() as db:
+                    db.execute("BEGIN IMMEDIATE")  # read again under the write lock: another process may migrate
+                    _create_or_migrate(db, *_schema(db))
+            except StoreError as exc:
+                if "runs" not in tables or not set(_ADDED_COLUMNS) <= columns:
+                    raise
+                self._unmigrated = exc  # only the sweeps table is missing (an older, read-only store): runs list
         try:  # WAL lets the app read while a sweep writes; a read-only file keeps the mode it has
             with self._open() as db:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -262,6 +270,8 @@ class RunStore:
         """A sweep id no other sweep in this store has: ``name (start time) #n``, n handed out by the store."""
         created = time.time()
         with self._connect() as db:
+            if self._unmigrated is not None:
+                raise self._unmigrated
             number = db.execute("INSERT INTO sweeps (name, created) VALUES (?, ?)", (name, created)).lastrowid
         return f"{name} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(created))}) #{number}"
 

@@ -218,3 +218,19 @@ def test_weights_the_store_cannot_write_are_kept_beside_it_and_the_run_stays(tmp
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(load_model(kept)(x), model(x))
     assert [run.id for run in store.list()] == [1]
+
+
+def test_a_read_only_store_of_the_release_before_sweep_numbers_still_lists(tmp_path):
+    store = RunStore(tmp_path)
+    store.save(_run(name="old"))
+    with sqlite3.connect(store.db_path) as db:
+        db.execute("DROP TABLE sweeps")
+    if not freeze(store.db_path):
+        pytest.skip("cannot make a file read-only here (root without chattr)")
+    try:
+        again = RunStore(tmp_path)
+        assert [run.name for run in again.list()] == ["old"]
+        with pytest.raises(StoreError, match="read-only"):
+            again.new_sweep("grid")
+    finally:
+        thaw(store.db_path)
