@@ -107,6 +107,64 @@ def weights_of(module, names) -> dict[str, torch.Tensor]:
     return {name: module.get_submodule(name).weight.detach().double().flatten() for name in names}
 
 
+# ---------------------------------------------------------------------------------------------- Model
+def test_model_file_state_dict_with_architecture_and_training_epochs_is_measured_directly(tmp_path):
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    saved = build("mlp", data.input_shape, data.num_classes)
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)  # a plain state dict: the file does not say what it belongs to
+    at = start()
+    at.radio(key="model_source").set_value("Model file").run()
+    at.file_uploader(key="model_file").set_value(("weights.pt", buffer.getvalue(), "application/octet-stream")).run()
+    at.selectbox(key="file_arch").set_value("mlp").run()
+    at.button(key="file_load").click().run()
+    ok(at)
+    loaded = at.session_state["current_model"]
+    assert (loaded["label"], loaded["arch"], loaded["spec"].train_epochs) == ("weights.pt", "mlp", 0)
+    for name, value in saved.state_dict().items():  # used as is: the very weights of the file
+        assert torch.equal(loaded["module"].state_dict()[name], value), name
+    accuracy = direct_accuracy(loaded["module"], data.x_test, data.y_test)
+    shown = metrics(at)
+    assert shown["Baseline accuracy (test)"] == f"{100 * accuracy:.1f} %"
+    assert shown["Parameters"] == f"{sum(p.numel() for p in saved.parameters()):,}"
+
+    at.number_input(key="file_epochs").set_value(2).run()
+    at.button(key="file_load").click().run()
+    ok(at)
+    trained = at.session_state["current_model"]
+    assert trained["spec"].train_epochs == 2 and trained["key"] != loaded["key"]
+    assert not torch.equal(trained["module"].fc1.weight, saved.fc1.weight)  # trained before pruning
+    accuracy = direct_accuracy(trained["module"], data.x_test, data.y_test)
+    assert accuracy > 0.5  # two epochs on digits lift an untrained mlp well above chance (10 %)
+    assert trained["base_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert metrics(at)["Baseline accuracy (test)"] == f"{100 * accuracy:.1f} %"
+
+
+def test_transformer_on_an_uploaded_text_file_splits_it_and_scores_its_labels_directly():
+    lines = [json.dumps({"text": f"{'good great fine' if i % 2 else 'bad awful poor'} example number {i}",
+                         "label": "pos" if i % 2 else "neg"}) for i in range(40)]
+    at = AppTest.from_file("../app.py", default_timeout=TIMEOUT)
+    at.session_state["model_autoloaded"] = True  # no mlp baseline first
+    at.run()
+    at.radio(key="model_source").set_value("Transformer").run()
+    at.selectbox(key="tf_model").set_value("tiny_bert").run()
+    at.radio(key="tf_text").set_value("my text file").run()
+    assert at.button(key="tf_load").disabled  # no file yet
+    at.file_uploader(key="tf_data").set_value(("reviews.jsonl", "\n".join(lines).encode(), "application/json")).run()
+    at.button(key="tf_load").click().run()
+    ok(at)
+    model = at.session_state["current_model"]
+    data = model["dataset"]
+    assert (model["label"], model["spec"].data_file, data.num_classes) == ("tiny_bert", "reviews.jsonl", 2)
+    assert model["task"]["name"] == "accuracy"  # a labelled file makes the transformer a classifier
+    assert metrics(at)["Train / val / test"] == f"{round(0.8 * 40)} / {round(0.1 * 40)} / {40 - 32 - 4}"
+    assert sorted(torch.cat([data.y_train, data.y_val, data.y_test]).tolist()) == [0] * 20 + [1] * 20
+    accuracy = direct_accuracy(model["module"], data.x_test, data.y_test)
+    assert model["task"]["base"] == pytest.approx(accuracy, abs=1e-12)
+    assert metrics(at)["Baseline accuracy (test)"] == f"{100 * accuracy:.1f} %"
+
+
 # ---------------------------------------------------------------------------------------------- Inspect
 def test_inspect_histograms_follow_bins_log_count_shared_axis_and_the_chosen_layers():
     at = goto(start(), "app_pages/inspect.py")
