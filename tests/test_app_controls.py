@@ -52,6 +52,7 @@ Page links (st.page_link) are navigation, not computation; AppTest cannot follow
 import io
 import json
 import math
+import re
 import zipfile
 
 import numpy as np
@@ -523,3 +524,50 @@ def test_compare_rename_download_and_delete_act_on_the_store(monkeypatch, tmp_pa
     with pytest.raises(ExplorerError, match="no run"):
         RunStore().get(second)
     assert second not in set(at.dataframe[0].value["id"]) and first in set(at.dataframe[0].value["id"])
+
+
+# ---------------------------------------------------------------------------------------------- Tour
+def _zero_lowest(module, data, fraction: float, scope: str):
+    """A copy of the mlp with the lowest |w| zeroed by hand: per layer (local) or over all layers (global)."""
+    copy = build("mlp", data.input_shape, data.num_classes)
+    copy.load_state_dict(module.state_dict())
+    weights = [copy.get_submodule(name).weight for name in MLP_SIZES]
+    with torch.no_grad():
+        if scope == "local":
+            for w in weights:
+                w.view(-1)[torch.argsort(w.abs().flatten(), stable=True)[:round(fraction * w.numel())]] = 0
+        else:
+            flat = torch.cat([w.abs().flatten() for w in weights])
+            cut = torch.zeros(flat.numel(), dtype=torch.bool)
+            cut[torch.argsort(flat, stable=True)[:round(fraction * flat.numel())]] = True
+            for w, part in zip(weights, cut.split([w.numel() for w in weights])):
+                w.view(-1)[part] = 0
+    return copy
+
+
+def test_tour_what_and_decide_show_a_real_removal_and_accuracies_of_cuts_made_by_hand():
+    from explorer import structural
+
+    at = goto(start(), "app_pages/tour.py")
+    at.button(key="tour_what").click().run()
+    at.button(key="tour_decide").click().run()
+    ok(at)
+    model = at.session_state["current_model"]
+    module, data = model["module"], model["dataset"]
+
+    what = at.dataframe[0].value.set_index("label")
+    by_hand = _zero_lowest(module, data, 0.9, "local")
+    assert what.loc["unstructured 90%", "accuracy"] == pytest.approx(
+        direct_accuracy(by_hand, data.x_test, data.y_test), abs=1e-12)
+    assert what.loc["unstructured 90%", "speedup_flops"] == pytest.approx(
+        sum(MLP_SIZES.values()) / sum(n - round(0.9 * n) for n in MLP_SIZES.values()), rel=0.02)
+    text = next(m.value for m in at.markdown if "A channel is never removed alone" in m.value)
+    root, real = re.search(r"rooted at `([\w.]+)`.*?really takes \*\*([\d,]+)\*\*", text).groups()
+    one = structural.apply(module, {root: torch.tensor([0])}, data.example_input(1))
+    assert int(real.replace(",", "")) == sum(p.numel() for p in module.parameters()) - \
+        sum(p.numel() for p in one.parameters())
+
+    decide = at.dataframe[1].value.set_index("criterion")
+    by_hand = _zero_lowest(module, data, 0.8, "global")
+    assert decide.loc["magnitude", "accuracy"] == pytest.approx(
+        direct_accuracy(by_hand, data.x_test, data.y_test), abs=1e-12)
