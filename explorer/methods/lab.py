@@ -7,6 +7,8 @@ store, saved as a Run carrying its recipe and trajectory. Meant to run in a back
 (`explorer.jobs`): progress and live trajectory points go to the job's context, a cancel stops
 the method in flight (its partial trajectory is kept and measured) and skips the rest, and a
 method that fails (a diverging loss, a structure it cannot serve) is reported and the next runs.
+A run the store refuses is no failure of its method: the result stays, its ``error`` names the
+file that keeps the run instead (`explorer.store.RunStore.save`), and the next method runs.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from explorer import pipeline
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.methods import run_method
-from explorer.store import Run, RunStore
+from explorer.store import Run, RunStore, StoreError
 
 
 @dataclass
 class LabResult:
-    """One method's outcome in the lab: its pruned model, metrics and trajectory, or the one line that says why not."""
+    """One method's outcome in the lab: its pruned model, metrics and trajectory, or the one line that says why not.
+
+    ``error`` with ``metrics`` set is a run the store refused: ``kept`` is the file that holds it (or None).
+    """
 
     method: str
     trajectory: list[dict] = field(default_factory=list)
@@ -32,6 +37,7 @@ class LabResult:
     cancelled: bool = False
     error: str | None = None
     model: nn.Module | None = None
+    kept: str | None = None
 
 
 def run_lab(recipe, names: list[str], model: nn.Module, dataset: Dataset, *, context=None,
@@ -74,5 +80,10 @@ def run_lab(recipe, names: list[str], model: nn.Module, dataset: Dataset, *, con
             run = Run.from_recipe(method_recipe, model_name=model_name, dataset=dataset.name,
                                   settings={**(settings or {}), "cancelled": result.cancelled},
                                   metrics=result.metrics, history=outcome.history, trajectory=result.trajectory)
-            result.run_id = store.save(run, outcome.model if (settings or {}).get("arch") else None).id
+            try:
+                result.run_id = store.save(run, outcome.model if (settings or {}).get("arch") else None).id
+            except StoreError as exc:  # measured and kept in a file: the method's result stands, the next runs
+                result.run_id = run.id  # set when the run is stored and only its weights were refused
+                result.kept = str(exc.kept) if exc.kept is not None else None
+                result.error = f"{name}: {exc}"
     return results
