@@ -127,7 +127,9 @@ if job is not None and job.done:
         cols[1].metric("vs. dense model", common.fmt_task_delta(task, task["base"], after_value) or "-",
                        delta_color="off", delta_arrow="off")
         cols[2].metric("Non-zero params", common.fmt_int(after["params_nonzero"]))
-        cols[3].metric("Speed-up measured / FLOPs", f"{timing.speedup_text(after)} / {after['speedup_flops']:.2f}x",
+        measured, interval = timing.speedup_card(after)
+        cols[3].metric("Speed-up measured / FLOPs", f"{measured} / {after['speedup_flops']:.2f}x", interval,
+                       delta_color="off", delta_arrow="off",
                        help="Measured: median over pairs of forward passes timed alternately, with its 95 % interval.")
         if timing.timing_note(after):
             st.caption(timing.timing_note(after))

@@ -259,12 +259,12 @@ if pruned is not None and pruned["model_key"] == model["key"]:
     r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
                 f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off", delta_arrow="off")
     r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")
-    r[4].metric("Speed-up, measured", timing.speedup_text(m),
-                f"{m.get('device')}, batch {m.get('batch')}, {m.get('threads')} thread(s)",
-                delta_color="off", delta_arrow="off",
-                help="Median over pairs of forward passes timed alternately (dense, pruned), with its 95 % interval.")
-    if timing.timing_note(m):
-        st.caption(timing.timing_note(m))
+    measured, interval = timing.speedup_card(m)
+    r[4].metric("Speed-up, measured", measured, interval, delta_color="off", delta_arrow="off",
+                help="Median over pairs of forward passes timed alternately (dense, pruned), with its 95 % interval; "
+                     "'noisy' when the interval stayed wider than +-5 %.")
+    st.caption(f"Timed on {m.get('device')}, batch {m.get('batch')}, {m.get('threads')} thread(s). "
+               + timing.timing_note(m))
     scoring_of_run = pruned["recipe"].scoring
     kernels = semistructured.describe(m.get("semi_structured"),
                                       scoring_of_run.nm if scoring_of_run.structure == "nm" else None)

@@ -88,13 +88,13 @@ def choose_threads(requested: int | None, default: int, load: Load, *, cpu: bool
     wait for each other and the timing becomes a lottery.
     """
     if requested:
-        note = (f"{requested} threads asked for, {load.free_cores} core(s) free ({load.describe()}): "
+        note = (f"{requested} as asked, though only {load.free_cores} core(s) were free ({load.describe()}): "
                 "threads may wait for each other" if cpu and requested > load.free_cores else "")
         return int(requested), note
     if not cpu or default <= load.free_cores:
         return int(default), ""
-    return load.free_cores, (f"timed on {load.free_cores} thread(s), not {default}: {load.others_runnable} other "
-                             f"task(s) wanted the {load.cores} core(s) ({load.describe()})")
+    return load.free_cores, (f"lowered from {default} to {load.free_cores}: {load.others_runnable} other task(s) "
+                             f"wanted the {load.cores} core(s) ({load.describe()})")
 
 
 def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
@@ -275,6 +275,19 @@ def _repetitions(calls: dict[str, Callable[[], None]], sync: Callable[[], None])
     return max(1, min(1000, int(SAMPLE_S / max(fastest, 1e-7))))
 
 
+def speedup_card(metrics: dict) -> tuple[str, str | None]:
+    """A measured speed-up split for a metric card: the value ("1.01x", or "noisy") and its interval line.
+
+    The same reading as `speedup_text`, short enough for a card: the interval goes under the value.
+    """
+    value, interval = metrics.get("speedup_measured"), metrics.get("speedup_interval")
+    if value is None:
+        return "-", None
+    if not interval:
+        return f"{value:.2f}x", None
+    return ("noisy" if metrics.get("speedup_noisy") else f"{value:.2f}x"), f"95 %: {interval[0]:.2f}-{interval[1]:.2f}x"
+
+
 def speedup_text(metrics: dict) -> str:
     """A measured speed-up as a user should read it: the median with its 95 % interval, or "noisy".
 
@@ -308,5 +321,5 @@ def timing_note(metrics: dict) -> str:
                      f"95 % interval {low:.2f}-{high:.2f}x from {details.get('pairs', '?')} pairs in "
                      f"{details.get('seconds') or 0:.1f} s. Measure again on a quieter machine.")
     if details.get("threads_note"):
-        parts.append(details["threads_note"][0].upper() + details["threads_note"][1:] + ".")
+        parts.append(f"Thread count {details['threads_note']}.")
     return " ".join(parts)

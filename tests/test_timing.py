@@ -145,9 +145,10 @@ def test_samples_that_lost_their_core_are_dropped(monkeypatch):
 def test_choose_threads_lowers_to_the_free_cores_but_keeps_what_was_asked():
     assert timing.choose_threads(None, 2, QUIET) == (2, "")
     threads, note = timing.choose_threads(None, 2, BUSY)
-    assert threads == 1 and "not 2" in note and "11 other task(s)" in note
+    assert (threads, note) == (1, "lowered from 2 to 1: 11 other task(s) wanted the 2 core(s) (load 12.0 on 2 cores)")
     threads, note = timing.choose_threads(4, 2, BUSY)
-    assert threads == 4 and "threads may wait for each other" in note
+    assert threads == 4 and note == ("4 as asked, though only 1 core(s) were free (load 12.0 on 2 cores): "
+                                     "threads may wait for each other")
     assert timing.choose_threads(None, 8, BUSY, cpu=False) == (8, "")
 
 
@@ -205,11 +206,21 @@ def test_speedup_text(metrics, text):
     assert timing.speedup_text(metrics) == text
 
 
+@pytest.mark.parametrize("metrics, card", [
+    ({"speedup_measured": None}, ("-", None)),
+    ({"speedup_measured": 1.234}, ("1.23x", None)),
+    ({"speedup_measured": 1.0, "speedup_interval": [0.98, 1.03], "speedup_noisy": False}, ("1.00x", "95 %: 0.98-1.03x")),
+    ({"speedup_measured": 0.01, "speedup_interval": [0.40, 2.10], "speedup_noisy": True}, ("noisy", "95 %: 0.40-2.10x")),
+])
+def test_speedup_card(metrics, card):
+    assert timing.speedup_card(metrics) == card
+
+
 def test_timing_note_names_the_reason_and_the_threads():
     note = timing.timing_note({"speedup_measured": 1.0, "speedup_interval": [0.4, 2.1], "speedup_noisy": True,
                                "speedup_noise": "the machine is busy (load 12.0 on 2 cores)",
-                               "timing": {"pairs": 40, "seconds": 3.0, "threads_note": "timed on 1 thread(s), not 2"}})
+                               "timing": {"pairs": 40, "seconds": 3.0, "threads_note": "lowered from 2 to 1: busy"}})
     assert "noisy: the machine is busy (load 12.0 on 2 cores); 95 % interval 0.40-2.10x from 40 pairs in 3.0 s" in note
-    assert note.endswith("Timed on 1 thread(s), not 2.")
+    assert note.endswith("Measure again on a quieter machine. Thread count lowered from 2 to 1: busy.")
     assert timing.timing_note({"speedup_measured": 1.0, "speedup_interval": [0.99, 1.01],
                                "speedup_noisy": False, "timing": {}}) == ""
