@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -90,7 +91,13 @@ def _import_ray():
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail within ``timeout_s`` when nothing answers at a Ray address (Ray itself waits much longer)."""
+    """Fail within about 2 x ``timeout_s`` when nothing, or something that is not Ray, answers at a Ray address.
+
+    Ray itself waits much longer (past a minute) on both. A Ray cluster's address (the GCS, or a
+    ``ray://`` client server) speaks gRPC, which is HTTP/2: a server answers a client's connection
+    preface with a SETTINGS frame. A port that takes the connection but answers nothing, or
+    anything else, is not a Ray cluster.
+    """
     if address == "auto":
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
@@ -98,10 +105,39 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     if not host or not port.isdigit():
         raise ExplorerError(f"Ray address '{address}' is not host:port (or ray://host:port).")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as exc:
         raise ExplorerError(f"Cannot reach a Ray cluster at {address} within {timeout_s:g} s ({exc}); start one "
                             "with `ray start --head` or leave --address out for a local Ray instance.") from None
+    with connection:
+        speaks_grpc = _answers_http2(connection, timeout_s)
+    if not speaks_grpc:
+        raise ExplorerError(f"{address} takes connections but does not answer as a Ray cluster (no gRPC greeting "
+                            f"within {timeout_s:g} s): check the host and port (`ray status` on the head node "
+                            "prints them) or leave --address out for a local Ray instance.")
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+
+
+def _answers_http2(connection: socket.socket, timeout_s: float) -> bool:
+    """Whether the peer answers HTTP/2's connection preface with a SETTINGS frame (type 4, stream 0) in time."""
+    deadline = time.monotonic() + timeout_s
+    header = b""
+    try:
+        connection.sendall(_HTTP2_PREFACE)
+        while len(header) < 9:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            connection.settimeout(left)
+            chunk = connection.recv(9 - len(header))
+            if not chunk:  # closed without a word
+                return False
+            header += chunk
+    except OSError:  # a timeout, a reset
+        return False
+    return header[3] == 4 and int.from_bytes(header[5:9], "big") & 0x7FFFFFFF == 0
 
 
 def run_tasks(fn: Callable, argsets: Sequence[tuple], *, backend: str = "local", address: str | None = None,

@@ -24,7 +24,8 @@ Example ``grid.yaml`` (``name`` is optional, the file's stem by default)::
 A bare name must belong to exactly one part (``epochs`` is budget.epochs and finetune.epochs:
 write the one you mean); ``model`` or ``method`` alone take whole parts (``method: [one_shot,
 iterative]``). Every point is validated before any runs, and a point whose run fails is stored
-with its error while the sweep goes on.
+with its error while the sweep goes on. A grid holds at most `limits.MAX_GRID_POINTS` points, and
+one that names a ``package.module:callable`` factory runs only with ``--trust-factory``.
 
 Measured latency is honest but contended: a point is timed with one thread (the recipe's
 ``measure.threads`` unless set) while other points run beside it. Compare latencies of one sweep
@@ -49,9 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explorer import backends
+from explorer import backends, limits
 from explorer.errors import ExplorerError
-from explorer.recipe import Recipe, read_yaml
+from explorer.recipe import Recipe, named_factories, read_yaml
 from explorer.specs import BudgetSpec, MeasureSpec, MethodSpec, ModelSpec, PlanSpec, ScoringSpec
 from explorer.train import TrainConfig
 
@@ -161,8 +162,9 @@ def expand(values: Mapping[str, Any], *, yes: bool = False) -> tuple[str, list[P
     """The grid file's content as (name, points): every point validated before any is run.
 
     ``values`` is the recipe plus ``grid:`` (and optionally ``name:``). Raises ExplorerError for an
-    empty grid, a field no Recipe has, more than `MAX_POINTS` points without ``yes``, and a value
-    the field refuses, named with its point's coordinates.
+    empty grid, a field no Recipe has, more than `MAX_POINTS` points without ``yes``, more than
+    `limits.MAX_GRID_POINTS` even with it (counted from the lists' lengths, before any point is
+    made), and a value the field refuses, named with its point's coordinates.
     """
     if not isinstance(values, Mapping):
         raise ExplorerError("A grid file is a recipe plus a 'grid:' mapping (YAML or JSON object).")
@@ -185,6 +187,9 @@ def expand(values: Mapping[str, Any], *, yes: bool = False) -> tuple[str, list[P
             raise ExplorerError(f"The grid is empty along '{key}': give it a non-empty list of values, {example}.")
         paths[key] = path
     count = math.prod(len(options) for options in grid.values())
+    if count > limits.MAX_GRID_POINTS:
+        raise ExplorerError(f"The grid has {count:,} points, more than the limit of {limits.MAX_GRID_POINTS:,} "
+                            "(even with --yes): split it into smaller sweeps.")
     if count > MAX_POINTS and not yes:
         raise ExplorerError(f"The grid has {count:,} points, more than {MAX_POINTS:,}: pass --yes to run them all.")
     base = Recipe.from_dict(values).to_dict() if "model" in values or "model" not in paths.values() else values
@@ -207,6 +212,19 @@ def load_grid(path: str | Path, *, yes: bool = False) -> tuple[str, list[Point]]
     values = read_yaml(path, "Grid")
     name, points = expand(values, yes=yes)
     return name or Path(path).stem, points
+
+
+def check_factories(points: Sequence[Point], *, trusted: bool, flag: str = "--trust-factory") -> None:
+    """Refuse a grid any of whose points names a Python factory (model.source or model.arch) unless ``trusted``.
+
+    A grid file is data from someone else, like a recipe (`explorer.recipe.check_factories`): a
+    ``package.module:callable`` in its base recipe or in a grid list is imported, so run, only when the
+    person running the sweep passes the flag. Checked for every point before any runs.
+    """
+    named = list(dict.fromkeys(name for point in points for name in named_factories(point.recipe)))
+    if named and not trusted:
+        raise ExplorerError(f"The grid names the Python factory {', '.join(repr(n) for n in named)}: importing it "
+                            f"runs its code. If you trust it, pass {flag}; a grid file cannot allow it by itself.")
 
 
 def run_point(recipe: dict) -> dict:
@@ -425,14 +443,20 @@ def add_command(sub, model_args=None) -> argparse.ArgumentParser:
     parser.add_argument("--grid", required=True, help="YAML/JSON: a recipe plus grid: {field: [values]}")
     add_backend_args(parser)
     parser.add_argument("--name", help="the sweep's name in the run store (default: the grid's name or file stem)")
-    parser.add_argument("--yes", action="store_true", help=f"run a grid of more than {MAX_POINTS:,} points")
+    parser.add_argument("--yes", action="store_true", help=f"run a grid of more than {MAX_POINTS:,} points "
+                                                                 f"(at most {limits.MAX_GRID_POINTS:,})")
     parser.add_argument("--no-latency", action="store_true", help="skip latency measurement in every point")
+    parser.add_argument("--trust-factory", action="store_true",
+                        help="allow the grid to import and call the package.module:callable factories it names "
+                             "(importing runs their code; a grid file itself cannot allow it)")
     parser.add_argument("--json", action="store_true", help="one JSON line per point")
     return parser
 
 
 def command(args) -> list[dict]:
-    """Validate the whole grid and the store, then run it; one dict per point (grid order), progress on stderr.
+    """Validate the whole grid (factories it names need --trust-factory) and the store, then run it.
+
+    Returns one dict per point (grid order); progress goes to stderr.
 
     SIGTERM is turned into a KeyboardInterrupt while the sweep runs, so both end the workers; the
     command then says in one line how many points were stored and exits 128 + the signal's number.
@@ -443,6 +467,7 @@ def command(args) -> list[dict]:
 
     backends.check_backend(args.backend, args.address, args.workers)
     name, points = load_grid(args.grid, yes=args.yes)
+    check_factories(points, trusted=args.trust_factory)
     if args.no_latency:
         points = [dataclasses.replace(p, recipe=p.recipe.replace(measure={"latency": False})) for p in points]
     store = RunStore()
