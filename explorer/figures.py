@@ -330,7 +330,7 @@ def cost_side_by_side(rows: Sequence[Mapping]) -> go.Figure:
         if key == "speedup_measured":
             error_up, error_down = _interval_errors(rows)
             noisy = [bool(row.get("speedup_noisy")) for row in rows]
-            text = [f"noisy {v:.2f}x" if flag and v is not None else t for v, t, flag in zip(values, text, noisy)]
+            text = ["noisy" if flag and v is not None else t for v, t, flag in zip(values, text, noisy)]
             extra = dict(error_y=dict(type="data", symmetric=False, array=error_up, arrayminus=error_down,
                                       color="black", thickness=1.5, width=6),
                          marker_pattern_shape=["/" if flag else "" for flag in noisy])
