@@ -14,7 +14,7 @@ from explorer import baselines, figures, hf, pipeline, tasks
 from explorer.recipe import Recipe
 from explorer.models import ZOO
 from explorer.specs import ModelSpec, ScoringSpec
-from explorer.store import Run, RunStore
+from explorer.store import Run, RunStore, StoreError
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 
@@ -22,7 +22,8 @@ from explorer.errors import ExplorerError
 MODEL = "current_model"        # dict: module, label, arch, dataset (Dataset), source, spec (ModelSpec), base_accuracy,
 #                                task ({name, measure, base, higher_is_better}), key, origin
 PREPARED = "prepared_cache"    # {(model key, ScoringSpec): pipeline.Prepared}
-PRUNED = "pruned_result"       # dict: module, recipe (Recipe), plan, metrics, run_id, model_key, run_name
+PRUNED = "pruned_result"       # dict: module, recipe (Recipe), plan, metrics, run_id, model_key, run_name, unsaved
+#                                (run_id None and unsaved the store's one line naming the kept file, when it refused)
 FINETUNE_JOB = "finetune_job"  # the fine-tune's background job
 RECIPE = "recipe"              # the session's Recipe: the model's spec plus the Prune page's choices
 
@@ -343,7 +344,7 @@ def set_model(entry: dict) -> None:
 
 
 def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int = 0, history=None, name: str = "",
-                     outcome: dict | None = None) -> Run:
+                     outcome: dict | None = None) -> tuple[Run, StoreError | None]:
     """Measure a pruned copy next to its base (accuracy, FLOPs, size, latency) and store it as a run.
 
     The measurement is `pipeline.measure_run` with the recipe's MeasureSpec, the very call the
@@ -351,6 +352,11 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
     (e.g. how many fine-tune epochs ran before a cancel). Weights are stored only when the
     architecture is known (zoo name, factory, built-in transformer or hf: folder), since a stored file is
     rebuilt from it; a transformer with heads removed comes back with its head counts.
+
+    Returns ``(run, None)`` once stored. When the store refuses it, the measurement is not lost:
+    ``(run, error)``, the run's id None (or set, when only its weights were refused) and the
+    StoreError's one line naming the file that keeps it (``error.kept``), so a page shows the line
+    and goes on with the measured copy.
     """
     data, task = model["dataset"], model_task(model)
     with st.status(f"Measuring {task_label(task)}, parameters, FLOPs, size and latency (base and pruned, same batch) ...",
@@ -363,7 +369,12 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
                 "model_source": model["source"], **(outcome or {})}
     run = Run.from_recipe(recipe, model_name=model["label"], dataset=data.name, settings=settings, metrics=metrics,
                           history=list(history or []), name=name, stage=stage)
-    return RunStore().save(run, pruned_module if model["arch"] else None)
+    try:
+        return RunStore().save(run, pruned_module if model["arch"] else None), None
+    except StoreError as refused:
+        if not run.name:
+            run.name = f"unsaved run ({refused.kept.name})" if refused.kept is not None else "unsaved run"
+        return run, refused
 
 
 def fmt_int(value) -> str:

@@ -42,7 +42,8 @@ if pruned is None or pruned["model_key"] != model["key"]:
 before = pruned["metrics"]
 before_value = (before.get("task") or {}).get("pruned", before.get("accuracy"))
 st.markdown(f"Pruned copy: **{pruned['run_name']}** - {label} before fine-tuning "
-            f"**{common.fmt_task(task, before_value)}** (dense model {common.fmt_task(task, task['base'])}).")
+            f"**{common.fmt_task(task, before_value)}** (dense model {common.fmt_task(task, task['base'])})"
+            + (", not in the run store (see the Prune page)." if pruned.get("run_id") is None else "."))
 
 job: Job | None = st.session_state.get(common.FINETUNE_JOB)
 running = job is not None and not job.done
@@ -74,7 +75,7 @@ if start and not running:
         st.error(str(exc))
     else:
         job = start_training(pruned["module"], model["dataset"], config, name="Fine-tuning", teacher=model["module"],
-                             meta={"config": config, "saved_run": None})
+                             meta={"config": config, "saved_run": None, "save_error": None})
         st.session_state[common.FINETUNE_JOB] = job
         running = True
 
@@ -92,7 +93,7 @@ def live() -> None:
     points = job.payload()
     st.plotly_chart(figures.training_curve(points.get("step_loss", []), points.get("val_metric", []), metric=label,
                                            percent=task["measure"] in ("accuracy", "top1")), key="ft_curve")
-    if job.done and job.meta["saved_run"] is None and running:
+    if job.done and job.meta["saved_run"] is None and job.meta.get("save_error") is None and running:
         st.rerun(scope="app")
 
 
@@ -101,23 +102,27 @@ live()
 if job is not None and job.done:
     if job.error is not None:
         st.error(job.error)
-    elif job.meta["saved_run"] is None:
+    elif job.meta["saved_run"] is None and job.meta.get("save_error") is None:  # measured once per job
         result = job.result
         outcome = {"finetune": {"epochs_done": result.epochs_done, "cancelled": result.cancelled,
                                 "seconds": result.seconds}}
         try:
             recipe = pruned["recipe"].replace(finetune=job.meta["config"])
-            job.meta["saved_run"] = common.measure_and_save(model, result.model, recipe, stage=1,
-                                                            history=result.history, outcome=outcome)
+            job.meta["saved_run"], refused = common.measure_and_save(model, result.model, recipe, stage=1,
+                                                                     history=result.history, outcome=outcome)
+            job.meta["save_error"] = str(refused) if refused else None  # the run is measured, kept in a file
         except ExplorerError as exc:
-            st.error(str(exc))
+            job.meta["save_error"] = str(exc)
+    if job.meta.get("save_error"):
+        st.error(job.meta["save_error"])
     saved = job.meta["saved_run"]
     if saved is not None:
         result, after = job.result, saved.metrics
         if result.cancelled:
             st.warning(f"Cancelled after {result.steps} steps ({result.epochs_done} full epochs): "
                        "the partially trained copy was kept and measured.")
-        st.success(f"Saved **{saved.name}** ({result.seconds:.1f} s on {result.device}).")
+        if not job.meta.get("save_error"):
+            st.success(f"Saved **{saved.name}** ({result.seconds:.1f} s on {result.device}).")
         after_value = (after.get("task") or {}).get("pruned", after.get("accuracy"))
         delta = common.fmt_task_delta(task, before_value, after_value)
         cols = st.columns(4)

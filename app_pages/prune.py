@@ -235,20 +235,23 @@ if st.button("Apply: prune a copy, measure it, save the run", type="primary", ke
     plan, recipe = st.session_state[PLAN], st.session_state[common.RECIPE]
     try:
         pruned_module = pipeline.apply(model["module"], prepared, plan)
-        run = common.measure_and_save(model, pruned_module, recipe)
+        run, refused = common.measure_and_save(model, pruned_module, recipe)
     except ExplorerError as exc:
         st.error(str(exc))
-    else:
+    else:  # kept even when the store refused the run: the copy is measured, and Fine-tune can go on from it
         st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": recipe, "plan": plan.to_dict(),
                                            "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
-                                           "run_name": run.name}
+                                           "run_name": run.name, "unsaved": str(refused) if refused else None}
         st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy
 
 pruned = st.session_state.get(common.PRUNED)
 if pruned is not None and pruned["model_key"] == model["key"]:
     m = pruned["metrics"]
     task = m.get("task") or {**common.model_task(model), "pruned": m["accuracy"]}
-    st.success(f"Saved **{pruned['run_name']}**.")
+    if pruned.get("unsaved"):
+        st.error(pruned["unsaved"])
+    else:
+        st.success(f"Saved **{pruned['run_name']}**.")
     r = st.columns(5)
     r[0].metric(common.task_label(task).capitalize(), common.fmt_task(task, task["pruned"]),
                 common.fmt_task_delta(task, task["base"], task["pruned"]),
