@@ -1,0 +1,162 @@
+"""explorer/stats.py and explorer/tasks.py beyond their own test files: the edge cases (constant and
+empty tensors, layers the loss never reaches, padding everywhere, outputs of the wrong shape), each
+against a number computed here or the one line a user reads."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explorer import stats, tasks
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+
+PAD = 0
+
+
+class TinyLM(nn.Module):
+    """A causal 'language model' over 7 token ids: logits (batch, length, vocab) from an embedding."""
+
+    task = "causal_lm"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(7, 5)
+        self.head = nn.Linear(5, 7)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def _text(x_test: torch.Tensor) -> Dataset:
+    """A token-id dataset whose only split that matters is ``test``."""
+    empty = torch.zeros((0, x_test.shape[1]), dtype=torch.long)
+    labels = torch.full((len(x_test),), -1)
+    return Dataset("ids", (x_test.shape[1],), 0, (), empty, torch.zeros(0, dtype=torch.long), empty,
+                   torch.zeros(0, dtype=torch.long), x_test, labels, info={"pad_id": PAD, "labelled": False})
+
+
+# ---------------------------------------------------------------------------------------------- stats
+def test_a_constant_tensor_gets_a_unit_range_and_an_empty_one_is_refused():
+    summary = stats.summarize(torch.full((6,), 2.5), bins=4)
+    assert summary["hist"]["edges"] == [2.0, 2.25, 2.5, 2.75, 3.0]
+    assert summary["hist"]["counts"] == [0, 0, 6, 0]  # 2.5 is the left edge of the third bin
+    assert (summary["std"], summary["mean_abs"], summary["zeros_fraction"]) == (0.0, 2.5, 0.0)
+    assert stats.summarize(torch.tensor([3.0]))["std"] == 0.0  # one value: no spread, not NaN
+    with pytest.raises(ExplorerError, match="empty tensor"):
+        stats.summarize(torch.zeros(0))
+    with pytest.raises(ExplorerError, match="NaN or infinite"):
+        stats.summarize(torch.tensor([1.0, math.inf]))
+
+
+def test_a_layer_the_loss_never_reaches_has_zero_gradient_and_the_other_matches_autograd():
+    class Detour(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Detour()
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    summary = stats.gradient_stats(model, batches, bins=5)
+    assert summary["unused"]["mean_abs"] == 0.0 and summary["unused"]["zeros_fraction"] == 1.0
+    mean = sum(torch.autograd.grad(F.cross_entropy(model(x), y), model.used.weight)[0] for x, y in batches) / 2
+    assert summary["used"]["mean_abs"] == pytest.approx(float(mean.abs().mean()), rel=1e-6)
+    assert model.used.weight.grad is None  # worked on a copy
+
+
+def test_stats_refuse_models_without_layers_data_or_the_named_layer():
+    no_layers = nn.Sequential(nn.ReLU())
+    with pytest.raises(ExplorerError, match="no Conv1d, Conv2d or Linear"):
+        stats.weight_stats(no_layers)
+    with pytest.raises(ExplorerError, match="no Conv1d, Conv2d or Linear"):
+        stats.gradient_stats(no_layers, [(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))])
+    with pytest.raises(ExplorerError, match="at least one calibration batch"):
+        stats.gradient_stats(nn.Linear(3, 2), [])
+    with pytest.raises(ExplorerError, match="'fc9' is not a prunable layer; choose one of 0, 2"):
+        stats.attribution(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), "fc9", [])
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def test_perplexity_is_exp_of_the_mean_nll_of_the_tokens_that_are_not_padding():
+    ids = torch.tensor([[1, 2, 3, PAD], [4, 5, PAD, PAD], [6, 1, 2, 3]])
+    model = TinyLM()
+    with torch.no_grad():
+        logits = model(ids)
+    nll, count = 0.0, 0
+    for row in range(3):
+        for t in range(3):
+            target = int(ids[row, t + 1])
+            if target != PAD:
+                nll -= float(F.log_softmax(logits[row, t], 0)[target])
+                count += 1
+    assert count == 6
+    assert tasks.perplexity(model, _text(ids)) == pytest.approx(math.exp(nll / count), rel=1e-6)
+    assert model.training  # put back as it was
+    with pytest.raises(ExplorerError, match="has no tokens to predict"):
+        tasks.perplexity(model, _text(torch.tensor([[1, PAD, PAD], [2, PAD, PAD]])))
+    with pytest.raises(ExplorerError, match="no token to predict"):
+        tasks.next_token_loss(logits[1:2, :2], ids[1:2, :2].clone().fill_(PAD), PAD)
+
+
+def test_outputs_of_the_wrong_shape_or_kind_are_one_line():
+    ids = torch.tensor([[1, 2, 3], [3, 2, 1]])
+    flat = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 7))  # (batch, vocab): not a language model
+    with pytest.raises(ExplorerError, match=r"Perplexity needs .* this model outputs \(2, 7\)"):
+        tasks.perplexity(flat, _text(ids))
+    with pytest.raises(ExplorerError, match=r"needs \(batch, length, vocab\) logits; got \(2, 7\)"):
+        tasks.next_token_loss(flat(ids), ids, PAD)
+    with pytest.raises(ExplorerError, match=r"outputs \(2, 3, 7\) where the dense one outputs \(2, 7\)"):
+        tasks.fidelity(TinyLM(), flat, _text(ids))
+    with pytest.raises(ExplorerError, match=r"outputs \(2, 7\) where the dense model outputs \(2, 3, 7\)"):
+        tasks.distillation_loss(flat(ids), TinyLM()(ids), ids, PAD, embedding=False)
+    with pytest.raises(ExplorerError, match="Distillation needs the dense model's outputs"):
+        tasks.batch_loss("distill", flat(ids), ids, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ExplorerError, match="The next-token loss needs a causal language model"):
+        tasks.loss_for(flat, _text(ids), "next_token")
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(ExplorerError, match="returns tuple, not a tensor"):
+        tasks.check_forward(Pair(), _text(ids))
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise ValueError("no\nsecond line")
+
+    with pytest.raises(ExplorerError, match=r"failed on a int64 tensor of shape \(2, 3\) \(token ids\): "
+                                            r"ValueError: no\. It was given token ids") as error:
+        tasks.perplexity(Broken(), _text(ids))
+    assert "\n" not in str(error.value)
+
+
+def test_evaluate_task_names_unknown_tasks_and_measures_and_fidelity_of_a_model_to_itself_is_perfect():
+    ids = torch.tensor([[1, 2, 3], [3, 2, 1], [4, 4, 5]])
+    data = _text(ids)
+    with pytest.raises(ExplorerError, match="Unknown task 'speed'"):
+        tasks.evaluate_task(TinyLM(), data, task="speed")
+    with pytest.raises(ExplorerError, match="Unknown fidelity measure 'l2'"):
+        tasks.evaluate_task(TinyLM(), data, task="fidelity", measure="l2")
+    itself = tasks.evaluate_task(TinyLM(), data, task="fidelity")
+    assert itself["measure"] == "top1" and itself["value"] == 1.0
+    assert itself["measures"]["cosine"] == pytest.approx(1.0) and itself["measures"]["kl"] == pytest.approx(0.0,
+                                                                                                              abs=1e-6)
+    with pytest.raises(ExplorerError, match="is empty"):
+        tasks.fidelity(TinyLM(), TinyLM(), _text(torch.zeros((0, 3), dtype=torch.long)))
+
+
+def test_batch_loss_cross_entropy_and_next_token_are_the_textbook_formulas():
+    logits, labels = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    expected = -sum(float(F.log_softmax(logits[i], 0)[labels[i]]) for i in range(5)) / 5
+    assert float(tasks.batch_loss("cross_entropy", logits, None, labels)) == pytest.approx(expected, rel=1e-6)
+    ids = torch.tensor([[1, 2, PAD]])
+    lm = torch.randn(1, 3, 7)
+    expected = -float(F.log_softmax(lm[0, 0], 0)[2])  # only position 0 -> token 2 counts; the pad is ignored
+    assert float(tasks.batch_loss("next_token", lm, ids, None, pad_id=PAD)) == pytest.approx(expected, rel=1e-6)
