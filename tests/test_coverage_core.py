@@ -160,3 +160,60 @@ def test_batch_loss_cross_entropy_and_next_token_are_the_textbook_formulas():
     lm = torch.randn(1, 3, 7)
     expected = -float(F.log_softmax(lm[0, 0], 0)[2])  # only position 0 -> token 2 counts; the pad is ignored
     assert float(tasks.batch_loss("next_token", lm, ids, None, pad_id=PAD)) == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- llm
+class Keyword(nn.Module):
+    """A two-layer net called with a keyword batch, as a Hugging Face model is."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_wanda_over_a_generator_of_keyword_batches_is_weight_times_the_input_norm():
+    from explorer import llm
+
+    model = Keyword()
+    batches = [{"x": torch.randn(5, 6)} for _ in range(3)]
+    seen = []
+    scores = llm.wanda_raw(model, (batch for batch in batches), progress=lambda f, text: seen.append(f))
+    inputs = torch.cat([batch["x"] for batch in batches])
+    hidden = torch.relu(model.fc1(inputs)).detach()
+    for name, x in (("fc1", inputs), ("fc2", hidden)):
+        expected = model.get_submodule(name).weight.detach().abs() * x.norm(dim=0)
+        torch.testing.assert_close(scores[name], expected, rtol=1e-5, atol=1e-6)
+    assert len(seen) == 3 and all(0 < f < 1 for f in seen)  # no length known: a fraction that never reaches 1
+
+
+def test_llm_inputs_that_cannot_work_are_one_line():
+    from explorer import llm
+
+    model = Keyword()
+    with pytest.raises(ExplorerError, match="'fc9' cannot be pruned here \\(no such module\\)"):
+        llm.llm_layers(model, ["fc9"])
+    with pytest.raises(ExplorerError, match="'' cannot be pruned here \\(Keyword\\)"):
+        llm.llm_layers(model, [""])
+    with pytest.raises(ExplorerError, match="wanda needs calibration data"):
+        llm.wanda_raw(model, None)
+    with pytest.raises(ExplorerError, match="calibration data is empty: sparsegpt"):
+        llm.hessians(model, [])
+    with pytest.raises(ExplorerError, match=r"failed on a calibration batch of \(2, 5\)"):
+        llm.hessians(model, [torch.randn(2, 5)])
+    hs = llm.hessians(model, [torch.randn(16, 6)])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for kwargs, message in (({"percdamp": 0}, "percdamp must be a positive number"),
+                            ({"blocksize": 0}, "blocksize must be a positive integer"),
+                            ({"sparsity": {"fc1": 1.5}}, "Sparsity of layer 'fc1' must be a number between 0 and 1"),
+                            ({"sparsity": {"fc1": 0.25}, "nm": (2, 4)}, "2:4 prunes exactly 50% of a layer"),
+                            ({"sparsity": {"fc1": 0.5}, "nm": (2, 4)}, "has 6 inputs per output, not a multiple of 4")):
+        with pytest.raises(ExplorerError, match=message):
+            llm.sparsegpt_prune(model, hs, **{"sparsity": 0.5, **kwargs})
+    wrong = {"fc1": torch.eye(5), "fc2": hs["fc2"]}
+    with pytest.raises(ExplorerError, match=r"'fc1': its Hessian is \(5, 5\) but the layer has 6 inputs"):
+        llm.sparsegpt_scores(model, wrong)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # refused before any change
