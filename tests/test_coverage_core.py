@@ -217,3 +217,69 @@ def test_llm_inputs_that_cannot_work_are_one_line():
     with pytest.raises(ExplorerError, match=r"'fc1': its Hessian is \(5, 5\) but the layer has 6 inputs"):
         llm.sparsegpt_scores(model, wrong)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # refused before any change
+
+
+# ---------------------------------------------------------------------------------------------- sensitivity
+class Branchy(nn.Module):
+    """An mlp whose forward branches on the data: torch.fx cannot trace it, so a scan re-runs it whole."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        hidden = self.fc1(x.flatten(1))
+        if hidden.sum() > 0:  # data-dependent control flow
+            hidden = torch.relu(hidden)
+        return self.fc2(hidden)
+
+
+def test_a_scan_of_a_model_fx_cannot_trace_equals_zeroing_each_layer_by_hand():
+    from explorer import sensitivity
+    from explorer.data import load_dataset
+    from explorer.specs import ScoringSpec
+
+    data = load_dataset("digits")
+    model = Branchy().eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    result = sensitivity.scan(model, data, ScoringSpec("unstructured", "magnitude"), sparsities=[0.5, 1.0],
+                              samples=150)
+    x, y = data.x_val[:150], data.y_val[:150]
+    with torch.no_grad():
+        assert result.base == float((model(x).argmax(1) == y).double().mean())
+    for cell in result.cells:
+        copy = Branchy()
+        copy.load_state_dict(model.state_dict())
+        weight = copy.get_submodule(cell.unit).weight
+        with torch.no_grad():
+            weight.view(-1)[torch.argsort(weight.abs().flatten(), stable=True)[:round(cell.sparsity * weight.numel())]] = 0
+            value = float((copy.eval()(x).argmax(1) == y).double().mean())
+        assert cell.value == pytest.approx(value, abs=1e-12), (cell.unit, cell.sparsity)
+        assert cell.pruned == round(cell.sparsity * weight.numel())
+
+
+def test_scan_inputs_that_cannot_work_are_one_line():
+    import dataclasses
+
+    from explorer import limits, pipeline, sensitivity
+    from explorer.data import load_dataset
+    from explorer.specs import ScoringSpec
+
+    data = load_dataset("digits")
+    model = Branchy()
+    for samples, message in (("10", "whole number of examples or all, got '10'"),
+                             (limits.MAX_SAMPLES + 1, "above the limit")):
+        with pytest.raises(ExplorerError, match=message):
+            sensitivity.check_samples(samples)
+    no_val = dataclasses.replace(data, x_val=data.x_val[:0], y_val=data.y_val[:0])
+    with pytest.raises(ExplorerError, match="The val split of 'digits' is empty"):
+        sensitivity.scan(model, no_val, ScoringSpec())
+    random_scores = pipeline.prepare(model, ScoringSpec("unstructured", "random"), dataset=data)
+    with pytest.raises(ExplorerError, match="prepared scores are unstructured / random, the scan asks for "
+                                            "unstructured / magnitude"):
+        sensitivity.scan(model, data, ScoringSpec(), samples=50, prepared=random_scores)
+    three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))  # fewer outputs than digits has classes
+    with pytest.raises(ExplorerError, match=r"outputs \(\d+, 3\); a classifier for 10 classes"):
+        sensitivity.scan(three, data, ScoringSpec(), samples=50, sparsities=[0.5])
