@@ -42,7 +42,8 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 |             | sens_download                               |                                                         |
 | Tour        | tour_what, tour_decide, tour_time           | test_tour, here (the coupled group against a removal)   |
 | Compare     | cmp_model, cmp_metric                       | test_app_transformers                                   |
-| Compare     | cmp_sweep (cmp_sweep_x, cmp_sweep_color)    | test_sweep                                              |
+| Compare     | cmp_sweep                                   | test_sweep, here                                        |
+| Compare     | cmp_sweep_x, cmp_sweep_color                | here: test_compare_plots_a_sweep_along_the_field_...    |
 | Compare     | cmp_run, cmp_name_<id>, cmp_rename,         | here: test_compare_rename_download_and_delete_...       |
 |             | cmp_download, cmp_delete                    |                                                         |
 | Compare     | cmp_traj                                    | test_methods_page (default), here (a pick)              |
@@ -525,6 +526,36 @@ def test_compare_rename_download_and_delete_act_on_the_store(monkeypatch, tmp_pa
         RunStore().get(second)
     assert second not in set(at.dataframe[0].value["id"]) and first in set(at.dataframe[0].value["id"])
 
+
+
+def test_compare_plots_a_sweep_along_the_field_and_lines_the_user_picks():
+    from explorer.recipe import Recipe
+    from explorer.store import Run
+    from tests.test_app_transformers import numbers
+
+    store = RunStore()
+    accuracy = {("magnitude", 0.5): 0.96, ("magnitude", 0.8): 0.90, ("taylor", 0.5): 0.94, ("taylor", 0.8): 0.70}
+    for (criterion, sparsity), value in accuracy.items():  # a sweep's points, stored as `explorer sweep` stores them
+        recipe = Recipe.from_dict({"model": {"source": "mlp", "data": "digits"}, "measure": {"latency": False},
+                                   "scoring": {"criterion": criterion}, "plan": {"sparsity": sparsity}})
+        point = {"scoring.criterion": criterion, "plan.sparsity": sparsity}
+        store.save(Run.from_recipe(recipe, model_name="mlp", dataset="digits", sweep="controls-grid",
+                                   settings={"sweep": {"id": "controls-grid", "index": 0, "point": point}},
+                                   metrics={"accuracy": value, "base_accuracy": 0.97, "sparsity_actual": sparsity,
+                                            "task": {"name": "accuracy", "measure": "accuracy", "base": 0.97,
+                                                     "pruned": value}}))
+    at = goto(start(), "app_pages/compare.py")
+    at.selectbox(key="cmp_sweep").set_value("controls-grid").run()
+    at.selectbox(key="cmp_sweep_x").set_value("scoring.criterion").run()
+    at.selectbox(key="cmp_sweep_color").set_value("plan.sparsity").run()
+    ok(at)
+    lines = {trace["name"]: dict(zip(trace["x"], numbers(trace["y"])))
+             for trace in chart(at, "cmp_sweep_chart")["data"]}
+    assert lines == {str(s): {c: accuracy[(c, s)] for c in ("magnitude", "taylor")} for s in (0.5, 0.8)}
+    at.selectbox(key="cmp_sweep_color").set_value("none").run()
+    ok(at)
+    (line,) = chart(at, "cmp_sweep_chart")["data"]
+    assert sorted(zip(line["x"], numbers(line["y"]))) == sorted((c, v) for (c, _), v in accuracy.items())
 
 # ---------------------------------------------------------------------------------------------- Tour
 def _zero_lowest(module, data, fraction: float, scope: str):
