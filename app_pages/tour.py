@@ -83,11 +83,13 @@ if decide is not None:
                 f"(global scope, no fine-tune; dense: {common.fmt_pct(decide['base_accuracy'])}):")
     st.dataframe(pd.DataFrame(rows), hide_index=True,
                  column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+    st.markdown(tour.collapse_demo_text(decide))
     left, right = st.columns(2)
     for column, scope in ((left, "local"), (right, "global")):
         plan = decide["plans"][scope]
         with column:
-            st.plotly_chart(figures.plan_sparsity(plan, title=f"{scope} scope, {plan.sparsity_requested:.0%}"),
+            st.plotly_chart(figures.plan_sparsity(plan, title=f"{scope} scope, {decide['collapse_criterion']}, "
+                                                              f"{plan.sparsity_requested:.1%}"),
                             key=f"tour_plan_{scope}")
             if plan.collapsed:
                 st.warning(f"{scope}: empties {', '.join(plan.collapsed)} (collapse point "

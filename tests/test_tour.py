@@ -3,7 +3,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from explorer import pipeline, tour
-from explorer.specs import ModelSpec
+from explorer.specs import ModelSpec, ScoringSpec
+from explorer.zoo import ZOO
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,54 @@ def test_what_to_prune_puts_theory_measurement_and_file_size_side_by_side(mlp):
 
 
 def test_how_to_decide_shows_global_collapse_where_local_keeps_every_layer(mlp):
-    result = tour.how_to_decide(*mlp, names=("magnitude", "random"), sparsity=0.8)
-    assert set(result["accuracy"]) == {"magnitude", "random"}
+    result = tour.how_to_decide(*mlp, names=("magnitude", "gradient", "random"), sparsity=0.8)
+    assert set(result["accuracy"]) == {"magnitude", "gradient", "random"}
     assert result["accuracy"]["magnitude"] > result["accuracy"]["random"]
+    assert set(result["collapse_points"]) == {"magnitude", "gradient"}, "random is no criterion to demo"
+    check_collapse_demo(result)
+
+
+def check_collapse_demo(result):
+    """Global has emptied a layer, local has not, and the numbers said on the page are the plans' own."""
     local, glob = result["plans"]["local"], result["plans"]["global"]
-    assert not local.collapsed
-    assert all(lp.kept == lp.total - round(0.95 * lp.total) for lp in local.layers)
-    assert glob.collapse_point is not None and glob.collapse_point < local.collapse_point
+    sparsity = result["collapse_sparsity"]
+    assert result["collapse_shown"] and glob.collapsed and not local.collapsed
+    # independent: local keeps round((1 - s) n) of every layer, so no layer empties
+    assert all(lp.kept == lp.total - round(sparsity * lp.total) > 0 for lp in local.layers)
+    assert all(lp.kept == 0 for lp in glob.layers if lp.name in glob.collapsed)
+    text = tour.collapse_demo_text(result)
+    assert f"Shown: **{result['collapse_criterion']} at {sparsity:.1%}**" in text
+    assert f"beyond {local.collapse_point:.1%}" in text
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_the_scope_demo_collapses_global_not_local_on_every_zoo_model(name):
+    """Untrained weights and magnitude scores: no forward or backward pass, every zoo model in seconds."""
+    model, data, _ = pipeline.resolve_model(ModelSpec(name, baseline=False))
+    check_collapse_demo(tour.collapse_demo({"magnitude": pipeline.prepare(model, ScoringSpec("unstructured"),
+                                                                          dataset=data)}))
+
+
+def test_the_scope_demo_on_trained_lenet5_picks_a_criterion_that_collapses_first():
+    """Trained lenet5: magnitude empties a layer globally only beyond local's own collapse point."""
+    model, data, _ = pipeline.resolve_model(ModelSpec("lenet5", baseline=True))
+    prepared = {criterion: pipeline.prepare(model, ScoringSpec("unstructured", criterion, calib_batches=2),
+                                            dataset=data) for criterion in ("magnitude", "gradient")}
+    demo = tour.collapse_demo(prepared)
+    check_collapse_demo(demo)
+    glob, local = demo["collapse_points"][demo["collapse_criterion"]]
+    assert glob < demo["collapse_sparsity"] < local
+
+
+def test_without_a_gap_the_demo_says_so_from_the_numbers(mlp):
+    prepared = {"magnitude": pipeline.prepare(mlp[0], ScoringSpec("unstructured", "magnitude"), dataset=mlp[1])}
+    glob, local = tour.collapse_demo(prepared)["collapse_points"]["magnitude"]
+    demo = {"collapse_points": {"magnitude": (local, local)}, "collapse_criterion": "magnitude",
+            "collapse_sparsity": 0.95, "collapse_shown": False}
+    assert tour.collapse_demo_text(demo) == (
+        "On this model no criterion makes global scope empty a layer before local scope does "
+        f"(global: magnitude {local:.1%}; local scope empties its smallest layer only beyond {local:.1%}), "
+        "so both are shown with magnitude at 95.0%.")
 
 
 def test_the_tour_page_computes_each_step_on_the_current_model():
