@@ -73,6 +73,13 @@ from tests.test_app_numbers import _untrained_entry
 TIMEOUT = 300  # model loading, baselines and scoring take longer than AppTest's 3 s default on a busy machine
 
 
+@pytest.fixture(autouse=True)
+def own_run_store(tmp_path, monkeypatch):
+    """A run database of each test's own: the runs, trajectories and sweeps saved here must not show up on the
+    Compare page of later tests (which count them); trained baselines stay shared through conftest's cache."""
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path / "data"))
+
+
 def start() -> AppTest:
     """A fresh session on the Model page, which loads the default mlp on digits."""
     at = AppTest.from_file("../app.py", default_timeout=TIMEOUT).run()
