@@ -62,8 +62,9 @@ def machine_load(samples: int = 5, gap_s: float = 0.01) -> Load:
     """Usable cores and how many other tasks want them right now.
 
     The 1-minute load average lags by a minute; ``/proc/loadavg``'s fourth field counts the tasks
-    runnable at this instant (this one included), so the least of a few samples, less one, is how
-    many others compete now. Elsewhere than Linux the load average stands in for it.
+    runnable at this instant, this process's own threads included (an OpenMP worker still spinning
+    after the last forward), so the least of a few samples, less this process's runnable threads, is
+    how many others compete now. Elsewhere than Linux the load average stands in for it.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -71,13 +72,26 @@ def machine_load(samples: int = 5, gap_s: float = 0.01) -> Load:
     for index in range(samples):
         try:
             with open("/proc/loadavg", encoding="ascii") as handle:
-                runnable.append(int(handle.read().split()[3].split("/")[0]))
+                total = int(handle.read().split()[3].split("/")[0])
+            runnable.append(total - max(1, _own_runnable_threads()))
         except (OSError, ValueError, IndexError):
             break
         if index + 1 < samples:
             time.sleep(gap_s)
-    others = max(0, min(runnable) - 1) if runnable else max(0, round(load1) - 1)
+    others = max(0, min(runnable)) if runnable else max(0, round(load1) - 1)
     return Load(cores=cores, others_runnable=others, load1=load1)
+
+
+def _own_runnable_threads() -> int:
+    """This process's threads that are runnable now (an OpenMP worker still spinning counts): not "others"."""
+    count = 0
+    for task in os.scandir("/proc/self/task"):
+        try:
+            with open(os.path.join(task.path, "stat"), encoding="ascii") as handle:
+                count += handle.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return count
 
 
 def choose_threads(requested: int | None, default: int, load: Load, *, cpu: bool = True) -> tuple[int, str]:
