@@ -9,24 +9,12 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from explorer import backends, cli, limits
 from explorer.store import RunStore
 from tests import hostile
 
-BASE = {"model": {"source": "mlp", "data": "digits"}, "measure": {"latency": False}}
-
-
-@pytest.fixture(autouse=True)
-def own_store(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path / "data"))
-
-
-def grid_file(tmp_path, grid, **recipe) -> str:
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({**BASE, **recipe, "grid": grid}))
-    return str(path)
+from tests.test_sweep import grid_file, own_store  # noqa: F401 - own_store: the autouse fixture, shared
 
 
 def cli_error(capsys, argv) -> str:
