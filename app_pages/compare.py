@@ -15,7 +15,8 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
 
 * **Accuracy vs sparsity** - one line per method (structure, criterion, scope). The usual shape is
   flat, then a cliff: the cliff is where the method stops finding weights the network can spare.
-  Fine-tuned runs are drawn as diamonds. A transformer is judged by its own task metric instead:
+  Fine-tuned runs are drawn as diamonds, runs that a method over time trained within its budget
+  (column *trained epochs*) as squares. A transformer is judged by its own task metric instead:
   **perplexity** for a language model (lower is better), **fidelity** to the dense model otherwise
   (top-1 agreement of the predicted class, or cosine similarity of the sentence embeddings). Runs
   judged by different metrics share no axis: pick the metric to plot.

@@ -151,18 +151,22 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
     ``speed-up 2:4 kernels``: a 2:4 run timed with semi-structured sparse kernels next to dense fp16 (GPU
     of compute capability 8.0+ only; None elsewhere). ``measured 95 % low`` / ``high`` bound the measured
     speed-up and ``noisy`` marks an interval wider than +-5 % (None for runs stored before intervals).
+    ``trained epochs`` counts a fine-tune's epochs or a method's own training (`_trained_epochs`), and
+    ``tuned`` says which: "fine-tuned", "trained by its method" or "pruned only".
     """
     rows = []
     for run in runs:
         m, finetune = run.metrics, run.settings.get("finetune") or {}
         task = m.get("task") or {"measure": "accuracy", "base": m.get("base_accuracy"), "pruned": m.get("accuracy")}
         over_time = (run.recipe.get("method") or {}).get("name", "one_shot")
+        trained = _trained_epochs(run, finetune)
         rows.append({
             "id": run.id, "name": run.name, "model": f"{run.model_name} on {run.dataset}",
             "method": f"{run.structure} / {run.criterion} / {run.scope}"
                       + ("" if over_time == "one_shot" else f" / {over_time}"),
             "structure": run.structure, "criterion": run.criterion, "scope": run.scope, "sparsity": run.sparsity,
             "fine-tune epochs": finetune.get("epochs_done", 0),
+            "trained epochs": trained,
             "metric": METRIC_LABELS.get(task.get("measure"), task.get("name", "accuracy")),
             "metric value": task.get("pruned"), "base value": task.get("base"), "accuracy": m.get("accuracy"),
             "Δ accuracy (pts)": 100 * m["delta_accuracy"] if m.get("delta_accuracy") is not None else None,
@@ -175,11 +179,21 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
             "noisy": m.get("speedup_noisy"), "speed-up FLOPs": m.get("speedup_flops"),
             "speed-up 2:4 kernels": (m.get("semi_structured") or {}).get("speedup"),
             "device": f"{m.get('device')} (batch {m.get('batch')}, {m.get('threads')} threads)",
+            "tuned": ("fine-tuned" if finetune.get("epochs_done") else "trained by its method" if trained
+                      else "pruned only"),
         })
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        table["tuned"] = table["fine-tune epochs"].gt(0).map({True: "fine-tuned", False: "pruned only"})
-    return table
+    return pd.DataFrame(rows)
+
+
+def _trained_epochs(run, finetune: dict) -> int:
+    """Epochs of training the run's model had after pruning started: a fine-tune's, or a method's own.
+
+    A run of the Methods lab or `run --recipe` trains inside its budget (one-shot's fine-tune included):
+    its trajectory's last epoch. A Prune page run has no trajectory and no fine-tune: 0.
+    """
+    if finetune.get("epochs_done"):
+        return int(finetune["epochs_done"])
+    return int(max((point.get("epoch") or 0 for point in run.trajectory or []), default=0))
 
 
 def sweep_frame(runs: Iterable) -> tuple[pd.DataFrame, list[str]]:
@@ -217,7 +231,8 @@ def _metric_axis(metric: str) -> dict:
 
 
 def accuracy_vs_sparsity(table: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
-    """One line per method (structure / criterion / scope); fine-tuned runs as diamonds; x within 0-100 %.
+    """One line per method (structure / criterion / scope); fine-tuned runs as diamonds, runs a method
+    trained within its budget as squares; x within 0-100 %.
 
     ``metric`` plots another task metric (a ``metric`` of `runs_frame`, e.g. "perplexity"): only the
     runs judged by it, since values of different metrics share no axis.
@@ -225,7 +240,8 @@ def accuracy_vs_sparsity(table: pd.DataFrame, metric: str = "accuracy") -> go.Fi
     column = "accuracy" if metric == "accuracy" else "metric value"
     shown = table[table["metric"] == metric] if "metric" in table else table
     figure = px.line(shown.sort_values("sparsity"), x="sparsity", y=column, color="method", symbol="tuned",
-                     symbol_map={"fine-tuned": "diamond", "pruned only": "circle"}, markers=True, hover_name="name",
+                     symbol_map={"fine-tuned": "diamond", "pruned only": "circle", "trained by its method": "square"},
+                     markers=True, hover_name="name",
                      title=f"{metric.capitalize()} vs sparsity")
     figure.update_layout(xaxis_tickformat=".0%", yaxis=_metric_axis(metric), height=460, legend_title_text="",
                          xaxis_range=[-0.02, 1.02], legend=_LEGEND_BELOW)

@@ -55,11 +55,28 @@ def test_runs_frame_and_compare_charts_stay_within_their_ranges():
     assert table["method"].tolist() == ["unstructured / magnitude / global",
                                         "unstructured / magnitude / global / gradual"]
     assert table["tuned"].tolist() == ["pruned only", "fine-tuned"]
+    assert table["trained epochs"].tolist() == [0, 2]
     assert table["Δ accuracy (pts)"].tolist() == pytest.approx([-5.0, -15.0])
     assert tuple(figures.accuracy_vs_sparsity(table).layout.xaxis.range) == (-0.02, 1.02)
     speed = figures.speedup_promise(table)
     assert speed.data[-1].name == "y = x (promise kept)" and speed.layout.xaxis.range[1] == pytest.approx(10.5)
     assert figures.accuracy_vs_latency(table).data[-1].name == "Pareto front"
+
+
+def test_a_methods_run_is_labelled_by_the_training_its_method_did():
+    """A Methods lab run trained 3 epochs inside its budget is not 'fine-tune epochs 0, pruned only'."""
+    common = dict(model_name="lenet5", dataset="digits", structure="unstructured", criterion="magnitude",
+                  scope="global", sparsity=0.9, metrics={"accuracy": 0.5})
+    trajectory = [{"epoch": epoch, "sparsity": 0.9, "val_accuracy": 0.5} for epoch in (0, 1, 2, 3)]
+    lab = [Run(**common, id=1, name="iterative", recipe={"method": {"name": "iterative"}, "budget": {"epochs": 3}},
+               trajectory=trajectory),
+           Run(**common, id=2, name="one-shot in the lab", recipe={"method": {"name": "one_shot"}}, trajectory=trajectory),
+           Run(**common, id=3, name="Prune page", recipe={"method": {"name": "one_shot"}})]
+    table = figures.runs_frame(lab)
+    assert table["trained epochs"].tolist() == [3, 3, 0] and table["fine-tune epochs"].tolist() == [0, 0, 0]
+    assert table["tuned"].tolist() == ["trained by its method", "trained by its method", "pruned only"]
+    symbols = {trace.name.split(", ")[-1]: trace.marker.symbol for trace in figures.accuracy_vs_sparsity(table).data}
+    assert symbols == {"trained by its method": "square", "pruned only": "circle"}
 
 
 def test_runs_frame_shows_the_2_4_kernel_speed_up_only_where_it_was_timed():
