@@ -24,8 +24,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from explorer import jobs, timing
-from explorer.errors import ExplorerError
 from explorer.layers import clone_model, effective_tensors, effective_weights, fold_masks, is_masked, model_device, on_device
+
 
 def as_deployed(model: nn.Module) -> nn.Module:
     """``model`` itself, or for a masked model a copy with its masks folded in (zeros kept)."""
