@@ -8,7 +8,7 @@ from explorer import figures, jobs, timing
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.methods import METHODS
-from explorer.methods.lab import run_lab
+from explorer.methods.lab import chance_note, run_lab
 from explorer.methods.regularised import DEFAULT_KIND, penalty_norms
 from explorer.planner import SCOPES
 from explorer.specs import STRUCTURES, BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
@@ -136,6 +136,8 @@ if job is not None and job.done:
                 help="Median over pairs of forward passes timed alternately (dense, pruned); 'noisy' when the "
                      "interval stayed wider than +-5 %.")})
         for r in finished:
+            if chance_note(r.method, r.metrics, r.trajectory, model["dataset"].num_classes):
+                st.warning(chance_note(r.method, r.metrics, r.trajectory, model["dataset"].num_classes))
             if timing.timing_note(r.metrics):
                 st.caption(f"{r.method}: {timing.timing_note(r.metrics)}")
         for r in finished:

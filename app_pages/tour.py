@@ -6,6 +6,7 @@ import streamlit as st
 
 from explorer import figures, timing, tour
 from explorer.errors import ExplorerError
+from explorer.methods.lab import chance_note
 from explorer.specs import BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
 from explorer.train import TrainConfig
 from app_pages import common
@@ -123,4 +124,7 @@ if over_time is not None:
         st.plotly_chart(figures.trajectories(finished), key="tour_methods")
         st.markdown(" ".join(f"**{name}** ends at {common.fmt_pct(result['metrics']['accuracy'])}."
                              for name, result in over_time.items() if result["metrics"]))
+        for name, result in over_time.items():
+            if chance_note(name, result["metrics"], result["trajectory"], data.num_classes):
+                st.warning(chance_note(name, result["metrics"], result["trajectory"], data.num_classes))
 st.page_link("app_pages/methods.py", label="Try it: the Methods page", icon=":material/timeline:")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from explorer.data import load_dataset
-from explorer.methods.lab import run_lab
+from explorer.methods.lab import chance_note, run_lab
 from explorer.models import build, load_model
 from explorer.recipe import Recipe
 from explorer.store import RunStore
@@ -36,3 +36,15 @@ def test_a_refused_save_keeps_the_methods_result_and_the_next_method_runs(tmp_pa
         x = digits.x_test[:16]
         assert torch.equal(load_model(result.kept[:-len(".json")] + ".pt")(x), result.model(x))
     assert {r.kept for r in results} == {str(path) for path in kept_files}
+
+
+def test_a_result_at_chance_says_so_with_its_numbers():
+    trajectory = [{"epoch": 0, "train_loss": None}, {"epoch": 1, "train_loss": 2.31}, {"epoch": 3, "train_loss": 2.29}]
+    note = chance_note("set", {"accuracy": 0.093}, trajectory, 10)
+    assert note == ("set ended at chance: test accuracy 9.3% (chance 10.0%); the training loss ended at 2.29 "
+                    "(ln 10 = 2.30). Too small a budget to learn from where it started: give it more epochs "
+                    "before reading its number.")
+    assert chance_note("one_shot", {"accuracy": 0.151}, trajectory, 10) is None  # above 1.5 x chance
+    assert chance_note("set", {"accuracy": 0.149}, [], 10).startswith("set ended at chance: test accuracy 14.9%")
+    assert chance_note("set", {"accuracy": None}, trajectory, 10) is None  # no accuracy: a transformer's run
+    assert chance_note("set", None, trajectory, 10) is None

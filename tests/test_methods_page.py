@@ -80,3 +80,7 @@ def test_every_method_runs_from_the_page_under_one_budget():
         assert result.metrics["sparsity_actual"] == pytest.approx(0.8, abs=0.02), result.method
         assert max(p["epoch"] for p in result.trajectory) <= 3, result.method  # the budget holds
     assert at.dataframe[0].value["method"].tolist() == list(METHODS)
+    # a method whose test accuracy sits within 1.5 x chance (1/10 classes) is called out, the others are not
+    at_chance = [r.method for r in job.result if r.metrics["accuracy"] <= 0.15]
+    warned = [w.value.split(" ended at chance")[0] for w in at.warning if " ended at chance" in str(w.value)]
+    assert warned == at_chance

@@ -12,6 +12,7 @@ file that keeps the run instead (`explorer.store.RunStore.save`), and the next m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -87,3 +88,20 @@ def run_lab(recipe, names: list[str], model: nn.Module, dataset: Dataset, *, con
                 result.kept = str(exc.kept) if exc.kept is not None else None
                 result.error = f"{name}: {exc}"
     return results
+
+
+def chance_note(method: str, metrics: dict | None, trajectory: list[dict], num_classes: int) -> str | None:
+    """One line when a method's result sits at chance, so its number is not read as the method's verdict.
+
+    A classifier that learned nothing scores about 1 / classes and its cross-entropy stays near
+    ln(classes) (2.30 for 10 classes): the budget was too small for where the method started (fresh
+    weights, or a cut that left too little). None when the accuracy is above 1.5 x chance or unknown.
+    """
+    accuracy = (metrics or {}).get("accuracy")
+    if accuracy is None or num_classes < 2 or accuracy > 1.5 / num_classes:
+        return None
+    losses = [point["train_loss"] for point in trajectory if point.get("train_loss") is not None]
+    loss = f"; the training loss ended at {losses[-1]:.2f} (ln {num_classes} = {math.log(num_classes):.2f})" \
+        if losses else ""
+    return (f"{method} ended at chance: test accuracy {accuracy:.1%} (chance {1 / num_classes:.1%}){loss}. "
+            "Too small a budget to learn from where it started: give it more epochs before reading its number.")
