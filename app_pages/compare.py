@@ -121,8 +121,8 @@ with left:
     st.plotly_chart(figures.accuracy_vs_sparsity(shown, metric), key="cmp_accuracy")
 with right:
     st.plotly_chart(figures.speedup_promise(shown), key="cmp_speedup")
-    if figures.unstructured_speedup_summary(shown):
-        st.caption(figures.unstructured_speedup_summary(shown))
+    if summary := figures.unstructured_speedup_summary(shown):
+        st.caption(summary)
 st.plotly_chart(figures.accuracy_vs_latency(shown, metric), key="cmp_pareto")
 
 if sweep_fields:

@@ -136,6 +136,6 @@ if job is not None and job.done:
         cols[3].metric("Speed-up measured / FLOPs", f"{measured} / {after['speedup_flops']:.2f}x", interval,
                        delta_color="off", delta_arrow="off",
                        help="Measured: median over pairs of forward passes timed alternately, with its 95 % interval.")
-        if timing.timing_note(after):
-            st.caption(timing.timing_note(after))
+        if note := timing.timing_note(after):
+            st.caption(note)
         st.page_link("app_pages/compare.py", label="Next: compare the runs", icon=":material/arrow_forward:")

@@ -136,10 +136,10 @@ if job is not None and job.done:
                 help="Median over pairs of forward passes timed alternately (dense, pruned); 'noisy' when the "
                      "interval stayed wider than +-5 %.")})
         for r in finished:
-            if chance_note(r.method, r.metrics, r.trajectory, model["dataset"].num_classes):
-                st.warning(chance_note(r.method, r.metrics, r.trajectory, model["dataset"].num_classes))
-            if timing.timing_note(r.metrics):
-                st.caption(f"{r.method}: {timing.timing_note(r.metrics)}")
+            if note := chance_note(r.method, r.metrics, r.trajectory, model["dataset"].num_classes):
+                st.warning(note)
+            if note := timing.timing_note(r.metrics):
+                st.caption(f"{r.method}: {note}")
         for r in finished:
             if r.method == "penalty" and r.model is not None:
                 kind = DEFAULT_KIND[lab_recipe.scoring.structure]  # the lab runs each method with its defaults

@@ -63,8 +63,8 @@ if what is not None:
                 help="Median over pairs of forward passes timed alternately (dense, pruned)."),
             "compression_ratio": st.column_config.NumberColumn("file x smaller", format="%.2fx")})
     for row in what["rows"]:
-        if timing.timing_note(row):
-            st.caption(f"{row['label']}: {timing.timing_note(row)}")
+        if note := timing.timing_note(row):
+            st.caption(f"{row['label']}: {note}")
     group = what["group"]
     if group is not None:
         st.markdown(f"A channel is never removed alone. The group rooted at `{group['name']}` ({group['kind']}) "
@@ -125,6 +125,6 @@ if over_time is not None:
         st.markdown(" ".join(f"**{name}** ends at {common.fmt_pct(result['metrics']['accuracy'])}."
                              for name, result in over_time.items() if result["metrics"]))
         for name, result in over_time.items():
-            if chance_note(name, result["metrics"], result["trajectory"], data.num_classes):
-                st.warning(chance_note(name, result["metrics"], result["trajectory"], data.num_classes))
+            if note := chance_note(name, result["metrics"], result["trajectory"], data.num_classes):
+                st.warning(note)
 st.page_link("app_pages/methods.py", label="Try it: the Methods page", icon=":material/timeline:")

@@ -341,8 +341,8 @@ def _print_human(command: str, results: list[dict]) -> None:
                   + (f", measured {timing.speedup_text(m)} ({m['device']}, batch {m['batch']}, "
                      f"{m['threads']} threads, {m['layout']})"
                      if m.get("speedup_measured") else ""))
-            if timing.timing_note(m):
-                print(f"  {timing.timing_note(m)}")
+            if note := timing.timing_note(m):
+                print(f"  {note}")
             continue
         if command == "inspect":
             print(f"{'layer':32s} {'kind':8s} {'count':>9s} {'mean|w|':>9s} {'std':>9s} {'zeros':>6s}")
@@ -366,12 +366,12 @@ def _print_human(command: str, results: list[dict]) -> None:
             label = task["name"] if task["name"] == task["measure"] else f"{task['name']} ({task['measure']})"
             print(f"  test {label} {task['base']:.4g} -> {task['pruned']:.4g} (no fine-tune)")
         if "latency_ms" in result:
-            lat = result["latency_ms"]
+            lat, measured = result["latency_ms"], _as_metrics(result)
             print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "
                   f"{lat['threads']} threads, {lat['layout']}); speed-up FLOPs {result['speedup']['flops']:.2f}x, "
-                  f"measured {timing.speedup_text(_as_metrics(result))}")
-            if timing.timing_note(_as_metrics(result)):
-                print(f"  {timing.timing_note(_as_metrics(result))}")
+                  f"measured {timing.speedup_text(measured)}")
+            if note := timing.timing_note(measured):
+                print(f"  {note}")
         if "semi_structured" in result:
             print(f"  {semistructured.describe(result['semi_structured'])}")
         if "error" in result:

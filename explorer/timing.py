@@ -217,8 +217,7 @@ def summarise(samples: Samples, *, load: Load, busy_jobs: list[str] = (), tolera
     result: dict = {label: _latency_summary([samples.wall[label][i] for i in kept]) for label in labels}
     if len(labels) == 2:
         first, second = labels
-        ratios = [samples.wall[first][i] / samples.wall[second][i] for i in kept]
-        middle, low, high = median_interval(ratios)
+        middle, low, high = median_interval(_measured(samples, labels, kept))
         result.update(speedup_measured=middle, speedup_interval=[low, high],
                       pairs_ms=[[_ms(samples.wall[first][i]), _ms(samples.wall[second][i])] for i in kept])
     else:
@@ -270,12 +269,15 @@ def _interval_of(samples: Samples, labels: list[str], check_cpu: bool) -> tuple[
     kept = kept_pairs(samples, labels, check_cpu)
     if len(kept) < MIN_PAIRS:
         return 0.0, 1.0, math.inf
-    if len(labels) == 1:
-        values = [samples.wall[labels[0]][i] for i in kept]
-    else:
-        values = [samples.wall[labels[0]][i] / samples.wall[labels[1]][i] for i in kept]
-    median, low, high = median_interval(values)
+    median, low, high = median_interval(_measured(samples, labels, kept))
     return low, median, high
+
+
+def _measured(samples: Samples, labels: list[str], kept: list[int]) -> list[float]:
+    """What the interval is of: the kept rounds' ratios first / second with two models, else the one's wall times."""
+    if len(labels) == 1:
+        return [samples.wall[labels[0]][i] for i in kept]
+    return [samples.wall[labels[0]][i] / samples.wall[labels[1]][i] for i in kept]
 
 
 def _repetitions(calls: dict[str, Callable[[], None]], sync: Callable[[], None]) -> int:
