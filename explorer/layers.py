@@ -48,13 +48,20 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 
 
 def prunable_counts(model: nn.Module) -> tuple[int, int]:
-    """(non-zero, total) effective weights over the prunable layers (masks applied)."""
-    nonzero = total = 0
+    """(live, total) weights over the prunable layers: the one definition of sparsity.
+
+    On a module masked by ``torch.nn.utils.prune`` a weight is live when its mask keeps it, whatever
+    its value: a connection that SET or RigL grew back starts at zero and is live all the same, so a
+    method at a 90 % target reads 90 %, not 90 % plus the fresh zeros. A plain module (never masked,
+    or with its masks folded) has no mask to ask, so there a live weight is a non-zero one.
+    """
+    live = total = 0
     for _, module in prunable_layers(model):
-        weight = effective_weight(module).detach()
-        nonzero += int(torch.count_nonzero(weight))
-        total += weight.numel()
-    return nonzero, total
+        mask = getattr(module, "weight" + _MASK_SUFFIX, None) if hasattr(module, "weight" + _ORIG_SUFFIX) else None
+        kept = mask if mask is not None else module.weight.detach()
+        live += int(torch.count_nonzero(kept))
+        total += kept.numel()
+    return live, total
 
 
 def effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

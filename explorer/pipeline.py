@@ -326,8 +326,11 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     The one measurement call of the app, the CLI and recipes (same defaults everywhere).
     Latency of both models is measured in the same call, with the same batch, threads and
     layout; a masked model is measured as deployed (`measure.as_deployed`). FLOPs are per input.
-    ``sparsity_actual`` is the fraction of the base model's prunable weights that are gone
-    (zeroed or physically removed); ``sparsity_params`` the same over all parameters.
+    ``sparsity_actual`` is the run's sparsity: the fraction of the base model's prunable weights that
+    are gone, masked off or physically removed (`layers.prunable_counts`: a weight its mask keeps is
+    live even while it is zero). ``zero_fraction_all_params`` counts something else: the fraction of
+    all the base model's parameters (biases and norms included) that are zero or removed in the
+    deployed copy, the figure a compressed file sees.
     ``task`` is ``{name, measure, base, pruned, higher_is_better}``: accuracy for a classifier
     on labelled data (then ``accuracy`` / ``base_accuracy`` hold the same numbers), perplexity for
     a causal language model, fidelity to ``base_model`` otherwise (``accuracy`` is then None).
@@ -364,6 +367,6 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         deployed, dataset.example_input(spec.batch), min_run_time=spec.min_run_time, time_it=spec.latency,
     ) if semistructured.has_2_4_layer(deployed) else None
     metrics.update(task=task,
-                   sparsity_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
+                   zero_fraction_all_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
                    sparsity_actual=1 - prunable_counts(pruned_model)[0] / max(1, prunable_counts(base_model)[1]))
     return metrics

@@ -303,3 +303,37 @@ def test_kept_units_turns_weight_masks_into_channel_masks():
     assert set(pruned_indices(ranking, result, "3").tolist()) == {1, 3}
     with pytest.raises(ExplorerError, match=r"'3'.*\(4,\)"):
         kept_units({"3": torch.ones(3, dtype=torch.bool)}, scores)
+
+
+def test_sparsity_counts_the_mask_so_a_weight_grown_back_at_zero_is_live():
+    """The one definition of sparsity (issue 20): masked models count their masks, plain ones their zeros."""
+    from explorer.data import load_dataset
+    from explorer.layers import prunable_counts, prunable_layers
+    from explorer.masking import set_masks
+    from explorer.pipeline import measure_run
+    from explorer.specs import MeasureSpec
+    from explorer.zoo import build
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    base = build("mlp", data.input_shape, data.num_classes)
+    model = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(1)
+    layer_masks = {name: torch.rand(module.weight.shape, generator=generator) < 0.3
+                   for name, module in prunable_layers(model)}
+    set_masks(model, layer_masks)
+    set_masks(model, {name: mask | (torch.rand(mask.shape, generator=generator) < 0.05)
+                      for name, mask in layer_masks.items()}, regrow="zero")  # SET / RigL: new connections at 0
+    regrown_at_zero = sum(int(((module.weight_orig * module.weight_mask) == 0).sum() - (module.weight_mask == 0).sum())
+                          for _, module in prunable_layers(model))
+    assert regrown_at_zero > 100  # the case the old count (zeros) got wrong
+    live = sum(int(module.weight_mask.sum()) for _, module in prunable_layers(model))  # brute force over the masks
+    total = sum(module.weight_mask.numel() for _, module in prunable_layers(model))
+    assert prunable_counts(model) == (live, total)
+    folded = fold_masks(model)  # no masks left: a live weight is a non-zero one
+    assert prunable_counts(folded) == (sum(int((m.weight != 0).sum()) for _, m in prunable_layers(folded)), total)
+    metrics = measure_run(base, model, data, MeasureSpec(latency=False))
+    assert metrics["sparsity_actual"] == pytest.approx(1 - live / total)
+    assert "sparsity_params" not in metrics  # the second figure is named for what it counts
+    zeros = sum(int((p == 0).sum()) for p in folded.parameters())
+    assert metrics["zero_fraction_all_params"] == pytest.approx(zeros / sum(p.numel() for p in base.parameters()))

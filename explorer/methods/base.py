@@ -9,7 +9,7 @@ across phases and the cancel flag, so every method is measured and compared the 
 
 A trajectory point is ``{step, epoch, sparsity, train_loss, val_accuracy, lr, regrown, event}``:
 cumulative optimiser steps and epochs of the whole method, the fraction of the start model's
-prunable weights that are gone (zero or removed), the epoch's mean training loss, the validation
+prunable weights that are gone (masked off or removed: `layers.prunable_counts`), the epoch's mean training loss, the validation
 accuracy, the learning rate, how many pruned weights grew back since the last point (SET, RigL,
 soft pruning; 0 elsewhere) and what happened (``epoch``, ``prune``, ``rewind`` ...). Epoch points
 also name the task ``metric`` validation reports and its ``val_metric`` (perplexity or fidelity
@@ -139,7 +139,8 @@ class MethodRun:
         return model.eval()
 
     def sparsity(self, model: nn.Module) -> float:
-        """Fraction of the start model's prunable weights that are gone from ``model`` (zero or removed)."""
+        """Fraction of the start model's prunable weights gone from ``model``: masked off or removed (a weight
+        its mask keeps is live even at zero, so a regrown connection counts as kept)."""
         return 1.0 - prunable_counts(model)[0] / max(1, self._base_total)
 
     def prepare(self, model: nn.Module, scoring: ScoringSpec | None = None) -> pipeline.Prepared:

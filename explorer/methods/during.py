@@ -437,9 +437,9 @@ class SET(_SparseTraining):
     (starting at zero, without optimizer momentum), so the sparsity stays exactly the target while
     the topology evolves; after ``end_fraction`` of the budget the mask is fixed. Δt defaults to one
     epoch (SET's own rhythm), shortened so that a short budget still gets about 10 updates. The
-    recipe's criterion and scope play no part; ``plan.protect`` keeps layers dense. A new weight on
-    an input that is always zero never moves, so the trajectory (which counts zeros) can read a
-    little above the target while the mask holds it exactly.
+    recipe's criterion and scope play no part; ``plan.protect`` keeps layers dense. The trajectory
+    counts the mask, so it reads the target: a new weight is live from the moment it grows, even on
+    an input that is always zero, where it never moves from zero.
     """
 
     name = "set"
