@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m explorer inspect | prune | run | sensitivity | sweep | suggest``.
+"""Headless command line: ``python -m explorer inspect | prune | run | sensitivity | sweep | suggest | deploy``.
 
 The flags build a Recipe (`explorer.recipe`), and the same core calls as the app run it —
 the same scoring, plan and measurement (`pipeline.measure_run`, latency at batch 64 by
@@ -18,6 +18,7 @@ import torch
 
 from explorer import criteria, hf, limits, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks, timing
 from explorer.data import DATASETS, Dataset
+from explorer.deploy.runtimes import DEFAULT_RUNTIMES, RUNTIMES
 from explorer.errors import ExplorerError, ExplorerWarning
 from explorer.models import SAVE_FORMAT, ZOO, save_model
 from explorer.recipe import Recipe
@@ -163,7 +164,79 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_command(sub, model_args)
     sweep.add_command(sub, model_args)
     suggest.add_command(sub, model_args)
+    deploy = sub.add_parser("deploy", help="export a pruned model and time it dense vs pruned on several runtimes")
+    deploy.add_argument("--model", required=True, help="a model file saved by Pruning Explorer, or run:ID (a stored run)")
+    deploy.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES),
+                        help=f"comma-separated, of {', '.join(RUNTIMES)} (default {','.join(DEFAULT_RUNTIMES)})")
+    deploy.add_argument("--batch", type=_batches, default=(1, MeasureSpec.batch),
+                        help=f"batch sizes, comma-separated (default 1,{MeasureSpec.batch})")
+    deploy.add_argument("--threads", type=_whole(1, limits.MAX_THREADS), default=None,
+                        help="threads for every runtime (default: torch's, lowered to the free cores)")
+    deploy.add_argument("--max-run-time", type=float, default=None, help="seconds of timing per row at most (default 3)")
+    deploy.add_argument("--export", metavar="DIR", help="also export dense and pruned (ONNX, TorchScript, .pt2) to DIR "
+                                                         "and check each file against PyTorch")
+    deploy.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module file")
+    deploy.add_argument("--json", action="store_true", help="machine-readable output: one JSON object")
     return parser
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(_positive(part.strip()) for part in text.split(",") if part.strip())) or (1,)
+
+
+def cmd_deploy(args) -> list[dict]:
+    """Runtimes side by side (and exports) for a pruned model file or a stored run."""
+    from explorer.deploy import export, runtimes, source
+
+    names = runtimes.parse_runtimes(args.runtimes)
+    if args.max_run_time is not None and not 0 < args.max_run_time <= limits.MAX_SECONDS:
+        raise ExplorerError(f"--max-run-time must be seconds in (0, {limits.MAX_SECONDS:g}], got {args.max_run_time}.")
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        raise ExplorerError(f"--export '{args.export}' is a file; give a folder to write the exported models into.")
+    pair = source.load_pair(args.model, trust_pickle=args.trust_pickle)
+    example = pair.example_input(max(args.batch))
+    result = {"model": pair.label, "data": pair.dataset.name, "note": pair.note or None,
+              "runtimes": runtimes.compare_runtimes(pair.dense, pair.pruned, example, runtimes=names,
+                                                    batches=args.batch, threads=args.threads,
+                                                    min_run_time=min(0.5, args.max_run_time or 0.5),
+                                                    max_run_time=args.max_run_time)}
+    if args.export:
+        try:
+            result["exports"] = {label: [e.to_dict() for e in export.export_all(model, example[:2], args.export,
+                                                                               stem=label)]
+                                 for label, model in (("dense", pair.dense), ("pruned", pair.pruned))}
+        except OSError as exc:
+            raise ExplorerError(f"Cannot write into --export '{args.export}' ({exc.strerror or exc}); "
+                                "choose another folder.") from None
+    return [result]
+
+
+def _print_deploy(result: dict) -> None:
+    timed = result["runtimes"]
+    print(f"{result['model']} on {result['data']}: FLOPs speed-up {timed['speedup_flops']:.2f}x "
+          f"({timed['threads']} threads, load {timed['load']['load1']:.1f} on {timed['load']['cores']} cores)")
+    if result.get("note"):
+        print(f"  note: {result['note']}")
+    if timed.get("threads_note"):
+        print(f"  threads {timed['threads_note']}")
+    for row in timed["rows"]:
+        head = f"  {row['runtime']:17s} batch {row['batch']:<5d}"
+        if row.get("error"):
+            print(f"{head} {row['error']}")
+            continue
+        measured = {"speedup_measured": row["speedup"], "speedup_interval": row["speedup_interval"],
+                    "speedup_noisy": row["noisy"]}
+        setup = f"; compile/export {sum(row['setup_s'].values()):.1f} s" if row.get("setup_s") else ""
+        print(f"{head} {row['dense_ms']:.3f} -> {row['pruned_ms']:.3f} ms, measured {timing.speedup_text(measured)}, "
+              f"measured / FLOPs {row['measured_over_flops']:.2f}{setup}")
+    for label, exports in (result.get("exports") or {}).items():
+        for item in exports:
+            if item["error"]:
+                print(f"  export {label} {item['format']}: {item['error']}")
+            else:
+                print(f"  export {label} {item['format']}: {item['path']} {item['size_bytes']:,} bytes "
+                      f"({item['compressed_bytes']:,} deflated), max abs diff {item['max_abs_diff']:.2e}"
+                      f"{'' if item['dynamic_batch'] else ', fixed batch'}")
 
 
 def cmd_run(args) -> list[dict]:
@@ -321,6 +394,9 @@ def cmd_prune(args) -> list[dict]:
 
 def _print_human(command: str, results: list[dict]) -> None:
     for result in results:
+        if command == "deploy":
+            _print_deploy(result)
+            continue
         if command in ("sensitivity", "sweep", "suggest"):
             print({"sensitivity": sensitivity.format_human, "sweep": sweep.format_human,
                    "suggest": suggest.format_human}[command](result))
@@ -405,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_save_path(getattr(args, flag, None), "--" + flag.replace("_", "-"))
             results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
                        "sensitivity": sensitivity.command, "sweep": sweep.command,
-                       "suggest": suggest.command}[args.command](args)
+                       "suggest": suggest.command, "deploy": cmd_deploy}[args.command](args)
         except ExplorerError as exc:
             print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 2
