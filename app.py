@@ -24,6 +24,11 @@ navigation = st.navigation([
 ])
 
 common.restore_from_url()
+if navigation.title != "Model":  # the Model page picks its own; every other page needs one, so the card shows it
+    common.require_model()
+# Before the page as well as after it: a sidebar link clears the query, and a page that stops early (st.stop)
+# never reaches the end of this script, so a reload there would lose the model and the pruned copy.
+common.sync_url()
 
 with st.sidebar:
     st.markdown("### Current model")

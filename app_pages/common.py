@@ -8,6 +8,8 @@ below.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import streamlit as st
 
 from explorer import baselines, figures, hf, pipeline, tasks
@@ -193,33 +195,44 @@ def require_model() -> dict:
 DEFAULT_MODEL = ("mlp", "digits")
 PRUNE_URL_KEYS = {"structure": "prune_structure", "criterion": "prune_criterion", "scope": "prune_scope",
                   "sparsity": "prune_sparsity", "min_keep": "prune_min_keep", "calib": "prune_calib",
-                  "nm": "prune_nm"}
+                  "nm": "prune_nm", "protect": "prune_protect"}  # overrides: prune_override_layers and one key each
 NM_PATTERNS = ("2:4", "4:8")  # the N:M patterns the Prune page offers
 TRANSFORMER_FOLDER = "local Hugging Face folder"  # the Model page's choice for hf:FOLDER
 
 
 def restore_from_url() -> None:
-    """Once per browser session: load the model and Prune settings the link names (bad values are ignored)."""
+    """Once per browser session: load the model, Prune settings and pruned copy the link names.
+
+    ``run=ID`` names a stored run: alone (a shared link) it gives the model and the settings; beside
+    ``model=`` (the app's own links) the settings come from the link, and in both cases the run's pruned
+    copy is reopened (`pipeline.reopen`), so Fine-tune, Compare and Deploy find it after a reload.
+    Bad values are ignored.
+    """
     if st.session_state.get("url_restored"):
         return
     st.session_state["url_restored"] = True
     params = st.query_params
-    recipe = None
+    run = None
     if params.get("run"):
         try:
-            recipe = Recipe.from_dict(RunStore().get(int(params["run"])).recipe)
+            run = RunStore().get(int(params["run"]))
+            Recipe.from_dict(run.recipe)
         except ValueError:
+            run = None
             st.warning(f"The link names run {params['run']!r}, which cannot be reopened here; showing the default.")
         except ExplorerError as exc:  # a deleted run, or a store that cannot be read (the message names it)
+            run = None
             st.warning(f"The link names run {params['run']!r}, which cannot be reopened here: {exc} "
                        "Showing the default.")
-    model_name = recipe.model.source if recipe is not None else params.get("model")
+    recipe = Recipe.from_dict(run.recipe) if run is not None else None
+    from_link = params.get("model") is not None
+    model_name = params.get("model") if from_link else recipe.model.source if recipe is not None else None
     if model_name is None:
         return
     transformer = model_name in hf.BUILTIN or model_name.startswith("hf:")
-    dataset_name = (recipe.model.data if recipe is not None else params.get("data")) or \
+    dataset_name = (params.get("data") if from_link else recipe.model.data) or \
         (ZOO[model_name].default_dataset if model_name in ZOO else "text" if transformer else None)
-    text_file = recipe.model.data_file if recipe is not None else params.get("text_file")
+    text_file = params.get("text_file") if from_link else recipe.model.data_file
     if transformer and dataset_name == "text":
         if not _restore_transformer(model_name, text_file):
             return
@@ -234,14 +247,42 @@ def restore_from_url() -> None:
         st.warning(f"The link names {model_name!r} on {dataset_name!r}; only zoo models on built-in data and "
                    "transformers on text open from a link. Showing the default model.")
         return
-    if recipe is not None:
+    if not from_link:
+        plan = recipe.plan
         settings = {"structure": recipe.scoring.structure, "criterion": recipe.scoring.criterion,
-                    "scope": recipe.plan.scope, "sparsity": recipe.plan.sparsity, "min_keep": recipe.plan.min_keep,
-                    "calib": recipe.scoring.calib_batches, "nm": recipe.scoring.nm}
+                    "scope": plan.scope, "sparsity": plan.sparsity, "min_keep": plan.min_keep,
+                    "calib": recipe.scoring.calib_batches, "nm": recipe.scoring.nm,
+                    "protect": list(plan.protect), "overrides": dict(plan.overrides)}
     else:
-        settings = {name: params[name] for name in PRUNE_URL_KEYS if name in params}
-    for name, value in _checked_prune_settings(settings).items():
+        settings = {name: params[name] for name in (*PRUNE_URL_KEYS, "protect", "overrides") if name in params}
+    checked = _checked_prune_settings(settings)
+    overrides = checked.pop("overrides", {})
+    for name, value in checked.items():
         st.session_state[PRUNE_URL_KEYS[name]] = value
+    if overrides:
+        st.session_state["prune_override_layers"] = list(overrides)
+        st.session_state.update({f"prune_override_{layer}": value for layer, value in overrides.items()})
+    if run is not None:
+        reopen_run(run, recipe)
+
+
+def reopen_run(run: Run, recipe: Recipe) -> None:
+    """Make the stored run's pruned copy the session's again (its weights file, else its recipe replayed)."""
+    model = current_model()
+    if model is None or (recipe.model.source, recipe.model.data) != (model["spec"].source, model["spec"].data) \
+            or "params_nonzero" not in run.metrics:  # a recipe stored without its measurement: nothing to reopen
+        return
+    try:
+        with st.spinner(f"Reopening the pruned copy of run {run.id} ..."):
+            weights = RunStore().weights_path(run.id) if run.id is not None else None
+            module = pipeline.reopen(model["module"], model["dataset"], recipe, weights)
+    except ExplorerError as exc:
+        st.warning(f"The pruned copy of run {run.id} could not be reopened ({exc}); apply the plan again on the "
+                   "Prune page.")
+        return
+    st.session_state[PRUNED] = {"module": module, "recipe": recipe, "plan": dataclasses.asdict(recipe.plan),
+                                "metrics": run.metrics,
+                                "run_id": run.id, "model_key": model["key"], "run_name": run.name, "unsaved": None}
 
 
 def _restore_transformer(source: str, text_file: str | None) -> bool:
@@ -282,6 +323,25 @@ def _checked_prune_settings(settings: dict) -> dict:
             continue
         if low <= value <= high:
             checked[name] = round(value, 2) if kind is float else value
+    protect = settings.get("protect")
+    if isinstance(protect, str):
+        protect = [name for name in protect.split(",") if name]
+    if isinstance(protect, (list, tuple)) and all(isinstance(name, str) for name in protect):
+        checked["protect"] = list(protect)
+    overrides = settings.get("overrides")
+    if isinstance(overrides, str):  # "layer:0.3,other:0.9", as sync_url writes it
+        overrides = dict(item.rpartition(":")[::2] for item in overrides.split(",") if ":" in item)
+    if isinstance(overrides, dict):
+        kept = {}
+        for layer, value in overrides.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if layer and 0.0 <= value <= 1.0:
+                kept[str(layer)] = round(value, 2)
+        if kept:
+            checked["overrides"] = kept
     return checked
 
 
@@ -303,6 +363,13 @@ def sync_url() -> None:
                           min_keep=f"{recipe.plan.min_keep:g}", calib=str(recipe.scoring.calib_batches))
             if recipe.scoring.structure == "nm":
                 wanted["nm"] = recipe.scoring.nm
+            if recipe.plan.protect:
+                wanted["protect"] = ",".join(recipe.plan.protect)
+            if recipe.plan.overrides:
+                wanted["overrides"] = ",".join(f"{layer}:{value:g}" for layer, value in recipe.plan.overrides.items())
+        pruned = st.session_state.get(PRUNED)
+        if pruned is not None and pruned.get("model_key") == model["key"] and pruned.get("run_id") is not None:
+            wanted["run"] = str(pruned["run_id"])  # a reload reopens the pruned copy from its run
     if dict(st.query_params) != wanted:
         st.query_params.from_dict(wanted)
 

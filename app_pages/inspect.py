@@ -109,7 +109,8 @@ if chosen:
 task = common.model_task(model)
 labelled = task["name"] == "accuracy"
 st.subheader("Gradients")
-grad_key = ("inspect_gradients", model["key"], target_label, calib_batches, bins, shared)
+# The gradients themselves are kept: bins, the shared axis and log counts only redraw their histograms.
+grad_key = ("inspect_gradients", model["key"], target_label, calib_batches)
 if not labelled:
     st.caption(f"{model['label']} on {model['dataset'].name} is judged by {common.task_label(task)}, so the gradients "
                "follow " + ("the next-token loss on the text (as LLM-Pruner calibrates)." if task["name"] == "perplexity"
@@ -119,12 +120,12 @@ if st.button(f"Collect gradients over {calib_batches} calibration batches", key=
     try:
         with st.spinner("Running forward and backward passes ..."):
             calib = model["dataset"].calibration(calib_batches, 64)
-            st.session_state["inspect_gradients"] = (grad_key, stats.gradient_stats(
-                target_module, calib, bins=bins, shared_range=shared))
+            st.session_state["inspect_gradients"] = (grad_key, stats.mean_gradients(target_module, calib))
     except ExplorerError as exc:
         st.error(str(exc))
 stored = st.session_state.get("inspect_gradients")
-gradients = stored[1] if stored is not None and stored[0] == grad_key else None
+gradients = stats.summaries(stored[1], bins=bins, shared_range=shared) \
+    if stored is not None and stored[0] == grad_key else None
 if gradients is None:
     st.caption("Press the button to average the loss gradient of every layer over the calibration batches.")
 elif gradients is not None and chosen:

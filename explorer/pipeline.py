@@ -370,3 +370,23 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
                    zero_fraction_all_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
                    sparsity_actual=1 - prunable_counts(pruned_model)[0] / max(1, prunable_counts(base_model)[1]))
     return metrics
+
+
+def reopen(base_model: nn.Module, dataset: Dataset, recipe, weights: str | Path | None = None) -> nn.Module:
+    """The pruned copy a stored run describes, so a reload or a link finds the work it left.
+
+    With the run's weights file (written by `explorer.store.RunStore.save`) the copy is read back,
+    pruned shapes included; a masked structure (unstructured, N:M) gets its masks back from the
+    zeros of the file, so a fine-tune keeps them zero. Without one, the recipe's scoring and plan
+    are replayed on ``base_model`` (the same seed gives the same cut). ``base_model`` is untouched.
+    """
+    scoring, plan_spec = recipe.scoring, recipe.plan
+    if weights is not None and Path(weights).is_file():
+        module = load_model(str(weights)).eval()
+        if scoring.structure in ("unstructured", "nm"):
+            zeros = {name: layer.weight.detach() != 0 for name, layer in prunable_layers(module)
+                     if bool((layer.weight.detach() == 0).any())}
+            module = masking.apply_masks(module, zeros) if zeros else module
+        return module
+    prepared = prepare(base_model, scoring, dataset=dataset)
+    return apply(base_model, prepared, preview(prepared, plan_spec))

@@ -58,7 +58,18 @@ def weight_stats(model: nn.Module, *, bins: int = 40, shared_range: bool = False
 
 
 def gradient_stats(model: nn.Module, calib, *, bins: int = 40, shared_range: bool = False) -> dict[str, dict]:
-    """Summary of each prunable layer's loss gradient, averaged over the calibration batches.
+    """Summary of each prunable layer's loss gradient, averaged over the calibration batches (`mean_gradients`)."""
+    return summaries(mean_gradients(model, calib), bins=bins, shared_range=shared_range)
+
+
+def summaries(tensors: dict[str, tuple[str, torch.Tensor]], *, bins: int = 40, shared_range: bool = False) -> dict:
+    """Histogram and summary of each ``name -> (kind, tensor)``: a new bin count or axis needs no new pass."""
+    return _summaries({n: t for n, (_, t) in tensors.items()}, {n: k for n, (k, _) in tensors.items()}, bins,
+                      shared_range)
+
+
+def mean_gradients(model: nn.Module, calib) -> dict[str, tuple[str, torch.Tensor]]:
+    """Each prunable layer's loss gradient, averaged over the calibration batches: ``name -> (kind, gradient)``.
 
     The loss is the task's calibration loss (`explorer.tasks.calibration_loss`: cross-entropy on
     labels, next-token loss for a causal LM, the sampled-label Fisher loss without labels, seed 0).
@@ -84,9 +95,7 @@ def gradient_stats(model: nn.Module, calib, *, bins: int = 40, shared_range: boo
         for (name, _), grad in zip(weights.items(), grads):
             if grad is not None:
                 sums[name] += grad.detach()
-    mean_grads = {name: s / len(batches) for name, s in sums.items()}
-    kinds = {name: type(m).__name__ for name, m in layers.items()}
-    return _summaries(mean_grads, kinds, bins, shared_range)
+    return {name: (type(layers[name]).__name__, s / len(batches)) for name, s in sums.items()}
 
 
 def attribution(model: nn.Module, layer_name: str, calib) -> torch.Tensor:
