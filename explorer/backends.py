@@ -41,7 +41,7 @@ import torch
 from explorer.errors import ExplorerError
 
 BACKENDS = ("local", "ray")
-RAY_REQUIREMENT = "ray==2.60.0"  # the pin of requirements.txt
+RAY_REQUIREMENT = "ray==2.60.0"  # the pin of requirements-dev.txt
 CONNECT_TIMEOUT_S = 5.0
 # Environment a local Ray instance's workers need to share this process's caches (baselines, runs).
 _SHARED_ENV = ("PRUNING_EXPLORER_CACHE", "PRUNING_EXPLORER_DATA", "HF_HUB_OFFLINE")

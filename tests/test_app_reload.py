@@ -9,7 +9,7 @@ from tests.apptest import goto, set_sparsity, texts
 
 def open_page(page: str, **params) -> AppTest:
     """A new browser session (as after a reload) opened straight on ``page`` with a link's parameters."""
-    at = AppTest.from_file("../app.py", default_timeout=120)
+    at = AppTest.from_file("../app.py", default_timeout=300)  # Apply measures latency: slow on a busy machine
     for key, value in params.items():
         at.query_params[key] = value
     at.switch_page(page).run()
