@@ -106,6 +106,7 @@ export default function ({ parentElement, data, setStateValue }) {
   root.querySelector(".pe-slider-label").textContent = data.label;
   input.max = String(data.values.length - 1);
   input.disabled = Boolean(data.disabled);
+  input.style.display = shown.style.display = data.values.length === 1 ? "none" : "";  // one value (N:M): the label says it
   root.title = data.help || "";
   // Settings changed (new views), or the server moved the value itself: show its value. Otherwise this
   // rerun answers a value reported earlier, and the slider keeps where the user has moved it since.

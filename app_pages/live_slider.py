@@ -138,9 +138,9 @@ def live_slider(label: str, values: Sequence[float], views: list[dict], *, value
             st.session_state[value_key] = min(values, key=lambda v: abs(v - st.session_state.get(value_key, values[0])))
             chosen = st.select_slider(label, values, key=value_key, format_func=lambda v: labels[values.index(v)],
                                       disabled=disabled, help=help)
-        else:
+        else:  # one value (N:M fixes it): the label says it, a slider with nothing to choose would mislead
             chosen = values[0]
-            st.slider(label, 0.0, 1.0, chosen, disabled=True, help=help)
+            st.caption(label, help=help)
         view = views[values.index(chosen)]
         if view.get("warning"):
             st.warning(view["warning"], icon=":material/warning:")

@@ -97,7 +97,8 @@ for key in ("prune_protect", "prune_override_layers"):  # layer names differ bet
     st.session_state[key] = [name for name in st.session_state[key] if name in layer_names]
 scope_col, layers_col = st.columns([1, 1])  # settings a user changes rarely: a full rerun is fine
 with scope_col:
-    scope = st.radio("Scope", ["local", "global"], horizontal=True, key="prune_scope")
+    scope = st.radio("Scope", ["local", "global"], horizontal=True, key="prune_scope", disabled=structure == "nm",
+                     help="N:M fixes the pattern in every row: scope does not apply." if structure == "nm" else None)
 with layers_col, st.expander("Per-layer settings: protect, override, min_keep"):
     protect = st.multiselect("Protected layers (never pruned)", layer_names, key="prune_protect")
     min_keep = st.slider("min_keep: every layer keeps at least this fraction", 0.0, 0.5, step=0.01,
@@ -115,7 +116,8 @@ def step_view(plan: Plan) -> dict:
     """What a slider step shows at once: the collapse warning, the four estimates and the per-layer chart."""
     estimate = pipeline.estimate(prepared, plan)
     warning = (f"**Layer collapse:** this plan empties {', '.join(f'`{n}`' for n in plan.collapsed)}. "
-               "Nothing would flow through that layer: the network is cut in two." if plan.collapsed else "")
+               f"Nothing would flow through {'those layers' if len(plan.collapsed) > 1 else 'that layer'}: the network "
+               "is cut in two." if plan.collapsed else "")
     return {"warning": warning, "note": plan.note, "figure": figures.plan_sparsity_spec(
         plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); red = emptied"), "cards": [
         live_slider.Card("Parameters after", common.fmt_int(estimate["params_after"]),
@@ -153,11 +155,14 @@ except ExplorerError as exc:
 any_plan = steps[0][1]
 info_col, guards_col = st.columns([1, 1])
 with info_col:
-    if any_plan.collapse_point is not None:
-        st.info(f"{scope.capitalize()} {criterion} pruning empties `{any_plan.collapse_layer}` beyond "
-                f"**{100 * any_plan.collapse_point:.1f} %** sparsity.", icon=":material/info:")
+    if structure == "nm":
+        st.caption(f"{nm} keeps {nm.split(':')[0]} of every {nm.split(':')[1]} weights in each row: no layer can be "
+                   "emptied, so there is no collapse point.")
+    elif any_plan.collapse_point is not None and any_plan.collapse_point < 1.0:
+        st.info(f"{scope.capitalize()} {criterion} pruning empties `{any_plan.collapse_layer}` from "
+                f"**{100 * any_plan.collapse_point:.1f} %** sparsity on.", icon=":material/info:")
     elif scope == "global":
-        st.success("No layer can collapse with these guards.", icon=":material/check_circle:")
+        st.success("No layer empties below 100 % sparsity with these guards.", icon=":material/check_circle:")
 if scope == "global" and structure != "nm":
     with guards_col:
         st.caption("Guards against layer collapse:")
@@ -174,10 +179,16 @@ def plan_view() -> None:
     (app_pages/live_slider.py); when the moves settle it reports the value, which reruns only this fragment
     (the table, the coupled group, the plan Apply uses and the URL), not the scoring or the settings."""
     values = [value for value, _ in steps]
+    label, no_effect = "Sparsity (fraction of units removed)", None
+    if structure == "nm":
+        label = f"Sparsity: {values[0]:.0%}, fixed by the {nm} pattern (no slider)"
+    elif layer_names and set(layer_names) <= set(override_layers) | set(protect):
+        no_effect = "Every layer has its own sparsity or is protected: this slider has no effect."
+        label = "Sparsity (no effect: every layer has its own sparsity or is protected)"
     sparsity = live_slider.live_slider(
-        "Sparsity (fraction of units removed)", values, views,
-        value_key="prune_sparsity", key="prune_live", disabled=structure == "nm",
-        help="N:M fixes the sparsity." if structure == "nm" else None)
+        label, values, views, value_key="prune_sparsity", key="prune_live",
+        disabled=structure == "nm" or no_effect is not None,
+        help="N:M fixes the sparsity." if structure == "nm" else no_effect)
     plan = steps[values.index(sparsity)][1]
     try:
         recipe = common.session_recipe(model).replace(scoring=scoring,

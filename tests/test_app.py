@@ -112,7 +112,7 @@ def test_collapse_warning_and_one_click_fixes(tmp_path):
     warning = shown_view(at)["warning"]  # shown next to the slider the moment it reaches 0.8
     assert "Layer collapse" in warning and "`fc2`" in warning
     assert shown_view(at)["figure"]["data"][0]["marker"]["color"][1] == figures.COLLAPSED  # fc2's bar is red
-    assert "empties `fc2` beyond" in texts(at.info)
+    assert "empties `fc2` from" in texts(at.info)
 
     at.button(key="fix_local").click().run()
     assert at.radio(key="prune_scope").value == "local"
