@@ -21,6 +21,7 @@ navigation = st.navigation([
     st.Page("app_pages/methods.py", title="Methods", icon=":material/timeline:"),
     st.Page("app_pages/sensitivity.py", title="Sensitivity", icon=":material/grid_on:"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/leaderboard:"),
+    st.Page("app_pages/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
 ])
 
 common.restore_from_url()

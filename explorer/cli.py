@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--max-run-time", type=float, default=None, help="seconds of timing per row at most (default 3)")
     deploy.add_argument("--export", metavar="DIR", help="also export dense and pruned (ONNX, TorchScript, .pt2) to DIR "
                                                          "and check each file against PyTorch")
+    deploy.add_argument("--quantize", choices=["int8"], help="also compare dynamic int8 of the pruned model (ONNX "
+                                                            "Runtime) with the fp32 pruned and dense files")
     deploy.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module file")
     deploy.add_argument("--json", action="store_true", help="machine-readable output: one JSON object")
     return parser
@@ -186,7 +188,7 @@ def _batches(text: str) -> tuple[int, ...]:
 
 def cmd_deploy(args) -> list[dict]:
     """Runtimes side by side (and exports) for a pruned model file or a stored run."""
-    from explorer.deploy import export, runtimes, source
+    from explorer.deploy import export, quantize, runtimes, source
 
     names = runtimes.parse_runtimes(args.runtimes)
     if args.max_run_time is not None and not 0 < args.max_run_time <= limits.MAX_SECONDS:
@@ -208,6 +210,11 @@ def cmd_deploy(args) -> list[dict]:
         except OSError as exc:
             raise ExplorerError(f"Cannot write into --export '{args.export}' ({exc.strerror or exc}); "
                                 "choose another folder.") from None
+    if args.quantize:
+        result["int8"] = quantize.compare(pair.dense, pair.pruned, pair.dataset, batch=max(args.batch),
+                                          threads=args.threads, max_run_time=args.max_run_time,
+                                          folder=Path(args.export) / "int8" if args.export else None,
+                                          evaluate=pair.dense_trained)
     return [result]
 
 
@@ -229,6 +236,10 @@ def _print_deploy(result: dict) -> None:
         setup = f"; compile/export {sum(row['setup_s'].values()):.1f} s" if row.get("setup_s") else ""
         print(f"{head} {row['dense_ms']:.3f} -> {row['pruned_ms']:.3f} ms, measured {timing.speedup_text(measured)}, "
               f"measured / FLOPs {row['measured_over_flops']:.2f}{setup}")
+    for row in (result.get("int8") or {}).get("rows", []):
+        metric = f", {result['int8']['task']} {row['metric']:.4g}" if row.get("metric") is not None else ""
+        print(f"  {row['model']:12s} {row['size_bytes']:,} bytes ({row['size_vs_dense']:.2f}x dense), "
+              f"{row['latency_ms']:.3f} ms at batch {result['int8']['batch']} on ONNX Runtime{metric}")
     for label, exports in (result.get("exports") or {}).items():
         for item in exports:
             if item["error"]:

@@ -458,3 +458,33 @@ def sensitivity_curves(scan: Mapping, units: Sequence[str] | None = None, *, max
                          yaxis=dict(title=_drop_label(scan), tickformat=".0%" if percent else None), height=420,
                          legend=_LEGEND_BELOW, margin=dict(t=60, b=40))
     return figure
+
+
+def runtime_speedups(result: Mapping) -> go.Figure:
+    """Measured speed-up of pruned over dense per runtime and batch (`deploy.runtimes.compare_runtimes`).
+
+    Each bar carries its 95 % interval; a noisy one is hatched and labelled "noisy"; its text is
+    measured / FLOPs. The dashed line is the FLOPs speed-up: what every runtime would reach if it
+    delivered every FLOP removed. A runtime that failed has no bar.
+    """
+    rows = [row for row in result["rows"] if not row.get("error")]
+    batches = sorted({row["batch"] for row in rows})
+    figure = go.Figure()
+    for index, batch in enumerate(batches):
+        chosen = [row for row in rows if row["batch"] == batch]
+        shaped = [{"speedup_measured": row["speedup"], "speedup_interval": row["speedup_interval"]} for row in chosen]
+        error_up, error_down = _interval_errors(shaped)
+        figure.add_trace(go.Bar(
+            x=[row["runtime"] for row in chosen], y=[row["speedup"] for row in chosen], name=f"batch {batch}",
+            marker_color=PALETTE[index % len(PALETTE)],
+            marker_pattern_shape=["/" if row["noisy"] else "" for row in chosen],
+            text=["noisy" if row["noisy"] else f"{row['speedup']:.2f}x ({row['measured_over_flops']:.2f} of FLOPs)"
+                  for row in chosen],
+            error_y=dict(type="data", symmetric=False, array=error_up, arrayminus=error_down, color="black",
+                         thickness=1.5, width=6)))
+    figure.add_hline(y=result["speedup_flops"], line_dash="dash", line_color="grey",
+                     annotation_text=f"FLOPs speed-up {result['speedup_flops']:.2f}x")
+    figure.add_hline(y=1.0, line_dash="dot", line_color="grey")
+    figure.update_layout(barmode="group", title="Measured speed-up per runtime (95 % interval)",
+                         yaxis_title="dense time / pruned time", height=380, legend=_LEGEND_BELOW)
+    return figure

@@ -219,8 +219,9 @@ def test_cli_deploy_a_saved_model_with_exports(capsys, tmp_path):
             assert item["ok"] and item["size_bytes"] == os.path.getsize(item["path"])
     assert result["exports"]["pruned"][0]["compressed_bytes"] < 0.5 * result["exports"]["dense"][0]["compressed_bytes"]
     code, out, _ = run_cli(capsys, "deploy", "--model", str(saved), "--runtimes", "eager", "--batch", "2",
-                           "--max-run-time", "0.1")
+                           "--max-run-time", "0.1", "--quantize", "int8")
     assert code == 0 and "eager             batch 2" in out and "measured / FLOPs" in out
+    assert "pruned int8" in out and "on ONNX Runtime, accuracy" in out
 
 
 @pytest.mark.parametrize("argv, says", [

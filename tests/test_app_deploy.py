@@ -1,0 +1,127 @@
+"""The Deploy page through AppTest: every control pressed, every number checked against a computation here.
+
+Exported files are opened here (ONNX Runtime, os.path.getsize), FLOPs counted from the weights, the
+CSR layers' sparsity counted from the pruned copy, the int8 file's accuracy computed through a session
+opened here.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import onnxruntime as ort
+import torch
+from streamlit.testing.v1 import AppTest
+from torch import nn
+
+from explorer.layers import fold_masks
+from tests.apptest import goto, set_sparsity, texts
+
+
+def _pruned_session(sparsity=0.9) -> AppTest:
+    at = AppTest.from_file("../app.py", default_timeout=240).run()
+    assert not at.exception, at.exception
+    goto(at, "app_pages/prune.py")
+    set_sparsity(at, sparsity)
+    at.button(key="prune_apply").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    return goto(at, "app_pages/deploy.py")
+
+
+def _frame(at, column):
+    """The table on the page that has ``column`` (AppTest keeps no key on a dataframe)."""
+    return next(e.value for e in at.dataframe if column in e.value.columns)
+
+
+def _linears(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def test_deploy_page_times_exports_sparsifies_and_quantizes_the_pruned_copy():
+    at = _pruned_session()
+    assert at.radio(key="deploy_what").value == "current pruned copy"
+    pruned = fold_masks(at.session_state["pruned_result"]["module"])
+    dense = at.session_state["current_model"]["module"]
+    dataset = at.session_state["current_model"]["dataset"]
+
+    at.multiselect(key="deploy_runtimes").set_value(["eager", "onnxruntime"])
+    at.text_input(key="deploy_batches").set_value("1,4")
+    at.number_input(key="deploy_max_s").set_value(0.2)
+    at.button(key="deploy_time").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    table = _frame(at, "measured / FLOPs")
+    assert list(zip(table["runtime"], table["batch"])) == [("eager", 1), ("eager", 4), ("onnxruntime", 1),
+                                                           ("onnxruntime", 4)]
+    dense_flops = 2 * sum(m.weight.numel() for _, m in _linears(dense))
+    pruned_flops = 2 * sum(int(torch.count_nonzero(m.weight)) for _, m in _linears(pruned))
+    assert f"{dense_flops:,} -> {pruned_flops:,} FLOPs per input" in texts(at.caption)
+    result = at.session_state["deploy_result"]
+    rows = next(iter(result.values()))["runtimes"]["rows"]
+    for shown, row in zip(table["measured / FLOPs"], rows):
+        assert shown == row["measured_over_flops"] == pytest.approx(row["speedup"] * pruned_flops / dense_flops)
+
+    at.button(key="deploy_export").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    exported = next(iter(at.session_state["deploy_result"].values()))["exports"]
+    assert [e["format"] for e in exported] == ["onnx", "torchscript", "pt2"]
+    onnx_file = exported[0]["path"]
+    assert exported[0]["size_bytes"] == os.path.getsize(onnx_file)
+    session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    x = dataset.example_input(7)
+    with torch.no_grad():
+        assert np.abs(session.run(None, {"input": x.numpy()})[0] - pruned(x).numpy()).max() <= 1e-5
+    assert all(e["error"] is None and e["ok"] for e in exported)
+    labels = [d.proto.label for d in at.get("download_button")]
+    assert labels == [f"Download {Path(e['path']).name}" for e in exported]
+
+    at.number_input(key="deploy_sparse_batch").set_value(2)
+    at.button(key="deploy_sparse").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    layers = _frame(at, "CSR speed-up")
+    assert layers["layer"].tolist() == [name for name, _ in _linears(pruned)]
+    expected = [f"{100 * (1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()):.1f} %" for _, m in _linears(pruned)]
+    assert layers["sparsity"].tolist() == expected
+    assert "outputs agree to" in texts(at.caption)
+
+    at.button(key="deploy_int8").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    int8 = next(iter(at.session_state["deploy_result"].values()))["int8"]
+    shown = _frame(at, "x dense size")
+    assert shown["model"].tolist() == ["dense fp32", "pruned fp32", "pruned int8"]
+    for row in int8["rows"]:
+        assert row["size_bytes"] == os.path.getsize(row["path"])
+    assert int8["rows"][2]["size_bytes"] < 0.5 * int8["rows"][1]["size_bytes"]  # 8-bit weights, a quarter of fp32
+    # The int8 file's accuracy from the file itself, evaluated here.
+    x, y = dataset.split("test")
+    quantized = int8["rows"][2]
+    session = ort.InferenceSession(quantized["path"], providers=["CPUExecutionProvider"])
+    # Dynamic int8 quantizes activations with each batch's own range, so batch as the app's evaluation does (256).
+    predicted = np.concatenate([session.run(None, {"input": x[i:i + 256].numpy()})[0].argmax(1)
+                                for i in range(0, len(x), 256)])
+    assert shown["accuracy"].tolist()[2] == quantized["metric"] == pytest.approx(float((predicted == y.numpy()).mean()))
+
+
+def test_deploy_page_a_stored_run_and_bad_batch_sizes():
+    at = _pruned_session(0.5)
+    at.radio(key="deploy_what").set_value("a stored run").run()
+    assert not at.exception and not at.error, texts(at.error)
+    run_id = at.selectbox(key="deploy_run").value
+    assert run_id == at.session_state["pruned_result"]["run_id"]
+    at.text_input(key="deploy_batches").set_value("1,zero")
+    at.button(key="deploy_time").click().run()
+    assert "Batch sizes must be whole numbers" in texts(at.error)
+    at.text_input(key="deploy_batches").set_value("2")
+    at.multiselect(key="deploy_runtimes").set_value(["eager"])
+    at.number_input(key="deploy_max_s").set_value(0.2)
+    at.button(key="deploy_time").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    stored = [value for key, value in at.session_state["deploy_result"].items() if key.startswith(f"run:{run_id}:")]
+    rows = stored[0]["runtimes"]["rows"]
+    assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 2)]
+
+
+def test_deploy_page_without_a_pruned_model_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path))  # an empty store: no run to offer either
+    at = AppTest.from_file("../app.py", default_timeout=240).run()
+    goto(at, "app_pages/deploy.py")
+    assert "Nothing to deploy yet" in texts(at.info)
