@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--min-keep", type=_fraction, default=0.0, help="global scope: keep this fraction of every layer")
     prune.add_argument("--norm", choices=["l1", "l2"], default="l1", help="channel magnitude norm")
     prune.add_argument("--calib-batches", type=_whole(1, limits.MAX_CALIB_BATCHES), default=4)
+    prune.add_argument("--include-head", action="store_true",
+                       help="causal LMs: also prune the layers outside the transformer blocks (lm_head); by default "
+                            "only the blocks' Linears are pruned, as the Wanda and SparseGPT papers do")
     prune.add_argument("--measure", action="store_true", help="measure latency of dense and pruned models")
     prune.add_argument("--batch", type=_positive, default=MeasureSpec.batch,
                        help=f"batch size for latency (default {MeasureSpec.batch}, as the app); FLOPs are per input")
@@ -293,7 +296,7 @@ def recipe_from_args(args, sparsity: float) -> Recipe:
     return Recipe(
         model=_model_spec(args),
         scoring=ScoringSpec(structure=args.structure, criterion=args.criterion, norm=args.norm,
-                            calib_batches=args.calib_batches, nm=args.nm),
+                            calib_batches=args.calib_batches, nm=args.nm, include_head=args.include_head),
         plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep),
         measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads),
         seed=args.seed,

@@ -650,6 +650,7 @@ def weight_scores(
     input_shape: Sequence[int] | None = None,
     max_batches: int | None = None,
     progress: Progress | None = None,
+    layers: Sequence[str] | None = None,
 ) -> Scores:
     """One score per weight: ``{layer name: tensor shaped like layer.weight}``.
 
@@ -657,9 +658,13 @@ def weight_scores(
     broadcast over all the weights of its filter (row, for Linear). ``input_shape`` (one
     example, no batch dimension) is only used by ``synflow``; ``max_batches`` caps how
     many calibration batches the data-driven criteria read; ``progress(fraction, text)``
-    hears how far the work is (see the module docstring).
+    hears how far the work is (see the module docstring); ``layers`` scores only those prunable
+    layers (default: all), so layers meant to stay dense cost nothing.
     """
     chosen, request = _request(model, criterion, calib, seed, input_shape, max_batches, "l1", progress)
+    if layers is not None:
+        wanted = set(layers)
+        request.layer_names = [name for name in request.layer_names if name in wanted]
     return _run(chosen.weight_fn, request, criterion)
 
 

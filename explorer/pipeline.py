@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from explorer import criteria, heads, hf, llm, masking, measure, planner, semistructured, structural, tasks, text
+from explorer import blocks, criteria, heads, hf, llm, masking, measure, planner, semistructured, structural, tasks, text
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, prunable_counts, prunable_layers
@@ -35,7 +35,8 @@ class Prepared:
     """Scores of one model under one (structure, criterion), sorted once for instant plans.
 
     ``units`` are weights (unstructured) or channel groups (channel, keyed by the group's
-    root layer). ``layer_flops`` are the dense FLOPs of each prunable layer, used by
+    root layer). ``kept_dense`` are prunable layers left out of the ranking on purpose (outside a
+    causal LM's blocks, tied to another layer): dense in every plan, and protecting them is a no-op. ``layer_flops`` are the dense FLOPs of each prunable layer, used by
     `estimate`. Keep one per (model, structure, criterion) and reuse it for every slider move.
     """
 
@@ -49,6 +50,7 @@ class Prepared:
     nm: tuple[int, int] | None = None
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     note: str = ""
+    kept_dense: tuple[str, ...] = ()
     layer_kinds: dict[str, str] = field(default_factory=dict)
     layer_params: dict[str, int] = field(default_factory=dict)
     layer_flops: dict[str, int] = field(default_factory=dict)
@@ -153,13 +155,22 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     attention: dict[str, heads.HeadInfo] = {}
     hessians: dict[str, torch.Tensor] = {}
     nm, notes = None, []
+    kept_dense: list[str] = []
     if structure in ("unstructured", "nm"):
+        chosen = None
+        if blocks.is_causal_lm(model) and not scoring.include_head:
+            kept_dense = blocks.outside_blocks(model, layers)
+            chosen = [name for name in layers if name not in kept_dense]
+            if kept_dense:
+                notes.append(f"Kept dense as the Wanda / SparseGPT papers do: {', '.join(kept_dense)} (outside the "
+                             "transformer blocks; include_head / --include-head prunes it too).")
         if criterion == "sparsegpt":  # the Hessians are kept: Apply rebuilds the kept weights with them
-            hessians = llm.hessians(model, calib, progress=progress)
+            hessians = llm.hessians(model, calib, layers=chosen, progress=progress)
             scores = llm.sparsegpt_scores(model, hessians)
-            unreached = [name for name in layers if name not in scores]
+            unreached = [name for name in (chosen or layers) if name not in scores]
             tied = [name for name in scores if llm.tied_with(model, name)]
             scores = {name: score for name, score in scores.items() if name not in tied}
+            kept_dense += unreached + tied
             if unreached:
                 notes.append(f"Kept dense: {', '.join(unreached)} (the calibration data never reaches them, "
                              "or they are grouped convs).")
@@ -168,11 +179,12 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
                              "updates would change both).")
         else:
             scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
-                                            progress=progress)
+                                            progress=progress, layers=chosen)
         if structure == "nm":
             nm = scoring.nm_pair
             misfits = llm.nm_misfits(scores, nm[1])
             scores = llm.nm_scores({k: v for k, v in scores.items() if k not in misfits}, *nm)
+            kept_dense += misfits
             if misfits:
                 notes.append(f"Kept dense: {', '.join(misfits)} (inputs per output not a multiple of {nm[1]}, "
                              f"so no {nm[0]}:{nm[1]} pattern fits).")
@@ -200,6 +212,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     return Prepared(
         structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
         groups=prepared_groups, attention=attention, nm=nm, hessians=hessians, note=" ".join(notes),
+        kept_dense=tuple(kept_dense),
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
         layer_params={name: module.weight.numel() for name, module in layers.items()},
         layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
@@ -218,12 +231,14 @@ def preview(prepared: Prepared, spec: PlanSpec) -> planner.Plan:
     """The Plan for a PlanSpec: milliseconds, no model touched.
 
     N:M fixes the sparsity at (M - N) / M in every layer it fits, whatever ``spec.sparsity`` says;
-    protected layers stay dense.
+    protected layers stay dense, and protecting a layer that `prepare` kept dense anyway (an LM
+    head, a tied layer) is accepted for every criterion.
     """
+    protect = tuple(name for name in spec.protect if name not in prepared.kept_dense)
     if prepared.nm is not None:
-        return planner.plan(prepared.ranking, nm_sparsity(prepared.nm), "local", protect=spec.protect)
+        return planner.plan(prepared.ranking, nm_sparsity(prepared.nm), "local", protect=protect)
     return planner.plan(prepared.ranking, spec.sparsity, spec.scope, overrides=spec.overrides,
-                        protect=spec.protect, min_keep=spec.min_keep)
+                        protect=protect, min_keep=spec.min_keep)
 
 
 def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:

@@ -141,7 +141,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ScoringSpec:
-    """What is scored (structure) and how (criterion, norm, calibration data)."""
+    """What is scored (structure) and how (criterion, norm, calibration data).
+
+    On a causal language model only the Linears inside the transformer blocks are scored, as
+    the Wanda and SparseGPT papers prune (`explorer.blocks`): ``include_head`` also scores the
+    layers outside them (the LM head; embeddings are never prunable layers).
+    """
 
     structure: str = "unstructured"
     criterion: str = "magnitude"
@@ -149,6 +154,7 @@ class ScoringSpec:
     calib_batches: int = 4
     calib_batch_size: int = 64
     nm: str = "2:4"
+    include_head: bool = False
 
     @property
     def nm_pair(self) -> tuple[int, int]:
@@ -164,6 +170,8 @@ class ScoringSpec:
         if self.norm not in criteria.NORMS:
             raise _fail("scoring", f"norm must be one of {', '.join(criteria.NORMS)}, got {self.norm!r}.")
         _positive_int("scoring", "calib_batches", self.calib_batches, limits.MAX_CALIB_BATCHES)
+        if not isinstance(self.include_head, bool):
+            raise _fail("scoring", f"include_head must be true or false, got {self.include_head!r}.")
         _positive_int("scoring", "calib_batch_size", self.calib_batch_size, limits.MAX_BATCH)
         try:
             self.nm_pair

@@ -10,10 +10,10 @@ from explorer.layers import effective_weights
 from explorer.specs import ModelSpec, PlanSpec, ScoringSpec
 
 
-def pruned_with(source, criterion, nm="2:4", data=None):
+def pruned_with(source, criterion, nm="2:4", data=None, include_head=False):
     model, dataset, _ = pipeline.resolve_model(ModelSpec(source=source, data=data, baseline=False))
-    prepared = pipeline.prepare(model, ScoringSpec(structure="nm", criterion=criterion, nm=nm, calib_batches=2),
-                                dataset=dataset)
+    prepared = pipeline.prepare(model, ScoringSpec(structure="nm", criterion=criterion, nm=nm, calib_batches=2,
+                                                   include_head=include_head), dataset=dataset)
     plan = pipeline.preview(prepared, PlanSpec(sparsity=0.1))  # N:M fixes the sparsity whatever is asked
     return model, prepared, plan, pipeline.apply(model, prepared, plan)
 
@@ -45,7 +45,7 @@ def test_sparsegpt_rebuilds_the_kept_weights_and_magnitude_does_not():
 
 
 def test_a_tied_lm_head_is_kept_dense_by_sparsegpt_and_the_note_says_why():
-    _, prepared, plan, pruned = pruned_with("tiny_gpt2", "sparsegpt", data="text")
+    _, prepared, plan, pruned = pruned_with("tiny_gpt2", "sparsegpt", data="text", include_head=True)
     assert "hf.lm_head" not in prepared.scores and "tied" in prepared.note
     assert set(llm.check_nm(pruned, 2, 4, layers=list(prepared.scores)).values()) == {0}
 
