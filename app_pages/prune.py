@@ -6,7 +6,7 @@ import dataclasses
 import pandas as pd
 import streamlit as st
 
-from explorer import figures, pipeline, semistructured, timing
+from explorer import blocks, figures, hf, pipeline, semistructured, timing
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.llm import parse_nm
@@ -17,7 +17,8 @@ from app_pages import common, live_slider
 
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
-            "prune_calib": 4, "prune_nm": "2:4"}
+            "prune_calib": 4, "prune_nm": "2:4", "prune_include_head": False, "prune_calib_shape": False,
+            "prune_calib_samples": 32, "prune_calib_seqlen": 128, "prune_calib_mode": "windows"}
 PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
 STEPS = "prune_steps"  # (settings, the plan at every slider step, their views)
 
@@ -63,6 +64,13 @@ if session_recipe is not None and session_recipe.model == model["spec"]:  # the 
                      "prune_sparsity": session_recipe.plan.sparsity, "prune_protect": list(session_recipe.plan.protect),
                      "prune_min_keep": session_recipe.plan.min_keep,
                      "prune_override_layers": list(session_recipe.plan.overrides),
+                     "prune_include_head": session_recipe.scoring.include_head,
+                     "prune_calib_shape": session_recipe.scoring.shaped_text,
+                     "prune_calib_mode": session_recipe.scoring.calib_mode,
+                     **({"prune_calib_samples": session_recipe.scoring.calib_samples}
+                        if session_recipe.scoring.calib_samples else {}),
+                     **({"prune_calib_seqlen": session_recipe.scoring.calib_seqlen}
+                        if session_recipe.scoring.calib_seqlen else {}),
                      **{f"prune_override_{n}": v for n, v in session_recipe.plan.overrides.items()}})
 for key, default in DEFAULTS.items():  # defaults once; choices survive a visit to another page
     st.session_state[key] = st.session_state.get(key, default)
@@ -85,7 +93,26 @@ with details:
                    "in every layer it fits: the sparsity slider and scope do not apply. On a CPU dense kernels run "
                    "it at about 1x; GPUs with 2:4 sparse tensor cores are where it gets faster.")
 
-scoring = ScoringSpec(structure=structure, criterion=criterion, calib_batches=int(calib_batches), nm=nm)
+llm_options = {}
+if blocks.is_causal_lm(model["module"]) and structure in ("unstructured", "nm"):
+    with st.expander("LLM pruning as the papers do it: LM head, calibration text"):
+        llm_options["include_head"] = st.checkbox(
+            "Also prune the LM head", key="prune_include_head",
+            help="By default only the Linears inside the transformer blocks are pruned, as Wanda and SparseGPT do.")
+        if CRITERIA[criterion].needs_data and st.checkbox(
+                "Shape the calibration text (instead of the batches above)", key="prune_calib_shape"):
+            longest = hf.max_positions(model["module"].hf.config) or 4096
+            st.session_state["prune_calib_seqlen"] = min(st.session_state["prune_calib_seqlen"], longest)
+            samples_col, seqlen_col, mode_col = st.columns(3)
+            llm_options["calib_samples"] = int(samples_col.number_input("Samples", 1, 4096, key="prune_calib_samples"))
+            llm_options["calib_seqlen"] = int(seqlen_col.number_input("Tokens each", 2, longest,
+                                                                      key="prune_calib_seqlen"))
+            llm_options["calib_mode"] = mode_col.radio(
+                "Cut as", ["windows", "lines"], key="prune_calib_mode",
+                help="windows: from the concatenated token stream, as the papers; lines: one example each, "
+                     "padding left out of the statistics.")
+scoring = ScoringSpec(structure=structure, criterion=criterion, calib_batches=int(calib_batches), nm=nm,
+                      **llm_options)
 try:
     prepared = common.prepared_for(model, scoring)
 except ExplorerError as exc:

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--min-keep", type=_fraction, default=0.0, help="global scope: keep this fraction of every layer")
     prune.add_argument("--norm", choices=["l1", "l2"], default="l1", help="channel magnitude norm")
     prune.add_argument("--calib-batches", type=_whole(1, limits.MAX_CALIB_BATCHES), default=4)
+    prune.add_argument("--calib-samples", type=_whole(1, limits.MAX_BATCH), default=None,
+                       help="transformers: calibration sequences (default: calib-batches x 64 lines)")
+    prune.add_argument("--calib-seqlen", type=_whole(2, limits.MAX_SEQ_LEN), default=None,
+                       help="transformers: tokens per calibration sequence (default: the dataset's 64)")
+    prune.add_argument("--calib-mode", choices=["lines", "windows"], default="lines",
+                       help="transformers: 'windows' cuts the sequences from the concatenated token stream, as the "
+                            "papers do; 'lines' takes one example each (padding is left out of the statistics)")
     prune.add_argument("--include-head", action="store_true",
                        help="causal LMs: also prune the layers outside the transformer blocks (lm_head); by default "
                             "only the blocks' Linears are pruned, as the Wanda and SparseGPT papers do")
@@ -296,7 +303,9 @@ def recipe_from_args(args, sparsity: float) -> Recipe:
     return Recipe(
         model=_model_spec(args),
         scoring=ScoringSpec(structure=args.structure, criterion=args.criterion, norm=args.norm,
-                            calib_batches=args.calib_batches, nm=args.nm, include_head=args.include_head),
+                            calib_batches=args.calib_batches, nm=args.nm, include_head=args.include_head,
+                            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                            calib_mode=args.calib_mode),
         plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep),
         measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads),
         seed=args.seed,

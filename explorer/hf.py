@@ -181,7 +181,8 @@ def _pad_id(tokenizer, config, label: str) -> int:
     return int(tokenizer.pad_token_id)
 
 
-def _max_positions(config) -> int | None:
+def max_positions(config) -> int | None:
+    """The longest sequence a config's position embeddings allow; None when it names no limit."""
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -283,7 +284,7 @@ def load_hf(path: str | Path, *, seq_len: int = DEFAULT_SEQ_LEN) -> HFBundle:
     pad_id = _pad_id(tokenizer, config, label)
     if getattr(hf.config, "pad_token_id", None) is None:
         hf.config.pad_token_id = pad_id  # sequence classifiers find each example's last token with it
-    limit = _max_positions(config)
+    limit = max_positions(config)
     model = TokenModel(hf.float().eval(), task, pad_id, min(seq_len, limit) if limit else seq_len)
     return HFBundle(model=model, tokenizer=tokenizer, task=task, name=folder.name, path=folder)
 
@@ -303,7 +304,7 @@ def wrap_hf(hf: nn.Module, pad_id: int | None = None, *, seq_len: int = DEFAULT_
     if pad_id is None:
         raise ExplorerError(f"{type(hf).__name__} names no pad or end-of-text token in its config; "
                             "give pad_id (the tokenizer's pad_token_id).")
-    limit = _max_positions(config)
+    limit = max_positions(config)
     return TokenModel(hf.float().eval(), task_of(type(hf).__name__), pad_id, min(seq_len, limit) if limit else seq_len)
 
 

@@ -12,6 +12,7 @@ from explorer.errors import ExplorerError
 MAX_EPOCHS = 1_000            # training epochs (budget, fine-tune, a file model's warm-up)
 MAX_BATCH = 65_536            # examples in one batch (latency, training, calibration)
 MAX_CALIB_BATCHES = 10_000    # calibration batches for data-driven scores
+MAX_SEQ_LEN = 1_048_576       # tokens in one calibration sequence (a model's positions bound it too)
 MAX_THREADS = 1_024           # CPU threads for latency
 MAX_BINS = 10_000             # histogram bins (inspect)
 MAX_SEED = 2**32 - 1          # numpy's generators take seeds of 32 bits

@@ -106,7 +106,8 @@ def _run_calibration(model: nn.Module, calib: Iterable, layers: Mapping[str, nn.
     except TypeError:
         expected = None
     device = next(model.parameters()).device
-    handles = [module.register_forward_hook(_observer(name, observe)) for name, module in layers.items()]
+    real = {}  # the batch's token mask: True where a token is real, False on padding
+    handles = [module.register_forward_hook(_observer(name, observe, real)) for name, module in layers.items()]
     flags = {module: module.training for module in model.modules()}
     model.eval()
     done = 0
@@ -114,6 +115,7 @@ def _run_calibration(model: nn.Module, calib: Iterable, layers: Mapping[str, nn.
         with torch.no_grad():
             for batch in calib:
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                real["mask"] = token_mask(model, inputs)
                 _forward(model, inputs, device)
                 done += 1
                 if progress is not None:
@@ -127,12 +129,40 @@ def _run_calibration(model: nn.Module, calib: Iterable, layers: Mapping[str, nn.
         raise ExplorerError(f"The calibration data is empty: {label} needs at least one batch.")
 
 
-def _observer(name: str, observe: Callable[[str, nn.Module, torch.Tensor], None]):
+def token_mask(model: nn.Module, inputs) -> torch.Tensor | None:
+    """Which positions of a batch are real tokens (True) rather than padding, or None when unknown.
+
+    Token ids of a model with a ``pad_id`` (`explorer.hf.TokenModel`) are real where ``ids != pad_id``,
+    as the model's own attention mask says; a dict of inputs gives its ``attention_mask``.
+    """
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    pad_id = getattr(model, "pad_id", None)
+    if isinstance(pad_id, int) and isinstance(inputs, torch.Tensor) and inputs.dim() == 2 \
+            and not inputs.is_floating_point():
+        return inputs != pad_id
+    return None
+
+
+def real_rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Linear's ``(batch, sequence, in)`` inputs without the padded positions: ``(real tokens, in)``.
+
+    Padding must not enter the calibration statistics (Wanda's norms, SparseGPT's Hessians): its
+    hidden states are computed but attended by nothing, and on short padded lines they can be most
+    of the rows. Inputs of another shape, and conv layers, pass unchanged.
+    """
+    if mask is None or isinstance(module, _CONV_TYPES) or inputs.dim() < 3 or tuple(inputs.shape[:2]) != tuple(mask.shape):
+        return inputs
+    return inputs[mask.to(inputs.device)]
+
+
+def _observer(name: str, observe: Callable[[str, nn.Module, torch.Tensor], None], real: dict):
     def hook(module, inputs, output):
         if not inputs or not isinstance(inputs[0], torch.Tensor):
             raise ExplorerError(f"Layer {name!r} was called without a positional input tensor; "
                                 "it cannot be calibrated: leave it out (layers=...).")
-        observe(name, module, inputs[0].detach())
+        observe(name, module, real_rows(module, inputs[0].detach(), real.get("mask")))
     return hook
 
 

@@ -124,6 +124,23 @@ def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, D
     return model.eval(), dataset, saved["arch"] if saved is not None else (spec.arch or source)
 
 
+def calibration(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *, seed: int = 0) -> list:
+    """The calibration batches a ScoringSpec asks for: shaped text (`explorer.text.calibration`) or the dataset's.
+
+    Shaped text takes ``calib_samples`` (default ``calib_batches x calib_batch_size``) sequences of
+    ``calib_seqlen`` tokens (default the dataset's length), which must fit the model's positions.
+    """
+    if not scoring.shaped_text:
+        return dataset.calibration(scoring.calib_batches, scoring.calib_batch_size, seed=seed)
+    seq_len = scoring.calib_seqlen or int(dataset.info.get("seq_len") or dataset.input_shape[0])
+    limit = hf.max_positions(model.hf.config) if isinstance(model, hf.TokenModel) else None
+    if limit and seq_len > limit:
+        raise ExplorerError(f"Calibration sequences of {seq_len:,} tokens are longer than the model's {limit:,} "
+                            "positions; lower --calib-seqlen.")
+    samples = scoring.calib_samples or scoring.calib_batches * scoring.calib_batch_size
+    return text.calibration(dataset, samples, seq_len, scoring.calib_mode, seed=seed)
+
+
 def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None = None, seed: int = 0,
             example_input: torch.Tensor | None = None,
             progress: Callable[[float, str], None] | None = None) -> Prepared:
@@ -147,7 +164,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         if dataset is None:
             raise ExplorerError(f"Criterion '{criterion}' needs data: choose a dataset, or a data-free "
                                 "criterion (magnitude, random, bn_scale, synflow).")
-        calib = dataset.calibration(scoring.calib_batches, scoring.calib_batch_size, seed=seed)
+        calib = calibration(model, dataset, scoring, seed=seed)
     input_shape = tuple(example_input.shape[1:])
     layers = dict(prunable_layers(model))
     model_flops = measure.flops(model, example_input)

@@ -146,6 +146,11 @@ class ScoringSpec:
     On a causal language model only the Linears inside the transformer blocks are scored, as
     the Wanda and SparseGPT papers prune (`explorer.blocks`): ``include_head`` also scores the
     layers outside them (the LM head; embeddings are never prunable layers).
+
+    Calibration on text (`explorer.text.calibration`): ``calib_samples`` sequences of
+    ``calib_seqlen`` tokens, cut as ``calib_mode`` "windows" from the token stream (the papers'
+    way) or "lines" (one example each, padding ignored). Left unset, a transformer calibrates on
+    ``calib_batches`` x ``calib_batch_size`` padded lines of the dataset's own length.
     """
 
     structure: str = "unstructured"
@@ -155,6 +160,14 @@ class ScoringSpec:
     calib_batch_size: int = 64
     nm: str = "2:4"
     include_head: bool = False
+    calib_samples: int | None = None
+    calib_seqlen: int | None = None
+    calib_mode: str = "lines"
+
+    @property
+    def shaped_text(self) -> bool:
+        """True when calibration is shaped by samples / sequence length / mode (`explorer.text.calibration`)."""
+        return self.calib_samples is not None or self.calib_seqlen is not None or self.calib_mode != "lines"
 
     @property
     def nm_pair(self) -> tuple[int, int]:
@@ -170,6 +183,14 @@ class ScoringSpec:
         if self.norm not in criteria.NORMS:
             raise _fail("scoring", f"norm must be one of {', '.join(criteria.NORMS)}, got {self.norm!r}.")
         _positive_int("scoring", "calib_batches", self.calib_batches, limits.MAX_CALIB_BATCHES)
+        if self.calib_samples is not None:
+            _positive_int("scoring", "calib_samples", self.calib_samples, limits.MAX_BATCH)
+        if self.calib_seqlen is not None:
+            _positive_int("scoring", "calib_seqlen", self.calib_seqlen, limits.MAX_SEQ_LEN)
+        from explorer.text import CALIB_MODES
+
+        if self.calib_mode not in CALIB_MODES:
+            raise _fail("scoring", f"calib_mode must be one of {', '.join(CALIB_MODES)}, got {self.calib_mode!r}.")
         if not isinstance(self.include_head, bool):
             raise _fail("scoring", f"include_head must be true or false, got {self.include_head!r}.")
         _positive_int("scoring", "calib_batch_size", self.calib_batch_size, limits.MAX_BATCH)

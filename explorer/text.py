@@ -252,5 +252,54 @@ def text_dataset(tokenizer, *, path: str | Path | bytes | None = None, seq_len: 
         x_test=x[n_train + n_val:], y_test=y[n_train + n_val:],
         description=f"Text: {len(texts):,} {origin}, {classes}, {seq_len} tokens each.",
         info={"kind": "text", "pad_id": pad_id, "labelled": labels is not None, "source": source,
-              "examples": len(texts), "seq_len": int(seq_len)},
+              "examples": len(texts), "seq_len": int(seq_len), "tokenizer": tokenizer,
+              "train_texts": tuple(texts[int(i)] for i in order[:n_train])},
     )
+
+
+CALIB_MODES = {
+    "lines": "one example a line, truncated to the sequence length; padding is left out of the statistics",
+    "windows": "windows of the sequence length cut at random from the training text's concatenated token "
+               "stream, as the Wanda and SparseGPT papers calibrate (no padding)",
+}
+CALIB_TOKENS_PER_BATCH = 4096  # a batch of long windows stays a few hundred MB of activations on a 1 B model
+
+
+def calibration(dataset: Dataset, samples: int, seq_len: int, mode: str = "lines", *, seed: int = 0) -> list:
+    """``samples`` calibration sequences of up to ``seq_len`` tokens from a text dataset's training split.
+
+    ``mode="windows"`` concatenates the training examples' tokens (untruncated) into one stream and
+    cuts ``samples`` windows of exactly ``seq_len`` tokens at seeded random starts (the papers' 128 x
+    2,048 from C4 / WikiText); ``mode="lines"`` takes ``samples`` examples at random, each truncated to
+    ``seq_len`` and right-padded with the pad id (padding is then left out of the statistics, see
+    `explorer.llm.real_rows`). Returned as ``[(ids, None), ...]`` batches of at most
+    `CALIB_TOKENS_PER_BATCH` tokens.
+    """
+    if mode not in CALIB_MODES:
+        raise ExplorerError(f"Calibration mode '{mode}' is not one of {', '.join(CALIB_MODES)}.")
+    tokenizer, texts = dataset.info.get("tokenizer"), dataset.info.get("train_texts")
+    if tokenizer is None or not texts:
+        raise ExplorerError(f"'{dataset.name}' is not tokenised text: calibration samples, sequence length and "
+                            "mode need a transformer with --data text.")
+    if seq_len < 2 or samples < 1:
+        raise ExplorerError(f"Calibration needs at least 1 sample of at least 2 tokens; got {samples} x {seq_len}.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = [row for row in tokenizer(list(texts), add_special_tokens=mode == "lines")["input_ids"] if row]
+    rng = np.random.default_rng(seed)
+    pad_id = dataset.info["pad_id"]
+    if mode == "windows":
+        stream = np.fromiter((token for row in ids for token in row), dtype=np.int64)
+        if len(stream) < seq_len:
+            raise ExplorerError(f"The training text holds {len(stream):,} tokens, fewer than one window of "
+                                f"{seq_len:,}; lower the sequence length or calibrate on lines.")
+        starts = rng.integers(0, len(stream) - seq_len + 1, size=samples)
+        rows = torch.from_numpy(np.stack([stream[start:start + seq_len] for start in starts]))
+    else:
+        picked = rng.choice(len(ids), size=samples, replace=samples > len(ids))
+        rows = torch.full((samples, seq_len), pad_id, dtype=torch.long)
+        for row, index in enumerate(picked):
+            tokens = ids[int(index)][:seq_len]
+            rows[row, :len(tokens)] = torch.tensor(tokens)
+    per_batch = max(1, CALIB_TOKENS_PER_BATCH // seq_len)
+    return [(rows[start:start + per_batch], None) for start in range(0, samples, per_batch)]

@@ -211,3 +211,39 @@ def test_pages_that_train_say_so_for_a_model_judged_by_perplexity(page):
     at = load_transformer(start(), "tiny_gpt2")
     goto(at, page)
     assert "judged by perplexity" in texts(at.info) and not at.error
+
+
+def test_prune_page_llm_expander_keeps_the_head_dense_and_shapes_calibration(tmp_path, monkeypatch):
+    """prune_include_head, prune_calib_shape, prune_calib_samples / _seqlen / _mode: the masks equal the pipeline's."""
+    from explorer import pipeline
+    from explorer.layers import effective_weight
+    from explorer.specs import PlanSpec, ScoringSpec
+
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path / "data"))
+    at = load_transformer(start(), "tiny_gpt2")
+    goto(at, "app_pages/prune.py")
+    at.selectbox(key="prune_criterion").set_value("wanda").run()
+    assert "hf.lm_head" not in at.multiselect(key="prune_protect").options  # the papers' default
+    at.checkbox(key="prune_include_head").check().run()
+    assert "hf.lm_head" in at.multiselect(key="prune_protect").options
+    at.checkbox(key="prune_include_head").uncheck().run()
+    at.checkbox(key="prune_calib_shape").check().run()
+    at.number_input(key="prune_calib_samples").set_value(5).run()
+    at.number_input(key="prune_calib_seqlen").set_value(48).run()
+    at.radio(key="prune_calib_mode").set_value("windows").run()
+    set_sparsity(at, 0.5)
+    at.button(key="prune_apply").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    result = at.session_state["pruned_result"]
+    scoring = result["recipe"].scoring
+    assert (scoring.calib_samples, scoring.calib_seqlen, scoring.calib_mode, scoring.include_head) == \
+        (5, 48, "windows", False)
+    model, dataset, _ = pipeline.resolve_model(result["recipe"].model)
+    prepared = pipeline.prepare(model, ScoringSpec(criterion="wanda", calib_samples=5, calib_seqlen=48,
+                                                   calib_mode="windows"), dataset=dataset)
+    expected = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(0.5, scope="global")))
+    pruned = result["module"]
+    for name in [*prepared.names, "hf.lm_head"]:
+        assert torch.equal(effective_weight(pruned.get_submodule(name)) == 0,
+                           effective_weight(expected.get_submodule(name)) == 0), name
+    assert bool((effective_weight(pruned.hf.lm_head) != 0).all())
