@@ -17,7 +17,7 @@ from app_pages import common, live_slider
 
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
-            "prune_calib": 4, "prune_nm": "2:4", "prune_include_head": False, "prune_calib_shape": False,
+            "prune_calib": 4, "prune_nm": "2:4", "prune_include_head": False, "prune_calib_shape": False, "prune_sequential": False,
             "prune_calib_samples": 32, "prune_calib_seqlen": 128, "prune_calib_mode": "windows"}
 PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
 STEPS = "prune_steps"  # (settings, the plan at every slider step, their views)
@@ -65,6 +65,7 @@ if session_recipe is not None and session_recipe.model == model["spec"]:  # the 
                      "prune_min_keep": session_recipe.plan.min_keep,
                      "prune_override_layers": list(session_recipe.plan.overrides),
                      "prune_include_head": session_recipe.scoring.include_head,
+                     "prune_sequential": session_recipe.scoring.sequential,
                      "prune_calib_shape": session_recipe.scoring.shaped_text,
                      "prune_calib_mode": session_recipe.scoring.calib_mode,
                      **({"prune_calib_samples": session_recipe.scoring.calib_samples}
@@ -99,6 +100,11 @@ if blocks.is_causal_lm(model["module"]) and structure in ("unstructured", "nm"):
         llm_options["include_head"] = st.checkbox(
             "Also prune the LM head", key="prune_include_head",
             help="By default only the Linears inside the transformer blocks are pruned, as Wanda and SparseGPT do.")
+        if criterion in ("wanda", "sparsegpt"):
+            llm_options["sequential"] = st.checkbox(
+                "Sequential calibration", key="prune_sequential",
+                help="Each block is calibrated on the outputs of the already pruned blocks before it, as the papers' "
+                     "code does (Apply re-runs the calibration block by block); off: one pass of the dense model.")
         if CRITERIA[criterion].needs_data and st.checkbox(
                 "Shape the calibration text (instead of the batches above)", key="prune_calib_shape"):
             longest = hf.max_positions(model["module"].hf.config) or 4096
@@ -272,7 +278,10 @@ st.divider()
 if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply"):
     plan, recipe = st.session_state[PLAN], st.session_state[common.RECIPE]
     try:
-        pruned_module = pipeline.apply(model["module"], prepared, plan)
+        bar = st.progress(0.0, text="Pruning a copy ...")
+        pruned_module = pipeline.apply(model["module"], prepared, plan,
+                                       progress=lambda fraction, text: bar.progress(fraction, text=text))
+        bar.empty()
         run, refused = common.measure_and_save(model, pruned_module, recipe)
     except ExplorerError as exc:
         st.error(str(exc))

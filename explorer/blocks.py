@@ -8,16 +8,31 @@ in any model without knowing its class: the ``nn.ModuleList`` holding the most p
 entries all hold a Linear (or GPT-2's ``Conv1D``); `outside_blocks` names the prunable layers
 left outside, which the pipeline keeps dense on a causal language model unless asked.
 
+`sequential_prune` is the papers' layer-by-layer loop: capture the inputs of block 0 for every
+calibration batch, then for each block run it with its Linears hooked (statistics from the real
+tokens only), prune its Linears, and run the pruned block again to give the next block its inputs.
+Each block is thus calibrated on the outputs of the already pruned blocks before it ("sequential");
+the one-pass variant (`explorer.llm.wanda_scores`, `explorer.llm.hessians` on the dense model)
+calibrates every layer on the dense model's activations.
+
 Example::
 
     stack = find_blocks(model)                      # ("hf.transformer.h", [block0, block1, ...])
     outside_blocks(model)                           # ["hf.lm_head"]
+    sequential_prune(copy, calib, "wanda", {name: 0.5 for name in block_layers})
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
 from torch import nn
 
-from explorer import llm
+from explorer import llm, masking
+from explorer.errors import ExplorerError
+from explorer.layers import effective_weight
+
+SEQUENTIAL_CRITERIA = ("wanda", "sparsegpt")
 
 
 def _holds_a_layer(module: nn.Module) -> bool:
@@ -67,3 +82,147 @@ def outside_blocks(model: nn.Module, names=None) -> list[str]:
 def is_causal_lm(model: nn.Module) -> bool:
     """True for a wrapped Hugging Face causal language model (`explorer.hf.TokenModel`, task causal_lm)."""
     return getattr(model, "task", None) == "causal_lm" and hasattr(model, "hf")
+
+
+class _Captured(ExplorerError):
+    """Raised by the hook on block 0 once it has its inputs: the rest of the model need not run.
+
+    An ExplorerError so that `explorer.llm`'s forward lets it through unwrapped.
+    """
+
+
+def capture_block_inputs(model: nn.Module, calib: Iterable) -> list[dict]:
+    """Block 0's call for every calibration batch: ``{"args", "kwargs", "mask"}`` (mask: real tokens or None).
+
+    The model runs up to block 0 only (embeddings, position encodings, attention masks), as the
+    reference code's ``Catcher`` does; every later block is then called with the same extra
+    arguments (attention mask, positions, rotary embeddings) and its predecessor's output.
+    """
+    found = find_blocks(model)
+    if found is None:
+        raise ExplorerError("Sequential calibration needs a transformer with a stack of blocks; this model has none: "
+                            "use one-pass calibration.")
+    first = found[1][0]
+    device = next(model.parameters()).device
+    captured: list[dict] = []
+    mask: dict = {}
+
+    def catch(module, args, kwargs):
+        captured.append({"args": args, "kwargs": kwargs, "mask": mask.get("now")})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in calib:
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                mask["now"] = llm.token_mask(model, inputs)
+                try:
+                    llm._forward(model, inputs, device)
+                except _Captured:
+                    continue
+                raise ExplorerError("The model never called its first transformer block; sequential calibration "
+                                    "cannot follow it: use one-pass calibration.")
+    finally:
+        handle.remove()
+    if not captured:
+        raise ExplorerError("The calibration data is empty: sequential calibration needs at least one batch.")
+    return captured
+
+
+def _run_block(block: nn.Module, call: dict) -> torch.Tensor:
+    output = block(*call["args"], **call["kwargs"])
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_hidden(call: dict, hidden: torch.Tensor) -> dict:
+    if call["args"]:
+        return {**call, "args": (hidden, *call["args"][1:])}
+    return {**call, "kwargs": {**call["kwargs"], "hidden_states": hidden}}
+
+
+def _statistics(block: nn.Module, layers: Mapping[str, nn.Module], calls: list[dict], criterion: str) -> dict:
+    """Run ``block`` on every call with its ``layers`` hooked: Wanda's Σx² or SparseGPT's H = 2/N Σxxᵀ."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current: dict = {}
+
+    def observer(name):
+        def hook(module, inputs, output):
+            rows = llm.real_rows(module, inputs[0].detach(), current.get("mask"))
+            rows = rows.reshape(-1, rows.shape[-1]).double() if criterion == "wanda" else \
+                llm._input_rows(module, rows)
+            total = rows.pow(2).sum(0) if criterion == "wanda" else rows.t() @ rows
+            sums[name] = sums[name] + total if name in sums else total
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+        return hook
+
+    handles = [module.register_forward_hook(observer(name)) for name, module in layers.items()]
+    try:
+        for call in calls:
+            current["mask"] = call["mask"]
+            _run_block(block, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if criterion == "wanda":
+        return sums
+    return {name: sums[name] * (2.0 / counts[name]) for name in sums if counts[name]}
+
+
+def _wanda_mask(module: nn.Module, squares: torch.Tensor, pruned: int, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Keep-mask of one layer: the ``pruned`` weights of lowest within-row rank of ``|W|·‖X‖`` (or N:M)."""
+    weight = effective_weight(module).detach().float().abs()
+    norms = squares.sqrt().float()
+    raw = weight * (norms[:, None] if llm.is_transposed(module) else norms)
+    transposed = llm.is_transposed(module)
+    if nm is not None:
+        return llm.nm_mask(raw, *nm, transposed=transposed)
+    ranks = llm._within_row_ranks(raw, transposed=transposed).reshape(-1)
+    keep = torch.ones(ranks.numel(), dtype=torch.bool)
+    keep[torch.argsort(ranks, stable=True)[:pruned]] = False
+    return keep.reshape(raw.shape)
+
+
+def sequential_prune(model: nn.Module, calib: Iterable, criterion: str, counts: Mapping[str, int], *,
+                     nm: tuple[int, int] | None = None, progress: Callable[[float, str], None] | None = None) -> None:
+    """Prune ``model`` IN PLACE block by block, each block calibrated on the pruned blocks before it.
+
+    ``counts`` is ``{layer: weights to prune}`` (a plan's per-layer counts; layers left out or at 0 stay
+    dense); every named layer must sit in a transformer block. Wanda prunes each layer's lowest
+    within-row ranks of ``|W|·‖X‖`` (N:M with ``nm``); SparseGPT prunes and rebuilds it from its Hessian
+    (`explorer.llm.sparsegpt_prune`). Padding never enters the statistics.
+    """
+    if criterion not in SEQUENTIAL_CRITERIA:
+        raise ExplorerError(f"Sequential calibration is for {' and '.join(SEQUENTIAL_CRITERIA)}; '{criterion}' "
+                            "uses no calibration of the pruned blocks: use one-pass.")
+    found = find_blocks(model)
+    calls = capture_block_inputs(model, calib)
+    stack, stack_blocks = found
+    modules = llm.llm_layers(model)
+    prefixes = block_prefixes(model)
+    outside = [name for name, count in counts.items() if count and not name.startswith(tuple(prefixes))]
+    if outside:
+        raise ExplorerError(f"Sequential calibration prunes the transformer blocks only; {', '.join(outside)} is "
+                            "outside them: protect it or use one-pass calibration.")
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for index, (block, prefix) in enumerate(zip(stack_blocks, prefixes)):
+                layers = {name: modules[name] for name in modules if name.startswith(prefix) and counts.get(name)}
+                if layers:
+                    statistics = _statistics(block, layers, calls, criterion)
+                    if criterion == "wanda":
+                        masking.set_masks(model, {name: _wanda_mask(layers[name], statistics[name], counts[name], nm)
+                                                  for name in layers if name in statistics}, regrow="keep")
+                    else:
+                        llm.sparsegpt_prune(model, statistics, {
+                            name: counts[name] / layers[name].weight.numel() for name in statistics}, nm=nm)
+                calls = [_with_hidden(call, _run_block(block, call)) for call in calls]
+                if progress is not None:
+                    progress((index + 1) / len(stack_blocks), f"{criterion} sequential: block {index + 1} of "
+                                                              f"{len(stack_blocks)}")
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)

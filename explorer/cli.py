@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calib-mode", choices=["lines", "windows"], default="lines",
                        help="transformers: 'windows' cuts the sequences from the concatenated token stream, as the "
                             "papers do; 'lines' takes one example each (padding is left out of the statistics)")
+    prune.add_argument("--sequential", action="store_true",
+                       help="wanda / sparsegpt: calibrate each transformer block on the outputs of the already pruned "
+                            "blocks before it, as the papers' code does (default: one pass of the dense model)")
     prune.add_argument("--include-head", action="store_true",
                        help="causal LMs: also prune the layers outside the transformer blocks (lm_head); by default "
                             "only the blocks' Linears are pruned, as the Wanda and SparseGPT papers do")
@@ -305,7 +308,7 @@ def recipe_from_args(args, sparsity: float) -> Recipe:
         scoring=ScoringSpec(structure=args.structure, criterion=args.criterion, norm=args.norm,
                             calib_batches=args.calib_batches, nm=args.nm, include_head=args.include_head,
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                            calib_mode=args.calib_mode),
+                            calib_mode=args.calib_mode, sequential=args.sequential),
         plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep),
         measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads),
         seed=args.seed,
@@ -367,6 +370,8 @@ def cmd_prune(args) -> list[dict]:
             result["note"] = " ".join(filter(None, [prepared.note, plan.note]))
         if prepared.nm is not None:
             result["nm"] = {"n": prepared.nm[0], "m": prepared.nm[1]}
+        if args.criterion in ("wanda", "sparsegpt"):
+            result["calibration"] = "sequential" if prepared.sequential else "one-pass"
         if plan.collapsed or args.plan_only:
             estimate = pipeline.estimate(prepared, plan)
             result["params"] = {"total": estimate["params_total"], "nonzero": estimate["params_after"],
@@ -450,7 +455,9 @@ def _print_human(command: str, results: list[dict]) -> None:
                       f"{layer['std']:9.4f} {layer['zeros_fraction']:6.1%}")
             continue
         point = result["collapse_point"]
-        print(f"sparsity {result['sparsity']:.1%} ({result['scope']} {result['criterion']} {result['structure']}); "
+        calibrated = f", {result['calibration']} calibration" if "calibration" in result else ""
+        print(f"sparsity {result['sparsity']:.1%} ({result['scope']} {result['criterion']} {result['structure']}"
+              f"{calibrated}); "
               f"collapse point {'none' if point is None else f'{point:.1%}'}")
         for layer in result["layers"]:
             flag = "  COLLAPSED" if layer["collapsed"] else ""

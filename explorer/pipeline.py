@@ -51,6 +51,8 @@ class Prepared:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     note: str = ""
     kept_dense: tuple[str, ...] = ()
+    sequential: bool = False
+    calib: list = field(default_factory=list)
     layer_kinds: dict[str, str] = field(default_factory=dict)
     layer_params: dict[str, int] = field(default_factory=dict)
     layer_flops: dict[str, int] = field(default_factory=dict)
@@ -229,7 +231,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     return Prepared(
         structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
         groups=prepared_groups, attention=attention, nm=nm, hessians=hessians, note=" ".join(notes),
-        kept_dense=tuple(kept_dense),
+        kept_dense=tuple(kept_dense), sequential=scoring.sequential, calib=calib if scoring.sequential else [],
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
         layer_params={name: module.weight.numel() for name, module in layers.items()},
         layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
@@ -328,12 +330,22 @@ def thresholds(prepared: Prepared, plan: planner.Plan) -> dict[str, float | None
     return result
 
 
-def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan) -> nn.Module:
-    """The pruned copy: masks (unstructured) or channels physically removed. ``model`` is untouched."""
+def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan, *,
+          progress: Callable[[float, str], None] | None = None) -> nn.Module:
+    """The pruned copy: masks (unstructured) or channels physically removed. ``model`` is untouched.
+
+    With sequential calibration the plan's per-layer counts are pruned block by block
+    (`explorer.blocks.sequential_prune`), each block calibrated on the pruned blocks before it.
+    """
     if plan.collapsed:
         names = ", ".join(plan.collapsed[:3])
         raise ExplorerError(f"This plan empties {names}: the network would be cut in two. Lower the sparsity, "
                             "switch to local scope, protect the layer or set a min_keep guard.")
+    if prepared.sequential:  # the plan's per-layer counts; the masks from blocks calibrated on pruned blocks
+        pruned = clone_model(model)
+        blocks.sequential_prune(pruned, prepared.calib, prepared.criterion,
+                                {lp.name: lp.pruned for lp in plan.layers}, nm=prepared.nm, progress=progress)
+        return pruned
     if prepared.criterion == "sparsegpt":
         pruned = clone_model(model)
         llm.sparsegpt_prune(pruned, prepared.hessians,

@@ -151,6 +151,9 @@ class ScoringSpec:
     ``calib_seqlen`` tokens, cut as ``calib_mode`` "windows" from the token stream (the papers'
     way) or "lines" (one example each, padding ignored). Left unset, a transformer calibrates on
     ``calib_batches`` x ``calib_batch_size`` padded lines of the dataset's own length.
+    ``sequential`` (Wanda, SparseGPT) calibrates each transformer block on the outputs of the
+    already pruned blocks before it, as the papers' code does; off, every layer is calibrated in one
+    pass of the dense model (`explorer.blocks`).
     """
 
     structure: str = "unstructured"
@@ -163,6 +166,7 @@ class ScoringSpec:
     calib_samples: int | None = None
     calib_seqlen: int | None = None
     calib_mode: str = "lines"
+    sequential: bool = False
 
     @property
     def shaped_text(self) -> bool:
@@ -191,6 +195,11 @@ class ScoringSpec:
 
         if self.calib_mode not in CALIB_MODES:
             raise _fail("scoring", f"calib_mode must be one of {', '.join(CALIB_MODES)}, got {self.calib_mode!r}.")
+        if not isinstance(self.sequential, bool):
+            raise _fail("scoring", f"sequential must be true or false, got {self.sequential!r}.")
+        if self.sequential and (self.criterion not in ("wanda", "sparsegpt") or self.structure not in ("unstructured", "nm")):
+            raise _fail("scoring", "sequential calibration is for wanda and sparsegpt, unstructured or nm; "
+                                   f"not {self.criterion} / {self.structure}.")
         if not isinstance(self.include_head, bool):
             raise _fail("scoring", f"include_head must be true or false, got {self.include_head!r}.")
         _positive_int("scoring", "calib_batch_size", self.calib_batch_size, limits.MAX_BATCH)

@@ -26,7 +26,8 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 |             | prune_override_<layer>, prune_min_keep      |                                                         |
 | Prune       | prune_calib (criterion with data)           | here: test_prune_calibration_batches_...                |
 | Prune       | prune_include_head, prune_calib_shape,      | test_app_transformers: test_prune_page_llm_expander_... |
-|             | prune_calib_samples/_seqlen/_mode (LLMs)    |                                                         |
+|             | prune_calib_samples/_seqlen/_mode,          |                                                         |
+|             | prune_sequential (LLMs)                     |                                                         |
 | Prune       | prune_table_open (per-layer table)          | test_app (brute-force global cut), here                 |
 | Prune       | prune_group_layer                           | test_app_numbers, test_app_transformers                 |
 | Prune       | prune_apply                                 | test_app and most page tests, here                      |

@@ -214,7 +214,7 @@ def test_pages_that_train_say_so_for_a_model_judged_by_perplexity(page):
 
 
 def test_prune_page_llm_expander_keeps_the_head_dense_and_shapes_calibration(tmp_path, monkeypatch):
-    """prune_include_head, prune_calib_shape, prune_calib_samples / _seqlen / _mode: the masks equal the pipeline's."""
+    """prune_include_head, prune_sequential, prune_calib_shape, prune_calib_samples / _seqlen / _mode: masks as the pipeline's."""
     from explorer import pipeline
     from explorer.layers import effective_weight
     from explorer.specs import PlanSpec, ScoringSpec
@@ -231,16 +231,17 @@ def test_prune_page_llm_expander_keeps_the_head_dense_and_shapes_calibration(tmp
     at.number_input(key="prune_calib_samples").set_value(5).run()
     at.number_input(key="prune_calib_seqlen").set_value(48).run()
     at.radio(key="prune_calib_mode").set_value("windows").run()
+    at.checkbox(key="prune_sequential").check().run()
     set_sparsity(at, 0.5)
     at.button(key="prune_apply").click().run()
     assert not at.exception and not at.error, texts(at.error)
     result = at.session_state["pruned_result"]
     scoring = result["recipe"].scoring
-    assert (scoring.calib_samples, scoring.calib_seqlen, scoring.calib_mode, scoring.include_head) == \
-        (5, 48, "windows", False)
+    assert (scoring.calib_samples, scoring.calib_seqlen, scoring.calib_mode, scoring.include_head,
+            scoring.sequential) == (5, 48, "windows", False, True)
     model, dataset, _ = pipeline.resolve_model(result["recipe"].model)
     prepared = pipeline.prepare(model, ScoringSpec(criterion="wanda", calib_samples=5, calib_seqlen=48,
-                                                   calib_mode="windows"), dataset=dataset)
+                                                   calib_mode="windows", sequential=True), dataset=dataset)
     expected = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(0.5, scope="global")))
     pruned = result["module"]
     for name in [*prepared.names, "hf.lm_head"]:
