@@ -231,6 +231,18 @@ def cmd_deploy(args) -> list[dict]:
     return [result]
 
 
+def _runtime_line(row: dict) -> str:
+    """One runtime row of `deploy.runtimes.compare_runtimes` as a line of text."""
+    head = f"  {row['runtime']:17s} batch {row['batch']:<5d}"
+    if row.get("error"):
+        return f"{head} {row['error']}"
+    measured = {"speedup_measured": row["speedup"], "speedup_interval": row["speedup_interval"],
+                "speedup_noisy": row["noisy"]}
+    setup = f"; compile/export {sum(row['setup_s'].values()):.1f} s" if row.get("setup_s") else ""
+    return (f"{head} {row['dense_ms']:.3f} -> {row['pruned_ms']:.3f} ms, measured {timing.speedup_text(measured)}, "
+            f"measured / FLOPs {row['measured_over_flops']:.2f}{setup}")
+
+
 def _print_deploy(result: dict) -> None:
     timed = result["runtimes"]
     print(f"{result['model']} on {result['data']}: FLOPs speed-up {timed['speedup_flops']:.2f}x "
@@ -240,15 +252,7 @@ def _print_deploy(result: dict) -> None:
     if timed.get("threads_note"):
         print(f"  threads {timed['threads_note']}")
     for row in timed["rows"]:
-        head = f"  {row['runtime']:17s} batch {row['batch']:<5d}"
-        if row.get("error"):
-            print(f"{head} {row['error']}")
-            continue
-        measured = {"speedup_measured": row["speedup"], "speedup_interval": row["speedup_interval"],
-                    "speedup_noisy": row["noisy"]}
-        setup = f"; compile/export {sum(row['setup_s'].values()):.1f} s" if row.get("setup_s") else ""
-        print(f"{head} {row['dense_ms']:.3f} -> {row['pruned_ms']:.3f} ms, measured {timing.speedup_text(measured)}, "
-              f"measured / FLOPs {row['measured_over_flops']:.2f}{setup}")
+        print(_runtime_line(row))
     for row in (result.get("int8") or {}).get("rows", []):
         metric = f", {result['int8']['task']} {row['metric']:.4g}" if row.get("metric") is not None else ""
         print(f"  {row['model']:12s} {row['size_bytes']:,} bytes ({row['size_vs_dense']:.2f}x dense), "
@@ -447,6 +451,8 @@ def _print_human(command: str, results: list[dict]) -> None:
                      if m.get("speedup_measured") else ""))
             if note := timing.timing_note(m):
                 print(f"  {note}")
+            for row in (m.get("runtimes") or {}).get("rows", []):
+                print(_runtime_line(row))
             continue
         if command == "inspect":
             print(f"{'layer':32s} {'kind':8s} {'count':>9s} {'mean|w|':>9s} {'std':>9s} {'zeros':>6s}")

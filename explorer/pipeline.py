@@ -383,7 +383,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     for fidelity, when several pruned copies of one base are measured.
     ``semi_structured`` is None unless some Linear carries a 2:4 weight; then it holds the 2:4 model
     timed with PyTorch's semi-structured kernels next to dense on a capable GPU, or the reason it
-    cannot be (`semistructured.semi_structured_latency`).
+    cannot be (`semistructured.semi_structured_latency`). ``runtimes`` is present when the spec names
+    runtimes (``measure: {runtimes: [eager, onnxruntime]}``): dense vs pruned timed on each at the spec's
+    batch (`deploy.runtimes.compare_runtimes`).
     """
     spec.validate()
     deployed = measure.as_deployed(pruned_model)  # folded once: no mask hook in every evaluation forward
@@ -410,6 +412,12 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     metrics["semi_structured"] = semistructured.semi_structured_latency(
         deployed, dataset.example_input(spec.batch), min_run_time=spec.min_run_time, time_it=spec.latency,
     ) if semistructured.has_2_4_layer(deployed) else None
+    if spec.runtimes:  # the recipe names runtimes: dense vs pruned on each, at its batch
+        from explorer.deploy.runtimes import compare_runtimes
+
+        metrics["runtimes"] = compare_runtimes(base_model, deployed, dataset.example_input(spec.batch),
+                                               runtimes=spec.runtimes, batches=(spec.batch,), threads=spec.threads,
+                                               min_run_time=spec.min_run_time, max_run_time=spec.max_run_time)
     metrics.update(task=task,
                    zero_fraction_all_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
                    sparsity_actual=1 - prunable_counts(pruned_model)[0] / max(1, prunable_counts(base_model)[1]))

@@ -15,7 +15,7 @@ is short for ``model: {source: lenet5}``)::
     method: {name: one_shot}                   # a method's own parameters sit beside its name
     budget: {epochs: 2}                        # training the method may spend (default: finetune's epochs)
     finetune: {lr: 0.001}                      # training settings: optimizer, lr, schedule, batch size
-    measure: {latency: true, batch: 64}
+    measure: {latency: true, batch: 64}       # runtimes: [eager, compile, onnxruntime] times each too
     seed: 0
 
 Recipes written before these sections existed (flat keys such as ``structure:`` and
@@ -89,6 +89,7 @@ class Recipe:
         """Plain nested dict (YAML / JSON-able); `from_dict` reads it back to an equal Recipe."""
         values = dataclasses.asdict(self)
         values["plan"]["protect"] = list(self.plan.protect)
+        values["measure"]["runtimes"] = list(self.measure.runtimes)
         values["method"] = {"name": self.method.name, **self.method.params}  # method: {name: NAME, ...its params}
         return values
 

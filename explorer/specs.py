@@ -285,6 +285,11 @@ class MeasureSpec:
     device: str | None = None
     min_run_time: float = 0.5
     max_run_time: float | None = None
+    runtimes: tuple[str, ...] = ()  # also time dense vs pruned on these runtimes (explorer.deploy.runtimes)
+
+    def __post_init__(self):  # YAML gives a list
+        object.__setattr__(self, "runtimes", tuple(self.runtimes or ()) if not isinstance(self.runtimes, str)
+                           else (self.runtimes,))
 
     def validate(self) -> "MeasureSpec":
         if not isinstance(self.latency, bool):
@@ -304,4 +309,11 @@ class MeasureSpec:
                 or not self.min_run_time <= self.max_run_time <= limits.MAX_SECONDS):
             raise _fail("measure", f"max_run_time must be a number of seconds in [min_run_time, "
                                    f"{limits.MAX_SECONDS:g}], got {self.max_run_time!r}.")
+        if self.runtimes:
+            from explorer.deploy.runtimes import parse_runtimes
+
+            try:
+                parse_runtimes(list(self.runtimes))
+            except ExplorerError as exc:
+                raise _fail("measure", f"runtimes: {exc}") from None
         return self

@@ -279,3 +279,21 @@ def test_a_saved_file_without_recipe_gets_a_fresh_full_width_dense_model(tmp_pat
     path = save_model(build("mlp", (1, 8, 8), 10), tmp_path / "d.pt", arch="mlp", input_shape=(1, 8, 8), num_classes=10)
     pair = source.load_pair(str(path))
     assert not pair.dense_trained and "fresh weights" in pair.note and pair.dataset.name == "digits"
+
+
+def test_a_recipe_naming_runtimes_reports_them_from_run(capsys, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {source: mlp, baseline: false}\nplan: {sparsity: 0.8}\n"
+                      "measure: {batch: 4, max_run_time: 0.5, runtimes: [eager, onnxruntime]}\n")
+    code, out, err = run_cli(capsys, "run", "--recipe", str(recipe), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["recipe"]["measure"]["runtimes"] == ["eager", "onnxruntime"]
+    timed = result["metrics"]["runtimes"]
+    assert [(r["runtime"], r["batch"]) for r in timed["rows"]] == [("eager", 4), ("onnxruntime", 4)]
+    assert timed["flops"]["pruned"] == result["metrics"]["flops_effective"]  # the run's own FLOPs count
+    code, out, _ = run_cli(capsys, "run", "--recipe", str(recipe))
+    assert code == 0 and "onnxruntime       batch 4" in out
+    recipe.write_text("model: {source: mlp}\nmeasure: {runtimes: [eager, tvm]}\n")
+    code, _, err = run_cli(capsys, "run", "--recipe", str(recipe))
+    assert code == 2 and "runtimes: Unknown runtime 'tvm'" in err and err.count("\n") == 1
