@@ -5,6 +5,7 @@ import streamlit as st
 
 from explorer import figures, semistructured
 from explorer.errors import ExplorerError
+from explorer.methods.lab import chance_note
 from explorer.store import RunStore
 from app_pages import common
 
@@ -115,6 +116,11 @@ reasons = {semistructured.describe(run.metrics["semi_structured"]) for run in ru
            and run.metrics.get("semi_structured")}
 for reason in sorted(filter(None, reasons)):
     st.caption(reason)
+for run in runs:  # a stored run at chance is no verdict on its method
+    losses = run.trajectory or [{"train_loss": point.get("loss")} for point in run.history or []]
+    if run.id in set(shown["id"]) and (note := chance_note(run.name, run.metrics, losses,
+                                                           int(run.settings.get("num_classes") or 0))):
+        st.warning(note)
 
 left, right = st.columns(2)
 with left:

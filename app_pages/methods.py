@@ -4,19 +4,26 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from explorer import figures, jobs, timing
+from explorer import baselines, figures, jobs, timing
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.methods import METHODS
-from explorer.methods.lab import chance_note, run_lab
+from explorer.methods.lab import CLAIMS, CONTROLS, DEFAULTS, budget_text, chance_note, claims, method_of, run_lab
 from explorer.methods.regularised import DEFAULT_KIND, penalty_norms
 from explorer.planner import SCOPES
-from explorer.specs import STRUCTURES, BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
+from explorer.specs import BUDGET_VIEWS, STRUCTURES, BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
 from explorer.store import RunStore
 from explorer.train import TrainConfig
 from app_pages import common
 
 LAB_JOB = "methods_job"
+DEFAULT_CHOSEN = list(dict.fromkeys(name for claim in CLAIMS for name in claim.order))
+ENTRIES = [*METHODS, *CONTROLS]
+
+
+def entry_summary(name: str) -> str:
+    return f"{name} - {CONTROLS[name].summary} (control)" if name in CONTROLS else f"{name} - {METHODS[name].summary}"
+
 
 st.title("Methods")
 common.explain("""
@@ -25,9 +32,16 @@ one answer. Others cut in several rounds, raise the sparsity gradually while the
 rewind the learning rate or the weights after a cut, prune before training starts, or train a
 sparse network from the beginning and let its connections move.
 
-Every method here gets the **same budget**: the same number of training epochs in total, the same
-structure, criterion, scope and target sparsity, and the same training settings. Differences in
-the curves and final numbers therefore come from the method alone. The runs go one after the other
+Every method here gets the **same budget**, counted one of two ways (the page says which it shows).
+*Count the training that made the start model* (RigL's accounting): a method that prunes the trained
+model stands on its training, so a method that starts from fresh weights gets those epochs on top of
+the budget. *Same budget from fresh weights*: every method starts from fresh weights, and one that
+prunes a trained model first trains a fresh dense copy for half the budget. Structure, criterion,
+scope, target sparsity and training settings are the same for all, so differences in the curves and
+final numbers come from the method. Beside the methods you can run the **controls** the literature
+compares them with (the lottery ticket with fresh random weights, a static random mask, fine-tuning
+at a small constant learning rate, single-shot SynFlow); with both in the run the page checks each
+published claim on the numbers it got. The runs go one after the other
 in the background. **Cancel** stops the method that is running (its curve so far is kept and
 measured) and skips the rest. Every finished method is saved as a run, so it appears on Compare.
 
@@ -51,14 +65,24 @@ with st.form("methods_form", border=True):
     criterion = top[1].selectbox("Criterion", list(CRITERIA), index=list(CRITERIA).index(recipe.scoring.criterion),
                                  key="methods_criterion")
     scope = top[2].selectbox("Scope", list(SCOPES), index=list(SCOPES).index(recipe.plan.scope), key="methods_scope")
-    target = top[3].slider("Target sparsity", 0.05, 0.99, float(min(0.99, max(0.05, recipe.plan.sparsity))), 0.01,
-                           key="methods_sparsity")
+    target = top[3].slider("Target sparsity", 0.05, 0.99, DEFAULTS.sparsity, 0.01, key="methods_sparsity")
     bottom = st.columns([3, 1, 1, 1])
-    chosen = bottom[0].multiselect("Methods", list(METHODS), default=["one_shot"], key="methods_chosen",
-                                   format_func=lambda name: f"{name} - {METHODS[name].summary}")
-    epochs = bottom[1].number_input("Budget (epochs)", 1, 100, 3, key="methods_epochs")
-    lr = bottom[2].number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="methods_lr")
-    batch_size = bottom[3].selectbox("Batch size", [32, 64, 128, 256], index=2, key="methods_batch")
+    chosen = bottom[0].multiselect("Methods and controls", ENTRIES, default=DEFAULT_CHOSEN, key="methods_chosen",
+                                   format_func=entry_summary)
+    epochs = bottom[1].number_input("Budget (epochs)", 1, 100, DEFAULTS.epochs, key="methods_epochs")
+    lr = bottom[2].number_input("Learning rate", 1e-6, 1.0, DEFAULTS.lr, format="%.5f", key="methods_lr")
+    batch_size = bottom[3].selectbox("Batch size", [32, 64, 128, 256],
+                                     index=[32, 64, 128, 256].index(DEFAULTS.batch_size), key="methods_batch")
+    counting = st.columns([3, 1])
+    view = counting[0].radio("How the budget is counted", list(BUDGET_VIEWS), horizontal=True, key="methods_view",
+                             index=list(BUDGET_VIEWS).index(DEFAULTS.view),
+                             format_func=lambda v: {"counted": "count the training that made the start model",
+                                                    "fresh": "same budget from fresh weights"}[v],
+                             help="; ".join(f"{k}: {v}" for k, v in BUDGET_VIEWS.items()))
+    known = baselines.start_epochs(model["spec"], len(model["dataset"].y_train))
+    start_epochs = counting[1].number_input("Start model's training (epochs)", 0, 1000, known, key="methods_start_epochs",
+                                            help="The epochs that trained the start model (the zoo baseline's own "
+                                                 "training when known); counted for methods from fresh weights.")
     start = st.form_submit_button("Run the methods", type="primary", disabled=running, key="methods_start")
 
 if start and not running:
@@ -66,9 +90,10 @@ if start and not running:
         lab_recipe = recipe.replace(
             scoring=ScoringSpec(structure=structure, criterion=criterion,
                                 calib_batches=recipe.scoring.calib_batches),
-            plan=PlanSpec(sparsity=float(target), scope=scope), budget=BudgetSpec(epochs=int(epochs)),
+            plan=PlanSpec(sparsity=float(target), scope=scope),
+            budget=BudgetSpec(epochs=int(epochs), view=view, start_epochs=int(start_epochs)),
             finetune=TrainConfig(lr=float(lr), batch_size=int(batch_size)), measure=MeasureSpec(min_run_time=0.3))
-        unfit = [name for name in chosen if structure not in METHODS[name].structures]
+        unfit = [name for name in chosen if structure not in METHODS[method_of(name)].structures]
         if unfit:
             raise ExplorerError(f"{', '.join(unfit)} cannot prune with {structure} structure; "
                                 f"pick unstructured or leave {'it' if len(unfit) == 1 else 'them'} out.")
@@ -126,6 +151,7 @@ if job is not None and job.done:
             "run": r.run_id} for r in finished])
         st.subheader(f"{lab_recipe.scoring.structure} / {lab_recipe.scoring.criterion} / {lab_recipe.plan.scope}, "
                      f"target {lab_recipe.plan.sparsity:.0%}, budget {lab_recipe.budget.epochs} epochs")
+        st.caption(budget_text(lab_recipe.budget, [r.method for r in finished]))
         st.dataframe(table, hide_index=True, column_config={
             "accuracy": st.column_config.NumberColumn(format="percent"),
             "sparsity reached": st.column_config.NumberColumn(format="percent"),
@@ -140,13 +166,20 @@ if job is not None and job.done:
                 st.warning(note)
             if note := timing.timing_note(r.metrics):
                 st.caption(f"{r.method}: {note}")
+        if checked := claims({r.method: r.metrics["accuracy"] for r in finished},
+                             {r.method: r.error for r in results if r.metrics is None and r.error},
+                             chance=1 / max(2, model["dataset"].num_classes)):
+            st.markdown("**The literature's claims, on these runs** (one seed: a gap of a point or two can be "
+                        "noise; bench/RESULTS_methods.md has three)")
+            for row in checked:
+                st.markdown(f"- {'✅' if row['holds'] else '❌'} {row['claim']} ({row['source']}): {row['verdict']}.")
         for r in finished:
-            if r.method == "penalty" and r.model is not None:
+            if method_of(r.method) == "penalty" and r.model is not None:
                 kind = DEFAULT_KIND[lab_recipe.scoring.structure]  # the lab runs each method with its defaults
                 what = {"l1": "|w|", "group_lasso": "filter L2 norm", "bn_l1": "BatchNorm |γ|"}[kind]
                 st.plotly_chart(figures.norm_distributions(penalty_norms(model["module"], kind),
                                                            penalty_norms(r.model, kind), f"penalty: {what}"),
                                 key="methods_norms")
             with st.expander(f"{r.method}: the idea"):
-                st.markdown(METHODS[r.method].__doc__ or METHODS[r.method].summary)
+                st.markdown(METHODS[method_of(r.method)].__doc__ or METHODS[method_of(r.method)].summary)
         st.page_link("app_pages/compare.py", label="Compare every run", icon=":material/arrow_forward:")

@@ -44,12 +44,14 @@ import torch
 
 from bench.common import cpu_model
 from explorer import masking, pipeline
+from explorer.baselines import start_epochs
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, effective_weight, prunable_counts, prunable_layers
 from explorer.methods import METHODS, MethodRun, collapsed_layers, run_method
 from explorer.methods.at_init import AtInitParams
 from explorer.methods.during import GradualParams, SparseTrainingParams, _Evolve, _GradualUpdates, initial_masks
-from explorer.methods.lab import run_lab
+from explorer.methods.lab import CLAIMS, DEFAULTS, run_lab
+from explorer.methods.lab import claims as lab_claims
 from explorer.recipe import Recipe
 from explorer.specs import ModelSpec, PlanSpec, ScoringSpec
 from explorer.train import TrainConfig, TrainState, _take_step, evaluate, steps_per_epoch
@@ -531,11 +533,90 @@ def _render_end_fraction(args, result) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- the claims at the page's defaults
+
+
+@dataclass(frozen=True)
+class ClaimSetting:
+    """The Methods page's defaults on one model, with the sparsity and budget view changed where named."""
+
+    model: str
+    sparsity: float = DEFAULTS.sparsity
+    view: str = DEFAULTS.view
+
+
+def claims_at_defaults(settings: list[ClaimSetting], seeds: list[int], log) -> list[dict]:
+    """Every claim's entries through `run_lab` as the Methods page runs them (no latency), over ``seeds``."""
+    names = list(dict.fromkeys(name for claim in CLAIMS for name in claim.order))
+    out = []
+    for setting in settings:
+        spec = ModelSpec(setting.model)
+        base, data, _ = pipeline.resolve_model(spec)
+        start = start_epochs(spec, len(data.y_train))
+        rows: dict[str, list[dict]] = {name: [] for name in names}
+        for seed in seeds:
+            recipe = Recipe.from_dict({
+                "model": setting.model, "plan": {"sparsity": setting.sparsity, "scope": "global"},
+                "budget": {"epochs": DEFAULTS.epochs, "view": setting.view, "start_epochs": start},
+                "finetune": {"lr": DEFAULTS.lr, "batch_size": DEFAULTS.batch_size, "seed": seed},
+                "measure": {"latency": False}, "seed": seed})
+            for result in run_lab(recipe, names, base, data):
+                epochs = max((p["epoch"] for p in result.trajectory), default=0)
+                rows[result.method].append({"accuracy": result.metrics["accuracy"] if result.metrics else None,
+                                            "error": None if result.metrics else result.error, "epochs": epochs,
+                                            "sparsity": result.metrics["sparsity_actual"] if result.metrics else None})
+                log(f"{setting.model} {setting.sparsity:.0%} {setting.view} seed {seed} | {result.method}: "
+                    + (result.error or f"acc {result.metrics['accuracy']:.4f}") + f" | load {os.getloadavg()[0]:.1f}")
+        out.append({"setting": setting, "start_epochs": start, "classes": data.num_classes, "dense": evaluate(base, data, "test")["accuracy"],
+                    "rows": rows})
+    return out
+
+
+def _render_claims(args, results: list[dict]) -> list[str]:
+    lines = [f"Every claim's methods and controls through `run_lab` at the Methods page's defaults "
+             f"(`explorer.methods.lab.DEFAULTS`: {DEFAULTS.sparsity:.0%} global magnitude, budget {DEFAULTS.epochs} "
+             f"epochs, Adam lr {DEFAULTS.lr:g}, batch {DEFAULTS.batch_size}, cosine; the budget view "
+             f"'{DEFAULTS.view}': the start model's own training counted for the methods from fresh weights), over seeds "
+             f"{', '.join(map(str, args.seeds))}; test accuracy mean ± sample sd. Rows that change a default say which."]
+    verdicts = []
+    for block in results:
+        setting, rows = block["setting"], block["rows"]
+        title = (f"{setting.model} / digits, {setting.sparsity:.0%}, view '{setting.view}'"
+                 + (f" (start model's {block['start_epochs']} epochs counted)" if setting.view == "counted" else ""))
+        lines += [f"\n### {title} — dense {100 * block['dense']:.2f} %\n",
+                  "| method or control | accuracy % | epochs trained | sparsity (mask) % |", "|---|---|---|---|"]
+        means, errors = {}, {}
+        for name, runs in rows.items():
+            ran = [r for r in runs if r["accuracy"] is not None]
+            refused = [r for r in runs if r["accuracy"] is None]
+            cell = ""
+            if ran:
+                accuracies = [r["accuracy"] for r in ran]
+                means[name] = statistics.mean(accuracies)
+                sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+                cell = f"{100 * means[name]:.1f} ± {100 * sd:.1f}"
+            if refused:
+                reason = (refused[0]["error"] or "").split(": ", 1)[-1].split(":")[0]
+                cell += ("; " if cell else "") + f"{len(refused)}/{len(runs)} refused: {reason}"
+                if not ran:
+                    errors[name] = reason
+            epochs = max((r["epochs"] for r in runs), default=0)
+            sparsity = statistics.mean([r["sparsity"] for r in ran]) if ran else None
+            lines.append(f"| {name} | {cell} | {epochs} | {'' if sparsity is None else f'{100 * sparsity:.1f}'} |")
+        for row in lab_claims(means, errors, chance=1 / block["classes"]):
+            verdicts.append(f"| {'✅' if row['holds'] else '❌'} | {row['claim']} ({row['source']}) | {title} | "
+                            f"{row['numbers']} (means) |")
+    lines += ["\n### The claims, checked on the means\n", "| | claim | setting | numbers |", "|---|---|---|---|",
+              *verdicts]
+    return lines
+
+
 PARTS = {"accuracy": ("Accuracy at equal budgets", _render_accuracy),
          "lab": ("All methods together (`run_lab`)", _render_lab),
          "collapse": ("Layer collapse at initialisation", _render_collapse),
          "overhead": ("Mask bookkeeping: one training step and one forward", _render_overhead),
-         "end_fraction": ("Gradual pruning's end_fraction (the evidence for its default)", _render_end_fraction)}
+         "end_fraction": ("Gradual pruning's end_fraction (the evidence for its default)", _render_end_fraction),
+         "claims": ("The literature's claims at the Methods page's defaults", _render_claims)}
 
 
 def render(args, name: str, result, run: dict) -> str:
@@ -574,8 +655,8 @@ def _floats(text: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="accuracy,lab,collapse,overhead",
-                        help="comma list of accuracy, lab, collapse, overhead, end_fraction (not run by default)")
+    parser.add_argument("--parts", default="claims,accuracy,lab,collapse,overhead",
+                        help="comma list of claims, accuracy, lab, collapse, overhead, end_fraction (not run by default)")
     parser.add_argument("--models", default="lenet5,mlp,resnet20", help="comma list of lenet5, mlp, resnet20")
     parser.add_argument("--sparsities", type=_floats, default=[0.9, 0.95], help="unstructured targets (digits models)")
     parser.add_argument("--han-sparsity", type=float, default=0.92,
@@ -597,6 +678,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: fastest for these small models, and steady when the machine is shared); "
                              "the lab is also timed on every core, as the app runs it")
+    parser.add_argument("--claim-settings", default="mlp,mlp:0.9,mlp:0.95:fresh,lenet5",
+                        help="claims part: MODEL[:SPARSITY[:VIEW]] entries, the page's defaults where left out")
     parser.add_argument("--out", default=str(RESULTS), help="results file, or - to print")
     args = parser.parse_args()
     parts, models = args.parts.split(","), args.models.split(",")
@@ -642,8 +725,14 @@ def main() -> None:
                          for sparsity in args.long_sparsities]
         return end_fraction_sweep(settings, args.sweep_seeds, log)
 
+    def claims_part():
+        settings = [ClaimSetting(entry.split(":")[0], *([float(entry.split(":")[1])] if ":" in entry else []),
+                                 *([entry.split(":")[2]] if entry.count(":") > 1 else []))
+                    for entry in args.claim_settings.split(",")]
+        return claims_at_defaults(settings, args.seeds, log)
+
     runners = {"accuracy": accuracy, "lab": lab, "collapse": collapse, "overhead": overhead,
-               "end_fraction": end_fraction}
+               "end_fraction": end_fraction, "claims": claims_part}
     blocks = {}
     for name in parts:
         log(f"== {name}")

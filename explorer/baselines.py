@@ -22,6 +22,7 @@ from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.models import build, load_model, save_model
 from explorer.train import CancelFlag, Progress, TrainConfig, evaluate, train
+from explorer.zoo import ZOO
 
 # Hyper-parameters that reach the recorded accuracies on a 2-core CPU (see README).
 DEFAULT_CONFIGS: dict[tuple[str, str], TrainConfig] = {
@@ -54,6 +55,19 @@ def default_config(model_name: str, dataset_name: str, seed: int = 0, train_size
             epochs = max(10, min(100, math.ceil(400 / steps_per_epoch)))
         config = TrainConfig(epochs=epochs, lr=2e-3, batch_size=64)
     return replace(config, seed=seed)
+
+
+def start_epochs(spec, train_size: int | None = None) -> int:
+    """The epochs of training that made the start model a ModelSpec describes, 0 when unknown.
+
+    A zoo baseline trained its default config (`default_config`); a file or factory model the
+    Model page trained further counts those ``train_epochs``. The methods lab counts them in a
+    budget (`explorer.specs.BudgetSpec`) so that methods from fresh weights are not short-changed.
+    """
+    if spec.baseline and spec.source in ZOO:
+        return default_config(spec.source, spec.data or ZOO[spec.source].default_dataset,
+                              train_size=train_size).epochs
+    return int(spec.train_epochs or 0)
 
 
 def cache_dir() -> Path:

@@ -256,15 +256,47 @@ class MethodSpec:
         return self
 
 
+BUDGET_VIEWS = {
+    "counted": "count the training that made the start model: a method that starts from fresh weights gets "
+               "it on top of the budget, so every result stands on the same training (RigL's accounting)",
+    "fresh": "same budget from fresh weights: every method starts from fresh weights; one that prunes a trained "
+             "model first trains a fresh dense copy for half the budget",
+}
+
+
 @dataclass(frozen=True)
 class BudgetSpec:
-    """The training a method may spend in total, in epochs, so methods compare at equal cost."""
+    """The training a method may spend in total, in epochs, so methods compare at equal cost.
+
+    Methods that prune the trained start model get its training for free unless the budget says
+    how to count it (``view``): ``counted`` adds ``start_epochs`` (the training that made the start
+    model) to the budget of every method that starts from fresh weights, as RigL's comparison counts
+    dense pre-training in every method's training FLOPs; ``fresh`` starts every method from fresh
+    weights with ``epochs``. ``start_epochs`` 0 (the default) gives every method ``epochs`` as before.
+    """
 
     epochs: int = 8
+    view: str = "counted"
+    start_epochs: int = 0
 
     def validate(self) -> "BudgetSpec":
         _positive_int("budget", "epochs", self.epochs, limits.MAX_EPOCHS)
+        if self.view not in BUDGET_VIEWS:
+            raise _fail("budget", f"view must be one of {', '.join(BUDGET_VIEWS)}, got {self.view!r}.")
+        if isinstance(self.start_epochs, bool) or not isinstance(self.start_epochs, int) \
+                or not 0 <= self.start_epochs <= limits.MAX_EPOCHS:
+            raise _fail("budget", f"start_epochs must be a whole number of epochs from 0 to {limits.MAX_EPOCHS}, "
+                        f"got {self.start_epochs!r}.")
+        if self.view == "fresh" and self.epochs < 2:
+            raise _fail("budget", f"epochs must be at least 2 under view fresh (a dense copy trains for half "
+                        f"the budget first), got {self.epochs}.")
         return self
+
+    def epochs_for(self, from_scratch: bool) -> tuple[int, int]:
+        """(dense epochs from fresh weights first, epochs for the method) under this view."""
+        if self.view == "fresh":
+            return (0, self.epochs) if from_scratch else (self.epochs // 2, self.epochs - self.epochs // 2)
+        return 0, self.epochs + (self.start_epochs if from_scratch else 0)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,36 @@ def how_over_time(recipe, model: nn.Module, dataset: Dataset, names: tuple[str, 
                   *, context=None) -> dict:
     """``names`` run under ``recipe``'s budget (see `explorer.methods.lab.run_lab`): name -> trajectory and metrics."""
     from explorer.methods import METHODS
-    from explorer.methods.lab import run_lab
+    from explorer.methods.lab import CONTROLS, run_lab
 
-    results = run_lab(recipe, [n for n in names if n in METHODS], model, dataset, context=context)
+    results = run_lab(recipe, [n for n in names if n in METHODS or n in CONTROLS], model, dataset, context=context)
     return {r.method: {"trajectory": r.trajectory, "metrics": r.metrics, "error": r.error} for r in results}
+
+
+def over_time_text(results: dict, epochs: int, rounds: int, sparsity: float) -> str | None:
+    """What question 3's runs show, from their numbers: did cutting in ``rounds`` beat one cut, and why (not)?
+
+    Both methods spend ``epochs``; the rounds split them evenly (`explorer.methods.rounds.split_budget`),
+    so the last cut has only a share of the budget to recover while the single cut has all of it. Rounds
+    win where one cut removes too much at once for the fine-tune to repair (high sparsity), lose where it
+    does not. None unless both ran.
+    """
+    from explorer.methods.rounds import split_budget
+
+    names = [name for name in results if results[name].get("metrics")]
+    once = next((n for n in names if n == "one_shot"), None)
+    rounds_name = next((n for n in names if n != "one_shot"), None)
+    if once is None or rounds_name is None:
+        return None
+    single, stepped = (results[n]["metrics"]["accuracy"] for n in (once, rounds_name))
+    last = split_budget(epochs, rounds)[-1]
+    gap = 100 * (stepped - single)
+    if gap >= 0:
+        return (f"Here the rounds helped: {rounds} cuts to {sparsity:.0%} end at {stepped:.1%} against "
+                f"{single:.1%} for one cut ({gap:+.1f} points), although the last cut had only {last} of the "
+                f"{epochs} epochs to recover: each cut removed less, and training between cuts let the remaining "
+                "weights take over the work of the removed ones.")
+    return (f"Here the rounds did not help: {rounds} cuts to {sparsity:.0%} end at {stepped:.1%} against {single:.1%} "
+            f"for one cut ({gap:+.1f} points). One cut had all {epochs} epochs to recover, the last of the rounds "
+            f"only {last}; on this model one cut to {sparsity:.0%} loses little that a long fine-tune cannot repair, "
+            "so the longer recovery wins. Rounds pay where one cut removes too much at once: raise the sparsity.")

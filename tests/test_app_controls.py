@@ -34,7 +34,8 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 | Fine-tune   | ft_epochs, ft_batch, ft_start, ft_cancel    | test_app, test_app_transformers                         |
 | Fine-tune   | ft_lr, ft_optimizer, ft_device, ft_loss     | here: test_finetune_distill_with_sgd_...                |
 | Methods     | methods_structure/sparsity/chosen/epochs/   | test_methods_page                                       |
-|             | batch, methods_start                        |                                                         |
+|             | batch, methods_start, methods_view,         |                                                         |
+|             | methods_start_epochs                        |                                                         |
 | Methods     | methods_criterion, methods_scope,           | here: test_methods_local_scope_lr_and_cancel_...        |
 |             | methods_lr, methods_cancel                  |                                                         |
 | Sensitivity | sens_structure/samples/grid/latency/start,  | test_app_sensitivity                                    |
@@ -570,6 +571,29 @@ def test_compare_plots_a_sweep_along_the_field_and_lines_the_user_picks():
     ok(at)
     (line,) = chart(at, "cmp_sweep_chart")["data"]
     assert sorted(zip(line["x"], numbers(line["y"]))) == sorted((c, v) for (c, _), v in accuracy.items())
+
+def test_compare_says_which_stored_runs_sit_at_chance_from_their_numbers():
+    from explorer.recipe import Recipe
+    from explorer.store import Run
+
+    store = RunStore()
+    recipe = Recipe.from_dict({"model": {"source": "mlp", "data": "digits"}, "measure": {"latency": False}})
+    def point(loss, accuracy):
+        return {"step": 60, "epoch": 3, "sparsity": 0.9, "train_loss": loss, "val_accuracy": accuracy, "event": "epoch"}
+
+    for name, accuracy, trajectory in [("learned", 0.91, [point(0.3, 0.9)]), ("stuck", 0.094, [point(2.302, 0.1)]),
+                                       ("cut only", 0.12, [])]:
+        store.save(Run.from_recipe(recipe, model_name="mlp", dataset="digits", name=name, trajectory=trajectory,
+                                   settings={"num_classes": 10},
+                                   metrics={"accuracy": accuracy, "base_accuracy": 0.97, "sparsity_actual": 0.9,
+                                            "task": {"name": "accuracy", "measure": "accuracy", "base": 0.97,
+                                                     "pruned": accuracy}}))
+    at = goto(start(), "app_pages/compare.py")
+    warned = {w.value.split(" ended at chance")[0]: w.value for w in at.warning if " ended at chance" in w.value}
+    assert set(warned) == {"stuck", "cut only"}  # within 1.5 x 1/10 of the 10 digits; 91 % is not
+    assert "test accuracy 9.4% (chance 10.0%); the training loss ended at 2.30 (ln 10 = 2.30)" in warned["stuck"]
+    assert "test accuracy 12.0%" in warned["cut only"] and "not trained after the cut" in warned["cut only"]
+
 
 # ---------------------------------------------------------------------------------------------- Tour
 def _zero_lowest(module, data, fraction: float, scope: str):

@@ -45,6 +45,8 @@ def test_a_result_at_chance_says_so_with_its_numbers():
                     "(ln 10 = 2.30). Too small a budget to learn from where it started: give it more epochs "
                     "before reading its number.")
     assert chance_note("one_shot", {"accuracy": 0.151}, trajectory, 10) is None  # above 1.5 x chance
-    assert chance_note("set", {"accuracy": 0.149}, [], 10).startswith("set ended at chance: test accuracy 14.9%")
+    assert chance_note("one_shot", {"accuracy": 0.149}, [], 10) == (
+        "one_shot ended at chance: test accuracy 14.9% (chance 10.0%), and it was not trained after the cut: the cut "
+        "left too little. Fine-tune it or lower the sparsity before reading its number.")
     assert chance_note("set", {"accuracy": None}, trajectory, 10) is None  # no accuracy: a transformer's run
     assert chance_note("set", None, trajectory, 10) is None

@@ -33,7 +33,7 @@ def test_methods_run_side_by_side_and_become_runs():
     assert any(chart.proto.id and "methods_norms" in chart.proto.id for chart in at.get("plotly_chart"))
     stored = RunStore().get(result.run_id)
     assert stored.trajectory == result.trajectory and stored.recipe["method"] == {"name": "one_shot"}
-    assert stored.recipe["budget"] == {"epochs": 1}
+    assert stored.recipe["budget"] == {"epochs": 1, "view": "counted", "start_epochs": 30}  # the zoo MLP's training
     at.switch_page("app_pages/compare.py").run()
     assert not at.exception and not at.error
     assert "Trajectories of methods over time" in [h.value for h in at.subheader]
@@ -71,6 +71,7 @@ def test_every_method_runs_from_the_page_under_one_budget():
     at.slider(key="methods_sparsity").set_value(0.8)
     at.multiselect(key="methods_chosen").set_value(list(METHODS))
     at.selectbox(key="methods_batch").set_value(256)
+    at.number_input(key="methods_start_epochs").set_value(0)  # every method 3 epochs, the start model's not counted
     at.button(key="methods_start").click().run()
     job = wait_for_lab(at, timeout=400)
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -84,3 +85,26 @@ def test_every_method_runs_from_the_page_under_one_budget():
     at_chance = [r.method for r in job.result if r.metrics["accuracy"] <= 0.15]
     warned = [w.value.split(" ended at chance")[0] for w in at.warning if " ended at chance" in str(w.value)]
     assert warned == at_chance
+
+
+def test_the_fresh_budget_view_and_the_claims_it_checks_are_computed_from_the_runs():
+    from explorer.methods.lab import claims
+
+    at = open_methods()
+    assert at.multiselect(key="methods_chosen").value[:2] == ["iterative", "one_shot"]  # the claims' entries
+    at.radio(key="methods_view").set_value("fresh")
+    at.number_input(key="methods_epochs").set_value(2)
+    at.slider(key="methods_sparsity").set_value(0.5)
+    at.multiselect(key="methods_chosen").set_value(["lr_rewinding", "one_shot, fine-tune at lr/10 constant"])
+    at.button(key="methods_start").click().run()
+    job = wait_for_lab(at)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    for result in job.result:  # one dense epoch from fresh weights, then the cut and one more
+        epochs = [p for p in result.trajectory if p["event"] == "epoch"]
+        assert [(p["epoch"], p["sparsity"] == 0) for p in epochs] == [(1, True), (2, False)], result.method
+    assert any("Same budget from fresh weights: every method trained 2 epochs in all" in c.value for c in at.caption)
+    (row,) = claims({r.method: r.metrics["accuracy"] for r in job.result})
+    shown = [m.value for m in at.markdown if "LR rewinding >= fine-tuning" in m.value]
+    assert shown == [f"- {'✅' if row['holds'] else '❌'} {row['claim']} ({row['source']}): {row['verdict']}."]
+    accuracies = [f"{r.metrics['accuracy']:.1%}" for r in job.result]
+    assert all(value in shown[0] for value in accuracies)

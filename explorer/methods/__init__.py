@@ -55,20 +55,27 @@ def run_method(recipe, model: nn.Module, dataset: Dataset, *, progress: Callable
     """Run the recipe's method on ``model`` (never changed) within the recipe's budget.
 
     The budget is ``budget.epochs`` if the recipe has one, else the fine-tune's epochs (0 when
-    there is no fine-tune: prune only). Training settings (optimizer, learning rate, schedule,
-    batch size) come from ``finetune`` (defaults otherwise).
+    there is no fine-tune: prune only), counted as ``budget.view`` says (`BudgetSpec.epochs_for`):
+    under ``counted`` a method from fresh weights also gets ``budget.start_epochs``; under ``fresh``
+    a method that prunes a trained model first trains a fresh dense copy of ``model`` for half the
+    budget (its epochs lead the trajectory at sparsity 0) and starts from that copy. Training
+    settings (optimizer, learning rate, schedule, batch size) come from ``finetune`` (defaults otherwise).
     """
     method = METHODS[recipe.method.name]
     params = method_params(recipe.method.name, recipe.method.params)
     if recipe.scoring.structure not in method.structures:
         raise ExplorerError(f"Method '{method.name}' works with {' or '.join(method.structures)} structure, not "
                             f"'{recipe.scoring.structure}'; change the structure or the method.")
-    epochs = recipe.budget.epochs if recipe.budget is not None else (recipe.finetune.epochs if recipe.finetune else 0)
+    dense_epochs, epochs = recipe.budget.epochs_for(method.from_scratch) if recipe.budget is not None else \
+        (0, recipe.finetune.epochs if recipe.finetune else 0)
     if method.needs_training and epochs < 1:
         raise ExplorerError(f"Method '{method.name}' trains: give it a budget, e.g. budget: {{epochs: 8}}.")
     config = dataclasses.replace(recipe.finetune or TrainConfig(seed=recipe.seed), epochs=epochs)
     ctx = MethodRun(model=model, dataset=dataset, scoring=recipe.scoring, plan_spec=recipe.plan, config=config,
                     seed=recipe.seed, progress=progress, cancel=cancel, on_point=on_point)
+    if dense_epochs:  # the fresh view: this method's start model is trained inside its budget
+        ctx.model = ctx.train(ctx.fresh_model(), dense_epochs,
+                              config=dataclasses.replace(config, epochs=dense_epochs)).model.eval()
     pruned = method.run(ctx, params)
     history = [{"epoch": p["epoch"], "loss": p["train_loss"], "val_accuracy": p["val_accuracy"],
                 "metric": p["metric"], "val_metric": p["val_metric"]}
