@@ -9,10 +9,11 @@ below.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import streamlit as st
 
-from explorer import baselines, figures, hf, pipeline, tasks
+from explorer import baselines, figures, hf, jobs, pipeline, tasks
 from explorer.recipe import Recipe
 from explorer.models import ZOO
 from explorer.specs import ModelSpec, ScoringSpec
@@ -405,9 +406,10 @@ def set_model(entry: dict) -> None:
     st.session_state[MODEL] = entry
     for key in [PREPARED, PRUNED, RECIPE, *(k for k in st.session_state if str(k).startswith("prune_"))]:
         st.session_state.pop(key, None)
-    job = st.session_state.pop(FINETUNE_JOB, None)
-    if job is not None:
-        job.cancel.set()
+    for key in (FINETUNE_JOB, APPLY_JOB):
+        job = st.session_state.pop(key, None)
+        if job is not None:
+            job.cancel.set()
 
 
 def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int = 0, history=None, name: str = "",
@@ -415,7 +417,31 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
     """Measure a pruned copy next to its base (accuracy, FLOPs, size, latency) and store it as a run.
 
     The measurement is `pipeline.measure_run` with the recipe's MeasureSpec, the very call the
-    CLI makes. The run keeps the full Recipe; ``outcome`` adds facts the recipe cannot know
+    CLI makes; `save_measured` stores it. Returns ``(run, None)`` once stored, or ``(run, error)`` when the
+    store refused it (see `save_measured`).
+    """
+    with st.status(f"Measuring {task_label(model_task(model))}, parameters, FLOPs, size and latency (base and pruned, "
+                   "same batch) ...", expanded=False) as status:
+        metrics = measure(model, pruned_module, recipe)
+        status.update(label="Measured.", state="complete")
+    return save_measured(model, pruned_module, recipe, metrics, stage=stage, history=history, name=name,
+                         outcome=outcome)
+
+
+def measure(model: dict, pruned_module, recipe: Recipe, progress=None, cancel=None) -> dict:
+    """`pipeline.measure_run` of a pruned copy against the session model's base (its task value reused)."""
+    task = model_task(model)
+    return pipeline.measure_run(model["module"], pruned_module, model["dataset"], recipe.measure,
+                                base_accuracy=model["base_accuracy"],
+                                base_task_value=None if task["name"] == "accuracy" else task["base"],
+                                progress=progress, cancel=cancel)
+
+
+def save_measured(model: dict, pruned_module, recipe: Recipe, metrics: dict, *, stage: int = 0, history=None,
+                  name: str = "", outcome: dict | None = None) -> tuple[Run, StoreError | None]:
+    """Store a measured pruned copy as a run; safe to call from a background job (no Streamlit call).
+
+    The run keeps the full Recipe; ``outcome`` adds facts the recipe cannot know
     (e.g. how many fine-tune epochs ran before a cancel). Weights are stored only when the
     architecture is known (zoo name, factory, built-in transformer or hf: folder), since a stored file is
     rebuilt from it; a transformer with heads removed comes back with its head counts.
@@ -425,13 +451,7 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
     StoreError's one line naming the file that keeps it (``error.kept``), so a page shows the line
     and goes on with the measured copy.
     """
-    data, task = model["dataset"], model_task(model)
-    with st.status(f"Measuring {task_label(task)}, parameters, FLOPs, size and latency (base and pruned, same batch) ...",
-                   expanded=False) as status:
-        metrics = pipeline.measure_run(model["module"], pruned_module, data, recipe.measure,
-                                       base_accuracy=model["base_accuracy"],
-                                       base_task_value=None if task["name"] == "accuracy" else task["base"])
-        status.update(label="Measured.", state="complete")
+    data = model["dataset"]
     settings = {"arch": model["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                 "model_source": model["source"], **(outcome or {})}
     run = Run.from_recipe(recipe, model_name=model["label"], dataset=data.name, settings=settings, metrics=metrics,
@@ -442,6 +462,48 @@ def measure_and_save(model: dict, pruned_module, recipe: Recipe, *, stage: int =
         if not run.name:
             run.name = f"unsaved run ({refused.kept.name})" if refused.kept is not None else "unsaved run"
         return run, refused
+
+
+# ---------------------------------------------------------------- long steps: progress and Cancel
+APPLY_JOB = "apply_job"  # the Prune page's Apply (prune a copy, measure it, save the run) running in the background
+JOB_WAIT_S = 3600.0  # how long one script run follows a job; tests lower it to see (and press) the Cancel button
+CANCEL_LABEL = "Cancel (keep what is done)"
+
+
+def start_apply(model: dict, prepared, plan, recipe: Recipe) -> jobs.Job:
+    """Apply as a background job: prune a copy, measure it stage by stage, save the run.
+
+    Its result is ``(pruned module, run, StoreError or None)``. A cancel during the measurement keeps the
+    pruned copy and the stages done (the run's ``metrics["cancelled"]`` names the stage skipped); a cancel
+    while pruning still lets the (single) pruning call finish, then measures only the counts.
+    """
+    def work(context: jobs.JobContext):
+        context.report(0.0, f"Pruning a copy ({recipe.scoring.structure}, {recipe.scoring.criterion}) ...")
+        pruned_module = pipeline.apply(model["module"], prepared, plan,  # block by block with sequential calibration
+                                       progress=lambda fraction, line: context.report(0.1 * fraction, line))
+        metrics = measure(model, pruned_module, recipe, cancel=context.cancel,
+                          progress=lambda fraction, line: context.report(0.1 + 0.85 * fraction, line))
+        context.report(0.97, "Saving the run ...")
+        return (pruned_module, *save_measured(model, pruned_module, recipe, metrics))
+    return jobs.start(work, name="Apply")
+
+
+def follow_job(job: jobs.Job, *, cancel_key: str, what: str) -> bool:
+    """Show a running job's progress bar and a Cancel button until it is done; True when it is.
+
+    The script waits here, redrawing the bar; a click on Cancel reruns the script (the click sets the job's
+    cancel flag), and the rerun follows the same job again, so nothing is started twice.
+    """
+    box = st.empty()
+    with box.container():
+        st.button(CANCEL_LABEL, key=cancel_key, on_click=job.cancel.set, disabled=job.cancelled, icon=":material/stop:")
+        bar = st.progress(job.fraction, text=f"{what}: {job.status}")
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not job.wait(0.25) and time.monotonic() < deadline:
+        bar.progress(job.fraction, text=f"{what}: {job.status}" + (" (cancelling)" if job.cancelled else ""))
+    if job.done:
+        box.empty()
+    return job.done
 
 
 def fmt_int(value) -> str:

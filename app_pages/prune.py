@@ -275,20 +275,22 @@ if not pipeline.estimate(prepared, st.session_state[PLAN])["exact"]:
     st.caption("Channel estimates leave out biases and BatchNorm; Apply replaces them with exact counts. "
                "Unstructured: non-zero parameters, and FLOPs a sparse kernel would do.")
 st.divider()
-if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply"):
+applying = st.session_state.get(common.APPLY_JOB)
+if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply",
+             disabled=applying is not None):
     plan, recipe = st.session_state[PLAN], st.session_state[common.RECIPE]
-    try:
-        bar = st.progress(0.0, text="Pruning a copy ...")
-        pruned_module = pipeline.apply(model["module"], prepared, plan,
-                                       progress=lambda fraction, text: bar.progress(fraction, text=text))
-        bar.empty()
-        run, refused = common.measure_and_save(model, pruned_module, recipe)
-    except ExplorerError as exc:
-        st.error(str(exc))
-    else:  # kept even when the store refused the run: the copy is measured, and Fine-tune can go on from it
-        st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": recipe, "plan": plan.to_dict(),
-                                           "metrics": run.metrics, "run_id": run.id, "model_key": model["key"],
-                                           "run_name": run.name, "unsaved": str(refused) if refused else None}
+    applying = st.session_state[common.APPLY_JOB] = common.start_apply(model, prepared, plan, recipe)
+    applying.meta.update(plan=plan.to_dict(), recipe=recipe, model_key=model["key"])
+if applying is not None and common.follow_job(applying, cancel_key="prune_apply_cancel", what="Apply"):
+    del st.session_state[common.APPLY_JOB]
+    if applying.error is not None:
+        st.error(applying.error)
+    else:  # kept even when the store refused the run (or the measurement was cancelled): Fine-tune can go on
+        pruned_module, run, refused = applying.result
+        st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": applying.meta["recipe"],
+                                           "plan": applying.meta["plan"], "metrics": run.metrics, "run_id": run.id,
+                                           "model_key": applying.meta["model_key"], "run_name": run.name,
+                                           "unsaved": str(refused) if refused else None}
         st.rerun()  # the sidebar card (drawn before this page) then shows the new pruned copy
 
 pruned = st.session_state.get(common.PRUNED)
@@ -299,6 +301,10 @@ if pruned is not None and pruned["model_key"] == model["key"]:
         st.error(pruned["unsaved"])
     else:
         st.success(f"Saved **{pruned['run_name']}**.")
+    if m.get("cancelled"):
+        skipped = "latency" if m["cancelled"] == "latency" else f"{common.task_label(task)} and latency"
+        st.warning(f"Measurement cancelled: the pruned copy is kept and saved with what was measured; {skipped} "
+                   "not measured. Apply again for the full measurement.", icon=":material/warning:")
     r = st.columns(5)
     r[0].metric(common.task_label(task).capitalize(), common.fmt_task(task, task["pruned"]),
                 common.fmt_task_delta(task, task["base"], task["pruned"]),
@@ -313,8 +319,9 @@ if pruned is not None and pruned["model_key"] == model["key"]:
     r[4].metric("Speed-up, measured", measured, interval, delta_color="off", delta_arrow="off",
                 help="Median over pairs of forward passes timed alternately (dense, pruned), with its 95 % interval; "
                      "'noisy' when the interval stayed wider than +-5 %.")
-    st.caption(f"Timed on {m.get('device')}, batch {m.get('batch')}, {m.get('threads')} thread(s). "
-               + timing.timing_note(m))
+    if m.get("latency_ms") is not None:
+        st.caption(f"Timed on {m.get('device')}, batch {m.get('batch')}, {m.get('threads')} thread(s). "
+                   + timing.timing_note(m))
     scoring_of_run = pruned["recipe"].scoring
     kernels = semistructured.describe(m.get("semi_structured"),
                                       scoring_of_run.nm if scoring_of_run.structure == "nm" else None)

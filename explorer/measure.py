@@ -308,24 +308,34 @@ def report(
         metrics.speedup_flops = base_flops / max(1, model_flops["effective"])
         metrics.compression_ratio = base_size / max(1, size["compressed"])
     if latency:
-        timed = compare_latency(baseline if baseline is not None else model,
-                                model if baseline is not None else None, example_input,
-                                device=device, threads=threads, min_run_time=min_run_time,
-                                max_run_time=max_run_time)
-        own = timed["pruned"] if baseline is not None else timed["dense"]
-        metrics.latency_ms, metrics.latency_iqr_ms = own["median_ms"], own["iqr_ms"]
-        metrics.latency_interval_ms = own["interval_ms"]
-        metrics.device, metrics.batch, metrics.threads = own["device"], own["batch"], own["threads"]
-        metrics.layout = own["layout"]
-        metrics.timing = {key: timed.get(key) for key in
-                          ("pairs", "pairs_dropped", "seconds", "load", "threads_note", "during_jobs", "pairs_ms")}
-        metrics.timing["baseline_interval_ms"] = timed["dense"]["interval_ms"]
-        metrics.speedup_noisy, metrics.speedup_noise = timed["noisy"], timed["noise"]
-        if baseline is not None:
-            metrics.baseline_latency_ms = timed["dense"]["median_ms"]
-            metrics.speedup_measured = timed["speedup_measured"]
-            metrics.speedup_interval = timed["speedup_interval"]
+        for key, value in latency_metrics(model, example_input, baseline=baseline, device=device, threads=threads,
+                                          min_run_time=min_run_time, max_run_time=max_run_time).items():
+            setattr(metrics, key, value)
     return metrics
+
+
+def latency_metrics(model: nn.Module, example_input: torch.Tensor, *, baseline: nn.Module | None = None,
+                    device: str | torch.device | None = None, threads: int | None = None, min_run_time: float = 0.5,
+                    max_run_time: float | None = None) -> dict:
+    """The latency fields of `Metrics` (``model`` timed against ``baseline`` when given): `report`'s last
+    stage, on its own so a caller can report it as a stage and skip it when cancelled."""
+    model = as_deployed(model)
+    baseline = as_deployed(baseline) if baseline is not None else None
+    timed = compare_latency(baseline if baseline is not None else model,
+                            model if baseline is not None else None, example_input,
+                            device=device, threads=threads, min_run_time=min_run_time,
+                            max_run_time=max_run_time)
+    own = timed["pruned"] if baseline is not None else timed["dense"]
+    fields = {"latency_ms": own["median_ms"], "latency_iqr_ms": own["iqr_ms"], "latency_interval_ms": own["interval_ms"],
+              "device": own["device"], "batch": own["batch"], "threads": own["threads"], "layout": own["layout"],
+              "timing": {key: timed.get(key) for key in
+                         ("pairs", "pairs_dropped", "seconds", "load", "threads_note", "during_jobs", "pairs_ms")},
+              "speedup_noisy": timed["noisy"], "speedup_noise": timed["noise"]}
+    fields["timing"]["baseline_interval_ms"] = timed["dense"]["interval_ms"]
+    if baseline is not None:
+        fields.update(baseline_latency_ms=timed["dense"]["median_ms"], speedup_measured=timed["speedup_measured"],
+                      speedup_interval=timed["speedup_interval"])
+    return fields
 
 
 _REMEMBERED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

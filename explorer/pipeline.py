@@ -364,7 +364,8 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan, *,
 
 def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset,
                 spec: MeasureSpec = MeasureSpec(), *, base_accuracy: float | None = None,
-                base_task_value: float | None = None, reference_outputs: list | None = None) -> dict:
+                base_task_value: float | None = None, reference_outputs: list | None = None,
+                progress: Callable[[float, str], None] | None = None, cancel=None) -> dict:
     """The task metric plus theoretical and measured cost of a pruned model next to its base.
 
     The one measurement call of the app, the CLI and recipes (same defaults everywhere).
@@ -386,13 +387,30 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     cannot be (`semistructured.semi_structured_latency`). ``runtimes`` is present when the spec names
     runtimes (``measure: {runtimes: [eager, onnxruntime]}``): dense vs pruned timed on each at the spec's
     batch (`deploy.runtimes.compare_runtimes`).
+
+    It runs in stages, each reported to ``progress(fraction, line)`` as it starts (`MEASURE_STAGES`: size
+    and counts, then the task metric, then latency and runtimes); ``cancel`` (a `threading.Event`) is checked
+    between them. A cancelled measurement keeps the stages it finished, the others None, and says where it
+    stopped in ``cancelled`` (``"evaluate"`` or ``"latency"``; None for a full measurement).
     """
     spec.validate()
+    report = progress or (lambda fraction, line: None)
+    stopped = lambda: cancel is not None and cancel.is_set()  # noqa: E731 - read between stages
     deployed = measure.as_deployed(pruned_model)  # folded once: no mask hook in every evaluation forward
+    report(0.0, MEASURE_STAGES["size"])
     metrics = measure.report(deployed, dataset.example_input(spec.batch), baseline=base_model,
-                             latency=spec.latency, device=spec.device, threads=spec.threads,
-                             min_run_time=spec.min_run_time, max_run_time=spec.max_run_time).to_dict()
+                             latency=False).to_dict()
+    metrics["cancelled"] = None
     name = tasks.task_for(base_model, dataset)
+    if stopped():
+        measure_name = name if name in ("accuracy", "perplexity") else tasks.default_measure(base_model)
+        base = base_accuracy if name == "accuracy" else base_task_value if base_task_value is not None \
+            else tasks.PERFECT.get(measure_name)
+        metrics.update(cancelled="evaluate", accuracy=None, base_accuracy=base_accuracy, delta_accuracy=None,
+                       semi_structured=None, task={"name": name, "measure": measure_name, "base": base, "pruned": None,
+                                                   "higher_is_better": tasks.HIGHER_IS_BETTER.get(measure_name, True)})
+        return _sparsity_figures(metrics, base_model, pruned_model)
+    report(0.2, MEASURE_STAGES["evaluate"])
     if name == "accuracy":
         accuracy = evaluate(deployed, dataset, "test")["accuracy"]
         if base_accuracy is None:
@@ -409,17 +427,33 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         metrics.update(accuracy=None, base_accuracy=None, delta_accuracy=None)
         task = {"name": name, "measure": result["measure"], "base": base_task_value, "pruned": result["value"],
                 "higher_is_better": result["higher_is_better"], "measures": result["measures"]}
-    metrics["semi_structured"] = semistructured.semi_structured_latency(
+    if spec.latency and stopped():
+        metrics["cancelled"] = "latency"
+    elif spec.latency:
+        report(0.5, MEASURE_STAGES["latency"])
+        metrics.update(measure.latency_metrics(deployed, dataset.example_input(spec.batch), baseline=base_model,
+                                               device=spec.device, threads=spec.threads,
+                                               min_run_time=spec.min_run_time, max_run_time=spec.max_run_time))
+    metrics["semi_structured"] = None if metrics["cancelled"] else semistructured.semi_structured_latency(
         deployed, dataset.example_input(spec.batch), min_run_time=spec.min_run_time, time_it=spec.latency,
     ) if semistructured.has_2_4_layer(deployed) else None
-    if spec.runtimes:  # the recipe names runtimes: dense vs pruned on each, at its batch
+    if spec.runtimes and not metrics["cancelled"]:  # the recipe names runtimes: dense vs pruned on each, at its batch
         from explorer.deploy.runtimes import compare_runtimes
 
         metrics["runtimes"] = compare_runtimes(base_model, deployed, dataset.example_input(spec.batch),
                                                runtimes=spec.runtimes, batches=(spec.batch,), threads=spec.threads,
                                                min_run_time=spec.min_run_time, max_run_time=spec.max_run_time)
-    metrics.update(task=task,
-                   zero_fraction_all_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
+    metrics["task"] = task
+    return _sparsity_figures(metrics, base_model, pruned_model)
+
+
+MEASURE_STAGES = {"size": "Counting parameters and FLOPs, compressing the file ...",
+                  "evaluate": "Evaluating the task metric on the test split ...",
+                  "latency": "Timing base and pruned on the same batch (latency) ..."}
+
+
+def _sparsity_figures(metrics: dict, base_model: nn.Module, pruned_model: nn.Module) -> dict:
+    metrics.update(zero_fraction_all_params=1 - metrics["params_nonzero"] / max(1, metrics["baseline_params_total"] or 1),
                    sparsity_actual=1 - prunable_counts(pruned_model)[0] / max(1, prunable_counts(base_model)[1]))
     return metrics
 

@@ -1,0 +1,107 @@
+"""Long steps report progress and can be cancelled, keeping what was done (issue 21, item 2): the measurement's
+stages, and the Prune page's Apply with its Cancel button."""
+import threading
+
+import pytest
+import torch
+
+from explorer import pipeline
+from explorer.data import load_dataset
+from explorer.layers import prunable_layers
+from explorer.specs import MeasureSpec, PlanSpec, ScoringSpec
+from explorer.zoo import build
+
+
+@pytest.fixture(scope="module")
+def pruned_mlp():
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    base = build("mlp", data.input_shape, data.num_classes).eval()
+    prepared = pipeline.prepare(base, ScoringSpec("unstructured", "magnitude"), dataset=data)
+    return base, pipeline.apply(base, prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5, scope="local"))), data
+
+
+def stages_until(stop_at: str | None):
+    """A progress callback that records the stages and sets the cancel flag when ``stop_at`` starts."""
+    cancel, seen = threading.Event(), []
+
+    def progress(fraction: float, line: str) -> None:
+        seen.append((fraction, line))
+        if stop_at is not None and line == pipeline.MEASURE_STAGES[stop_at]:
+            cancel.set()
+    return progress, cancel, seen
+
+
+def test_a_full_measurement_reports_its_stages_in_order(pruned_mlp):
+    base, pruned, data = pruned_mlp
+    progress, cancel, seen = stages_until(None)
+    metrics = pipeline.measure_run(base, pruned, data, MeasureSpec(min_run_time=0.05), progress=progress, cancel=cancel)
+    assert [line for _, line in seen] == list(pipeline.MEASURE_STAGES.values())
+    assert [fraction for fraction, _ in seen] == sorted(fraction for fraction, _ in seen)
+    assert metrics["cancelled"] is None and metrics["latency_ms"] > 0 and metrics["accuracy"] is not None
+
+
+def test_a_cancel_during_latency_keeps_the_counts_and_the_accuracy(pruned_mlp):
+    base, pruned, data = pruned_mlp
+    progress, cancel, _ = stages_until("evaluate")  # set while evaluating: latency is the stage skipped
+    metrics = pipeline.measure_run(base, pruned, data, MeasureSpec(min_run_time=0.05), progress=progress, cancel=cancel)
+    assert metrics["cancelled"] == "latency" and metrics["latency_ms"] is None and metrics["speedup_measured"] is None
+    correct = sum(int((pruned(x).argmax(1) == y).sum()) for x, y in [(data.x_test, data.y_test)])
+    assert metrics["accuracy"] == pytest.approx(correct / len(data.y_test))
+    weights = sum(layer.weight.numel() for _, layer in prunable_layers(base))
+    assert metrics["params_nonzero"] <= metrics["params_total"] - weights // 2
+
+
+def test_a_cancel_before_evaluation_keeps_the_counts_only(pruned_mlp):
+    base, pruned, data = pruned_mlp
+    progress, cancel, _ = stages_until("size")
+    metrics = pipeline.measure_run(base, pruned, data, MeasureSpec(min_run_time=0.05), progress=progress, cancel=cancel,
+                                   base_accuracy=0.9)
+    assert metrics["cancelled"] == "evaluate" and metrics["accuracy"] is None and metrics["latency_ms"] is None
+    assert metrics["task"]["pruned"] is None and metrics["task"]["base"] == 0.9
+    assert metrics["speedup_flops"] > 1 and 0.45 < metrics["sparsity_actual"] < 0.55
+
+
+def test_apply_shows_its_stage_and_cancel_keeps_the_pruned_copy_with_what_was_measured(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app_pages import common
+    from explorer.store import RunStore
+    from tests.apptest import set_sparsity, texts
+
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)  # the script hands back at once, showing the bar and Cancel
+    real = pipeline.measure_run
+
+    def held_at_evaluation(*args, progress=None, cancel=None, **kwargs):
+        def gate(fraction, line):
+            progress(fraction, line)
+            if line == pipeline.MEASURE_STAGES["evaluate"]:
+                cancel.wait(120)  # the user presses Cancel while the accuracy is computed
+        return real(*args, progress=gate, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_run", held_at_evaluation)
+    at = AppTest.from_file("../app.py", default_timeout=300)
+    at.query_params.update(model="mlp", data="digits", scope="local")
+    at.switch_page("app_pages/prune.py").run()
+    set_sparsity(at, 0.5)
+    at.button(key="prune_apply").click().run()
+    job = at.session_state["apply_job"]
+    for _ in range(200):  # until the job reaches the held stage
+        if job.status == pipeline.MEASURE_STAGES["evaluate"]:
+            break
+        job.wait(0.05)
+    at.run()
+    assert at.button(key="prune_apply").disabled
+    bars = list(at.get("progress"))
+    assert bars and "Apply: Evaluating" in bars[0].text
+    at.button(key="prune_apply_cancel").click().run()
+    assert job.wait(120) and job.cancelled
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    pruned = at.session_state["pruned_result"]
+    assert "Measurement cancelled" in texts(at.warning) and "latency not measured" in texts(at.warning)
+    stored = RunStore().get(pruned["run_id"]).metrics
+    assert stored["cancelled"] == "latency" and stored["latency_ms"] is None and stored["accuracy"] is not None
+    weights = [layer.weight.detach() for _, layer in prunable_layers(pruned["module"])]
+    assert sum(int((w == 0).sum()) for w in weights) == sum(round(0.5 * w.numel()) for w in weights)
+    assert "apply_job" not in at.session_state
