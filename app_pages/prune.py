@@ -17,7 +17,8 @@ from app_pages import common, live_slider
 
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
-            "prune_calib": 4, "prune_nm": "2:4", "prune_include_head": False, "prune_calib_shape": False, "prune_sequential": False,
+            "prune_calib": 4, "prune_nm": "2:4", "prune_include_head": False, "prune_calib_shape": False,
+            "prune_sequential": False,
             "prune_calib_samples": 32, "prune_calib_seqlen": 128, "prune_calib_mode": "windows"}
 PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
 STEPS = "prune_steps"  # (settings, the plan at every slider step, their views)

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sequential", action="store_true",
                        help="wanda / sparsegpt: calibrate each transformer block on the outputs of the already pruned "
                             "blocks before it, as the papers' code does (default: one pass of the dense model)")
+    prune.add_argument("--progress", action="store_true",
+                       help="print each slow stage (load, calibration batches, blocks, measurement) to stderr")
     prune.add_argument("--include-head", action="store_true",
                        help="causal LMs: also prune the layers outside the transformer blocks (lm_head); by default "
                             "only the blocks' Linears are pruned, as the Wanda and SparseGPT papers do")
@@ -349,9 +351,12 @@ def cmd_prune(args) -> list[dict]:
         raise ExplorerError("--sparsity is required (S or S1,S2,...), except with --structure nm.")
     if args.plan_only and (args.save or args.measure):
         raise ExplorerError("--plan-only prunes nothing, so there is nothing to --save or --measure: drop one.")
+    progress = _stage_printer() if args.progress else None
+    if progress:
+        progress(0.0, "loading the model and data")
     model, dataset, arch = _resolve(args)
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
-    prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed)
+    prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed, progress=progress)
     kinds = {g.name: g.kind for g in prepared.groups} or prepared.layer_kinds
     task_name = tasks.task_for(model, dataset)
     base_value = (tasks.evaluate_task(model, dataset, task=task_name)["value"]
@@ -386,7 +391,9 @@ def cmd_prune(args) -> list[dict]:
                                    "use --scope local or --min-keep")
             results.append(result)
             continue
-        pruned = pipeline.apply(model, prepared, plan)
+        pruned = pipeline.apply(model, prepared, plan, progress=progress)
+        if progress:
+            progress(1.0, f"measuring the pruned copy at {recipe.plan.sparsity:g}")
         if task_name == "fidelity" and dense_outputs is None:
             dense_outputs = tasks.reference_outputs(model, dataset, "test")
         m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_task_value=base_value,
@@ -422,6 +429,22 @@ def cmd_prune(args) -> list[dict]:
             result["saved"] = str(path)
         results.append(result)
     return results
+
+
+def _stage_printer():
+    """``progress(fraction, text)`` that prints ``[seconds] text`` to stderr when the text changes stage
+    (at most one line a second within a stage), so a long prune shows where it is."""
+    import time
+
+    started, last = time.perf_counter(), {"text": None, "at": -1.0}
+
+    def progress(fraction: float, text: str) -> None:
+        now = time.perf_counter() - started
+        stage = text.split(":")[0]
+        if stage != last["text"] or now - last["at"] >= 1.0 or fraction >= 1.0:
+            print(f"[{now:7.1f} s] {text} ({fraction:.0%})", file=sys.stderr, flush=True)
+            last.update(text=stage, at=now)
+    return progress
 
 
 def _print_human(command: str, results: list[dict]) -> None:

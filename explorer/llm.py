@@ -152,7 +152,8 @@ def real_rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None
     hidden states are computed but attended by nothing, and on short padded lines they can be most
     of the rows. Inputs of another shape, and conv layers, pass unchanged.
     """
-    if mask is None or isinstance(module, _CONV_TYPES) or inputs.dim() < 3 or tuple(inputs.shape[:2]) != tuple(mask.shape):
+    if (mask is None or isinstance(module, _CONV_TYPES) or inputs.dim() < 3
+            or tuple(inputs.shape[:2]) != tuple(mask.shape)):
         return inputs
     return inputs[mask.to(inputs.device)]
 

@@ -12,7 +12,6 @@ Every number carries its unit in its name: ``flops``, ``latency_ms``, ``size_byt
 from __future__ import annotations
 
 import contextlib
-import io
 import weakref
 import zlib
 from contextlib import contextmanager
@@ -178,10 +177,33 @@ def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]
     Raw size does not shrink with zeros; the compressed size does: this is where
     unstructured sparsity pays.
     """
-    buffer = io.BytesIO()
-    torch.save(as_deployed(model).state_dict(), buffer)
-    raw = buffer.getvalue()
-    return {"raw": len(raw), "compressed": len(zlib.compress(raw, level))}
+    sink = _DeflateCounter(level)
+    torch.save(as_deployed(model).state_dict(), sink)
+    return {"raw": sink.raw, "compressed": sink.finish()}
+
+
+class _DeflateCounter:
+    """A write-only file that counts the bytes written and their deflate size, keeping neither.
+
+    The same numbers as ``len(raw)`` and ``len(zlib.compress(raw, level))`` of the whole buffer, without
+    holding the serialised model (and its compressed copy) in memory: a 1 B model would need 8 GB for both.
+    """
+
+    def __init__(self, level: int):
+        self.raw, self.compressed = 0, 0
+        self._deflate = zlib.compressobj(level)
+
+    def write(self, data) -> int:
+        self.raw += len(data)
+        self.compressed += len(self._deflate.compress(data))
+        return len(data)
+
+    def flush(self) -> None:
+        """torch.save may flush; counting has nothing to flush until `finish`."""
+
+    def finish(self) -> int:
+        self.compressed += len(self._deflate.flush())
+        return self.compressed
 
 
 def peak_memory_bytes(model: nn.Module, example_input: torch.Tensor) -> dict:
@@ -191,7 +213,9 @@ def peak_memory_bytes(model: nn.Module, example_input: torch.Tensor) -> dict:
     activations and workspace; ``method="cuda_max_memory_allocated"``). On CPU there is no
     allocator statistic, so we estimate: parameter and buffer bytes plus the input plus
     every leaf module's output bytes (``method="estimate_params_plus_activations"``), an
-    upper bound for inference that also approximates what training keeps for backward.
+    upper bound for inference that also approximates what training keeps for backward. The
+    outputs are summed at batches 1 and 2 and extended linearly to the example's batch, the same
+    sum without a full-batch pass (on a language model that pass alone holds batch x length x vocab logits).
     """
     device = model_device(model)
     if device.type == "cuda":
@@ -203,6 +227,19 @@ def peak_memory_bytes(model: nn.Module, example_input: torch.Tensor) -> dict:
         torch.cuda.synchronize(device)
         return {"bytes": int(torch.cuda.max_memory_allocated(device)), "method": "cuda_max_memory_allocated",
                 "device": str(device)}
+    batch = example_input.shape[0] if example_input.dim() else 1
+    if batch > 2:  # every output grows linearly with the batch: two small passes give the sum at any batch
+        one, two = (_activation_bytes(model, example_input[:size], device) for size in (1, 2))
+        activations = one + (batch - 1) * (two - one)
+    else:
+        activations = _activation_bytes(model, example_input, device)
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {"bytes": int(state_bytes + activations), "method": "estimate_params_plus_activations",
+            "device": str(device)}
+
+
+def _activation_bytes(model: nn.Module, example_input: torch.Tensor, device) -> int:
+    """The input's bytes plus every leaf module's output bytes in one inference pass."""
     activation_bytes = [example_input.numel() * example_input.element_size()]
 
     def record(_module, _inputs, output):
@@ -217,9 +254,7 @@ def peak_memory_bytes(model: nn.Module, example_input: torch.Tensor) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {"bytes": int(state_bytes + sum(activation_bytes)), "method": "estimate_params_plus_activations",
-            "device": str(device)}
+    return sum(activation_bytes)
 
 
 @dataclass

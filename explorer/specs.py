@@ -197,7 +197,8 @@ class ScoringSpec:
             raise _fail("scoring", f"calib_mode must be one of {', '.join(CALIB_MODES)}, got {self.calib_mode!r}.")
         if not isinstance(self.sequential, bool):
             raise _fail("scoring", f"sequential must be true or false, got {self.sequential!r}.")
-        if self.sequential and (self.criterion not in ("wanda", "sparsegpt") or self.structure not in ("unstructured", "nm")):
+        if self.sequential and (self.criterion not in ("wanda", "sparsegpt")
+                                or self.structure not in ("unstructured", "nm")):
             raise _fail("scoring", "sequential calibration is for wanda and sparsegpt, unstructured or nm; "
                                    f"not {self.criterion} / {self.structure}.")
         if not isinstance(self.include_head, bool):

@@ -146,7 +146,8 @@ def reference_prune(model, calib, method: str, sparsity: float, sequential: bool
                 if method == "wanda":
                     metric = W.abs() * squares[name].sqrt().float().reshape(1, -1)
                     order = torch.sort(metric, dim=-1, stable=True)[1]
-                    W[torch.zeros_like(W, dtype=torch.bool).scatter_(1, order[:, :int(W.shape[1] * sparsity)], True)] = 0
+                    lowest = order[:, :int(W.shape[1] * sparsity)]
+                    W[torch.zeros_like(W, dtype=torch.bool).scatter_(1, lowest, True)] = 0
                 else:
                     module.weight.data, _ = fasterprune(W, hessians[name] * (2 / rows[name]), sparsity)
             hidden = [run_layer(layer, h, kw) for h, (_, kw) in zip(hidden, inputs)]

@@ -1,0 +1,124 @@
+"""LLM pruning at scale: whole-process time and peak memory of the CLI on GPT-2-shaped models (issue 22).
+
+Builds each model itself (random weights from a GPT2Config, a small byte-level BPE tokenizer; the
+embedding keeps GPT-2's 50,257 rows) as an ``hf:`` folder in a temporary directory, then runs
+``python -m explorer`` commands as separate processes under ``/usr/bin/time -v``: a bare load of
+the folder, ``prune --plan-only``, a full ``prune`` (magnitude, global 50 %), Wanda, 2:4 and SparseGPT.
+User CPU seconds are quoted beside wall time because the machine is shared.
+
+    python bench/bench_llm_scale.py --sizes 7M 124M [--runs plan magnitude wanda] [--out bench/RESULTS_llm_scale.md]
+
+The folders are deleted at the end. Never part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the models are built with this checkout's explorer.hf
+SIZES = {  # GPT-2 family shapes (vocab 50,257, 1,024 positions)
+    "7M": dict(n_layer=2, n_embd=128, n_head=4),
+    "124M": dict(n_layer=12, n_embd=768, n_head=12),
+    "355M": dict(n_layer=24, n_embd=1024, n_head=16),
+}
+CALIB = ["--calib-samples", "32", "--calib-seqlen", "128", "--calib-mode", "windows"]
+RUNS = {
+    "load": None,
+    "plan": ["--criterion", "magnitude", "--scope", "global", "--sparsity", "0.5", "--plan-only"],
+    "magnitude": ["--criterion", "magnitude", "--scope", "global", "--sparsity", "0.5", "--no-latency-placeholder"],
+    "wanda": ["--criterion", "wanda", "--sparsity", "0.5", *CALIB],
+    "wanda_seq": ["--criterion", "wanda", "--sparsity", "0.5", *CALIB, "--sequential"],
+    "nm_2_4": ["--criterion", "wanda", "--structure", "nm", "--nm", "2:4", *CALIB],
+    "sparsegpt": ["--criterion", "sparsegpt", "--sparsity", "0.5", *CALIB],
+}
+LOAD = ("import sys, explorer.hf as hf; bundle = hf.load_hf(sys.argv[1]); "
+        "print(sum(p.numel() for p in bundle.model.parameters()))")
+
+
+def build(folder: Path, size: str) -> int:
+    """Write a random GPT-2 of ``size`` and a small tokenizer to ``folder``; its parameter count."""
+    import torch
+    import transformers
+
+    from explorer import hf
+
+    tokenizer = hf.tiny_tokenizer("gpt2", vocab_size=2000)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=1024, bos_token_id=tokenizer.eos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                     **SIZES[size])
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def timed(command: list[str], code: Path = ROOT) -> dict:
+    """Wall seconds, user CPU seconds and peak RSS (GB) of one process, from /usr/bin/time -v."""
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=code,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    report = done.stderr
+
+    def field(name):
+        match = re.search(rf"{re.escape(name)}: (.+)", report)
+        return match.group(1).strip() if match else None
+    wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)")
+    parts = [float(p) for p in wall.split(":")] if wall else [0]
+    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    result = {"wall_s": seconds, "user_s": float(field("User time (seconds)") or 0),
+              "peak_gb": int(field("Maximum resident set size (kbytes)") or 0) / 1e6, "rc": done.returncode}
+    if done.returncode:
+        result["error"] = (report.strip().splitlines() or ["?"])[0][:200]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["7M", "124M"], choices=list(SIZES))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--out", default=None, help="append a markdown table to this file")
+    parser.add_argument("--code", default=str(ROOT), help="the checkout whose explorer runs (e.g. main, for 'before')")
+    parser.add_argument("--label", default="", help="a word for the code, e.g. before / after")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [f"\n### {args.label or Path(args.code).name}: {now:%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}"
+             f" ({os.cpu_count()} cores), load at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n",
+             "| model | params | run | wall s | user CPU s | peak GB | peak / fp32 size | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="llm_scale_") as tmp:
+        for size in args.sizes:
+            folder = Path(tmp) / f"gpt2-{size}"
+            params = build(folder, size)
+            fp32_gb = params * 4 / 1e9
+            for run in args.runs:
+                if run == "load":
+                    command = [sys.executable, "-c", LOAD, str(folder)]
+                else:
+                    flags = [f for f in RUNS[run] if f != "--no-latency-placeholder"]
+                    command = [sys.executable, "-m", "explorer", "prune", "--model", f"hf:{folder}", "--json",
+                               *flags]
+                result = timed(command, Path(args.code))
+                note = result.get("error", "")
+                line = (f"| GPT-2 {size} | {params / 1e6:.0f} M | {run} | {result['wall_s']:.0f} | {result['user_s']:.0f}"
+                        f" | {result['peak_gb']:.2f} | {result['peak_gb'] / fp32_gb:.1f}x | {note} |")
+                print(line, flush=True)
+                lines.append(line)
+    load = os.getloadavg()
+    lines.append(f"\nload at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
