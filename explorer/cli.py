@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--nm", default=ScoringSpec.nm, help="the N:M pattern of --structure nm: 2:4 (default) or 4:8")
     prune.add_argument("--protect", nargs="+", default=[], metavar="LAYER", help="layers never pruned")
     prune.add_argument("--min-keep", type=_fraction, default=0.0, help="global scope: keep this fraction of every layer")
+    prune.add_argument("--round-to", type=_whole(1, 1024), default=1, metavar="N",
+                       help="channel structure: round each layer's kept channels to a multiple of N (8, 16, 32)")
     prune.add_argument("--norm", choices=["l1", "l2"], default="l1", help="channel magnitude norm")
     prune.add_argument("--calib-batches", type=_whole(1, limits.MAX_CALIB_BATCHES), default=4)
     prune.add_argument("--calib-samples", type=_whole(1, limits.MAX_BATCH), default=None,
@@ -315,7 +317,8 @@ def recipe_from_args(args, sparsity: float) -> Recipe:
                             calib_batches=args.calib_batches, nm=args.nm, include_head=args.include_head,
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             calib_mode=args.calib_mode, sequential=args.sequential),
-        plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep),
+        plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep,
+                      round_to=args.round_to),
         measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads),
         seed=args.seed,
     ).validate()

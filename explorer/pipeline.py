@@ -250,14 +250,21 @@ def preview(prepared: Prepared, spec: PlanSpec) -> planner.Plan:
     """The Plan for a PlanSpec: milliseconds, no model touched.
 
     N:M fixes the sparsity at (M - N) / M in every layer it fits, whatever ``spec.sparsity`` says;
+    ``spec.round_to`` (channel structure) rounds each layer's kept channels to a multiple (`planner.round_kept`);
     protected layers stay dense, and protecting a layer that `prepare` kept dense anyway (an LM
     head, a tied layer) is accepted for every criterion.
     """
     protect = tuple(name for name in spec.protect if name not in prepared.kept_dense)
     if prepared.nm is not None:
         return planner.plan(prepared.ranking, nm_sparsity(prepared.nm), "local", protect=protect)
-    return planner.plan(prepared.ranking, spec.sparsity, spec.scope, overrides=spec.overrides,
+    plan = planner.plan(prepared.ranking, spec.sparsity, spec.scope, overrides=spec.overrides,
                         protect=protect, min_keep=spec.min_keep)
+    if spec.round_to > 1:
+        if prepared.structure != "channel":
+            raise ExplorerError(f"round_to rounds kept channels; it needs --structure channel, not "
+                                f"{prepared.structure}.")
+        plan = planner.round_kept(plan, spec.round_to, prepared.ranking)
+    return plan
 
 
 def _keep_factors(prepared: Prepared, plan: planner.Plan) -> tuple[dict[str, float], dict[str, float]]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -477,6 +477,35 @@ def _collapse_point(ranking: Ranking, pool: list[int], scope: str, min_keep: flo
     rank = sum(ranking.count_below(layer, best_key) for layer in pool)
     pool_total = sum(int(ranking.sizes[layer]) for layer in pool)
     return (rank + 1) / pool_total, ranking.names[first]
+
+
+def round_kept(plan: Plan, multiple: int, ranking: Ranking | None = None) -> Plan:
+    """The plan with each pruned layer's kept units rounded to the nearest ``multiple`` (8, 16, 32 ...).
+
+    Hardware prefers channel counts divisible by its vector width or tile (oneDNN's 8/16 floats,
+    tensor cores' 8/16 halves): 61 kept channels can run slower than 64. A layer that loses nothing,
+    or has fewer units than ``multiple``, is left alone; no layer is rounded to zero (it keeps at least
+    ``multiple``); a layer whose nearest multiple exceeds its size keeps all its units; units the current
+    mask pruned (``ranking``) stay pruned.
+    ``sparsity_actual`` moves accordingly and ``note`` says so.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ExplorerError(f"Round kept channels to a whole number >= 1 (8, 16, 32), got {multiple!r}.")
+    if multiple == 1:
+        return plan
+    already = {name: int(ranking.already_pruned[ranking.index_of(name)]) for name in ranking.names} if ranking else {}
+    layers = []
+    for lp in plan.layers:
+        kept = lp.kept
+        if lp.pruned and lp.total >= multiple:  # nearest multiple; past what may be kept, all that may be
+            kept = min(lp.total - already.get(lp.name, 0), max(multiple, multiple * round(lp.kept / multiple)))
+        layers.append(LayerPlan(name=lp.name, total=lp.total, kept=kept, pruned=lp.total - kept,
+                                sparsity=(lp.total - kept) / lp.total, collapsed=kept == 0, source=lp.source))
+    pruned = sum(lp.pruned for lp in layers)
+    note = f"Kept units rounded to multiples of {multiple} in every pruned layer of at least {multiple}."
+    return replace(plan, layers=layers, pruned=pruned, sparsity_actual=pruned / plan.total,
+                   collapsed=[lp.name for lp in layers if lp.collapsed],
+                   note=" ".join(filter(None, [plan.note, note])))
 
 
 def pruned_indices(ranking: Ranking, plan: Plan, layer: str) -> torch.Tensor:

@@ -220,6 +220,7 @@ class PlanSpec:
     protect: tuple[str, ...] = ()
     overrides: Mapping[str, float] = field(default_factory=dict)
     min_keep: float = 0.0
+    round_to: int = 1  # channel structures: kept channels per layer rounded to a multiple of this (8, 16, 32)
 
     def __post_init__(self):  # YAML gives lists and plain dicts; keep the frozen value canonical
         object.__setattr__(self, "protect", tuple(self.protect or ()))
@@ -234,6 +235,7 @@ class PlanSpec:
             _fraction("plan", f"overrides[{name}]", value)
         if not all(isinstance(name, str) for name in self.protect):
             raise _fail("plan", f"protect must be a list of layer names, got {list(self.protect)!r}.")
+        _positive_int("plan", "round_to", self.round_to, 1024)
         return self
 
 

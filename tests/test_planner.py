@@ -440,3 +440,59 @@ def test_current_mask_errors_name_the_layer_and_the_shape():
         prepare(scores, kept={"zzz": torch.ones(5, dtype=torch.bool)})
     with pytest.raises(ExplorerError, match="'b'"):
         prepare(scores, kept={"b": [True] * 5})
+
+
+def _hand_plan(sizes_kept):
+    from explorer.planner import LayerPlan, Plan
+
+    layers = [LayerPlan(name=f"l{i}", total=total, kept=kept, pruned=total - kept, sparsity=(total - kept) / total,
+                        collapsed=kept == 0, source="local") for i, (total, kept) in enumerate(sizes_kept)]
+    total, pruned = sum(t for t, _ in sizes_kept), sum(t - k for t, k in sizes_kept)
+    return Plan(scope="local", sparsity_requested=0.5, sparsity_actual=pruned / total, total=total, pruned=pruned,
+                layers=layers, collapsed=[], collapse_point=None, collapse_layer=None)
+
+
+def test_round_kept_goes_to_the_nearest_multiple_and_never_to_zero_or_past_the_layer():
+    from explorer.planner import round_kept
+
+    plan = _hand_plan([(16, 9), (64, 29), (100, 99), (5, 3), (30, 29), (64, 2), (32, 32)])
+    rounded = round_kept(plan, 8)
+    assert [lp.kept for lp in rounded.layers] == [8, 32, 96, 3, 30, 8, 32]
+    assert round_kept(plan, 16).layers[4].kept == 30  # nearest multiple (32) exceeds the layer: it keeps all 30
+    assert rounded.pruned == sum(lp.total - lp.kept for lp in rounded.layers)
+    assert rounded.sparsity_actual == rounded.pruned / plan.total and "multiples of 8" in rounded.note
+    assert round_kept(plan, 1) is plan
+    with pytest.raises(ExplorerError, match="whole number"):
+        round_kept(plan, 0)
+
+
+def test_round_to_removes_channels_in_multiples_through_a_real_removal(capsys):
+    from explorer import pipeline
+    from explorer.data import load_dataset
+    from explorer.specs import PlanSpec, ScoringSpec
+    from explorer.zoo import build
+
+    dataset = load_dataset("digits")
+    for name in ("mlp", "lenet5"):
+        torch.manual_seed(0)
+        model = build(name, dataset.input_shape, dataset.num_classes).eval()
+        prepared = pipeline.prepare(model, ScoringSpec(structure="channel"), dataset=dataset)
+        plan = pipeline.preview(prepared, PlanSpec(sparsity=0.3, round_to=8))
+        pruned = pipeline.apply(model, prepared, plan)
+        widths = {n: m.weight.shape[0] for n, m in pruned.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        for layer in plan.layers:
+            assert widths[layer.name] == layer.kept  # what the plan shows is what was removed
+            if layer.total >= 8:
+                assert layer.kept % 8 == 0 and layer.kept < layer.total, (name, layer)
+        pruned(dataset.example_input(2))
+    with pytest.raises(ExplorerError, match="needs --structure channel"):
+        unstructured = pipeline.prepare(model, ScoringSpec(structure="unstructured"), dataset=dataset)
+        pipeline.preview(unstructured, PlanSpec(sparsity=0.3, round_to=8))
+    from explorer.cli import main
+
+    assert main(["prune", "--model", "mlp", "--structure", "channel", "--sparsity", "0.3", "--round-to", "16",
+                 "--plan-only", "--json"]) == 0
+    import json
+
+    shown = json.loads(capsys.readouterr().out)
+    assert [layer["kept"] for layer in shown["layers"]] == [176, 96]  # 256 * 0.7 = 179 -> 176; 128 * 0.7 = 90 -> 96
