@@ -8,7 +8,7 @@ from explorer import baselines, figures, jobs, timing
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.methods import METHODS
-from explorer.methods.lab import CLAIMS, CONTROLS, DEFAULTS, budget_text, chance_note, claims, method_of, run_lab
+from explorer.methods.lab import CLAIMS, CONTROLS, TASK_CHOSEN, budget_text, defaults_for, chance_note, claims, method_of, run_lab
 from explorer.methods.regularised import DEFAULT_KIND, penalty_norms
 from explorer.planner import SCOPES
 from explorer.specs import BUDGET_VIEWS, STRUCTURES, BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
@@ -45,13 +45,20 @@ published claim on the numbers it got. The runs go one after the other
 in the background. **Cancel** stops the method that is running (its curve so far is kept and
 measured) and skips the rest. Every finished method is saved as a run, so it appears on Compare.
 
-Curves: validation accuracy and sparsity against the epoch of the method's own training
+Curves: validation accuracy (a transformer's own metric, perplexity or fidelity, where it has no labels) and
+sparsity against the epoch of the method's own training
 (epoch 0 is the first cut). A method that starts from fresh weights (pruning at initialisation,
 lottery tickets, sparse training) starts near chance accuracy and climbs.
 """)
 
 model = common.require_model()
-common.require_accuracy_task(model, "The methods lab trains the model")
+task = common.model_task(model)
+by_accuracy = task["name"] == "accuracy"
+defaults = defaults_for(task["name"])
+if not by_accuracy:
+    st.info(f"**{model['label']}** is judged by {common.task_label(task)}: curves and results are in that metric "
+            "(training distils towards the dense model where the data has no labels). The defaults are a short, "
+            "cheap look: one epoch at 50 %, the methods that prune the trained model.", icon=":material/info:")
 recipe = common.session_recipe(model)
 job: jobs.Job | None = st.session_state.get(LAB_JOB)
 if job is not None and job.meta.get("model_key") != model["key"]:
@@ -65,21 +72,22 @@ with st.form("methods_form", border=True):
     criterion = top[1].selectbox("Criterion", list(CRITERIA), index=list(CRITERIA).index(recipe.scoring.criterion),
                                  key="methods_criterion")
     scope = top[2].selectbox("Scope", list(SCOPES), index=list(SCOPES).index(recipe.plan.scope), key="methods_scope")
-    target = top[3].slider("Target sparsity", 0.05, 0.99, DEFAULTS.sparsity, 0.01, key="methods_sparsity")
+    target = top[3].slider("Target sparsity", 0.05, 0.99, defaults.sparsity, 0.01, key="methods_sparsity")
     bottom = st.columns([3, 1, 1, 1])
-    chosen = bottom[0].multiselect("Methods and controls", ENTRIES, default=DEFAULT_CHOSEN, key="methods_chosen",
-                                   format_func=entry_summary)
-    epochs = bottom[1].number_input("Budget (epochs)", 1, 100, DEFAULTS.epochs, key="methods_epochs")
-    lr = bottom[2].number_input("Learning rate", 1e-6, 1.0, DEFAULTS.lr, format="%.5f", key="methods_lr")
+    chosen = bottom[0].multiselect("Methods and controls", ENTRIES, key="methods_chosen", format_func=entry_summary,
+                                   default=DEFAULT_CHOSEN if by_accuracy else list(TASK_CHOSEN))
+    epochs = bottom[1].number_input("Budget (epochs)", 1, 100, defaults.epochs, key="methods_epochs")
+    lr = bottom[2].number_input("Learning rate", 1e-6, 1.0, defaults.lr, format="%.5f", key="methods_lr")
     batch_size = bottom[3].selectbox("Batch size", [32, 64, 128, 256],
-                                     index=[32, 64, 128, 256].index(DEFAULTS.batch_size), key="methods_batch")
+                                     index=[32, 64, 128, 256].index(defaults.batch_size), key="methods_batch")
     counting = st.columns([3, 1])
     view = counting[0].radio("How the budget is counted", list(BUDGET_VIEWS), horizontal=True, key="methods_view",
-                             index=list(BUDGET_VIEWS).index(DEFAULTS.view),
+                             index=list(BUDGET_VIEWS).index(defaults.view),
                              format_func=lambda v: {"counted": "count the training that made the start model",
                                                     "fresh": "same budget from fresh weights"}[v],
                              help="; ".join(f"{k}: {v}" for k, v in BUDGET_VIEWS.items()))
-    known = baselines.start_epochs(model["spec"], len(model["dataset"].y_train))
+    labels = getattr(model["dataset"], "y_train", None)
+    known = baselines.start_epochs(model["spec"], None if labels is None else len(labels))
     start_epochs = counting[1].number_input("Start model's training (epochs)", 0, 1000, known, key="methods_start_epochs",
                                             help="The epochs that trained the start model (the zoo baseline's own "
                                                  "training when known); counted for methods from fresh weights.")
@@ -142,9 +150,11 @@ if job is not None and job.done:
         st.warning("Cancelled: the method that was running was measured as it stood; the rest did not run.")
     if finished:
         lab_recipe = job.meta["recipe"]
+        measure = common.task_label(task)
         table = pd.DataFrame([{
             "method": r.method + (" (cancelled)" if r.cancelled else ""),
-            "accuracy": r.metrics["accuracy"], "Δ accuracy (pts)": 100 * r.metrics["delta_accuracy"],
+            **({"accuracy": r.metrics["accuracy"], "Δ accuracy (pts)": 100 * r.metrics["delta_accuracy"]}
+               if by_accuracy else {measure: r.metrics["task"]["pruned"], f"dense {measure}": r.metrics["task"]["base"]}),
             "sparsity reached": r.metrics["sparsity_actual"], "epochs trained": max((p["epoch"] for p in r.trajectory),
                                                                                    default=0),
             "speed-up FLOPs": r.metrics["speedup_flops"], "speed-up measured": timing.speedup_text(r.metrics),
@@ -156,6 +166,8 @@ if job is not None and job.done:
             "accuracy": st.column_config.NumberColumn(format="percent"),
             "sparsity reached": st.column_config.NumberColumn(format="percent"),
             "Δ accuracy (pts)": st.column_config.NumberColumn(format="%+.1f"),
+            measure: st.column_config.NumberColumn(format="%.3f"),
+            f"dense {measure}": st.column_config.NumberColumn(format="%.3f"),
             "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
             "speed-up measured": st.column_config.TextColumn(
                 "speed-up measured (95 % interval)",
@@ -166,9 +178,9 @@ if job is not None and job.done:
                 st.warning(note)
             if note := timing.timing_note(r.metrics):
                 st.caption(f"{r.method}: {note}")
-        if checked := claims({r.method: r.metrics["accuracy"] for r in finished},
+        if by_accuracy and (checked := claims({r.method: r.metrics["accuracy"] for r in finished},
                              {r.method: r.error for r in results if r.metrics is None and r.error},
-                             chance=1 / max(2, model["dataset"].num_classes)):
+                             chance=1 / max(2, model["dataset"].num_classes))):
             st.markdown("**The literature's claims, on these runs** (one seed: a gap of a point or two can be "
                         "noise; bench/RESULTS_methods.md has three)")
             for row in checked:

@@ -1,5 +1,10 @@
 """The methods lab's evidence: every method over training time at equal budgets, its cost, and the literature.
 
+* **The claims at the page's defaults** (``claims``): every method and control a published claim names
+  (`explorer.methods.lab.CLAIMS`) through `run_lab` at the Methods page's defaults (`lab.DEFAULTS`: 95 %,
+  8 epochs, the start model's training counted for methods from fresh weights) on mlp / digits (the default
+  model), again at 90 % and under the 'fresh' budget view, and on lenet5 (``--claim-settings``); each claim
+  checked on the means with `lab.claims`, the function the page uses.
 * **Accuracy at equal budgets** (``accuracy``): every method (and its controls) on lenet5 / digits and
   mlp / digits at 90, 92 and 95 % unstructured sparsity (global scope, magnitude unless the method scores
   otherwise) with the default budget of 8 epochs, both again at 92 % with 30 epochs (the baselines' own

@@ -126,18 +126,30 @@ def training_curve(step_losses: Sequence[tuple[int, float]], val_metric: Sequenc
 
 
 def trajectories(points: Mapping[str, Sequence[dict]]) -> go.Figure:
-    """Methods over time: validation accuracy and sparsity against epoch, one colour per method or run."""
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "sparsity"))
+    """Methods over time: the validation metric and sparsity against epoch, one colour per method or run.
+
+    The metric is accuracy, or the task's own (perplexity, fidelity) for points that carry ``val_metric``
+    without an accuracy (a transformer trained without labels); perplexity gets a log axis of its own.
+    """
+    metric = next((p.get("metric") for trajectory in points.values() for p in trajectory
+                   if p.get("val_accuracy") is None and p.get("val_metric") is not None), None) or "accuracy"
+    key = "val_accuracy" if metric == "accuracy" else "val_metric"
+    figure = make_subplots(rows=1, cols=2, subplot_titles=(f"validation {METRIC_LABELS.get(metric, metric)}",
+                                                            "sparsity"))
     for index, (name, trajectory) in enumerate(points.items()):
         color = PALETTE[index % len(PALETTE)]
-        scored = [p for p in trajectory if p.get("val_accuracy") is not None]
-        figure.add_trace(go.Scatter(x=[p["epoch"] for p in scored], y=[p["val_accuracy"] for p in scored],
+        scored = [p for p in trajectory if p.get(key) is not None]
+        figure.add_trace(go.Scatter(x=[p["epoch"] for p in scored], y=[p[key] for p in scored],
                                     name=name, legendgroup=name, mode="lines+markers", line=dict(color=color)),
                          row=1, col=1)
         figure.add_trace(go.Scatter(x=[p["epoch"] for p in trajectory], y=[p["sparsity"] for p in trajectory],
                                     name=name, legendgroup=name, showlegend=False, mode="lines+markers",
                                     line=dict(color=color, shape="hv")), row=1, col=2)
-    figure.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    figure.update_yaxes(tickformat=".0%", range=[0, 1.02], row=1, col=2)
+    if metric in PERCENT_MEASURES:
+        figure.update_yaxes(tickformat=".0%", range=[0, 1.02], row=1, col=1)
+    elif metric == "perplexity":
+        figure.update_yaxes(type="log", row=1, col=1)
     figure.update_xaxes(title_text="epoch of the method's training")
     figure.update_layout(height=380, margin=dict(t=40, b=40), legend=dict(orientation="h", yanchor="top", y=-0.3, x=0))
     return figure

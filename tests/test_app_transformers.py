@@ -206,7 +206,35 @@ def test_head_on_a_plain_network_and_sparsegpt_by_channel_are_the_library_errors
     assert not at.exception and len(at.error) == 1 and "sparsegpt" in at.error[0].value
 
 
-@pytest.mark.parametrize("page", ["app_pages/methods.py", "app_pages/tour.py"])
+def test_the_methods_lab_runs_a_language_model_in_perplexity():
+    from tests.apptest import wait_for_job
+
+    at = load_transformer(start(), "tiny_gpt2")
+    goto(at, "app_pages/methods.py")
+    assert not at.exception and not at.error
+    assert "judged by perplexity" in texts(at.info)
+    assert at.multiselect(key="methods_chosen").value == ["one_shot", "gradual"]  # the cheap defaults
+    assert (at.slider(key="methods_sparsity").value, at.number_input(key="methods_epochs").value) == (0.5, 1)
+    at.multiselect(key="methods_chosen").set_value(["one_shot"])
+    at.button(key="methods_start").click().run()
+    job = wait_for_job(at, "methods_job", 300, "methods")
+    assert not at.exception and not at.error, texts(at.error)
+    (result,) = job.result
+    task = result.metrics["task"]
+    assert task["measure"] == "perplexity" and result.metrics["accuracy"] is None
+    epochs = [p for p in result.trajectory if p["event"] == "epoch"]
+    assert epochs and all(p["metric"] == "perplexity" and p["val_metric"] > 1 for p in epochs)
+    table = at.dataframe[0].value
+    assert table["perplexity"].tolist() == pytest.approx([task["pruned"]])
+    assert table["dense perplexity"].tolist() == pytest.approx([task["base"]])
+    curves = [c for c in at.get("plotly_chart") if "methods_curves" in str(c.proto.id)]
+    figure = json.loads(curves[-1].proto.spec)
+    assert figure["layout"]["annotations"][0]["text"] == "validation perplexity"
+    assert numbers(figure["data"][0]["y"]) == pytest.approx([p["val_metric"] for p in epochs])
+    assert not [w for w in at.warning if "ended at chance" in w.value]
+
+
+@pytest.mark.parametrize("page", ["app_pages/tour.py"])
 def test_pages_that_train_say_so_for_a_model_judged_by_perplexity(page):
     at = load_transformer(start(), "tiny_gpt2")
     goto(at, page)

@@ -198,3 +198,17 @@ def test_cost_bars_draw_the_measured_interval_and_mark_noise():
     assert list(measured.error_y.array) == pytest.approx([0.04, 1.1])
     assert list(measured.error_y.arrayminus) == pytest.approx([0.05, 0.9])
     assert list(measured.text) == ["1.00x", "noisy"] and list(measured.marker.pattern.shape) == ["", "/"]
+
+
+def test_trajectories_plot_a_transformers_own_metric_where_it_has_no_accuracy():
+    point = {"sparsity": 0.5, "val_accuracy": None, "metric": "perplexity"}
+    figure = figures.trajectories({"one_shot": [{**point, "epoch": 0, "val_metric": None},
+                                                {**point, "epoch": 1, "val_metric": 900.0},
+                                                {**point, "epoch": 2, "val_metric": 450.0}]})
+    assert figure.layout.annotations[0].text == "validation perplexity"
+    assert list(figure.data[0].y) == [900.0, 450.0] and figure.layout.yaxis.type == "log"
+    assert list(figure.data[1].y) == [0.5, 0.5, 0.5] and tuple(figure.layout.yaxis2.range) == (0, 1.02)
+    accuracy = figures.trajectories({"a": [{"epoch": 1, "sparsity": 0.9, "val_accuracy": 0.8, "metric": "accuracy",
+                                            "val_metric": 0.8}]})
+    assert accuracy.layout.annotations[0].text == "validation accuracy" and list(accuracy.data[0].y) == [0.8]
+    assert tuple(accuracy.layout.yaxis.range) == (0, 1.02)

@@ -72,6 +72,15 @@ class LabDefaults:
 
 
 DEFAULTS = LabDefaults()
+# A pretrained transformer judged by perplexity or fidelity: a short, cheap look (one epoch at half the weights),
+# the methods that prune the start model (from fresh weights a transformer would need its pre-training again)
+TASK_DEFAULTS = LabDefaults(sparsity=0.5, epochs=1, lr=1e-4, batch_size=32)
+TASK_CHOSEN = ("one_shot", "gradual")
+
+
+def defaults_for(task: str) -> LabDefaults:
+    """The lab's defaults for a model judged by ``task`` (accuracy, perplexity or fidelity)."""
+    return DEFAULTS if task == "accuracy" else TASK_DEFAULTS
 
 
 def lab_recipe(recipe, name: str):
