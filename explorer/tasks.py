@@ -119,9 +119,13 @@ def _in_eval_mode(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, was_training
 
 
-def _trimmed_batches(dataset: Dataset, split: str, batch_size: int, pad_id) -> Iterator[torch.Tensor]:
-    """A split's sequences sorted by length, in batches of about ``batch_size`` full-length sequences' tokens,
-    each cut after its last real token.
+LOGIT_BUDGET = 1 << 25  # logits in one perplexity batch (128 MB): 667 tokens at GPT-2's 50,257 words
+
+
+def _trimmed_batches(dataset: Dataset, split: str, batch_size: int, pad_id,
+                     max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """A split's sequences sorted by length, in batches of about ``batch_size`` full-length sequences' tokens
+    (at most ``max_tokens``, at least one sequence), each cut after its last real token.
 
     Right padding changes no real token's logits in a causal model, so dropping padded columns changes no
     term of the perplexity; it skips most of the work (and the batch x length x vocab logits) on short lines.
@@ -133,7 +137,7 @@ def _trimmed_batches(dataset: Dataset, split: str, batch_size: int, pad_id) -> I
     positions = torch.arange(1, x.shape[1] + 1)
     lengths = ((x != pad_id) * positions).max(dim=1).values.clamp(min=1)  # one past the last real token
     order = torch.argsort(lengths, stable=True)
-    budget, start = batch_size * x.shape[1], 0
+    budget, start = min(batch_size * x.shape[1], max_tokens or batch_size * x.shape[1]), 0
     while start < len(order):
         stop = start + 1
         while stop < len(order) and (stop + 1 - start) * int(lengths[order[stop]]) <= budget:
@@ -147,15 +151,19 @@ def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch
     """exp(mean NLL) of every next token that is not padding; the model returns (N, L, vocab) logits.
 
     Sequences run sorted by length with their trailing padding cut (`_trimmed_batches`): the same terms
-    as padded batches of ``batch_size``, without computing logits for padding.
+    as padded batches of ``batch_size``, without computing logits for padding, and a transformer's batch
+    holds at most `LOGIT_BUDGET` logits (a large vocabulary gets fewer tokens a batch).
     """
     pad_id = dataset.info.get("pad_id")
     total, count = 0.0, 0
     model, was_training = _in_eval_mode(model)
     device = model_device(model)
+    vocab = getattr(getattr(getattr(model, "hf", None), "config", None), "vocab_size", None)
+    vocab = vocab if isinstance(vocab, int) and vocab > 0 else 1
     try:
         with torch.no_grad():
-            for x in _trimmed_batches(dataset, split, batch_size, pad_id):
+            for x in _trimmed_batches(dataset, split, batch_size, pad_id,
+                                      max_tokens=max(1, LOGIT_BUDGET // vocab)):
                 x = x.to(device)
                 try:
                     logits = model(x)

@@ -79,3 +79,17 @@ def test_the_cli_prints_each_slow_stage_to_stderr_with_progress(capsys):
     assert stages[0].startswith("loading") and stages[-1].startswith("measuring the pruned copy at 0.5")
     assert "wanda sequential: block 2 of 2 (100%)" in stages
     assert main(flags) == 0 and capsys.readouterr().err == ""  # quiet unless asked
+
+
+def test_a_large_vocabulary_gets_fewer_tokens_a_batch_and_the_same_perplexity(gpt2, monkeypatch):
+    model, dataset = gpt2
+    expected = tasks.perplexity(model, dataset)
+    vocab = model.hf.config.vocab_size
+    monkeypatch.setattr(tasks, "LOGIT_BUDGET", 40 * vocab)  # 40 tokens of logits a batch
+    seen = []
+    original = tasks._trimmed_batches
+    monkeypatch.setattr(tasks, "_trimmed_batches",
+                        lambda *a, **k: (seen.append(b) or b for b in original(*a, **k)))
+    assert tasks.perplexity(model, dataset) == pytest.approx(expected, rel=1e-5)
+    longest = int((dataset.split("test")[0] != dataset.info["pad_id"]).sum(1).max())
+    assert max(b.numel() for b in seen) <= max(40, longest) and len(seen) > 10
