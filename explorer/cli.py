@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -155,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="wanda / sparsegpt: calibrate each transformer block on the outputs of the already pruned "
                             "blocks before it, as the papers' code does (default: one pass of the dense model)")
     prune.add_argument("--progress", action="store_true",
-                       help="print each slow stage (load, calibration batches, blocks, measurement) to stderr")
+                       help="print each slow stage (load, calibration batches, blocks, measurement: counts, task metric, "
+                            "latency) to stderr; Ctrl-C during a measurement keeps what is done")
     prune.add_argument("--include-head", action="store_true",
                        help="causal LMs: also prune the layers outside the transformer blocks (lm_head); by default "
                             "only the blocks' Linears are pruned, as the Wanda and SparseGPT papers do")
@@ -394,13 +398,21 @@ def cmd_prune(args) -> list[dict]:
                                    "use --scope local or --min-keep")
             results.append(result)
             continue
+        step = f"[{len(results) + 1}/{len(recipes)} sparsity {recipe.plan.sparsity:g}]"
         pruned = pipeline.apply(model, prepared, plan, progress=progress)
         if progress:
             progress(1.0, f"measuring the pruned copy at {recipe.plan.sparsity:g}")
         if task_name == "fidelity" and dense_outputs is None:
             dense_outputs = tasks.reference_outputs(model, dataset, "test")
-        m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_task_value=base_value,
-                                 reference_outputs=dense_outputs)
+        with ctrl_c_cancels() as cancel:
+            m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_task_value=base_value,
+                                     reference_outputs=dense_outputs, cancel=cancel,
+                                     progress=(lambda fraction, line: progress(fraction, f"{step} {line}"))
+                                     if progress else None)
+        if cancel.is_set():
+            result["cancelled"] = ("interrupted: " + (f"{m['cancelled']} and later stages not measured" if m["cancelled"]
+                                                      else "this sparsity was measured in full") +
+                                   "; later sparsities not started")
         result["params"] = {"total": m["params_total"], "nonzero": m["params_nonzero"],
                             "dense_total": m["baseline_params_total"]}
         result["flops"] = {"dense": m["flops_dense"], "effective": m["flops_effective"],
@@ -417,7 +429,7 @@ def cmd_prune(args) -> list[dict]:
                              "noise": m["speedup_noise"]}
         if m.get("semi_structured") is not None:  # a 2:4 model: timed with sparse kernels on a capable GPU, or why not
             result["semi_structured"] = m["semi_structured"]
-        if recipe.measure.latency:
+        if recipe.measure.latency and m["latency_ms"] is not None:
             result["latency_ms"] = {"dense": m["baseline_latency_ms"], "pruned": m["latency_ms"], "device": m["device"],
                                     "batch": m["batch"], "threads": m["threads"], "layout": m["layout"],
                                     "dense_interval": m["timing"]["baseline_interval_ms"],
@@ -431,6 +443,8 @@ def cmd_prune(args) -> list[dict]:
                             "recipe": recipe.to_dict(), "format": SAVE_FORMAT})
             result["saved"] = str(path)
         results.append(result)
+        if result.get("cancelled"):  # Ctrl-C: the sparsities after this one are not started
+            break
     return results
 
 
@@ -525,6 +539,30 @@ def _as_metrics(result: dict) -> dict:
                        "threads_note": latency.get("threads_note")}}
 
 
+@contextmanager
+def ctrl_c_cancels():
+    """A `threading.Event` that Ctrl-C sets instead of killing the process, so a measurement stops after its
+    current stage and keeps what it finished; a second Ctrl-C quits as usual. Outside the main thread
+    (where signals cannot be caught) the event is simply never set."""
+    cancel = threading.Event()
+
+    def interrupted(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print("interrupted: finishing the current stage and keeping what is done (Ctrl-C again to quit)",
+              file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """An ExplorerWarning is one ``warning:`` line on stderr; any other warning is shown as Python shows it."""
     if issubclass(category, ExplorerWarning):
@@ -547,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         except ExplorerError as exc:
             print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("interrupted: stopped before anything was finished", file=sys.stderr)
+            return 130
     if args.json:
         for result in results:
             print(json.dumps(result))

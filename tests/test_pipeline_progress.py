@@ -105,3 +105,36 @@ def test_apply_shows_its_stage_and_cancel_keeps_the_pruned_copy_with_what_was_me
     weights = [layer.weight.detach() for _, layer in prunable_layers(pruned["module"])]
     assert sum(int((w == 0).sum()) for w in weights) == sum(round(0.5 * w.numel()) for w in weights)
     assert "apply_job" not in at.session_state
+
+
+def test_the_cli_prints_its_stages_on_stderr_and_ctrl_c_keeps_what_was_measured(capsys, monkeypatch):
+    import json
+    import os
+    import signal
+
+    from explorer.cli import main
+
+    real = pipeline.measure_run
+
+    def interrupted_at_latency(*args, progress=None, **kwargs):
+        def gate(fraction, line):
+            progress(fraction, line)
+            if line == pipeline.MEASURE_STAGES["evaluate"]:
+                os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the accuracy is computed
+        return real(*args, progress=gate, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_run", interrupted_at_latency)
+    code = main(["prune", "--model", "mlp", "--structure", "unstructured", "--scope", "local",
+                 "--sparsity", "0.3,0.6", "--measure", "--progress", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    results = [json.loads(line) for line in out.splitlines()]
+    assert len(results) == 1  # the second sparsity is not started
+    assert results[0]["cancelled"].startswith("interrupted: latency") and "latency_ms" not in results[0]
+    assert results[0]["accuracy"]["pruned"] is not None and results[0]["params"]["nonzero"] < results[0]["params"]["total"]
+    lines = err.splitlines()
+    assert any(line.endswith(f"] [1/2 sparsity 0.3] {pipeline.MEASURE_STAGES['size']} (0%)") for line in lines)
+    assert any(f"] [1/2 sparsity 0.3] {pipeline.MEASURE_STAGES['evaluate']}" in line for line in lines)
+    assert not any("[2/2" in line for line in lines)
+    assert any(line.startswith("interrupted: finishing the current stage") for line in lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C quits again afterwards
