@@ -119,7 +119,8 @@ if job is not None and job.done:
     if saved is not None:
         result, after = job.result, saved.metrics
         if result.cancelled:
-            st.warning(f"Cancelled after {result.steps} steps ({result.epochs_done} full epochs): "
+            st.warning(f"Cancelled after {result.steps} steps ({result.epochs_done} full "
+                       f"epoch{'' if result.epochs_done == 1 else 's'}): "
                        "the partially trained copy was kept and measured.")
         if not job.meta.get("save_error"):
             st.success(f"Saved **{saved.name}** ({result.seconds:.1f} s on {result.device}).")

@@ -26,6 +26,7 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
            "#bcbd22")
 COLLAPSED, PROTECTED, PRUNED = "#d62728", "#7f7f7f", "#1f77b4"
 _LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25, x=0)
+_LEGEND_ABOVE = dict(orientation="h", yanchor="bottom", y=1.02, x=1, xanchor="right")
 # A run's task metric (`pipeline.measure_run`'s ``task``) by its measure, as charts and tables name it.
 METRIC_LABELS = {"accuracy": "accuracy", "perplexity": "perplexity", "top1": "fidelity (top-1 agreement)",
                  "cosine": "fidelity (cosine similarity)", "kl": "fidelity (KL divergence)"}
@@ -38,8 +39,14 @@ def histograms(summaries: Mapping[str, dict], names: Sequence[str], title: str, 
                columns: int = 3) -> go.Figure:
     """One histogram per layer from `stats` summaries; ``thresholds`` draws the ±|w| cut of a plan."""
     rows = max(1, math.ceil(len(names) / columns))
-    figure = make_subplots(rows=rows, cols=columns, subplot_titles=[
-        f"{n} ({summaries[n]['kind']} {'x'.join(map(str, summaries[n]['shape']))})" for n in names])
+    shared = _common_prefix(names)  # 'hf.encoder.layer.0.' said once in the title, not cut in every subplot's
+    figure = make_subplots(rows=rows, cols=columns, horizontal_spacing=0.06,
+                           vertical_spacing=min(0.3 / max(1, rows - 1), 0.12) if rows > 1 else 0.1,
+                           subplot_titles=[f"{n[len(shared):]} ({summaries[n]['kind']} "
+                                           f"{'x'.join(map(str, summaries[n]['shape']))})" for n in names])
+    figure.update_annotations(font_size=12)
+    if shared:
+        title = f"{title} - {shared.rstrip('.')}"
     for i, name in enumerate(names):
         edges, counts = summaries[name]["hist"]["edges"], summaries[name]["hist"]["counts"]
         centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
@@ -51,8 +58,8 @@ def histograms(summaries: Mapping[str, dict], names: Sequence[str], title: str, 
         if cut is not None:
             for x in (-cut, cut):
                 figure.add_vline(x=x, line_dash="dash", line_color=COLLAPSED, row=row, col=col)
-        if log_count:
-            figure.update_yaxes(type="log", row=row, col=col)
+        if log_count:  # ticks at 1, 10, 100 ... (plotly's default adds 2 and 5 between them)
+            figure.update_yaxes(type="log", dtick=1, row=row, col=col)
     figure.update_layout(title=title, height=260 * rows + 60, margin=dict(t=80, b=30), bargap=0)
     return figure
 
@@ -66,8 +73,37 @@ def layer_summary(weights: Mapping[str, dict], gradients: Mapping[str, dict] | N
     if gradients:
         figure.add_trace(go.Scatter(x=layers, y=[gradients[n]["mean_abs"] if n in gradients else None for n in layers],
                                     name="mean |g| (right axis)", mode="lines+markers"), secondary_y=True)
-    figure.update_layout(title="Per-layer summary", barmode="group", height=360, margin=dict(t=50, b=30))
+        figure.update_yaxes(secondary_y=True, tickmode="auto", exponentformat="power", showexponent="all",
+                            tickformat=".1~e", showgrid=False, title_text="mean |g|")
+    figure.update_layout(title="Per-layer summary", barmode="group", height=360 + (60 if len(layers) > 12 else 0),
+                         margin=dict(t=50, b=30), legend=_LEGEND_ABOVE)
+    figure.update_xaxes(**layer_ticks(layers))
     return figure
+
+
+def layer_ticks(names: Sequence[str]) -> dict:
+    """Category-axis settings that keep many long layer names readable: the prefix all share left out
+    ('hf.encoder.layer.' -> '0.attention.self.query'), slanted when there are many, margins made to fit."""
+    shared = _common_prefix(names)
+    ticks = dict(tickmode="array", tickvals=list(names), ticktext=[n[len(shared):] or n for n in names],
+                 automargin=True)
+    if len(names) > 12:
+        ticks["tickangle"] = -60
+    return ticks
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The dotted prefix shared by every name (whole parts only), or '' for fewer than two names."""
+    if len(names) < 2:
+        return ""
+    parts = [name.split(".") for name in names]
+    shared = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    shared = shared[:min(len(p) for p in parts) - 1]  # never a whole name
+    return ".".join(shared) + "." if shared else ""
 
 
 def attribution(values: Sequence[float], layer: str) -> go.Figure:
@@ -92,7 +128,8 @@ def plan_sparsity_spec(plan: Plan, *, title: str = "Per-layer sparsity") -> dict
                       "<extra></extra>")
     layout = dict(
         title=dict(text=title), yaxis=dict(range=[0, 1.05], tickformat=".0%", title=dict(text="fraction removed")),
-        xaxis=dict(title=dict(text="layer")), height=380, margin=dict(t=50, b=40),
+        xaxis=dict(title=dict(text="layer" if len(layers) <= 12 else ""), **layer_ticks([lp.name for lp in layers])),
+        height=380 + (80 if len(layers) > 12 else 0), margin=dict(t=50, b=40),
         shapes=[dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=requested, y1=requested,
                      line=dict(dash="dash"))],
         annotations=[dict(text=f"requested {requested:.0%}", xref="x domain", x=1, yref="y", y=requested,
@@ -121,7 +158,8 @@ def training_curve(step_losses: Sequence[tuple[int, float]], val_metric: Sequenc
                          xaxis_title="step")
     figure.update_yaxes(title_text="loss", secondary_y=False)
     figure.update_yaxes(title_text=metric, tickformat=".0%" if percent else "", range=[0, 1.02] if percent else None,
-                        showgrid=False, secondary_y=True)
+                        showgrid=False, secondary_y=True,  # an overlaying axis syncs its ticks to the loss axis:
+                        **(dict(tickmode="linear", tick0=0, dtick=0.2) if percent else dict(tickmode="auto")))
     return figure
 
 
