@@ -249,6 +249,15 @@ CASES: list[Case] = [
     Case("factory", "import-error", lambda f: ["inspect", "--model", f.module(
         "broken_import", "import no_such_dependency\n") + ":make"], "Cannot import"),
     # -- an architecture named inside a file ----------------------------------------------------------------
+    # -- deploy: a model file is data; the pruned copy to deploy never runs code it names ---------------------
+    Case("deploy", "pickled-payload", lambda f: ["deploy", "--model", str(hostile.pickled_model(f.tmp / "m.pt", f.marker))],
+         "not saved by Pruning Explorer"),
+    Case("deploy", "arch-names-a-payload", lambda f: ["deploy", "--model", str(hostile.saved_with_arch(
+        f.tmp / "w.pt", hostile.factory_module(f.tmp, "deploy_payload", f.marker)))], "a file never chooses code"),
+    Case("deploy", "unknown-runtime", lambda f: ["deploy", "--model", "run:1", "--runtimes", "eager,tensorrt"],
+         "Unknown runtime 'tensorrt'"),
+    Case("deploy", "export-into-a-file", lambda f: ["deploy", "--model", "run:1", "--export", f.write("x.txt", "x")],
+         "is a file; give a folder"),
     Case("file-arch", "payload-module", lambda f: ["inspect", "--model", str(hostile.saved_with_arch(
         f.tmp / "w.pt", hostile.factory_module(f.tmp, "corpus_payload", f.marker)))],
          "names its architecture as 'corpus_payload:make'"),
