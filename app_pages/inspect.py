@@ -161,7 +161,8 @@ if not labelled:
                f"{model['dataset'].name} has no classes to attribute: load a classifier with a labelled text file "
                "(.jsonl / .csv) to see it.")
     st.stop()
-attr_layer = st.selectbox("Layer", in_block, key="inspect_attr_layer")
+attributable = set(stats.attribution_layers(target_module))
+attr_layer = st.selectbox("Layer", [n for n in in_block if n in attributable], key="inspect_attr_layer")
 attr_key = ("inspect_attribution", model["key"], target_label, attr_layer, calib_batches)
 if st.button("Compute conductance", key="inspect_attr"):
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from explorer import baselines, hf, pipeline, stats, tasks
+from explorer import baselines, compat, hf, pipeline, stats, tasks
 from explorer.data import DATASETS, tensors
 from explorer.errors import ExplorerError
 from explorer.models import ZOO, load_model, read_saved_metadata
@@ -266,4 +266,38 @@ st.dataframe(table, hide_index=True, column_config={
     "flops": st.column_config.NumberColumn("FLOPs", format="localized"),
     "prunable": st.column_config.CheckboxColumn("prunable"),
 })
+
+
+def compatibility(model: dict) -> None:
+    """Before any cut: what each structure can prune in this model, what is left out and why, what scoring costs."""
+    st.subheader("Compatibility")
+    key = ("model_compat_report", model["key"])
+    if st.button("Check what each structure can prune", key="model_compat",
+                 help="Traces the model with torch-pruning and times one calibration batch; nothing is pruned."):
+        try:
+            st.session_state[key] = compat.report(model["module"], model["dataset"].example_input(1))
+        except ExplorerError as exc:
+            st.error(str(exc))
+    result = st.session_state.get(key)
+    if result is None:
+        st.caption("Unstructured, N:M, channel and head pruning each need something of the model; the check says "
+                   "which layers each can cut, which groups torch-pruning could not trace and why, the steps head "
+                   "counts impose, and the estimated cost of scoring, before any work.")
+        return
+    st.dataframe(pd.DataFrame([{
+        "structure": name, "ok": entry["ok"], "units": len(entry["units"]), "left out": len(entry["left_out"]),
+        "why": entry["reason"] or "; ".join(f"{left['name']}: {left['reason']}" for left in entry["left_out"])[:400],
+    } for name, entry in result["structures"].items()]), hide_index=True, key="model_compat_table")
+    for line in result["constraints"]:
+        st.caption(f"Heads: {line}")
+    scoring = result["scoring"]
+    st.dataframe(pd.DataFrame([{"criterion": name, "forward passes": cost["forward_passes"],
+                                "estimated seconds": round(cost["seconds"], 2)}
+                               for name, cost in scoring["criteria"].items()]), hide_index=True,
+                 key="model_compat_cost")
+    st.caption(f"Scoring cost for {scoring['calib_batches']} calibration batches of {scoring['calib_batch_size']}, "
+               f"priced by one timed forward ({scoring['forward_seconds'] * 1000:.1f} ms on this machine, now).")
+
+
+compatibility(model)
 st.page_link("app_pages/inspect.py", label="Next: look inside the layers", icon=":material/arrow_forward:")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from explorer import criteria, hf, limits, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks, timing
+from explorer import compat, criteria, hf, limits, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks, timing
 from explorer.data import DATASETS, Dataset
 from explorer.deploy.runtimes import DEFAULT_RUNTIMES, RUNTIMES
 from explorer.errors import ExplorerError, ExplorerWarning
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--calib-batches", type=_whole(1, limits.MAX_CALIB_BATCHES), default=None,
                          help="also summarise gradients over N calibration batches")
     inspect.add_argument("--bins", type=_whole(1, limits.MAX_BINS), default=30)
+    inspect.add_argument("--compat", action="store_true",
+                         help="also report what each structure can prune here, what torch-pruning cannot trace and "
+                              "why, head-count steps and the estimated scoring cost, before any cut")
 
     prune = sub.add_parser("prune", help="plan (and optionally apply and measure) pruning")
     model_args(prune)
@@ -340,7 +343,10 @@ def cmd_inspect(args) -> list[dict]:
         if gradients is not None:
             row["gradient"] = {k: v for k, v in gradients[name].items() if k not in ("kind", "shape")}
         layers.append(row)
-    return [{"model": args.model, "data": dataset.name, "layers": layers}]
+    result = {"model": args.model, "data": dataset.name, "layers": layers}
+    if args.compat:
+        result["compat"] = compat.report(model, dataset.example_input(1))
+    return [result]
 
 
 def _save_path(base: str, sparsity: float, many: bool) -> Path:
@@ -499,6 +505,10 @@ def _print_human(command: str, results: list[dict]) -> None:
             for layer in result["layers"]:
                 print(f"{layer['name']:32s} {layer['kind']:8s} {layer['count']:9d} {layer['mean_abs']:9.4f} "
                       f"{layer['std']:9.4f} {layer['zeros_fraction']:6.1%}")
+            if "compat" in result:
+                print("compatibility:")
+                for line in compat.summary_lines(result["compat"]):
+                    print(f"  {line}")
             continue
         point = result["collapse_point"]
         calibrated = f", {result['calibration']} calibration" if "calibration" in result else ""

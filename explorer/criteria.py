@@ -38,7 +38,7 @@ from torch import nn
 
 from explorer import tasks
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, prunable_layers
+from explorer.layers import clone_model, prunable_layers, weight_name, weight_of
 
 NORMS = ("l1", "l2")
 CONDUCTANCE_STEPS = 16
@@ -147,7 +147,7 @@ def _working_copy(request: _Request) -> tuple[nn.Module, list[torch.Tensor]]:
     model = clone_model(request.model, fold_masks=True).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    weights = [module.weight for module in _modules(model, request.layer_names)]
+    weights = [weight_of(module) for module in _modules(model, request.layer_names)]
     for weight in weights:
         weight.requires_grad_(True)
     return model, weights
@@ -174,7 +174,7 @@ def _accumulate(request: _Request, per_batch: Callable[[torch.Tensor, torch.Tens
 
 def _magnitude_weights(request: _Request) -> Scores:
     modules = _modules(request.model, request.layer_names)
-    return {name: module.weight.detach().abs() for name, module in zip(request.layer_names, modules)}
+    return {name: weight_of(module).detach().abs() for name, module in zip(request.layer_names, modules)}
 
 
 def _magnitude_channels(request: _Request) -> Scores:
@@ -185,7 +185,7 @@ def _random_scores(request: _Request, per_channel: bool) -> Scores:
     generator = torch.Generator().manual_seed(request.seed)
     scores = {}
     for name, module in zip(request.layer_names, _modules(request.model, request.layer_names)):
-        shape = module.weight.shape[:1] if per_channel else module.weight.shape
+        shape = weight_of(module).shape[:1] if per_channel else weight_of(module).shape
         scores[name] = torch.rand(shape, generator=generator)
     return scores
 
@@ -210,7 +210,7 @@ def _snip_weights(request: _Request) -> Scores:
     gradient_sums = _accumulate(request, lambda weight, grad: grad)
     modules = _modules(request.model, request.layer_names)
     return {
-        name: (module.weight.detach() * gradient_sums[name]).abs()
+        name: (weight_of(module).detach() * gradient_sums[name]).abs()
         for name, module in zip(request.layer_names, modules)
     }
 
@@ -231,7 +231,7 @@ def batchnorm_after(model: nn.Module) -> dict[str, str]:
 
     def matches(layer_name: str, bn_name: str) -> bool:
         layer, norm = modules[layer_name], modules[bn_name]
-        return isinstance(norm, _BATCHNORM_TYPES) and norm.num_features == layer.weight.shape[0]
+        return isinstance(norm, _BATCHNORM_TYPES) and norm.num_features == weight_of(layer).shape[0]
 
     pairs: dict[str, str] = {}
     try:
@@ -268,14 +268,14 @@ def _bn_scale_channels(request: _Request) -> Scores:
         if name in pairs and modules[pairs[name]].weight is not None:
             scores[name] = modules[pairs[name]].weight.detach().abs()
         else:
-            scores[name] = _per_channel(modules[name].weight.detach(), "l1")
+            scores[name] = _per_channel(weight_of(modules[name]).detach(), "l1")
     return scores
 
 
 def _bn_scale_weights(request: _Request) -> Scores:
     modules = _modules(request.model, request.layer_names)
     return {
-        name: _broadcast_to_weight(channel, module.weight.detach())
+        name: _broadcast_to_weight(channel, weight_of(module).detach())
         for (name, channel), module in zip(_bn_scale_channels(request).items(), modules)
     }
 
@@ -285,25 +285,31 @@ def _conductance_alphas(steps: int = CONDUCTANCE_STEPS) -> list[float]:
     return (0.5 * (1 + np.polynomial.legendre.leggauss(steps + 1)[0])).tolist()
 
 
-def _capture_outputs(modules: list[nn.Module]) -> dict[int, torch.Tensor]:
+def _capture_outputs(modules: list[nn.Module], parents: dict[int, nn.Module] | None = None) -> dict[int, torch.Tensor]:
     """Hook every module so each forward stores its output (by module position).
 
     The hook hands the rest of the network a clone, as captum does, so an in-place op
-    after the layer (``ReLU(inplace=True)``) cannot overwrite the stored output.
+    after the layer (``ReLU(inplace=True)``) cannot overwrite the stored output. An attention's
+    ``out_proj`` is never called on its own: its output is the attention's first output, hooked
+    on the attention (``parents``: module position -> attention).
     """
     outputs: dict[int, torch.Tensor] = {}
 
-    def hook_for(index: int):
+    def hook_for(index: int, first_of_tuple: bool):
         def hook(module, inputs, output):
             if index in outputs:
                 raise ExplorerError("A prunable layer runs more than once per forward pass (shared weights); "
                                     "conductance needs one output per layer: choose another criterion.")
+            if first_of_tuple:
+                outputs[index] = output[0]
+                return (output[0].clone(), *output[1:])
             outputs[index] = output
             return output.clone()
         return hook
 
+    parents = parents or {}
     for index, module in enumerate(modules):
-        module.register_forward_hook(hook_for(index))
+        parents.get(index, module).register_forward_hook(hook_for(index, index in parents))
     return outputs
 
 
@@ -357,15 +363,18 @@ def _conductance_channels(request: _Request) -> Scores:
     points). All layers share each forward/backward pass, so the cost is about
     ``CONDUCTANCE_STEPS + 1`` passes per batch, not that many per layer; path points are
     chunked so at most ``CONDUCTANCE_FLOATS`` layer outputs are held at once. Averaged over
-    examples and positions (sequence positions for a Linear on 3-D input).
+    examples and positions (sequence positions for a Linear on 3-D input). An attention's input
+    projection returns no tensor of its own to integrate over: it is left out (kept dense).
     """
     model = clone_model(request.model, fold_masks=True).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    modules = _modules(model, request.layer_names)
-    outputs = _capture_outputs(modules)
+    names = [name for name, module in zip(request.layer_names, _modules(model, request.layer_names))
+             if weight_name(module) == "weight"]
+    modules = _modules(model, names)
+    outputs = _capture_outputs(modules, _attention_parents(model, names))
     alphas = _conductance_alphas()
-    sums = [torch.zeros(module.weight.shape[0], device=request.device) for module in modules]
+    sums = [torch.zeros(weight_of(module).shape[0], device=request.device) for module in modules]
     examples = 0
     for batch_index, (inputs, labels) in enumerate(_batches(request)):
         if not inputs.is_floating_point():
@@ -387,15 +396,23 @@ def _conductance_channels(request: _Request) -> Scores:
             for index, layer_conductance in conductance.items():
                 sums[index] += _channel_means(layer_conductance, modules[index]).sum(dim=0)
         examples += len(inputs)
-    return {name: total / examples for name, total in zip(request.layer_names, sums)}
+    return {name: total / examples for name, total in zip(names, sums)}
+
+
+def _attention_parents(model: nn.Module, names: list[str]) -> dict[int, nn.Module]:
+    """Positions in ``names`` of attention output projections, with their attention module."""
+    parents = {}
+    for index, name in enumerate(names):
+        parent = model.get_submodule(name.rpartition(".")[0]) if name.endswith(".out_proj") else None
+        if isinstance(parent, nn.MultiheadAttention):
+            parents[index] = parent
+    return parents
 
 
 def _conductance_weights(request: _Request) -> Scores:
-    modules = _modules(request.model, request.layer_names)
-    return {
-        name: _broadcast_to_weight(channel, module.weight.detach())
-        for (name, channel), module in zip(_conductance_channels(request).items(), modules)
-    }
+    modules = dict(request.model.named_modules())
+    return {name: _broadcast_to_weight(channel, weight_of(modules[name]).detach())
+            for name, channel in _conductance_channels(request).items()}
 
 
 def _synflow_input_shape(request: _Request) -> tuple[int, ...]:
@@ -471,7 +488,7 @@ def _synflow_weights(request: _Request) -> Scores:
     model = _linearise(clone_model(request.model, fold_masks=True).double().eval())
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    weights = [module.weight for module in _modules(model, request.layer_names)]
+    weights = [weight_of(module) for module in _modules(model, request.layer_names)]
     for weight in weights:
         weight.requires_grad_(True)
     ones = torch.ones((1, *shape), dtype=torch.float64, device=request.device)

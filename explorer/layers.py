@@ -3,7 +3,9 @@
 Every other module asks here instead of guessing:
 
 * which modules can be pruned (`prunable_layers`: every Conv1d, Conv2d and Linear, whose
-  ``weight`` is what criteria score and masks cover);
+  ``weight`` is what criteria score and masks cover, and every ``nn.MultiheadAttention`` with
+  one packed input projection, whose ``in_proj_weight`` (query, key and value rows) is its
+  weight: `weight_name` says which tensor of a layer that is);
 * what weight the forward pass really uses (`effective_weight`: ``weight_orig * weight_mask``
   on a module masked by ``torch.nn.utils.prune``, the plain ``weight`` otherwise);
 * how to copy a model that carries masks (`clone_model`), and how to fold its masks into plain
@@ -31,9 +33,29 @@ _MASK_SUFFIX = "_mask"
 _ORIG_SUFFIX = "_orig"
 
 
+def _packed_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) and getattr(module, "in_proj_weight", None) is not None \
+        or hasattr(module, "in_proj_weight_orig")
+
+
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Conv1d, Conv2d and Linear of ``model`` with its name, in ``named_modules`` order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+    """Every Conv1d, Conv2d, Linear and packed ``nn.MultiheadAttention`` of ``model``, in ``named_modules`` order.
+
+    An attention layer is named by its module (``encoder.layers.0.self_attn``: the input
+    projection); its output projection is a Linear of its own (``...self_attn.out_proj``).
+    """
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, PRUNABLE_TYPES) or _packed_attention(module)]
+
+
+def weight_name(module: nn.Module) -> str:
+    """The attribute holding a layer's prunable weight: ``in_proj_weight`` for attention, else ``weight``."""
+    return "in_proj_weight" if _packed_attention(module) else "weight"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's prunable weight as the module holds it (``in_proj_weight`` or ``weight``)."""
+    return getattr(module, weight_name(module))
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -42,9 +64,11 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     Recomputed rather than read from ``module.weight``, which the pruning hook refreshes only
     on the next forward pass.
     """
-    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
-        return module.weight_orig * module.weight_mask
-    return module.weight
+    name = weight_name(module)
+    original, mask = getattr(module, name + _ORIG_SUFFIX, None), getattr(module, name + _MASK_SUFFIX, None)
+    if original is not None and mask is not None:
+        return original * mask
+    return getattr(module, name)
 
 
 def prunable_counts(model: nn.Module) -> tuple[int, int]:
@@ -84,13 +108,39 @@ def effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each module's effective ``weight``, keyed by module name."""
+    """Each module's effective ``weight`` (an attention layer's ``in_proj_weight``), keyed by module name."""
+    modules = dict(model.named_modules())
     weights = {}
     for name, tensor in effective_tensors(model).items():
         module_name, _, param_name = name.rpartition(".")
-        if param_name == "weight":
+        if param_name == weight_name(modules[module_name]):
             weights[module_name] = tensor
     return weights
+
+
+class RefreshOutputMask:
+    """Forward pre-hook of an ``nn.MultiheadAttention`` whose ``out_proj`` is masked.
+
+    The attention reads ``out_proj.weight`` directly and never calls ``out_proj``, so the
+    pruning hook that recomputes ``weight = weight_orig * weight_mask`` would never run: training
+    would update ``weight_orig`` behind a stale weight. This hook runs it at each attention call.
+    Stateless, so deep copies and saved hooks stay right.
+    """
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        projection = getattr(module, "out_proj", None)
+        for hook in getattr(projection, "_forward_pre_hooks", {}).values():
+            if isinstance(hook, prune.BasePruningMethod):
+                hook(projection, inputs)
+
+
+def sync_attention_masks(model: nn.Module) -> None:
+    """Give every attention whose ``out_proj`` carries a mask one `RefreshOutputMask` hook (idempotent)."""
+    for module in model.modules():
+        if not isinstance(module, nn.MultiheadAttention) or not prune.is_pruned(module.out_proj):
+            continue
+        if not any(isinstance(h, RefreshOutputMask) for h in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(RefreshOutputMask())
 
 
 def is_masked(model: nn.Module) -> bool:
@@ -119,9 +169,11 @@ def clone_model(model: nn.Module, *, fold_masks: bool = False) -> nn.Module:
     copied = copy.deepcopy(model, memo)
     if fold_masks:
         for module in copied.modules():
-            for hook in list(module._forward_pre_hooks.values()):
+            for key, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, prune.BasePruningMethod):
                     prune.remove(module, hook._tensor_name)
+                elif isinstance(hook, RefreshOutputMask):
+                    del module._forward_pre_hooks[key]
     return copied
 
 

@@ -41,7 +41,8 @@ from torch.nn.utils import prune
 
 from explorer import masking
 from explorer.errors import ExplorerError
-from explorer.layers import effective_weight, prunable_layers
+from explorer import mha
+from explorer.layers import effective_weight, prunable_layers, weight_name, weight_of
 
 Scores = dict[str, torch.Tensor]
 Progress = Callable[[float, str], None]
@@ -74,10 +75,11 @@ def llm_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str
     chosen = {}
     for name in names:
         module = modules.get(name)
-        if module is None or not (isinstance(module, (nn.Linear, *_CONV_TYPES)) or is_transposed(module)):
+        if module is None or not (isinstance(module, (nn.Linear, *_CONV_TYPES)) or is_transposed(module)
+                                  or weight_name(module) == "in_proj_weight"):
             what = "no such module" if module is None else type(module).__name__
-            raise ExplorerError(f"Layer {name!r} cannot be pruned here ({what}); name a Linear, Conv1d, Conv2d "
-                                "or Hugging Face Conv1D layer.")
+            raise ExplorerError(f"Layer {name!r} cannot be pruned here ({what}); name a Linear, Conv1d, Conv2d, "
+                                "nn.MultiheadAttention or Hugging Face Conv1D layer.")
         chosen[name] = module
     return chosen
 
@@ -89,7 +91,7 @@ def _as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 
 def _from_matrix(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_as_matrix`: back to the shape of ``module.weight``."""
-    return matrix.t().contiguous() if is_transposed(module) else matrix.reshape(module.weight.shape)
+    return matrix.t().contiguous() if is_transposed(module) else matrix.reshape(weight_of(module).shape)
 
 
 # -------------------------------------------------------------------- calibration
@@ -107,7 +109,7 @@ def _run_calibration(model: nn.Module, calib: Iterable, layers: Mapping[str, nn.
         expected = None
     device = next(model.parameters()).device
     real = {}  # the batch's token mask: True where a token is real, False on padding
-    handles = [module.register_forward_hook(_observer(name, observe, real)) for name, module in layers.items()]
+    handles = [_hook(model, name, module, observe, real) for name, module in layers.items()]
     flags = {module: module.training for module in model.modules()}
     model.eval()
     done = 0
@@ -156,6 +158,24 @@ def real_rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None
             or tuple(inputs.shape[:2]) != tuple(mask.shape)):
         return inputs
     return inputs[mask.to(inputs.device)]
+
+
+def _hook(model: nn.Module, name: str, module: nn.Module, observe, real: dict):
+    """A forward hook handing ``module``'s input to ``observe``.
+
+    An attention's ``out_proj`` is never called (the attention reads its weight), so its input,
+    the heads' concatenated output, is recomputed by a hook on the attention (`mha.attend`).
+    """
+    parent = model.get_submodule(name.rpartition(".")[0]) if name.endswith("out_proj") else None
+    if not isinstance(parent, nn.MultiheadAttention) or mha.unsupported(parent) is not None:
+        return module.register_forward_hook(_observer(name, observe, real))
+
+    def hook(attention, args, kwargs, output):
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                 "is_causal")
+        call = {**dict(zip(names, args)), **kwargs, "need_weights": False}
+        observe(name, module, real_rows(module, mha.attend(attention, **call)[0].detach(), real.get("mask")))
+    return parent.register_forward_hook(hook, with_kwargs=True)
 
 
 def _observer(name: str, observe: Callable[[str, nn.Module, torch.Tensor], None], real: dict):
@@ -224,7 +244,7 @@ def wanda_raw(model: nn.Module, calib: Iterable, *, layers: Iterable[str] | None
 
     def observe(name, module, inputs):
         if isinstance(module, _CONV_TYPES):
-            channels = inputs.unsqueeze(0) if inputs.dim() == module.weight.dim() - 1 else inputs
+            channels = inputs.unsqueeze(0) if inputs.dim() == weight_of(module).dim() - 1 else inputs
             total = channels.double().pow(2).sum(dim=[d for d in range(channels.dim()) if d != 1])
         else:
             total = inputs.reshape(-1, inputs.shape[-1]).double().pow(2).sum(0)
@@ -405,7 +425,7 @@ def _inverse_cholesky(name: str, hessian: torch.Tensor, percdamp: float) -> tupl
 
 
 def _checked_hessian(name: str, module: nn.Module, hs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    columns = _as_matrix(module, module.weight).shape[1]
+    columns = _as_matrix(module, weight_of(module)).shape[1]
     if name not in hs:
         raise ExplorerError(f"No Hessian for layer {name!r}: compute hessians(model, calib) with it included.")
     if tuple(hs[name].shape) != (columns, columns):
@@ -469,10 +489,10 @@ def sparsegpt_prune(model: nn.Module, hs: Mapping[str, torch.Tensor], sparsity: 
     for index, (name, fraction) in enumerate(targets.items()):
         module = modules[name]
         if fraction > 0:
-            device = module.weight.device
+            device = weight_of(module).device
             upper, dead = _inverse_cholesky(name, _checked_hessian(name, module, hs), percdamp)
             weight = _as_matrix(module, effective_weight(module).detach()).float().clone()
-            mask = getattr(module, "weight_mask", None)
+            mask = getattr(module, weight_name(module) + "_mask", None)
             already = None if mask is None else _as_matrix(module, mask) == 0
             pruned = _sweep(weight, upper.to(device), dead.to(device), float(fraction), nm, blocksize, already)
             _write(model, name, module, weight, ~pruned, known)
@@ -493,7 +513,7 @@ def _check_target(model: nn.Module, name: str, module: nn.Module, fraction, nm, 
         if abs(fraction - (m - n) / m) > 1e-6:
             raise ExplorerError(f"{n}:{m} prunes exactly {(m - n) / m:.0%} of a layer, but layer {name!r} asks for "
                                 f"{fraction:.2%}; plan at sparsity {(m - n) / m} or protect the layer.")
-        columns = _as_matrix(module, module.weight).shape[1]
+        columns = _as_matrix(module, weight_of(module)).shape[1]
         if columns % m:
             raise ExplorerError(f"Layer {name!r} has {columns} inputs per output, not a multiple of {m}, so it "
                                 f"cannot be {n}:{m}; protect it.")
@@ -502,7 +522,7 @@ def _check_target(model: nn.Module, name: str, module: nn.Module, fraction, nm, 
 def tied_with(model: nn.Module, name: str) -> list[str]:
     """The other parameters that are the very tensor of layer ``name``'s weight (tied weights)."""
     module = model.get_submodule(name)
-    parameter = getattr(module, "weight_orig", module.weight)
+    parameter = getattr(module, weight_name(module) + "_orig", weight_of(module))
     return [other for other, tensor in model.named_parameters(remove_duplicate=False)
             if tensor is parameter and not other.startswith(f"{name}.")]
 
@@ -584,7 +604,7 @@ def _write(model: nn.Module, name: str, module: nn.Module, matrix: torch.Tensor,
     """
     mask = _from_matrix(module, keep)
     with torch.no_grad():
-        target = getattr(module, "weight_orig", module.weight)
+        target = getattr(module, weight_name(module) + "_orig", weight_of(module))
         target.copy_(_from_matrix(module, matrix).to(target))
     if name in known:
         masking.set_masks(model, {name: mask}, regrow="keep")

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, effective_weight, prunable_layers
+from explorer.layers import clone_model, effective_weight, prunable_layers, sync_attention_masks, weight_name
 from explorer.planner import Plan, Ranking
 
 
@@ -64,7 +64,8 @@ def apply_masks(model: nn.Module, layer_masks: dict[str, torch.Tensor]) -> nn.Mo
     """A deep copy of ``model`` with ``torch.nn.utils.prune.custom_from_mask`` on each named layer."""
     pruned_model = clone_model(model)
     for name, module in _masked_modules(pruned_model, layer_masks).items():
-        prune.custom_from_mask(module, "weight", layer_masks[name].to(module.weight.device))
+        prune.custom_from_mask(module, weight_name(module), layer_masks[name].to(effective_weight(module).device))
+    sync_attention_masks(pruned_model)
     return pruned_model
 
 
@@ -95,11 +96,20 @@ def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     editing them does not touch the model. A model whose masks were folded has none; its
     zeros are ordinary weights.
     """
-    return {name: module.weight_mask.bool() for name, module in prunable_layers(model) if _has_mask(module)}
+    return {name: _mask_of(module).bool() for name, module in prunable_layers(model) if _has_mask(module)}
 
 
 def _has_mask(module: nn.Module) -> bool:
-    return hasattr(module, "weight_orig") and hasattr(module, "weight_mask")
+    name = weight_name(module)
+    return hasattr(module, name + "_orig") and hasattr(module, name + "_mask")
+
+
+def _mask_of(module: nn.Module) -> torch.Tensor:
+    return getattr(module, weight_name(module) + "_mask")
+
+
+def _original_of(module: nn.Module) -> torch.Tensor:
+    return getattr(module, weight_name(module) + "_orig")
 
 
 def set_masks(
@@ -129,8 +139,8 @@ def set_masks(
     modules = _masked_modules(model, layer_masks)
     kept, regrown = {}, {}
     for name, module in modules.items():
-        kept[name] = layer_masks[name].to(module.weight.device).bool()
-        kept_before = module.weight_mask.bool() if _has_mask(module) else torch.ones_like(kept[name])
+        kept[name] = layer_masks[name].to(effective_weight(module).device).bool()
+        kept_before = _mask_of(module).bool() if _has_mask(module) else torch.ones_like(kept[name])
         regrown[name] = kept[name] & ~kept_before
         if isinstance(regrow, Mapping) and regrown[name].any():
             _check_values(name, regrow.get(name), tuple(kept[name].shape))
@@ -138,15 +148,17 @@ def set_masks(
         for name, module in modules.items():
             if not _has_mask(module):
                 if not kept[name].all():
-                    prune.custom_from_mask(module, "weight", kept[name])
+                    prune.custom_from_mask(module, weight_name(module), kept[name])
                 continue
+            original = _original_of(module)
             grown = regrown[name]
             if regrow == "zero":
-                module.weight_orig[grown] = 0
+                original[grown] = 0
             elif regrow != "keep" and grown.any():
-                module.weight_orig[grown] = regrow[name].to(module.weight_orig)[grown]
-            module.weight_mask.copy_(kept[name])
-            module.weight = effective_weight(module)  # as the pruning hook sets it before each forward
+                original[grown] = regrow[name].to(original)[grown]
+            _mask_of(module).copy_(kept[name])
+            setattr(module, weight_name(module), effective_weight(module))  # as the pruning hook sets it
+    sync_attention_masks(model)
     return regrown
 
 

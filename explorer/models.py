@@ -69,7 +69,8 @@ def _resize_to_state(model: nn.Module, state: dict[str, torch.Tensor], attribute
 
 
 _SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                     "num_attention_heads", "all_head_size")  # the last two: heads removed from a transformer
+                     "num_attention_heads", "all_head_size",  # heads removed from a Hugging Face transformer
+                     "num_heads", "head_dim")  # heads removed from an nn.MultiheadAttention
 
 
 def save_model(model: nn.Module, path: str | Path, *, arch: str, input_shape: tuple[int, ...],
@@ -322,6 +323,9 @@ def _from_saved(payload: dict, path: Path, input_shape, num_classes, chosen: str
     classes = payload.get("num_classes") or num_classes
     model = _build_arch(saved_arch(payload.get("arch"), path, chosen), shape, classes)
     _resize_to_state(model, payload["state_dict"], payload.get("attributes", {}))
+    from explorer.mha import restore_pruned  # an attention that lost heads needs its pruned forward back
+
+    restore_pruned(model)
     return load_state(model, payload["state_dict"], path.name)
 
 

@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from explorer import blocks, criteria, heads, hf, llm, masking, measure, planner, semistructured, structural, tasks, text
+from explorer import blocks, compat, criteria, gqa, heads, hf, llm, masking, measure, mha, planner, semistructured, structural, tasks, text
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, prunable_counts, prunable_layers
+from explorer.layers import clone_model, prunable_counts, prunable_layers, weight_of
 from explorer.models import ZOO, load_model, read_saved_metadata
 from explorer.specs import STRUCTURES, MeasureSpec, ModelSpec, PlanSpec, ScoringSpec  # noqa: F401 - STRUCTURES re-exported
 from explorer.train import TrainConfig, evaluate, train
@@ -155,6 +155,8 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     """
     scoring.validate()
     structure, criterion = scoring.structure, scoring.criterion
+    if (reason := compat.refusal(model, structure, scoring.nm_pair)) is not None:
+        raise ExplorerError(reason)
     started = time.perf_counter()
     if example_input is None:
         if dataset is None:
@@ -209,21 +211,32 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
                              f"so no {nm[0]}:{nm[1]} pattern fits).")
             if not scores:
                 raise ExplorerError(f"No layer of this model fits a {nm[0]}:{nm[1]} pattern; use unstructured.")
+    elif structure == "head" and gqa.attentions(model):  # LLaMA-style: key/value groups, no trace needed
+        prepared_groups = gqa.kv_groups(model)
+        channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
+                                          input_shape=input_shape, progress=progress)
+        scores = gqa.group_scores(prepared_groups, channel)
     else:
         if structure == "head":
             heads.check_supported(model)
         prepared_groups = structural.channel_groups(model, example_input)
-        if not prepared_groups:
+        head_groups, packed = mha.head_groups(model) if structure == "head" else ([], {})
+        if not prepared_groups and not head_groups:
             raise ExplorerError("This model has no channels that can be removed (only the classifier's "
                                 "outputs, which are never pruned). Use unstructured pruning.")
         channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
                                           input_shape=input_shape, progress=progress)
         if structure == "head":
-            attention = heads.attention_of(model, prepared_groups)
+            unscored = [name for name in packed if name not in channel]
+            if unscored:
+                raise ExplorerError(f"Criterion '{criterion}' gives no score to the heads of '{unscored[0]}' "
+                                    "(nn.MultiheadAttention): choose magnitude, taylor, gradient, snip or wanda.")
+            attention = {**heads.attention_of(model, prepared_groups), **packed}
             if not attention:
-                raise ExplorerError("This model has no attention heads that can be pruned (no module with "
-                                    "num_attention_heads and attention_head_size); use --structure channel.")
-            prepared_groups = heads.units_of_head_structure(prepared_groups, attention)
+                raise ExplorerError("This model has no attention heads that can be pruned (no "
+                                    "nn.MultiheadAttention, no module with num_attention_heads and "
+                                    "attention_head_size); use --structure channel.")
+            prepared_groups = heads.units_of_head_structure(prepared_groups, attention) + head_groups
         scores = structural.group_scores(model, prepared_groups, channel)
         if structure == "head":
             scores = heads.head_scores(scores, attention)
@@ -233,7 +246,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         groups=prepared_groups, attention=attention, nm=nm, hessians=hessians, note=" ".join(notes),
         kept_dense=tuple(kept_dense), sequential=scoring.sequential, calib=calib if scoring.sequential else [],
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
-        layer_params={name: module.weight.numel() for name, module in layers.items()},
+        layer_params={name: weight_of(module).numel() for name, module in layers.items()},
         layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
         params_total=measure.count_params(model)["total"],
         flops_dense=int(model_flops["dense"]),
@@ -363,8 +376,17 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan, *,
         return masking.apply(model, plan, prepared.ranking)
     if prepared.structure == "head":
         units = {lp.name: planner.pruned_indices(prepared.ranking, plan, lp.name) for lp in plan.layers if lp.pruned}
-        pruned = structural.apply(model, heads.expand(units, prepared.attention), prepared.example_input)
-        heads.fix_head_counts(pruned, prepared.attention)
+        if any(g.kind == gqa.KIND for g in prepared.groups):
+            pruned = clone_model(model)
+            gqa.remove_groups(pruned, units)
+            return pruned
+        packed = {g.name for g in prepared.groups if g.kind == mha.KIND}
+        traced = {name: info for name, info in prepared.attention.items() if name not in packed}
+        rest = {name: idxs for name, idxs in units.items() if name not in packed}
+        pruned = structural.apply(model, heads.expand(rest, traced), prepared.example_input) if rest \
+            else clone_model(model)
+        heads.fix_head_counts(pruned, traced)
+        mha.remove_heads(pruned, {name: idxs for name, idxs in units.items() if name in packed})
         return pruned
     return structural.apply_plan(model, plan, prepared.ranking, prepared.example_input)
 

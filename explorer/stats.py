@@ -12,7 +12,7 @@ from torch import nn
 
 from explorer import criteria, measure, tasks
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, effective_weight, prunable_layers
+from explorer.layers import clone_model, effective_weight, prunable_layers, weight_name
 
 
 def summarize(values: torch.Tensor, *, bins: int = 40, value_range: tuple[float, float] | None = None) -> dict:
@@ -82,7 +82,8 @@ def mean_gradients(model: nn.Module, calib) -> dict[str, tuple[str, torch.Tensor
     layers = dict(prunable_layers(work))
     if not layers:
         raise ExplorerError("The model has no Conv1d, Conv2d or Linear layer to inspect.")
-    weights = {name: (m.weight_orig if hasattr(m, "weight_orig") else m.weight) for name, m in layers.items()}
+    weights = {name: getattr(m, weight_name(m) + "_orig", None) if hasattr(m, weight_name(m) + "_orig")
+               else getattr(m, weight_name(m)) for name, m in layers.items()}
     for w in weights.values():
         w.requires_grad_(True)
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
@@ -100,10 +101,15 @@ def mean_gradients(model: nn.Module, calib) -> dict[str, tuple[str, torch.Tensor
 
 def attribution(model: nn.Module, layer_name: str, calib) -> torch.Tensor:
     """Mean |conductance| (captum) of each output channel / neuron of one layer."""
-    layers = dict(prunable_layers(model))
+    layers = attribution_layers(model)
     if layer_name not in layers:
-        raise ExplorerError(f"'{layer_name}' is not a prunable layer; choose one of {', '.join(layers)}.")
+        raise ExplorerError(f"'{layer_name}' has no output of its own to attribute; choose one of {', '.join(layers)}.")
     return criteria.channel_scores(model, "conductance", calib)[layer_name]
+
+
+def attribution_layers(model: nn.Module) -> list[str]:
+    """The prunable layers conductance scores: all but attention input projections (no output of their own)."""
+    return [name for name, module in prunable_layers(model) if weight_name(module) == "weight"]
 
 
 def layer_table(model: nn.Module, example_input: torch.Tensor) -> list[dict]:

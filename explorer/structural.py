@@ -117,9 +117,15 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     are groups through grouped (non-depthwise) convolutions, which torch-pruning does not
     slice correctly. The model is traced on a copy and is not modified.
     """
+    return channel_groups_and_skipped(model, example_input)[0]
+
+
+def channel_groups_and_skipped(model: nn.Module, example_input: torch.Tensor) -> tuple[list[ChannelGroup], list[dict]]:
+    """`channel_groups`, plus the groups left out: ``{"root", "layers", "reason"}`` each (for a compatibility report)."""
     traced = _copy_for_tracing(model)
     graph = _build_graph(traced, example_input)
-    return _enumerate_groups(graph, traced)
+    skipped: list[dict] = []
+    return _enumerate_groups(graph, traced, skipped), skipped
 
 
 def group_of(groups: list[ChannelGroup], layer_name: str) -> ChannelGroup | None:
@@ -302,8 +308,8 @@ def _build_graph(model: nn.Module, example_input) -> tp.DependencyGraph:
         ) from error
 
 
-def _enumerate_groups(graph: tp.DependencyGraph, model: nn.Module) -> list[ChannelGroup]:
-    """Partition all prunable output channels into groups, roots in module order."""
+def _enumerate_groups(graph: tp.DependencyGraph, model: nn.Module, skipped: list | None = None) -> list[ChannelGroup]:
+    """Partition all prunable output channels into groups, roots in module order; ``skipped`` hears the others."""
     names = graph._module2name
     covered: set[tuple[str, int]] = set()
     groups = []
@@ -321,10 +327,37 @@ def _enumerate_groups(graph: tp.DependencyGraph, model: nn.Module) -> list[Chann
         for item in tp_group:
             if graph.is_out_channel_pruning_fn(item.dep.handler) and item.dep.target.module in names:
                 covered.update((names[item.dep.target.module], i) for i in item.idxs)
-        if _reaches_output(graph, tp_group) or _has_grouped_conv(graph, tp_group) or _overruns(graph, tp_group):
+        reason = _why_left_out(graph, tp_group)
+        if reason is not None:
+            if skipped is not None:
+                layers = sorted({names[i.dep.target.module] for i in tp_group if i.dep.target.module in names})
+                skipped.append({"root": root_name, "layers": layers, "reason": reason})
             continue
         groups.append(_describe(graph, tp_group, root_name, root, free))
     return groups
+
+
+def _why_left_out(graph, tp_group) -> str | None:
+    """Why a traced group is not offered for removal (None: it is)."""
+    if _reaches_output(graph, tp_group):
+        return "its channels are the model's outputs"
+    if _has_grouped_conv(graph, tp_group):
+        return "it runs through a grouped (not depthwise) convolution, which torch-pruning does not slice correctly"
+    if _through_attention(tp_group):
+        return ("it runs through nn.MultiheadAttention, whose width is its heads' width: prune its heads "
+                "(--structure head) instead")
+    if _overruns(graph, tp_group):
+        return "torch-pruning maps its channels past a layer's size (a fused projection it misreads)"
+    return None
+
+
+def _through_attention(tp_group) -> bool:
+    """True if the group cuts an ``nn.MultiheadAttention``'s embedding width.
+
+    torch-pruning removes the same index from the query, key, value and output projections as from
+    the residual stream: dimensions of different heads go, the heads no longer line up.
+    """
+    return any(isinstance(item.dep.target.module, nn.MultiheadAttention) for item in tp_group)
 
 
 def _reaches_output(graph, tp_group) -> bool:
@@ -483,6 +516,8 @@ def _check_nothing_emptied(model, groups, requests) -> None:
 def _out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Embedding):  # its weight is (vocabulary, width): the width is what a group cuts
         return int(module.embedding_dim)
+    if isinstance(module, nn.MultiheadAttention):  # its packed query, key and value rows
+        return int(module.in_proj_weight.shape[0]) if module.in_proj_weight is not None else int(module.embed_dim)
     for attribute in ("out_channels", "out_features", "num_features"):
         if hasattr(module, attribute):
             return int(getattr(module, attribute))

@@ -2,7 +2,8 @@
 
 An MLP (neurons), LeNet-5 (a small CNN), a plain VGG-style conv + BatchNorm stack (filters
 without coupling), ResNet-20 (residual adds couple channels into groups), a small MobileNetV2
-(depthwise convs and inverted residuals: the hard case) and a 1-D conv net for mnist1d. Every
+(depthwise convs and inverted residuals: the hard case), a 1-D conv net for mnist1d and a
+small vision transformer (``nn.MultiheadAttention`` heads). Every
 factory takes the dataset's input shape and class count, so the same name works on digits,
 mnist1d or synthetic images. `ZOO` is the registry the UI, the CLI and recipes share.
 """
@@ -207,6 +208,36 @@ class Conv1dNet(nn.Module):
         return self.classifier(torch.relu(self.fc1(out)))
 
 
+class ViTSmall(nn.Module):
+    """A small vision transformer (Dosovitskiy et al. 2021): patches, a class token, ``nn.TransformerEncoder``.
+
+    A strided conv cuts the image into patches (8 x 8 of them on 32 x 32 shapes), a learned class
+    token and position embeddings join them, two pre-norm encoder layers of 4 heads attend over
+    them, and the class token's output is classified. Its attention is ``nn.MultiheadAttention``
+    (a fused query-key-value projection), the layer most user transformers are built from.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 64, heads: int = 4,
+                 depth: int = 2, mlp_width: int = 128):
+        super().__init__()
+        channels, side = input_shape[0], min(input_shape[1:])
+        patch = max(1, side // 8)
+        self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch)
+        tokens = (input_shape[1] // patch) * (input_shape[2] // patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, mlp_width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        return self.head(self.norm(self.encoder(tokens))[:, 0])
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     """One built-in architecture: how to build it, what it teaches, what input it takes."""
@@ -226,6 +257,7 @@ ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in (
     ZooEntry("mobilenetv2_small", "Small MobileNetV2: depthwise convs and inverted residuals, the hard case.",
              MobileNetV2Small, 3, "shapes"),
     ZooEntry("conv1d", "1-D conv net for sequences (mnist1d).", Conv1dNet, 2, "mnist1d"),
+    ZooEntry("vit_small", "Small vision transformer: nn.MultiheadAttention heads, pruned whole.", ViTSmall, 3, "shapes"),
 )}
 
 

@@ -39,8 +39,8 @@ def _captum_conductance(module, layer_name: str, calib) -> torch.Tensor:
     for inputs, labels in calib:
         values = conductance.attribute(inputs, target=labels, n_steps=criteria.CONDUCTANCE_STEPS,
                                        method="gausslegendre").detach().abs()
-        if values.dim() > 2:
-            values = values.flatten(2).mean(2)
+        if values.dim() > 2:  # over positions: a Linear's channels are last (tokens), a conv's second
+            values = (values.movedim(-1, 1) if isinstance(layer, torch.nn.Linear) else values).flatten(2).mean(2)
         sums = sums + values.sum(0)
         examples += len(inputs)
     return sums / examples
@@ -52,7 +52,8 @@ def _press_conductance(name: str):
     at.session_state["current_model"] = entry
     goto(at, "app_pages/inspect.py")
     at.slider(key="inspect_calib").set_value(1).run()
-    layers = at.selectbox(key="inspect_attr_layer").options
+    # captum hooks a layer's own forward, which an attention's out_proj never runs (the core hooks the attention)
+    layers = [name for name in at.selectbox(key="inspect_attr_layer").options if not name.endswith("out_proj")]
     layer = layers[len(layers) // 2]
     at.selectbox(key="inspect_attr_layer").set_value(layer).run()
     at.button(key="inspect_attr").click().run()
