@@ -38,6 +38,7 @@ DEFAULT_CONFIGS: dict[tuple[str, str], TrainConfig] = {
     ("mobilenetv2_small", "shapes"): TrainConfig(epochs=3, lr=3e-3, batch_size=64),
     ("lenet5", "shapes"): TrainConfig(epochs=8, lr=2e-3, batch_size=64),
     ("mlp", "shapes"): TrainConfig(epochs=8, lr=1e-3, batch_size=64),
+    ("vit_small", "shapes"): TrainConfig(epochs=6, lr=2e-3, batch_size=64),
 }
 
 

@@ -29,6 +29,10 @@ from explorer import criteria, gqa, heads, mha, structural
 from explorer.errors import ExplorerError
 from explorer.layers import prunable_layers, weight_of
 
+_GQA_CHANNEL = ("Channel pruning is not offered for LLaMA-style attention: torch-pruning's trace of it did not finish "
+                "in 5 minutes here, and it is where structural tools break (Torch-Pruning #516, #461, #532); use "
+                "--structure head (whole key/value groups) or unstructured / nm.")
+
 # Forward-pass equivalents per calibration batch (a backward costs about two forwards).
 _PASSES = {"magnitude": 0, "random": 0, "bn_scale": 0, "gradient": 3, "taylor": 3, "snip": 3,
            "conductance": 3 * (criteria.CONDUCTANCE_STEPS + 1), "wanda": 1, "sparsegpt": 1}
@@ -60,6 +64,8 @@ def refusal(model: nn.Module, structure: str, nm: tuple[int, int] | None = None)
         m = (nm or (2, 4))[1]
         if not any(_nm_width(module) % m == 0 for _, module in layers):
             return f"No layer of this model has inputs per output in multiples of {m}, so no N:M pattern fits; use unstructured."
+    if structure == "channel" and gqa.attentions(model):
+        return _GQA_CHANNEL
     if structure == "head":
         found = mha.packed_attentions(model) or gqa.attentions(model) or heads.head_counts(model)
         if not found:
@@ -128,6 +134,8 @@ def report(model: nn.Module, example_input: torch.Tensor, *, nm: tuple[int, int]
                for n, module in layers if _nm_width(module) % m]
     structures["nm"] = StructureReport("nm", bool(fits), fits, misfits, refusal(model, "nm", nm) or "")
     try:
+        if gqa.attentions(model):
+            raise ExplorerError(_GQA_CHANNEL)
         groups, skipped = structural.channel_groups_and_skipped(model, example_input)
         structures["channel"] = StructureReport(
             "channel", bool(groups), [{"name": g.name, "kind": g.kind, "channels": g.channels,
@@ -139,7 +147,7 @@ def report(model: nn.Module, example_input: torch.Tensor, *, nm: tuple[int, int]
     head_units, head_left = _head_units(model)
     structures["head"] = StructureReport("head", bool(head_units), head_units, head_left,
                                          refusal(model, "head") or "")
-    if not structures["channel"].ok and structures["channel"].reason.startswith("torch-pruning") \
+    if not structures["channel"].ok and structures["channel"].reason.startswith("torch-pruning could not") \
             and not gqa.attentions(model) and not mha.packed_attentions(model):
         structures["head"].ok, structures["head"].reason = False, structures["channel"].reason
     batch = example_input[:1].repeat(calib_batch_size, *([1] * (example_input.dim() - 1)))

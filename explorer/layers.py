@@ -58,6 +58,22 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return getattr(module, weight_name(module))
 
 
+def mask_of(module: nn.Module) -> torch.Tensor | None:
+    """A masked layer's ``weight_mask`` (``in_proj_weight_mask`` for attention), None when unmasked."""
+    name = weight_name(module)
+    return getattr(module, name + _MASK_SUFFIX, None) if hasattr(module, name + _ORIG_SUFFIX) else None
+
+
+def original_of(module: nn.Module) -> torch.Tensor | None:
+    """A masked layer's ``weight_orig`` (the trained Parameter behind the mask), None when unmasked."""
+    return getattr(module, weight_name(module) + _ORIG_SUFFIX, None)
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Replace a masked layer's mask tensor (methods that learn masks assign one each step)."""
+    setattr(module, weight_name(module) + _MASK_SUFFIX, mask)
+
+
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The weight the forward pass uses: ``weight_orig * weight_mask`` on a masked module.
 
@@ -81,8 +97,9 @@ def prunable_counts(model: nn.Module) -> tuple[int, int]:
     """
     live = total = 0
     for _, module in prunable_layers(model):
-        mask = getattr(module, "weight" + _MASK_SUFFIX, None) if hasattr(module, "weight" + _ORIG_SUFFIX) else None
-        kept = mask if mask is not None else module.weight.detach()
+        name = weight_name(module)
+        mask = getattr(module, name + _MASK_SUFFIX, None) if hasattr(module, name + _ORIG_SUFFIX) else None
+        kept = mask if mask is not None else getattr(module, name).detach()
         live += int(torch.count_nonzero(kept))
         total += kept.numel()
     return live, total
@@ -123,15 +140,15 @@ class RefreshOutputMask:
 
     The attention reads ``out_proj.weight`` directly and never calls ``out_proj``, so the
     pruning hook that recomputes ``weight = weight_orig * weight_mask`` would never run: training
-    would update ``weight_orig`` behind a stale weight. This hook runs it at each attention call.
+    would update ``weight_orig`` behind a stale weight. This hook runs ``out_proj``'s forward
+    pre-hooks (the pruning hook, and any a method adds after it) at each attention call.
     Stateless, so deep copies and saved hooks stay right.
     """
 
     def __call__(self, module: nn.Module, inputs) -> None:
         projection = getattr(module, "out_proj", None)
-        for hook in getattr(projection, "_forward_pre_hooks", {}).values():
-            if isinstance(hook, prune.BasePruningMethod):
-                hook(projection, inputs)
+        for hook in list(getattr(projection, "_forward_pre_hooks", {}).values()):
+            hook(projection, inputs)
 
 
 def sync_attention_masks(model: nn.Module) -> None:

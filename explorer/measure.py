@@ -55,10 +55,15 @@ def flops(model: nn.Module, example_input: torch.Tensor) -> dict:
     fraction, masks applied): what a sparse kernel could at best skip. ``per_layer`` is
     keyed by module name.
     """
-    with _inference(model):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(example_input)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused transformer kernel is invisible to the counter
+    try:
+        with _inference(model):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
     dense_total = int(sum(counts.get("Global", {}).values()))
@@ -66,6 +71,9 @@ def flops(model: nn.Module, example_input: torch.Tensor) -> dict:
     per_layer = {}
     for name, module in model.named_modules():
         key = f"{prefix}.{name}" if name else prefix
+        if isinstance(module, nn.MultiheadAttention) and key in counts:
+            per_layer.update(_attention_flops(name, module, counts[key], weights))
+            continue
         if name == "" or any(True for _ in module.children()) or key not in counts:
             continue
         dense = int(sum(counts[key].values()))
@@ -74,6 +82,24 @@ def flops(model: nn.Module, example_input: torch.Tensor) -> dict:
         per_layer[name] = {"dense": dense, "effective": int(round(dense * density))}
     saved = sum(layer["dense"] - layer["effective"] for layer in per_layer.values())
     return {"dense": dense_total, "effective": dense_total - saved, "per_layer": per_layer}
+
+
+def _attention_flops(name: str, module: nn.Module, counts: dict, weights: dict) -> dict[str, dict]:
+    """An attention's projection FLOPs, split between its ``in_proj`` (the attention's own entry) and ``out_proj``.
+
+    The attention never calls ``out_proj``, so the counter files every FLOP under the attention: its
+    matrix products (``mm`` / ``addmm``) are the two projections, split by their weights' sizes (exact for
+    self-attention); the products between heads (query x key, weights x value) stay unattributed.
+    """
+    projections = int(sum(value for op, value in counts.items() if str(op) in ("aten.mm", "aten.addmm")))
+    sizes = {name: module.in_proj_weight.numel(), f"{name}.out_proj": module.out_proj.weight.numel()}
+    result = {}
+    for layer, size in sizes.items():
+        dense = int(round(projections * size / sum(sizes.values())))
+        weight = weights.get(layer)
+        density = float(torch.count_nonzero(weight)) / weight.numel() if weight is not None and weight.numel() else 1.0
+        result[layer] = {"dense": dense, "effective": int(round(dense * density))}
+    return result
 
 
 def latency(

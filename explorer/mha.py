@@ -88,17 +88,24 @@ def attend(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor
     batch, length, sources = query.shape[0], query.shape[1], key.shape[1]
     q, k, v = (F.linear(x, w, b).view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
                for x, w, b in zip((query, key, value), weights, biases))
-    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
-    mask = _float_mask(attn_mask, scores)
+    mask = _float_mask(attn_mask, q)
     if mask is None and is_causal:
-        mask = torch.full((length, sources), float("-inf"), dtype=scores.dtype, device=scores.device).triu(1)
+        mask = torch.full((length, sources), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
     if mask is not None:
-        scores = scores + (mask.view(1, 1, length, sources) if mask.dim() == 2 else mask.view(batch, heads, length, sources))
-    padding = _float_mask(key_padding_mask, scores)
+        mask = mask.view(1, 1, length, sources) if mask.dim() == 2 else mask.view(batch, heads, length, sources)
+    padding = _float_mask(key_padding_mask, q)
     if padding is not None:
-        scores = scores + padding.view(batch, 1, 1, sources)
-    probabilities = F.dropout(scores.softmax(-1), module.dropout, module.training)
-    context = (probabilities @ v).transpose(1, 2).reshape(batch, length, inner)
+        padding = padding.view(batch, 1, 1, sources)
+        mask = padding if mask is None else mask + padding
+    dropout = module.dropout if module.training else 0.0
+    probabilities = None
+    if need_weights:
+        scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
+        probabilities = (scores if mask is None else scores + mask).softmax(-1)
+        context = F.dropout(probabilities, dropout) @ v
+    else:  # the kernel PyTorch's own attention uses (and the FLOP counter skips alike)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=head_dim ** -0.5)
+    context = context.transpose(1, 2).reshape(batch, length, inner)
     if not batch_first:
         context = context.transpose(0, 1)
     attention = None

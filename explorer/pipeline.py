@@ -499,8 +499,8 @@ def reopen(base_model: nn.Module, dataset: Dataset, recipe, weights: str | Path 
     if weights is not None and Path(weights).is_file():
         module = load_model(str(weights)).eval()
         if scoring.structure in ("unstructured", "nm"):
-            zeros = {name: layer.weight.detach() != 0 for name, layer in prunable_layers(module)
-                     if bool((layer.weight.detach() == 0).any())}
+            zeros = {name: weight_of(layer).detach() != 0 for name, layer in prunable_layers(module)
+                     if bool((weight_of(layer).detach() == 0).any())}
             module = masking.apply_masks(module, zeros) if zeros else module
         return module
     prepared = prepare(base_model, scoring, dataset=dataset)

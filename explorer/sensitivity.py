@@ -68,7 +68,7 @@ from torch import nn
 from explorer import criteria, limits, measure, pipeline, planner, tasks
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, prunable_layers
+from explorer.layers import clone_model, prunable_layers, weight_of
 from explorer.specs import STRUCTURES, MeasureSpec, PlanSpec, ScoringSpec
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -282,7 +282,7 @@ class _Edits:
     def zero(self, unit: str, indices: torch.Tensor) -> None:
         """Prune ``indices`` (the unit's flat weight or channel indices) in place, saving what is overwritten."""
         for layer in self.targets(unit):
-            weight = self.modules[layer].weight
+            weight = weight_of(self.modules[layer])
             self.saved.setdefault(layer, weight.detach().clone())
             if self.prepared.structure == "unstructured":
                 keep = torch.ones(weight.numel(), dtype=weight.dtype, device=weight.device)
@@ -298,7 +298,7 @@ class _Edits:
     @torch.no_grad()
     def restore(self) -> None:
         for layer, original in self.saved.items():
-            self.modules[layer].weight.copy_(original)
+            weight_of(self.modules[layer]).copy_(original)
         self.saved.clear()
 
 

@@ -13,6 +13,7 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 | Model       | factory_spec, factory_epochs, factory_load  | test_app, test_app_transformers                         |
 | Model       | tf_model, tf_folder, tf_load                | test_app_transformers, test_hostile_files               |
 | Model       | tf_text ("my text file"), tf_data           | here: test_transformer_on_an_uploaded_text_file_...     |
+| Model       | model_compat                                | test_compat (vit_small's report, against the core's)    |
 | Inspect     | inspect_bins, inspect_log, inspect_shared   | here: test_inspect_histograms_...                       |
 | Inspect     | inspect_layers (multiselect)                | here: test_inspect_histograms_...                       |
 | Inspect     | inspect_calib, inspect_collect              | test_app (main path), here: test_inspect_gradients_...  |

@@ -94,3 +94,6 @@ def test_the_compatibility_report_names_the_key_value_constraint(folder):
     result = compat.report(load(folder), ids(), calib_batches=1, calib_batch_size=2)
     assert result["structures"]["head"]["ok"]
     assert any("4 query heads share 2 key/value heads" in line and "1/2 steps" in line for line in result["constraints"])
+    assert not result["structures"]["channel"]["ok"] and "--structure head" in result["structures"]["channel"]["reason"]
+    with pytest.raises(ExplorerError, match="^Channel pruning is not offered for LLaMA-style attention"):
+        pipeline.prepare(load(folder), ScoringSpec("channel", "magnitude"), example_input=ids())

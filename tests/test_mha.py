@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from explorer import llm, masking, mha, pipeline, planner, structural, zoo
+from explorer import llm, masking, measure, mha, pipeline, planner, structural, zoo
 from explorer.errors import ExplorerError
 from explorer.layers import effective_weight, fold_masks, prunable_layers
 from explorer.models import load_model, save_model
@@ -51,6 +51,10 @@ def test_attend_then_out_proj_is_pytorchs_attention_with_masks_and_weights(batch
         out = nn.functional.linear(context, attention.out_proj.weight, attention.out_proj.bias)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(weights, expected_weights, atol=1e-5, rtol=1e-4)
+        context, none = mha.attend(attention, x, x, x, need_weights=False, **kwargs)  # the fused kernel's path
+        out = nn.functional.linear(context, attention.out_proj.weight, attention.out_proj.bias)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        assert none is None
     one = torch.randn(5, 16)  # unbatched
     out = nn.functional.linear(mha.attend(attention, one, one, one)[0], attention.out_proj.weight, attention.out_proj.bias)
     torch.testing.assert_close(out, attention(one, one, one)[0], atol=1e-5, rtol=1e-4)
@@ -175,6 +179,13 @@ def test_heads_cannot_all_go_and_masked_or_unknown_attentions_are_refused_in_one
     with pytest.raises(ExplorerError, match="conductance.*no score to the heads"):
         pipeline.prepare(model, ScoringSpec("head", "conductance", calib_batches=1, calib_batch_size=4),
                          example_input=images(1), dataset=_Tiny())
+
+
+def test_flops_of_an_attention_are_its_projections_split_between_in_proj_and_out_proj():
+    flops = measure.flops(vit(), images(1))["per_layer"]
+    tokens = (16 // 2) ** 2 + 1  # 2 x 2 patches of a 16 x 16 image, and the class token
+    assert flops["encoder.layers.0.self_attn"]["dense"] == 2 * tokens * 64 * 192  # 2 FLOPs a multiply-add
+    assert flops["encoder.layers.0.self_attn.out_proj"]["dense"] == 2 * tokens * 64 * 64
     odd = nn.MultiheadAttention(8, 2, add_bias_kv=True)
     assert mha.unsupported(odd) and mha.head_groups(nn.Sequential(odd)) == ([], {})
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from explorer import masking
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, fold_masks, prunable_layers
+from explorer.layers import clone_model, fold_masks, mask_of, original_of, prunable_layers, set_mask, weight_name, weight_of
 from explorer.methods.base import Method, MethodRun
 from explorer.train import Callback, TrainState
 
@@ -63,9 +63,9 @@ def _collapse_error(layers: Sequence[str]) -> ExplorerError:
 def _straight_through(module: nn.Module, inputs) -> None:
     """Forward pre-hook run after the pruning hook: the forward still sees ``weight_orig * weight_mask``,
     but the gradient reaches every entry of ``weight_orig``, pruned ones included (mask in the forward only)."""
-    orig = getattr(module, "weight_orig", None)
+    orig = original_of(module)
     if orig is not None:
-        module.weight = orig + (module.weight - orig).detach()
+        setattr(module, weight_name(module), orig + (weight_of(module) - orig).detach())
 
 
 def _unmasked_view(model: nn.Module) -> nn.Module:
@@ -73,8 +73,8 @@ def _unmasked_view(model: nn.Module) -> nn.Module:
     view = clone_model(model).cpu()
     with torch.no_grad():
         for _, module in prunable_layers(view):
-            if hasattr(module, "weight_mask"):
-                module.weight_mask.fill_(1)
+            if mask_of(module) is not None:
+                mask_of(module).fill_(1)
     return fold_masks(view)
 
 
@@ -150,7 +150,7 @@ class _GradualUpdates(Callback):
         self.release()
         if soft and taken < self.last:  # after the last update the masks are fixed: ordinary fine-tuning
             self.hooks = [module.register_forward_pre_hook(_straight_through)
-                          for _, module in prunable_layers(model) if hasattr(module, "weight_mask")]
+                          for _, module in prunable_layers(model) if mask_of(module) is not None]
         ctx.record_step(state, event="update", taken=taken)
 
     def release(self) -> None:
@@ -284,7 +284,7 @@ def initial_masks(model: nn.Module, sparsity: float, density: str, *, dense: Ite
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """Random masks with exactly ``round(sparsity · N)`` of the ``N`` prunable weights off, spread over the
     layers by ``density`` (`erk_densities` or `uniform_densities`); ``dense`` layers keep every weight."""
-    shapes = {name: tuple(module.weight.shape) for name, module in prunable_layers(model)}
+    shapes = {name: tuple(weight_of(module).shape) for name, module in prunable_layers(model)}
     dense = list(dense)
     unknown = [name for name in dense if name not in shapes]
     if unknown:
@@ -347,13 +347,13 @@ class _Evolve(Callback):
             self._update(state, state.global_step)
         if self.grow == "gradient" and self.is_update(state.global_step + 1):
             for name, module in prunable_layers(state.model):
-                if hasattr(module, "weight_mask"):
+                if mask_of(module) is not None:
                     self.hooks.append(module.register_forward_pre_hook(self._capture(name)))
 
     def _capture(self, name: str):
         def hook(module: nn.Module, inputs) -> None:
-            if torch.is_grad_enabled() and module.weight.requires_grad:
-                module.weight.register_hook(lambda grad: self.gradients.__setitem__(name, grad.detach().clone()))
+            if torch.is_grad_enabled() and weight_of(module).requires_grad:
+                weight_of(module).register_hook(lambda grad: self.gradients.__setitem__(name, grad.detach().clone()))
         return hook
 
     def on_step_end(self, state: TrainState) -> None:
@@ -366,22 +366,22 @@ class _Evolve(Callback):
         zeta = self.zeta_at(taken)
         with torch.no_grad():
             layer_masks = {name: self._move(name, module, zeta) for name, module in prunable_layers(state.model)
-                           if hasattr(module, "weight_mask")}
+                           if mask_of(module) is not None}
         regrown = masking.set_masks(state.model, layer_masks, regrow="zero")
         modules = dict(prunable_layers(state.model))
         for name, units in regrown.items():
-            _reset_optimizer_state(state.optimizer, modules[name].weight_orig, units)
+            _reset_optimizer_state(state.optimizer, original_of(modules[name]), units)
         self.ctx.note_regrown(sum(int(units.sum()) for units in regrown.values()))
         self.gradients = {}
         self.updated = True
 
     def _move(self, name: str, module: nn.Module, zeta: float) -> torch.Tensor:
-        mask = module.weight_mask.bool().flatten().cpu()
+        mask = mask_of(module).bool().flatten().cpu()
         active = int(mask.sum())
         count = min(round(zeta * active), mask.numel() - active)
         if count == 0:
-            return mask.reshape(module.weight_mask.shape)
-        magnitude = module.weight_orig.detach().abs().flatten().cpu().masked_fill(~mask, math.inf)
+            return mask.reshape(mask_of(module).shape)
+        magnitude = original_of(module).detach().abs().flatten().cpu().masked_fill(~mask, math.inf)
         mask[torch.topk(magnitude, count, largest=False).indices] = False
         if self.grow == "random":
             candidates = torch.nonzero(~mask).flatten()
@@ -391,7 +391,7 @@ class _Evolve(Callback):
             gradient = gradient.abs().flatten().cpu().masked_fill(mask, -math.inf)
             chosen = torch.topk(gradient, count).indices
         mask[chosen] = True
-        return mask.reshape(module.weight_mask.shape)
+        return mask.reshape(mask_of(module).shape)
 
     def release(self) -> None:
         for hook in self.hooks:

@@ -15,7 +15,7 @@ from torch import nn
 
 from explorer import masking, planner
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, effective_weight, prunable_layers
+from explorer.layers import clone_model, effective_weight, mask_of, original_of, prunable_layers, set_mask, weight_of
 from explorer.methods.base import Method, MethodRun
 from explorer.train import Callback, TrainState
 
@@ -202,7 +202,7 @@ class _MaskLearner(Callback):
 
     def _install(self, model: nn.Module, init: float) -> None:
         self.modules = dict(prunable_layers(model))
-        self.aux = {name: torch.full_like(module.weight_orig, init, requires_grad=True)
+        self.aux = {name: torch.full_like(original_of(module), init, requires_grad=True)
                     for name, module in self.modules.items()}
 
     def top_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
@@ -241,7 +241,7 @@ class HardConcreteGates(_MaskLearner):
             self.optimizer = torch.optim.Adam(list(self.aux.values()), lr=self.lr)
         self.optimizer.zero_grad(set_to_none=True)
         for name, module in self.modules.items():
-            module.weight_mask = _hard_concrete_sample(self.aux[name]) * self._start(name, module)
+            set_mask(module, _hard_concrete_sample(self.aux[name]) * self._start(name, module))
 
     def penalty(self, state: TrainState) -> torch.Tensor:
         kept = sum(expected_open(log_alpha).sum() for log_alpha in self.aux.values())
@@ -252,20 +252,20 @@ class HardConcreteGates(_MaskLearner):
         self.optimizer.step()
         with torch.no_grad():
             for name, module in self.modules.items():
-                module.weight_mask = hard_concrete_gate(self.aux[name]).detach() * self._start(name, module)
+                set_mask(module, hard_concrete_gate(self.aux[name]).detach() * self._start(name, module))
 
     def _start(self, name: str, module: nn.Module) -> torch.Tensor:
         mask = self.start_masks.get(name)
-        return torch.ones((), device=module.weight_orig.device) if mask is None else mask.to(module.weight_orig)
+        return torch.ones((), device=original_of(module).device) if mask is None else mask.to(original_of(module))
 
     def finish(self, model: nn.Module) -> None:
         """Fold the test-time gates into the weights (where open) and keep exactly the target by log α."""
         final = self.top_masks(self.ctx.target)
         with torch.no_grad():
             for name, module in prunable_layers(model):
-                gate = hard_concrete_gate(self.aux[name].detach()).to(module.weight_orig)
-                module.weight_orig.mul_(torch.where(gate > 0, gate, torch.ones_like(gate)))
-                module.weight_mask = torch.ones_like(module.weight_orig)
+                gate = hard_concrete_gate(self.aux[name].detach()).to(original_of(module))
+                original_of(module).mul_(torch.where(gate > 0, gate, torch.ones_like(gate)))
+                set_mask(module, torch.ones_like(original_of(module)))
         masking.set_masks(model, final, regrow="keep")
 
 
@@ -291,10 +291,10 @@ class MovementScores(_MaskLearner):
             self._install(state.model, 0.0)
         self.hard = self.top_masks(self.sparsity_at(state.global_step))
         for name, module in self.modules.items():
-            kept = self.hard[name].to(module.weight_orig.device)
-            self.ctx.note_regrown(int((kept & ~module.weight_mask.bool()).sum()))
+            kept = self.hard[name].to(original_of(module).device)
+            self.ctx.note_regrown(int((kept & ~mask_of(module).bool()).sum()))
             score = self.aux[name]
-            module.weight_mask = kept.to(module.weight_orig.dtype) + (score - score.detach())  # exactly 0 or 1
+            set_mask(module, kept.to(original_of(module).dtype) + (score - score.detach()))  # exactly 0 or 1
 
     def on_step_end(self, state: TrainState) -> None:
         with torch.no_grad():
@@ -303,7 +303,7 @@ class MovementScores(_MaskLearner):
                 if score.grad is not None:
                     score -= score.grad
                     score.grad = None
-                module.weight_mask = self.hard[name].to(module.weight_orig)
+                set_mask(module, self.hard[name].to(original_of(module)))
 
     def finish(self, model: nn.Module) -> None:
         """Keep exactly the target by S (the ramp's last mask, up to the last step's update)."""
@@ -356,7 +356,7 @@ class LearnedMask(Method):
     def run(self, ctx: MethodRun, params: LearnedMaskParams) -> nn.Module:
         start_masks = masking.current_masks(ctx.model)
         model = masking.apply_masks(clone_model(ctx.model, fold_masks=True), {
-            name: start_masks.get(name, torch.ones_like(module.weight, dtype=torch.bool))
+            name: start_masks.get(name, torch.ones_like(weight_of(module), dtype=torch.bool))
             for name, module in prunable_layers(ctx.model)})
         learn_steps = _split(ctx, LEARN_FRACTION)
         if params.kind == "hard_concrete":

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from explorer.errors import ExplorerError
-from explorer.layers import clone_model, effective_weight, prunable_layers
+from explorer.layers import clone_model, effective_weight, original_of, prunable_layers, weight_name
 from explorer.methods.base import Method, MethodRun
 from explorer.train import Callback, TrainState, lr_at
 
@@ -193,8 +193,8 @@ def rewind(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
             state[key] = weights[key] if key in weights else weights[key.removesuffix("_orig")]
     model.load_state_dict(state)
     for _, module in prunable_layers(model):
-        if hasattr(module, "weight_orig"):
-            module.weight = effective_weight(module)  # as the pruning hook sets it before each forward
+        if original_of(module) is not None:
+            setattr(module, weight_name(module), effective_weight(module))  # as the pruning hook sets it
     return model
 
 
