@@ -67,6 +67,10 @@ def refusal(model: nn.Module, structure: str, nm: tuple[int, int] | None = None)
     if structure == "channel" and gqa.attentions(model):
         return _GQA_CHANNEL
     if structure == "head":
+        try:
+            heads.check_supported(model)  # GPT-2's fused projection says so in its own words
+        except ExplorerError as error:
+            return str(error)
         found = mha.packed_attentions(model) or gqa.attentions(model) or heads.head_counts(model)
         if not found:
             return ("This model has no attention heads (no nn.MultiheadAttention, no Hugging Face attention); "

@@ -93,6 +93,16 @@ def test_a_structure_the_model_cannot_serve_is_refused_in_one_line_before_scorin
     assert compat.refusal(mlp, "unstructured") is None and compat.refusal(odd, "nm", (2, 5)) is None
 
 
+def test_gpt2s_fused_attention_is_refused_for_heads_in_its_own_words():
+    transformers = pytest.importorskip("transformers")
+    from explorer import hf
+
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+    gpt2 = hf.TokenModel(transformers.GPT2Model(config), "embedding", pad_id=0)  # Conv1D projections as Linear
+    assert "fused projection" in compat.refusal(gpt2, "head")
+    assert compat.refusal(gpt2, "unstructured") is None
+
+
 def test_cli_inspect_compat_prints_the_report(capsys):
     assert cli.main(["inspect", "--model", "vit_small", "--compat", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
