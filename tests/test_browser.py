@@ -3,6 +3,11 @@
 Opens a link to the Prune page on a fresh server (the default model trains), moves the sparsity slider
 with the keyboard and checks that the per-layer chart changed. Screenshots go to a temporary
 folder and, with SAVE_SCREENSHOTS=1, one per page to docs/screenshots/ for the README.
+
+The walk (issue 21): every page (load, inspect, prune, apply, reload, fine-tune, methods, sensitivity, compare,
+deploy) in a wide and a narrow window, a screenshot of each under the test's folder (and in
+$PRUNING_EXPLORER_SCREENSHOTS when set); no chart of height 0, the pruned copy back after a reload, the query
+kept by the sidebar links, and no static-folder warning from the server.
 """
 import os
 import shutil
@@ -231,3 +236,93 @@ def tour_for_screenshots(driver, tmp_path) -> None:
     shoot(driver, tmp_path, "prune_channel")
     open_page(driver, "Compare")
     shoot(driver, tmp_path, "compare")
+
+
+SIZES = {"wide": (1500, 1300), "narrow": (820, 1100)}
+PAGES = ("Model", "Inspect", "Prune", "Fine-tune", "Methods", "Sensitivity", "Compare", "Deploy")
+
+
+def chart_heights(driver) -> list[float]:
+    """The drawn height of every plotly chart on the page (a chart collapsed to 0 by a resize shows here)."""
+    return driver.execute_script("return Array.from(document.querySelectorAll('.js-plotly-plot'))"
+                                 ".map(p => p.getBoundingClientRect().height);")
+
+
+def shoot_walk(driver, tmp_path, name: str) -> Path:
+    """A screenshot under the test's folder, copied to $PRUNING_EXPLORER_SCREENSHOTS when that is set."""
+    folder = tmp_path / "screenshots"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.png"
+    assert driver.save_screenshot(str(path)), f"screenshot {name} failed"
+    if os.environ.get("PRUNING_EXPLORER_SCREENSHOTS"):
+        target = Path(os.environ["PRUNING_EXPLORER_SCREENSHOTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def page_is_clean(driver, title: str) -> None:
+    """No exception box, no chart of height 0, and the sidebar names the model."""
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "Traceback" not in body and not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'), title
+    assert all(height > 50 for height in chart_heights(driver)), (title, chart_heights(driver))
+    sidebar = driver.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
+    assert "mlp" in sidebar and "None loaded yet" not in sidebar, (title, sidebar)
+
+
+def test_every_page_at_two_window_sizes(server, browser, tmp_path):
+    """Load, inspect, prune, apply, reload, fine-tune, methods, sensitivity, compare and deploy in the wide window,
+    then every page again in a narrow one; a screenshot of each; the pruned copy survives the reload."""
+    browser.set_window_size(*SIZES["wide"])
+    browser.get(f"{server}/?model=mlp&data=digits")
+    wait_for(browser, lambda d: any(h.text.strip() == "Model" for h in d.find_elements(By.TAG_NAME, "h1")), 300,
+             "the Model page did not open")
+    settle(browser, 300)
+    page_is_clean(browser, "Model")
+    shoot_walk(browser, tmp_path, "wide-1-model")
+
+    open_page(browser, "Inspect")
+    click_button(browser, "Collect gradients")
+    page_is_clean(browser, "Inspect")
+    shoot_walk(browser, tmp_path, "wide-2-inspect")
+
+    open_page(browser, "Prune")
+    wait_for(browser, lambda d: bar_heights(d) is not None, 120, "no prune chart")
+    shoot_walk(browser, tmp_path, "wide-3-prune")
+    click_button(browser, "Apply")
+    wait_for(browser, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 300, "apply did not finish")
+    settle(browser)
+    wait_for(browser, lambda d: "run=" in d.current_url, 30, "the run did not reach the link")
+    page_is_clean(browser, "Prune")
+    shoot_walk(browser, tmp_path, "wide-4-applied")
+
+    browser.refresh()  # a new session: the pruned copy comes back from its run
+    wait_for(browser, lambda d: bar_heights(d) is not None, 300, "the Prune page did not come back after a reload")
+    settle(browser)
+    open_page(browser, "Fine-tune")
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "Nothing to fine-tune" not in body and "Pruned copy:" in body, body[:500]
+    click_button(browser, "Start fine-tuning")
+    wait_for(browser, lambda d: "Saved" in d.find_element(By.TAG_NAME, "body").text, 300, "fine-tune did not finish")
+    settle(browser)
+    page_is_clean(browser, "Fine-tune")
+    shoot_walk(browser, tmp_path, "wide-5-finetune")
+
+    for number, title in enumerate(("Methods", "Sensitivity", "Compare", "Deploy"), start=6):
+        open_page(browser, title)
+        page_is_clean(browser, title)
+        shoot_walk(browser, tmp_path, f"wide-{number}-{title.lower()}")
+        assert "model=mlp" in browser.current_url, (title, browser.current_url)  # the sidebar link kept the query
+
+    browser.set_window_size(*SIZES["narrow"])
+    for number, title in enumerate(PAGES, start=1):
+        open_page(browser, title)
+        page_is_clean(browser, title)
+        shoot_walk(browser, tmp_path, f"narrow-{number}-{title.lower()}")
+    browser.set_window_size(SIZES["wide"][0], SIZES["wide"][1] + 300)  # taller again: no chart collapses to 0
+    time.sleep(1)
+    page_is_clean(browser, PAGES[-1])
+
+    log = (tmp_path / "streamlit.log").read_text()
+    assert "no static folder found" not in log, log
