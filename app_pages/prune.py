@@ -200,7 +200,7 @@ with info_col:
 if scope == "global" and structure != "nm":
     with guards_col:
         st.caption("Guards against layer collapse:")
-        fix_local, fix_guard = st.columns(2)
+        fix_local = fix_guard = st.container(horizontal=True)  # the buttons wrap in a narrow window, never cut
         fix_local.button("Switch to local scope", on_click=st.session_state.update, args=({"prune_scope": "local"},),
                          key="fix_local")
         fix_guard.button("Keep at least 5 % per layer", on_click=st.session_state.update,

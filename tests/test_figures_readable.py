@@ -47,3 +47,8 @@ def test_the_origin_of_an_embedding_model_reads_an_embedding():
 
     assert ", an embedding transformer," in transformer_origin("minilm", types.SimpleNamespace(task="embedding"))
     assert ", a causal lm transformer," in transformer_origin("tiny_gpt2", types.SimpleNamespace(task="causal_lm"))
+
+
+def test_an_accuracy_axis_keeps_tenths_apart_on_a_narrow_range():
+    assert figures._metric_axis("accuracy")["tickformat"] == ".1~%"  # 98.5% and 99.5%, not "99% 99%"
+    assert figures._metric_axis("perplexity")["tickformat"] is None
