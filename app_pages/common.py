@@ -46,26 +46,37 @@ def shared_baseline(model_name: str, dataset_name: str) -> baselines.Baseline:
 
 
 def baseline_with_progress(model_name: str, dataset_name: str) -> baselines.Baseline:
-    """Train the baseline with a visible progress bar if it is not on disk, then share it.
+    """The zoo model's baseline: from disk, or trained in a background job with a progress bar and a Cancel
+    button (the bar shows from the first second, while the data loads).
 
-    The training itself runs outside ``st.cache_resource`` (whose replay cannot update a
-    progress bar created outside it); the cached call then reads the weights from disk.
+    The training runs outside ``st.cache_resource`` (whose replay cannot update a progress bar created
+    outside it); the cached call then reads the weights from disk. A cancelled training keeps the partly
+    trained model for this session only (``path`` None: never cached, never shared).
     """
+    bar = st.progress(0.0, text=f"Loading {dataset_name} for the {model_name} baseline ...")
     data = shared_dataset(dataset_name)
     config = baselines.default_config(model_name, dataset_name, train_size=len(data.y_train))
-    on_disk = baselines.is_cached(model_name, dataset_name, config)
-    if not on_disk:
-        bar = st.progress(0.0, text=f"Training the {model_name} baseline on {dataset_name} ...")
-
-        def report(progress) -> None:
-            text = f"Training the {model_name} baseline: epoch {progress.epoch}/{progress.epochs}, loss {progress.loss:.3f}"
-            bar.progress(progress.fraction, text=text)
-
-        trained = baselines.baseline(model_name, data, config=config, progress=report)
+    if baselines.is_cached(model_name, dataset_name, config):
         bar.empty()
-        return dataclasses.replace(shared_baseline(model_name, dataset_name), from_cache=False,
-                                   train_seconds=trained.train_seconds)  # said as trained, not as loaded
-    return shared_baseline(model_name, dataset_name)
+        return shared_baseline(model_name, dataset_name)
+    bar.empty()
+    job = st.session_state.get(BASELINE_JOB)
+    if job is None or job.meta.get("pair") != (model_name, dataset_name):  # a rerun follows the same training
+        def work(context: jobs.JobContext) -> baselines.Baseline:
+            def report(progress) -> None:
+                context.report(progress.fraction, f"epoch {progress.epoch}/{progress.epochs}, loss {progress.loss:.3f}")
+            return baselines.baseline(model_name, data, config=config, progress=report, cancel=context.cancel)
+        job = st.session_state[BASELINE_JOB] = jobs.start(work, name="Training the baseline",
+                                                          meta={"pair": (model_name, dataset_name)})
+    if not follow_job(job, cancel_key="baseline_cancel", what=f"Training the {model_name} baseline on {dataset_name}"):
+        st.stop()
+    st.session_state.pop(BASELINE_JOB, None)
+    if job.error is not None:
+        raise ExplorerError(job.error)
+    if job.cancelled:
+        return dataclasses.replace(job.result, path=None)
+    return dataclasses.replace(shared_baseline(model_name, dataset_name), from_cache=False,
+                               train_seconds=job.result.train_seconds)  # said as trained, not as loaded
 
 
 def current_model() -> dict | None:
@@ -170,7 +181,8 @@ def fmt_task_delta(task: dict, base, value) -> str | None:
 def zoo_entry(model_name: str, dataset_name: str) -> dict:
     """The session-model entry of a zoo model's trained baseline on a built-in dataset (trains it once)."""
     base = baseline_with_progress(model_name, dataset_name)
-    origin = "loaded from the baseline cache" if base.from_cache else f"trained in {base.train_seconds:.1f} s"
+    origin = "loaded from the baseline cache" if base.from_cache else f"trained in {base.train_seconds:.1f} s" \
+        if base.path is not None else f"training cancelled after {base.train_seconds:.1f} s: partly trained, not cached"
     return {"module": base.model, "label": model_name, "arch": model_name, "dataset": shared_dataset(dataset_name),
             "source": "zoo", "spec": ModelSpec(source=model_name, data=dataset_name, baseline=True),
             "base_accuracy": base.accuracy, "task": accuracy_task(base.accuracy),
@@ -214,8 +226,12 @@ def restore_from_url() -> None:
     """
     if st.session_state.get("url_restored"):
         return
-    st.session_state["url_restored"] = True
-    params = st.query_params
+    _restore_from_url(st.query_params)
+    st.session_state["url_restored"] = True  # not before: a rerun in the middle (a Cancel click) tries again
+
+
+def _restore_from_url(params) -> None:
+    """`restore_from_url`'s work: the run, the model, the Prune settings and the pruned copy a link names."""
     run = None
     if params.get("run"):
         try:
@@ -468,6 +484,7 @@ def save_measured(model: dict, pruned_module, recipe: Recipe, metrics: dict, *, 
 
 
 # ---------------------------------------------------------------- long steps: progress and Cancel
+BASELINE_JOB = "baseline_job"  # a zoo baseline training for the first time
 APPLY_JOB = "apply_job"  # the Prune page's Apply (prune a copy, measure it, save the run) running in the background
 JOB_WAIT_S = 3600.0  # how long one script run follows a job; tests lower it to see (and press) the Cancel button
 CANCEL_LABEL = "Cancel (keep what is done)"

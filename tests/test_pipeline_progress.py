@@ -138,3 +138,36 @@ def test_the_cli_prints_its_stages_on_stderr_and_ctrl_c_keeps_what_was_measured(
     assert not any("[2/2" in line for line in lines)
     assert any(line.startswith("interrupted: finishing the current stage") for line in lines)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C quits again afterwards
+
+
+def test_a_first_baseline_shows_its_bar_and_cancel_keeps_the_partly_trained_model(monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from app_pages import common
+    from explorer import baselines
+
+    monkeypatch.setenv("PRUNING_EXPLORER_CACHE", str(tmp_path / "empty-cache"))  # nothing trained yet
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)
+    real = baselines.baseline
+
+    def held(*args, progress=None, cancel=None, **kwargs):
+        def report(step):
+            progress(step)
+            cancel.wait(120)  # the user presses Cancel during the first epoch
+        return real(*args, progress=report, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(baselines, "baseline", held)
+    at = AppTest.from_file("../app.py", default_timeout=300)
+    at.query_params.update(model="lenet5", data="digits")
+    at.switch_page("app_pages/inspect.py").run()
+    job = at.session_state["baseline_job"]
+    assert "current_model" not in at.session_state
+    assert any("Training the lenet5 baseline on digits" in bar.text for bar in at.get("progress"))
+    at.button(key="baseline_cancel").click().run()
+    assert job.wait(120) and job.cancelled
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    model = at.session_state["current_model"]
+    assert model["label"] == "lenet5" and "training cancelled after" in model["origin"]  # the link's model, not mlp
+    assert not list((tmp_path / "empty-cache").glob("*.pt"))  # a partly trained model is never cached
+    assert "baseline_job" not in at.session_state
