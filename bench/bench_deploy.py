@@ -38,6 +38,7 @@ from explorer.zoo import ZOO
 RESULTS = Path(__file__).with_name("RESULTS_deploy.md")
 RUNTIMES = ("eager", "compile", "onnxruntime")  # the runtimes section's, set by --runtimes
 BATCHES = (1, 64)                               # and its batch sizes, set by --batches
+INT8_MODELS = (("lenet5", "digits"), ("resnet20", "shapes"))  # the int8 section's (model, data), --int8-models
 
 
 def machine_line() -> str:
@@ -120,7 +121,7 @@ def section_sparse(max_run_time: float) -> list[str]:
 def section_int8(max_run_time: float) -> list[str]:
     lines = ["| model | file | size | x dense fp32 | latency ms (batch 64, ONNX Runtime) | speed-up vs dense "
              "(95 %) | test accuracy |", "|---|---|---|---|---|---|---|"]
-    for name, data in (("lenet5", "digits"), ("resnet20", "shapes")):
+    for name, data in INT8_MODELS:
         dense, dataset, _ = pipeline.resolve_model(ModelSpec(source=name, data=data, baseline=True))
         prepared = pipeline.prepare(dense, ScoringSpec(structure="channel"), dataset=dataset)
         pruned = pipeline.apply(dense, prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5, scope="local")))
@@ -170,10 +171,42 @@ def section_export() -> list[str]:
     return lines
 
 
+def section_rounding(max_run_time: float) -> list[str]:
+    from explorer import criteria, measure, planner, structural
+
+    torch.manual_seed(0)
+    dense = ResNet18().eval()
+    example = torch.randn(8, 3, 112, 112)
+    groups = structural.channel_groups(dense, example[:2])
+    scores = structural.group_scores(dense, groups, criteria.channel_scores(dense, "magnitude", norm="l1"))
+    ranking = planner.prepare(scores)
+    plan = planner.plan(ranking, 0.45, "local")
+    plain = structural.apply_plan(dense, plan, ranking, example[:2]).eval()
+    plain_flops = measure.flops(plain, example[:1])["effective"]
+    lines = ["ResNet-18 layout at 112x112, batch 8, 45 % of channels removed (local filter-L1), so kept counts are "
+             "35, 70, 141, 282: each rounded plan timed against the unrounded one in the same call "
+             "(`measure.compare_latency`, eager, channels-last).", "",
+             "| kept channels rounded to | kept per stage | FLOPs vs unrounded | measured speed-up over unrounded (95 %) "
+             "| measured / FLOPs |", "|---|---|---|---|---|"]
+    for multiple in (8, 16, 32):
+        rounded_plan = planner.round_kept(plan, multiple, ranking)
+        rounded = structural.apply_plan(dense, rounded_plan, ranking, example[:2]).eval()
+        flops_ratio = plain_flops / measure.flops(rounded, example[:1])["effective"]
+        timed = measure.compare_latency(plain, rounded, example, max_run_time=max_run_time)
+        row = {"speedup": timed["speedup_measured"], "speedup_interval": timed["speedup_interval"],
+               "noisy": timed["noisy"]}
+        kept = sorted({lp.kept for lp in rounded_plan.layers})
+        lines.append(f"| {multiple} | {', '.join(map(str, kept))} | {flops_ratio:.3f}x | {interval(row)} | "
+                     f"{row['speedup'] / flops_ratio:.2f} |")
+    return lines
+
+
 SECTIONS = {"runtimes": ("ResNet-18 layout, 224x224, 50 % of channels: runtimes side by side", section_runtimes),
             "sparse": ("27.5 M-parameter MLP at 95 % unstructured: CSR kernels vs dense", section_sparse),
             "int8": ("Prune, then quantize: 50 %-channel models, dynamic int8 (ONNX Runtime)", section_int8),
-            "export": ("Export round trip: every zoo model and MiniLM", section_export)}
+            "export": ("Export round trip: every zoo model and MiniLM", section_export),
+            "rounding": ("Hardware-friendly channel counts: the measured effect of rounding kept channels",
+                         section_rounding)}
 
 
 def write(key: str, lines: list[str]) -> None:
@@ -186,23 +219,26 @@ def write(key: str, lines: list[str]) -> None:
 
 
 def main() -> None:
-    global RUNTIMES, BATCHES
+    global RUNTIMES, BATCHES, INT8_MODELS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--max-run-time", type=float, default=3.0, help="seconds of timing per row at most")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="the runtimes section's runtimes")
     parser.add_argument("--batches", default="1,64", help="the runtimes section's batch sizes")
+    parser.add_argument("--int8-models", default="lenet5:digits,resnet20:shapes", help="the int8 section's MODEL:DATA")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     RUNTIMES = tuple(args.runtimes.split(","))
     BATCHES = tuple(int(b) for b in args.batches.split(","))
+    INT8_MODELS = tuple(tuple(pair.split(":")) for pair in args.int8_models.split(","))
     for key in [s.strip() for s in args.sections.split(",") if s.strip()]:
         title, run = SECTIONS[key]
         started = time.perf_counter()
         head = [f"## {title}" + (f" ({args.runtimes.replace(',', ', ')}; batch {args.batches})"
                                  if key == "runtimes" else ""), "", machine_line()]
         body = run() if key == "export" else run(args.max_run_time)
-        extra = f" --runtimes {args.runtimes} --batches {args.batches}" if key == "runtimes" else ""
+        extra = {"runtimes": f" --runtimes {args.runtimes} --batches {args.batches}",
+                 "int8": f" --int8-models {args.int8_models}"}.get(key, "")
         lines = head + [f"- command: `python -m bench.bench_deploy --sections {key} --max-run-time "
                         f"{args.max_run_time:g}{extra}`; {time.perf_counter() - started:.0f} s; load at the end: "
                         f"{os.getloadavg()[0]:.1f}", ""] + body
