@@ -100,9 +100,7 @@ def test_deploy_page_times_exports_sparsifies_and_quantizes_the_pruned_copy():
                                 for i in range(0, len(x), 256)])
     assert shown["accuracy"].tolist()[2] == quantized["metric"] == pytest.approx(float((predicted == y.numpy()).mean()))
 
-
-def test_deploy_page_a_stored_run_and_bad_batch_sizes():
-    at = _pruned_session(0.5)
+    # The same page on the stored run that Apply saved: its models come back from the store.
     at.radio(key="deploy_what").set_value("a stored run").run()
     assert not at.exception and not at.error, texts(at.error)
     run_id = at.selectbox(key="deploy_run").value
@@ -112,12 +110,11 @@ def test_deploy_page_a_stored_run_and_bad_batch_sizes():
     assert "Batch sizes must be whole numbers" in texts(at.error)
     at.text_input(key="deploy_batches").set_value("2")
     at.multiselect(key="deploy_runtimes").set_value(["eager"])
-    at.number_input(key="deploy_max_s").set_value(0.2)
     at.button(key="deploy_time").click().run()
     assert not at.exception and not at.error, texts(at.error)
     stored = [value for key, value in at.session_state["deploy_result"].items() if key.startswith(f"run:{run_id}:")]
-    rows = stored[0]["runtimes"]["rows"]
-    assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 2)]
+    assert [(r["runtime"], r["batch"]) for r in stored[0]["runtimes"]["rows"]] == [("eager", 2)]
+    assert f"{dense_flops:,} -> {pruned_flops:,} FLOPs per input" in texts(at.caption)  # the same pruned weights
 
 
 def test_deploy_page_without_a_pruned_model_says_what_to_do(monkeypatch, tmp_path):
