@@ -12,7 +12,7 @@ from explorer.data import DATASETS, tensors
 from explorer.errors import ExplorerError
 from explorer.models import ZOO, load_model, read_saved_metadata
 from explorer.specs import ModelSpec
-from explorer.train import TrainConfig, evaluate, train
+from explorer.train import TrainConfig, evaluate, start_training
 from app_pages import common
 
 st.title("Model")
@@ -74,14 +74,31 @@ def data_fields(data) -> dict:
     return {"data": "tensors", "data_file": upload.name if upload is not None else "tensors.pt"}
 
 
-def train_with_progress(module, data, epochs: int):
-    """Train a fresh (file or factory) model for a few epochs, showing progress."""
-    bar = st.progress(0.0, text="Training ...")
-    result = train(module, data, TrainConfig(epochs=epochs, lr=1e-3),
-                   progress=lambda p: bar.progress(p.fraction, text=f"Training: epoch {p.epoch}/{p.epochs}, "
-                                                                    f"loss {p.loss:.3f}"))
-    bar.empty()
-    return result.model
+def train_then(module, data, epochs: int, finish) -> None:
+    """Train a fresh (file or factory) model for a few epochs in a background job, with a progress bar and a
+    Cancel button (`follow_training` below); ``finish(trained module, note)`` then makes the session-model
+    entry. A cancel keeps the partly trained model, and its entry says how far it got."""
+    job = start_training(module, data, TrainConfig(epochs=epochs, lr=1e-3), name="Training")
+    job.meta.update(finish=finish, epochs=epochs)
+    st.session_state[TRAIN_JOB] = job
+
+
+def follow_training():
+    """The entry of the model whose training just ended (None while it runs, or when there is none)."""
+    job = st.session_state.get(TRAIN_JOB)
+    if job is None or not common.follow_job(job, cancel_key="model_train_cancel", what="Training"):
+        return None
+    del st.session_state[TRAIN_JOB]
+    if job.error is not None:
+        raise ExplorerError(job.error)
+    result = job.result
+    epochs = job.meta["epochs"]
+    note = (f", training cancelled after {result.epochs_done} of {epochs} epoch{'' if epochs == 1 else 's'}"
+            if result.cancelled else "")
+    return job.meta["finish"](result.model.cpu().eval(), note)
+
+
+TRAIN_JOB = "model_train_job"
 
 
 def load_zoo(model_name: str, dataset_name: str, data) -> dict:
@@ -112,29 +129,37 @@ def load_file(upload, data, arch: str | None, trust_pickle: bool, epochs: int) -
                 arch = None
     module.eval()
     tasks.check_forward(module, data, f"'{upload.name}'")
+    spec = ModelSpec(source=upload.name, arch=arch, baseline=False, train_epochs=epochs, trust_pickle=trust_pickle,
+                     **data_fields(data))
+    key = f"file:{upload.file_id}:{arch}:{data.name}:{epochs}"
+
+    def finish(module, note: str = "") -> dict:
+        accuracy = evaluate(module, data, "test")["accuracy"]
+        return {"module": module, "label": upload.name, "arch": arch, "dataset": data, "source": "file", "spec": spec,
+                "base_accuracy": accuracy, "task": common.accuracy_task(accuracy), "key": key + note,
+                "origin": f"uploaded file{f', trained {epochs} epoch' + ('' if epochs == 1 else 's') if epochs else ''}"
+                          + note}
     if epochs:
-        module = train_with_progress(module, data, epochs)
-    accuracy = evaluate(module, data, "test")["accuracy"]
-    return {"module": module, "label": upload.name, "arch": arch, "dataset": data, "source": "file",
-            "spec": ModelSpec(source=upload.name, arch=arch, baseline=False, train_epochs=epochs,
-                              trust_pickle=trust_pickle, **data_fields(data)),
-            "base_accuracy": accuracy, "task": common.accuracy_task(accuracy),
-            "key": f"file:{upload.file_id}:{arch}:{data.name}:{epochs}",
-            "origin": f"uploaded file{f', trained {epochs} epochs' if epochs else ''}"}
+        return train_then(module, data, epochs, finish)
+    return finish(module)
 
 
 def load_factory(spec: str, data, epochs: int) -> dict:
     module = load_model(spec.strip(), input_shape=data.input_shape, num_classes=data.num_classes)
     tasks.check_forward(module.eval(), data, f"'{spec.strip()}'")
+    model_spec = ModelSpec(source=spec.strip(), baseline=False, train_epochs=epochs, **data_fields(data))
+
+    def finish(module, note: str = "") -> dict:
+        module.eval()
+        accuracy = evaluate(module, data, "test")["accuracy"]
+        trained = f", trained {epochs} epoch{'' if epochs == 1 else 's'}" if epochs else " (untrained)"
+        return {"module": module, "label": spec.strip(), "arch": spec.strip(), "dataset": data, "source": "factory",
+                "spec": model_spec, "base_accuracy": accuracy, "task": common.accuracy_task(accuracy),
+                "key": f"factory:{spec.strip()}:{data.name}:{epochs}{note}",
+                "origin": f"built by the factory{trained}{note}"}
     if epochs:
-        module = train_with_progress(module, data, epochs)
-    module.eval()
-    accuracy = evaluate(module, data, "test")["accuracy"]
-    return {"module": module, "label": spec.strip(), "arch": spec.strip(), "dataset": data, "source": "factory",
-            "spec": ModelSpec(source=spec.strip(), baseline=False, train_epochs=epochs, **data_fields(data)),
-            "base_accuracy": accuracy, "task": common.accuracy_task(accuracy),
-            "key": f"factory:{spec.strip()}:{data.name}:{epochs}",
-            "origin": f"built by the factory{f', trained {epochs} epochs' if epochs else ' (untrained)'}"}
+        return train_then(module, data, epochs, finish)
+    return finish(module)
 
 
 def load_transformer(source: str, upload) -> dict:
@@ -233,6 +258,8 @@ try:
         if st.button("Load transformer", type="primary", key="tf_load", disabled=missing):
             with st.spinner(f"Loading {source_name} and tokenising the text ..."):
                 loaded = load_transformer(source_name, upload)
+    if loaded is None:
+        loaded = follow_training()  # a file or factory training started by a click, this run or an earlier one
 except ExplorerError as exc:
     st.error(str(exc))
 

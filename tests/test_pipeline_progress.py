@@ -171,3 +171,28 @@ def test_a_first_baseline_shows_its_bar_and_cancel_keeps_the_partly_trained_mode
     assert model["label"] == "lenet5" and "training cancelled after" in model["origin"]  # the link's model, not mlp
     assert not list((tmp_path / "empty-cache").glob("*.pt"))  # a partly trained model is never cached
     assert "baseline_job" not in at.session_state
+
+
+def test_a_factory_trains_with_a_cancel_that_keeps_the_partly_trained_model(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app_pages import common
+    from tests.apptest import goto
+
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)
+    at = AppTest.from_file("../app.py", default_timeout=300).run()
+    at.radio(key="model_source").set_value("Python factory").run()
+    at.text_input(key="factory_spec").set_value("explorer.zoo:mlp")
+    at.number_input(key="factory_epochs").set_value(50)
+    at.button(key="factory_load").click().run()
+    job = at.session_state["model_train_job"]
+    assert any(bar.text.startswith("Training: ") for bar in at.get("progress"))
+    at.button(key="model_train_cancel").click().run()
+    assert job.wait(120) and job.cancelled
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    model = at.session_state["current_model"]
+    assert model["label"] == "explorer.zoo:mlp" and "training cancelled after" in model["origin"]
+    assert "of 50 epochs" in model["origin"] and "model_train_job" not in at.session_state
+    goto(at, "app_pages/prune.py")  # the partly trained model is the session's
+    assert at.session_state["current_model"]["label"] == "explorer.zoo:mlp"
