@@ -69,7 +69,6 @@ def test_apply_shows_its_stage_and_cancel_keeps_the_pruned_copy_with_what_was_me
     from explorer.store import RunStore
     from tests.apptest import set_sparsity, texts
 
-    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)  # the script hands back at once, showing the bar and Cancel
     real = pipeline.measure_run
 
     def held_at_evaluation(*args, progress=None, cancel=None, **kwargs):
@@ -82,8 +81,9 @@ def test_apply_shows_its_stage_and_cancel_keeps_the_pruned_copy_with_what_was_me
     monkeypatch.setattr(pipeline, "measure_run", held_at_evaluation)
     at = AppTest.from_file("../app.py", default_timeout=300)
     at.query_params.update(model="mlp", data="digits", scope="local")
-    at.switch_page("app_pages/prune.py").run()
+    at.switch_page("app_pages/prune.py").run()  # the baseline trains (if it must) while the script waits
     set_sparsity(at, 0.5)
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)  # now the script hands back at once, showing the bar and Cancel
     at.button(key="prune_apply").click().run()
     job = at.session_state["apply_job"]
     for _ in range(200):  # until the job reaches the held stage
