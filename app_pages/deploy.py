@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from explorer import figures, semistructured
+from explorer import figures, jobs, semistructured
 from explorer.deploy import export, quantize, runtimes, source, sparse
 from explorer.errors import ExplorerError
 from explorer.store import RunStore, data_dir
@@ -86,7 +86,10 @@ names = left.multiselect("Runtimes", runtimes.available_runtimes(), default=["ea
                                                      "(tens of seconds on a CPU; reported apart).")
 batches_text = middle.text_input("Batch sizes", "1,64", key="deploy_batches", help="Comma-separated.")
 max_s = right.number_input("Seconds of timing per row, at most", 0.2, 30.0, 1.0, 0.2, key="deploy_max_s")
-if st.button("Time the runtimes", type="primary", key="deploy_time"):
+JOB = "deploy_job"  # the runtimes' timing, in the background: progress, cancel, the rows done kept
+job = st.session_state.get(JOB)
+running = job is not None and not job.done
+if st.button("Time the runtimes", type="primary", key="deploy_time", disabled=running):
     try:
         batches = tuple(int(part) for part in batches_text.split(",") if part.strip())
         if not batches or min(batches) < 1 or max(batches) > 4096:
@@ -94,16 +97,40 @@ if st.button("Time the runtimes", type="primary", key="deploy_time"):
     except ValueError:
         st.error(f"Batch sizes must be whole numbers from 1 to 4096, comma-separated; got '{batches_text}'.")
     else:
-        try:
-            bar = st.progress(0.0, text="Timing ...")
-            results["runtimes"] = runtimes.compare_runtimes(
-                pair.dense, pair.pruned, pair.example_input(max(batches)), runtimes=tuple(names) or ("eager",),
-                batches=batches, min_run_time=min(0.5, max_s), max_run_time=max_s,
-                progress=lambda fraction, text: bar.progress(fraction, text=f"Timing {text} ..."))
-            bar.empty()
-        except ExplorerError as exc:
-            st.error(str(exc))
+        example, chosen = pair.example_input(max(batches)), tuple(names) or ("eager",)
+        job = jobs.start(lambda context: runtimes.compare_runtimes(
+            pair.dense, pair.pruned, example, runtimes=chosen, batches=batches, min_run_time=min(0.5, max_s),
+            max_run_time=max_s, progress=context.report, cancel=context.cancel),
+            name="Deploy timing", meta={"key": key})
+        st.session_state[JOB] = job
+        running = True
+
+
+@st.fragment(run_every=0.5 if running else None)
+def live() -> None:
+    """Redrawn while the timing runs; hands over to a full rerun when it ends."""
+    current = st.session_state.get(JOB)
+    if current is None:
+        return
+    if not current.done:
+        st.progress(current.fraction, text=f"Timing {current.status or ''} ...")
+        st.button("Cancel (keep the rows done)", key="deploy_cancel", on_click=current.cancel.set,
+                  disabled=current.cancelled)
+    elif running:
+        st.rerun(scope="app")
+
+
+live()
+if job is not None and job.done and not job.meta.get("kept"):
+    job.meta["kept"] = True  # once: later reruns read the stored rows
+    if job.error is not None:
+        st.error(job.error)
+    elif job.result is not None:
+        st.session_state[RESULT].setdefault(job.meta["key"], {})["runtimes"] = job.result
+        results = st.session_state[RESULT][key]
 if timed := results.get("runtimes"):
+    if timed.get("cancelled"):
+        st.warning(f"Timing cancelled: {len(timed['rows'])} row(s) done, kept below.")
     table = pd.DataFrame([{
         "runtime": row["runtime"], "batch": row["batch"], "dense ms": row.get("dense_ms"),
         "pruned ms": row.get("pruned_ms"),

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 from explorer.layers import fold_masks
-from tests.apptest import goto, set_sparsity, texts
+from tests.apptest import goto, set_sparsity, texts, wait_for_job
 
 
 def _pruned_session(sparsity=0.9) -> AppTest:
@@ -48,6 +48,7 @@ def test_deploy_page_times_exports_sparsifies_and_quantizes_the_pruned_copy():
     at.text_input(key="deploy_batches").set_value("1,4")
     at.number_input(key="deploy_max_s").set_value(0.2)
     at.button(key="deploy_time").click().run()
+    wait_for_job(at, "deploy_job", what="deploy timing")
     assert not at.exception and not at.error, texts(at.error)
     table = _frame(at, "measured / FLOPs")
     assert list(zip(table["runtime"], table["batch"])) == [("eager", 1), ("eager", 4), ("onnxruntime", 1),
@@ -111,6 +112,7 @@ def test_deploy_page_times_exports_sparsifies_and_quantizes_the_pruned_copy():
     at.text_input(key="deploy_batches").set_value("2")
     at.multiselect(key="deploy_runtimes").set_value(["eager"])
     at.button(key="deploy_time").click().run()
+    wait_for_job(at, "deploy_job", what="deploy timing")
     assert not at.exception and not at.error, texts(at.error)
     stored = [value for key, value in at.session_state["deploy_result"].items() if key.startswith(f"run:{run_id}:")]
     assert [(r["runtime"], r["batch"]) for r in stored[0]["runtimes"]["rows"]] == [("eager", 2)]
@@ -122,3 +124,25 @@ def test_deploy_page_without_a_pruned_model_says_what_to_do(monkeypatch, tmp_pat
     at = AppTest.from_file("../app.py", default_timeout=240).run()
     goto(at, "app_pages/deploy.py")
     assert "Nothing to deploy yet" in texts(at.info)
+
+
+def test_deploy_timing_cancel_keeps_the_rows_done(monkeypatch):
+    from explorer.deploy import runtimes
+
+    started = __import__("threading").Event()
+
+    def slow(dense, pruned, example, *, cancel=None, **_):  # one row done, then waits for Cancel
+        started.set()
+        cancel.wait(60)
+        return {"rows": [{"runtime": "eager", "batch": 1, "error": "stand-in row"}], "cancelled": cancel.is_set(),
+                "threads": 1, "threads_note": None, "load": {"load1": 0.0, "cores": 2}, "flops": {"dense": 2, "pruned": 1},
+                "speedup_flops": 2.0}
+
+    monkeypatch.setattr(runtimes, "compare_runtimes", slow)
+    at = _pruned_session(0.5)
+    at.button(key="deploy_time").click().run()
+    assert started.wait(30)
+    at.button(key="deploy_cancel").click().run()
+    job = wait_for_job(at, "deploy_job", what="deploy timing")
+    assert job.cancelled and "Timing cancelled: 1 row(s) done" in texts(at.warning)
+    assert _frame(at, "measured / FLOPs")["speed-up (95 %)"].tolist() == ["stand-in row"]

@@ -67,7 +67,7 @@ def batch_of(example_input: torch.Tensor, batch: int) -> torch.Tensor:
 def compare_runtimes(dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor, *,
                      runtimes: tuple[str, ...] = DEFAULT_RUNTIMES, batches: tuple[int, ...] = (1, 64),
                      threads: int | None = None, min_run_time: float = 0.5, max_run_time: float | None = None,
-                     progress: Callable[[float, str], None] | None = None) -> dict:
+                     progress: Callable[[float, str], None] | None = None, cancel=None) -> dict:
     """Time ``dense`` against ``pruned`` on each runtime and batch size: one row per (runtime, batch).
 
     A row holds both latencies with their intervals (``dense_ms``, ``pruned_ms``, ``*_interval_ms``),
@@ -75,7 +75,8 @@ def compare_runtimes(dense: nn.Module, pruned: nn.Module, example_input: torch.T
     ``speedup_flops``, ``measured_over_flops``, ``setup_s`` (compile or export time of both models),
     or ``error`` (one line) for a runtime that could not run this model. The result also states
     ``threads`` (and why, ``threads_note``), ``device``, machine ``load`` and the FLOPs per input.
-    Masked models run as deployed (masks folded).
+    Masked models run as deployed (masks folded). ``cancel`` (a ``threading.Event``) is checked
+    before each row: once set, the rows done so far come back with ``cancelled`` True.
     """
     runtimes = parse_runtimes(runtimes)
     load = timing.machine_load()
@@ -88,6 +89,8 @@ def compare_runtimes(dense: nn.Module, pruned: nn.Module, example_input: torch.T
     steps = len(runtimes) * len(batches)
     with tempfile.TemporaryDirectory(prefix="deploy-") as folder:
         for index, (runtime, batch) in enumerate((r, b) for r in runtimes for b in batches):
+            if cancel is not None and cancel.is_set():
+                break
             if progress is not None:
                 progress(index / steps, f"{runtime}, batch {batch}")
             inputs = batch_of(example_input, batch)
@@ -114,7 +117,8 @@ def compare_runtimes(dense: nn.Module, pruned: nn.Module, example_input: torch.T
                          "seconds": summary["seconds"]})
     if progress is not None:
         progress(1.0, "done")
-    return {"rows": rows, "threads": threads, "threads_note": threads_note or None, "load": load.to_dict(),
+    return {"rows": rows, "cancelled": bool(cancel is not None and cancel.is_set()), "threads": threads,
+            "threads_note": threads_note or None, "load": load.to_dict(),
             "flops": {"dense": flops["dense"], "pruned": flops["pruned"], "per": "input"},
             "speedup_flops": speedup_flops}
 
