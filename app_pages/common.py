@@ -211,7 +211,9 @@ def require_model() -> dict:
 DEFAULT_MODEL = ("mlp", "digits")
 PRUNE_URL_KEYS = {"structure": "prune_structure", "criterion": "prune_criterion", "scope": "prune_scope",
                   "sparsity": "prune_sparsity", "min_keep": "prune_min_keep", "calib": "prune_calib",
-                  "nm": "prune_nm", "protect": "prune_protect"}  # overrides: prune_override_layers and one key each
+                  "nm": "prune_nm", "protect": "prune_protect",
+                  "round_to": "prune_round_to"}  # overrides: prune_override_layers and one key each
+ROUND_TO = (1, 8, 16, 32)  # the Prune page's kept-channel multiples (1: no rounding)
 NM_PATTERNS = ("2:4", "4:8")  # the N:M patterns the Prune page offers
 TRANSFORMER_FOLDER = "local Hugging Face folder"  # the Model page's choice for hf:FOLDER
 
@@ -271,7 +273,7 @@ def _restore_from_url(params) -> None:
         plan = recipe.plan
         settings = {"structure": recipe.scoring.structure, "criterion": recipe.scoring.criterion,
                     "scope": plan.scope, "sparsity": plan.sparsity, "min_keep": plan.min_keep,
-                    "calib": recipe.scoring.calib_batches, "nm": recipe.scoring.nm,
+                    "calib": recipe.scoring.calib_batches, "nm": recipe.scoring.nm, "round_to": plan.round_to,
                     "protect": list(plan.protect), "overrides": dict(plan.overrides)}
     else:
         settings = {name: params[name] for name in (*PRUNE_URL_KEYS, "protect", "overrides") if name in params}
@@ -343,6 +345,11 @@ def _checked_prune_settings(settings: dict) -> dict:
             continue
         if low <= value <= high:
             checked[name] = round(value, 2) if kind is float else value
+    try:
+        if int(settings["round_to"]) in ROUND_TO:
+            checked["round_to"] = int(settings["round_to"])
+    except (KeyError, TypeError, ValueError):
+        pass
     protect = settings.get("protect")
     if isinstance(protect, str):
         protect = [name for name in protect.split(",") if name]
@@ -383,6 +390,8 @@ def sync_url() -> None:
                           min_keep=f"{recipe.plan.min_keep:g}", calib=str(recipe.scoring.calib_batches))
             if recipe.scoring.structure == "nm":
                 wanted["nm"] = recipe.scoring.nm
+            if recipe.plan.round_to > 1:
+                wanted["round_to"] = str(recipe.plan.round_to)
             if recipe.plan.protect:
                 wanted["protect"] = ",".join(recipe.plan.protect)
             if recipe.plan.overrides:

@@ -18,8 +18,9 @@ from app_pages import common, live_slider
 DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "prune_scope": "global",
             "prune_sparsity": 0.5, "prune_protect": [], "prune_min_keep": 0.0, "prune_override_layers": [],
             "prune_calib": 4, "prune_nm": "2:4", "prune_include_head": False, "prune_calib_shape": False,
-            "prune_sequential": False,
+            "prune_sequential": False, "prune_round_to": 1,
             "prune_calib_samples": 32, "prune_calib_seqlen": 128, "prune_calib_mode": "windows"}
+ROUND_TO = common.ROUND_TO  # kept-channel multiples offered (1: none)
 PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
 STEPS = "prune_steps"  # (settings, the plan at every slider step, their views)
 
@@ -63,7 +64,7 @@ if session_recipe is not None and session_recipe.model == model["spec"]:  # the 
                      "prune_calib": session_recipe.scoring.calib_batches, "prune_nm": session_recipe.scoring.nm,
                      "prune_scope": session_recipe.plan.scope,
                      "prune_sparsity": session_recipe.plan.sparsity, "prune_protect": list(session_recipe.plan.protect),
-                     "prune_min_keep": session_recipe.plan.min_keep,
+                     "prune_min_keep": session_recipe.plan.min_keep, "prune_round_to": session_recipe.plan.round_to,
                      "prune_override_layers": list(session_recipe.plan.overrides),
                      "prune_include_head": session_recipe.scoring.include_head,
                      "prune_sequential": session_recipe.scoring.sequential,
@@ -137,6 +138,13 @@ with layers_col, st.expander("Per-layer settings: protect, override, min_keep"):
     protect = st.multiselect("Protected layers (never pruned)", layer_names, key="prune_protect")
     min_keep = st.slider("min_keep: every layer keeps at least this fraction", 0.0, 0.5, step=0.01,
                          key="prune_min_keep")
+    round_to = 1
+    if structure == "channel":  # hardware prefers channel counts divisible by its vector width or tile
+        round_to = st.selectbox(
+            "Round each layer's kept channels to a multiple of", ROUND_TO, key="prune_round_to",
+            format_func=lambda value: "no rounding" if value == 1 else str(value),
+            help="61 kept channels can run slower than 64: oneDNN works in 8 or 16 floats, tensor cores in tiles "
+                 "of 8 or 16. The chart, the table and Apply show the rounded counts; the Deploy page measures them.")
     override_layers = st.multiselect("Layers with their own sparsity", [n for n in layer_names if n not in protect],
                                      key="prune_override_layers")
     overrides = {name: st.slider(f"Sparsity of {name}", 0.0, 1.0, float(st.session_state["prune_sparsity"]), 0.01,
@@ -178,7 +186,7 @@ def plan_steps(spec: PlanSpec) -> tuple[list[tuple[float, Plan]], list[dict]]:
 
 
 plan_spec = PlanSpec(sparsity=float(st.session_state["prune_sparsity"]), scope=scope, protect=tuple(protect),
-                     overrides=overrides, min_keep=float(min_keep))
+                     overrides=overrides, min_keep=float(min_keep), round_to=int(round_to))
 try:
     steps, views = plan_steps(plan_spec)
 except ExplorerError as exc:

@@ -25,6 +25,7 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 | Prune       | live slider (prune_sparsity)                | tests/apptest.set_sparsity (test_app, test_live_slider) |
 | Prune       | prune_protect, prune_override_layers,       | here: test_prune_protect_override_and_min_keep_...      |
 |             | prune_override_<layer>, prune_min_keep      |                                                         |
+| Prune       | prune_round_to (channel structure)          | here: test_prune_round_to_rounds_each_layers_kept_...   |
 | Prune       | prune_calib (criterion with data)           | here: test_prune_calibration_batches_...                |
 | Prune       | prune_include_head, prune_calib_shape,      | test_app_transformers: test_prune_page_llm_expander_... |
 |             | prune_calib_samples/_seqlen/_mode,          |                                                         |
@@ -72,7 +73,6 @@ import torch.nn.functional as F
 import yaml
 from streamlit.testing.v1 import AppTest
 
-from explorer import zoo
 from explorer.data import load_dataset
 from explorer.models import build
 from explorer.store import RunStore
@@ -340,6 +340,30 @@ def test_prune_protect_override_and_min_keep_plan_and_apply_what_a_brute_force_c
     stored = RunStore().get(at.session_state["pruned_result"]["run_id"])
     assert stored.metrics["params_nonzero"] == sum(p.numel() for p in module.parameters()) - sum(counts.values())
     assert stored.recipe["plan"]["protect"] == ["classifier"] and stored.recipe["plan"]["min_keep"] == 0.3
+
+
+def test_prune_round_to_rounds_each_layers_kept_channels_and_apply_removes_exactly_those():
+    at = goto(start(), "app_pages/prune.py")
+    at.radio(key="prune_structure").set_value("channel").run()
+    at.radio(key="prune_scope").set_value("local").run()
+    set_sparsity(at, 0.55)
+    units = {"fc1": 256, "fc2": 128}  # the mlp's hidden neurons; local 55 %: 115 and 58 kept
+    unrounded = {name: total - round(0.55 * total) for name, total in units.items()}
+    table = open_table(at)
+    assert {name: table.loc[name, "kept"] for name in units} == unrounded
+    at.selectbox(key="prune_round_to").set_value(8).run()
+    table = open_table(at)
+    kept = {name: int(table.loc[name, "kept"]) for name in units}
+    assert kept == {"fc1": 112, "fc2": 56}  # the nearest multiples of 8 of 115 and 58, worked by hand
+    assert live_cards(at)["Units pruned"] == f"{sum(units.values()) - sum(kept.values()):,} / {sum(units.values()):,}"
+    assert at.query_params["round_to"] == "8"  # the link keeps it
+    at.button(key="prune_apply").click().run()
+    ok(at)
+    module = at.session_state["pruned_result"]["module"]
+    assert {name: getattr(module, name).out_features for name in units} == kept  # a real removal, as planned
+    assert at.session_state["pruned_result"]["recipe"].plan.round_to == 8
+    at.radio(key="prune_structure").set_value("unstructured").run()  # no channels to round: no control
+    assert not [box for box in at.selectbox if box.key == "prune_round_to"]
 
 
 def test_prune_calibration_batches_change_the_gradient_scores_as_a_direct_sum_says():
