@@ -78,7 +78,7 @@ def test_stats_refuse_models_without_layers_data_or_the_named_layer():
         stats.gradient_stats(no_layers, [(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))])
     with pytest.raises(ExplorerError, match="at least one calibration batch"):
         stats.gradient_stats(nn.Linear(3, 2), [])
-    with pytest.raises(ExplorerError, match="'fc9' is not a prunable layer; choose one of 0, 2"):
+    with pytest.raises(ExplorerError, match="'fc9' has no output of its own to attribute; choose one of 0, 2"):
         stats.attribution(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), "fc9", [])
 
 

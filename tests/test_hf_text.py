@@ -355,8 +355,12 @@ def test_builtin_text_dataset(tiny_bert):
     dataset = text.text_dataset(tiny_bert.tokenizer, seq_len=32, seed=3)
     n = len(text.corpus())
     assert dataset.name == "text" and dataset.input_shape == (32,) and dataset.num_classes == 0
-    assert dataset.info == {"kind": "text", "pad_id": 0, "labelled": False, "source": "builtin", "examples": n,
-                            "seq_len": 32}
+    info = dict(dataset.info)
+    assert info.pop("tokenizer") is tiny_bert.tokenizer  # kept for shaped calibration text (windows / lines)
+    train_texts = info.pop("train_texts")
+    assert len(train_texts) == dataset.sizes["train"] and set(train_texts) <= set(text.corpus())
+    assert info == {"kind": "text", "pad_id": 0, "labelled": False, "source": "builtin", "examples": n,
+                    "seq_len": 32}
     assert sum(dataset.sizes.values()) == n and dataset.sizes["train"] == round(0.8 * n)
     assert dataset.x_train.dtype == torch.long and dataset.x_train.shape[1] == 32
     assert all((dataset.split(s)[1] == -1).all() for s in ("train", "val", "test"))

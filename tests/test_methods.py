@@ -62,7 +62,7 @@ def test_a_recipe_runs_its_method_headless_and_prints_the_trajectory(tmp_path, c
     assert main(["run", "--recipe", str(path), "--no-latency", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"recipe", "metrics", "collapsed", "trajectory"}
-    assert result["recipe"]["method"] == {"name": "one_shot"} and result["recipe"]["budget"] == {"epochs": 1}
+    assert result["recipe"]["method"] == {"name": "one_shot"} and result["recipe"]["budget"] == {"epochs": 1, "view": "counted", "start_epochs": 0}
     assert [p["event"] for p in result["trajectory"]] == ["prune", "epoch"]
     assert set(result["trajectory"][0]) == TRAJECTORY_KEYS
     assert result["metrics"]["sparsity_actual"] == pytest.approx(result["trajectory"][-1]["sparsity"])

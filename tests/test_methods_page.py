@@ -37,7 +37,8 @@ def test_methods_run_side_by_side_and_become_runs():
     at.switch_page("app_pages/compare.py").run()
     assert not at.exception and not at.error
     assert "Trajectories of methods over time" in [h.value for h in at.subheader]
-    assert at.multiselect(key="cmp_traj").value == [result.run_id, penalty.run_id]
+    picked = at.multiselect(key="cmp_traj").value  # the newest four of the model's runs with a trajectory
+    assert picked[-2:] == [result.run_id, penalty.run_id] and len(picked) <= 4
 
 
 def test_cancel_keeps_what_ran_and_runs_nothing_after():
