@@ -14,7 +14,6 @@ in a process also pays inductor's start-up, and a second model of the same shape
 """
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from explorer import jobs, measure, timing
+from explorer.backends import torch_threads
 from explorer.deploy import export
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model
@@ -139,7 +139,7 @@ def _prepare(runtime: str, models: dict[str, nn.Module], inputs: torch.Tensor, t
         for label, model in prepared.items():
             compiled = torch.compile(model, dynamic=False, backend=COMPILE_BACKEND)
             start = time.perf_counter()
-            with torch.inference_mode(), _threads(threads):
+            with torch.inference_mode(), torch_threads(threads):
                 compiled(x)  # the first call compiles
             setup[label] = round(time.perf_counter() - start, 3)
             calls[label] = lambda c=compiled: c(x)
@@ -166,7 +166,7 @@ def _prepare(runtime: str, models: dict[str, nn.Module], inputs: torch.Tensor, t
 def _time(calls: dict[str, Callable[[], object]], threads: int, load: timing.Load, min_run_time: float,
           max_run_time: float | None) -> dict:
     """`timing.time_alternating` and `timing.summarise` over the two calls, on ``threads`` threads."""
-    with torch.inference_mode(), _threads(threads):
+    with torch.inference_mode(), torch_threads(threads):
         for call in calls.values():
             for _ in range(WARMUP):
                 call()
@@ -174,13 +174,3 @@ def _time(calls: dict[str, Callable[[], object]], threads: int, load: timing.Loa
             calls, min_run_time=min_run_time,
             max_run_time=max(timing.MAX_RUN_TIME_S, min_run_time) if max_run_time is None else max_run_time)
     return timing.summarise(samples, load=load, busy_jobs=jobs.running_elsewhere())
-
-
-@contextlib.contextmanager
-def _threads(threads: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -14,13 +14,13 @@ sparsity up to 99 % at batch 1 and 64 on 4096 x 4096, so CSR is the one kept.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
 from torch import nn
 
 from explorer import jobs, measure, timing
+from explorer.backends import torch_threads
 from explorer.layers import clone_model, fold_masks, is_masked
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -67,7 +67,7 @@ def time_layer(weight: torch.Tensor, bias: torch.Tensor | None, inputs: torch.Te
             linear.bias.copy_(bias)
     csr = CsrLinear(linear)
     calls = {"dense": lambda: linear(inputs), "csr": lambda: csr(inputs)}
-    with torch.inference_mode(), _threads(threads):
+    with torch.inference_mode(), torch_threads(threads):
         for call in calls.values():
             call()
         samples, _ = timing.time_alternating(calls, min_run_time=min_run_time, max_run_time=max_run_time)
@@ -166,13 +166,3 @@ def end_to_end(model: nn.Module, example_input: torch.Tensor, *, threads: int | 
             "speedup": timed["speedup_measured"], "speedup_interval": timed["speedup_interval"],
             "noisy": timed["noisy"], "noise": timed["noise"], "batch": timed["dense"]["batch"],
             "threads": timed["dense"]["threads"], "max_abs_diff": difference}
-
-
-@contextlib.contextmanager
-def _threads(threads: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
