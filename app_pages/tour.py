@@ -6,7 +6,7 @@ import streamlit as st
 
 from explorer import figures, timing, tour
 from explorer.errors import ExplorerError
-from explorer.methods.lab import DEFAULTS, chance_note
+from explorer.methods.lab import chance_note, defaults_for
 from explorer.specs import BudgetSpec, MeasureSpec, PlanSpec, ScoringSpec
 from explorer.train import TrainConfig
 from app_pages import common
@@ -25,8 +25,14 @@ try it yourself.
 """)
 
 model = common.require_model()
-common.require_accuracy_task(model, "The tour's evidence prunes and fine-tunes the model")
+task = common.model_task(model)
+by_accuracy = task["name"] == "accuracy"
+measure = common.task_label(task)  # a transformer's own metric: perplexity or fidelity
+DEFAULTS = defaults_for(task["name"])  # the methods lab's: a transformer gets a short, cheap budget
 data = model["dataset"]
+if not by_accuracy:
+    st.info(f"**{model['label']}** is judged by {measure}: the evidence below is in that metric.",
+            icon=":material/info:")
 evidence = st.session_state.setdefault("tour_evidence", {})
 
 
@@ -49,14 +55,17 @@ st.markdown("Zeros in a dense tensor do not make a dense kernel faster: the mult
 what = computed("what", "Prune it both ways and measure", lambda: tour.what_to_prune(model["module"], data))
 if what is not None:
     st.plotly_chart(figures.cost_side_by_side(what["rows"]), key="tour_cost")
+    quality = ({"accuracy": st.column_config.NumberColumn("accuracy (no fine-tune)", format="percent"),
+                "base_accuracy": st.column_config.NumberColumn("base accuracy", format="percent")} if by_accuracy else
+               {measure: st.column_config.NumberColumn(f"{measure} (no fine-tune)", format="%.3f"),
+                f"dense {measure}": st.column_config.NumberColumn(format="%.3f")})
     st.dataframe(pd.DataFrame([{
         "label": row["label"], "sparsity": row["sparsity"], "speedup_flops": row["speedup_flops"],
         "speedup_measured": timing.speedup_text(row), "compression_ratio": row["compression_ratio"],
-        "accuracy": row["accuracy"], "base_accuracy": row["base_accuracy"]} for row in what["rows"]]),
+        **({"accuracy": row["accuracy"], "base_accuracy": row["base_accuracy"]} if by_accuracy else
+           {measure: row["task"]["pruned"], f"dense {measure}": row["task"]["base"]})} for row in what["rows"]]),
         hide_index=True, column_config={
-            "sparsity": st.column_config.NumberColumn(format="percent"),
-            "accuracy": st.column_config.NumberColumn("accuracy (no fine-tune)", format="percent"),
-            "base_accuracy": st.column_config.NumberColumn("base accuracy", format="percent"),
+            "sparsity": st.column_config.NumberColumn(format="percent"), **quality,
             "speedup_flops": st.column_config.NumberColumn("FLOPs speed-up", format="%.2fx"),
             "speedup_measured": st.column_config.TextColumn(
                 "measured speed-up (95 % interval)",
@@ -79,11 +88,22 @@ st.markdown("A criterion scores every unit; the lowest go. Random scores are the
             "layer whose scores are small overall can be emptied completely (layer collapse).")
 decide = computed("decide", "Compare criteria and scopes", lambda: tour.how_to_decide(model["module"], data))
 if decide is not None:
-    rows = [{"criterion": name, "accuracy": value} for name, value in decide["accuracy"].items()]
-    st.markdown(f"Test accuracy right after removing **{decide['sparsity']:.0%}** of the weights "
-                f"(global scope, no fine-tune; dense: {common.fmt_pct(decide['base_accuracy'])}):")
-    st.dataframe(pd.DataFrame(rows), hide_index=True,
-                 column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+    if by_accuracy:
+        rows = [{"criterion": name, "accuracy": value} for name, value in decide["accuracy"].items()]
+        st.markdown(f"Test accuracy right after removing **{decide['sparsity']:.0%}** of the weights "
+                    f"(global scope, no fine-tune; dense: {common.fmt_pct(decide['base_accuracy'])}):")
+        st.dataframe(pd.DataFrame(rows), hide_index=True,
+                     column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+    else:
+        rows = [{"criterion": name, measure: value} for name, value in decide["task"]["values"].items()]
+        better = "higher" if decide["task"]["higher_is_better"] else "lower"
+        st.markdown(f"Test {measure} right after removing **{decide['sparsity']:.0%}** of the weights "
+                    f"(global scope, no fine-tune; dense: {common.fmt_task(task, decide['task']['base'])}; "
+                    f"{better} is better):")
+        st.dataframe(pd.DataFrame(rows), hide_index=True,
+                     column_config={measure: st.column_config.NumberColumn(format="%.3f")})
+    for name, reason in decide.get("refused", {}).items():
+        st.caption(f"{name} left out: {reason}")
     st.markdown(tour.collapse_demo_text(decide))
     left, right = st.columns(2)
     for column, scope in ((left, "local"), (right, "global")):
@@ -103,20 +123,26 @@ st.page_link("app_pages/inspect.py", label="Try it: look at the weights on Inspe
 
 st.header("3. How over time")
 st.markdown("Cutting everything at once and then fine-tuning is one answer. Cutting in rounds, with training "
-            "in between, lets the network adapt to each cut. Here both get the same training budget, at a high "
-            f"sparsity ({DEFAULTS.sparsity:.0%}), where the literature says the rounds pay.")
-ROUNDS = 6  # "iterative, 6 rounds" in the methods lab
+            "in between, lets the network adapt to each cut. Here both get the same training budget, "
+            + (f"at a high sparsity ({DEFAULTS.sparsity:.0%}), where the literature says the rounds pay." if by_accuracy else
+               f"at {DEFAULTS.sparsity:.0%} sparsity and a short budget, the methods lab's for a pretrained "
+               "transformer, in its own metric."))
+# "iterative, 6 rounds" in the methods lab; every round trains at least one epoch, so a transformer, whose lab
+# budget is one epoch, gets what the lab picks for it: gradual pruning (the sparsity raised while it trains)
+ROUNDS, ITERATIVE = (6, "iterative, 6 rounds") if by_accuracy else (1, "gradual")
+EPOCHS = max(DEFAULTS.epochs, ROUNDS)
 
 
 def run_methods():
     recipe = common.session_recipe(model).replace(
         scoring=ScoringSpec("unstructured", "magnitude"), plan=PlanSpec(DEFAULTS.sparsity, "global"),
-        budget=BudgetSpec(epochs=DEFAULTS.epochs), finetune=TrainConfig(lr=DEFAULTS.lr, batch_size=DEFAULTS.batch_size),
+        budget=BudgetSpec(epochs=EPOCHS), finetune=TrainConfig(lr=DEFAULTS.lr, batch_size=DEFAULTS.batch_size),
         measure=MeasureSpec(latency=False))
-    return tour.how_over_time(recipe, model["module"], data, ("one_shot", "iterative, 6 rounds"))
+    return tour.how_over_time(recipe, model["module"], data, ("one_shot", ITERATIVE))
 
 
-over_time = computed("time", f"Run one-shot and iterative in {ROUNDS} rounds ({DEFAULTS.epochs} epochs each)",
+over_time = computed("time", f"Run one-shot and iterative in {ROUNDS} rounds ({EPOCHS} epochs each)" if by_accuracy
+                     else f"Run one-shot and gradual ({EPOCHS} epoch each)",
                      run_methods)
 if over_time is not None:
     for name, result in over_time.items():
@@ -125,9 +151,11 @@ if over_time is not None:
     finished = {name: result["trajectory"] for name, result in over_time.items() if result["metrics"]}
     if finished:
         st.plotly_chart(figures.trajectories(finished), key="tour_methods")
-        st.markdown(" ".join(f"**{name}** ends at {common.fmt_pct(result['metrics']['accuracy'])}."
-                             for name, result in over_time.items() if result["metrics"]))
-        if reading := tour.over_time_text(over_time, DEFAULTS.epochs, ROUNDS, DEFAULTS.sparsity):
+        st.markdown(" ".join(f"**{name}** ends at " + (common.fmt_pct(result['metrics']['accuracy']) if by_accuracy
+                                                         else f"{measure} {common.fmt_task(task, result['metrics']['task']['pruned'])}")
+                             + "." for name, result in over_time.items() if result["metrics"]))
+        if reading := tour.over_time_text(over_time, EPOCHS, ROUNDS, DEFAULTS.sparsity,
+                                          None if by_accuracy else task):
             st.markdown(reading)
         for name, result in over_time.items():
             if note := chance_note(name, result["metrics"], result["trajectory"], data.num_classes):
