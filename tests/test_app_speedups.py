@@ -5,6 +5,7 @@ A measured speed-up is the median of per-pair ratios (dense / pruned, timed alte
 screen is recomputed here from the raw pairs the run keeps (``metrics["timing"]["pairs_ms"]``), with
 the interval's ranks taken from scipy's binomial, not from the code under test.
 """
+import re
 import statistics
 
 import pytest
@@ -30,6 +31,15 @@ def expected_text(pairs_ms: list[list[float]]) -> tuple[str, bool]:
     return (f"noisy: {low:.2f}-{high:.2f}x" if noisy else f"{median:.2f}x ({low:.2f}-{high:.2f})"), noisy
 
 
+def same_figures(shown: str, expected: str) -> bool:
+    """Equal texts up to the last printed digit: the stored pairs keep 6 significant digits, so a ratio
+    recomputed from them may land on the other side of a rounding boundary (1.785 vs 1.7849)."""
+    numbers = re.compile(r"\d+\.\d+")
+    if numbers.sub("#", shown) != numbers.sub("#", expected):
+        return False
+    return all(abs(float(a) - float(b)) <= 0.011 for a, b in zip(numbers.findall(shown), numbers.findall(expected)))
+
+
 def start() -> AppTest:
     at = AppTest.from_file("../app.py", default_timeout=240).run()
     assert not at.exception, at.exception
@@ -48,12 +58,13 @@ def test_prune_card_and_compare_table_show_the_stored_pairs_median_and_interval(
     text, noisy = expected_text(pairs)
     median, low, high = independent(pairs)
     cards = {m.label: m for m in at.metric}
-    assert cards["Speed-up, measured"].value == ("noisy" if noisy else f"{median:.2f}x")
-    assert cards["Speed-up, measured"].delta == f"95 %: {low:.2f}-{high:.2f}x"
+    assert same_figures(cards["Speed-up, measured"].value, "noisy" if noisy else f"{median:.2f}x")
+    assert same_figures(cards["Speed-up, measured"].delta, f"95 %: {low:.2f}-{high:.2f}x")
     assert stored["speedup_noisy"] == noisy
     assert f"batch 64, {stored['threads']} thread(s)" in texts(at.caption)
     if noisy:  # the page says why, next to the number
-        assert f"95 % interval {low:.2f}-{high:.2f}x" in texts(at.caption)
+        assert any(same_figures(found, f"95 % interval {low:.2f}-{high:.2f}x")
+                   for found in re.findall(r"95 % interval [\d.]+-[\d.]+x", texts(at.caption)))
 
     goto(at, "app_pages/compare.py")
     row = at.dataframe[0].value.set_index("id").loc[run_id]
@@ -76,4 +87,4 @@ def test_tour_table_shows_each_pruning_s_interval():
     assert len(rows) == 2
     for row, shown in zip(rows, table[column].tolist()):
         text, noisy = expected_text(row["timing"]["pairs_ms"])
-        assert shown == text and row["speedup_noisy"] == noisy
+        assert same_figures(shown, text) and row["speedup_noisy"] == noisy
