@@ -208,6 +208,16 @@ def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]
     return {"raw": sink.raw, "compressed": sink.finish()}
 
 
+def file_size_bytes(path, *, level: int = 6) -> dict[str, int]:
+    """A file's size, raw and deflate-compressed (zlib ``level``), read in 1 MiB chunks: neither the file
+    nor its compressed copy is held in memory (an exported 1 B model is 4 GB)."""
+    sink = _DeflateCounter(level)
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 20):
+            sink.write(chunk)
+    return {"raw": sink.raw, "compressed": sink.finish()}
+
+
 class _DeflateCounter:
     """A write-only file that counts the bytes written and their deflate size, keeping neither.
 

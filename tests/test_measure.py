@@ -157,3 +157,11 @@ def test_report_measures_the_base_once_for_several_pruned_copies(monkeypatch):
         metrics = measure.report(pruned, x, baseline=base, latency=False)
         assert metrics.baseline_size_compressed_bytes == original(base)["compressed"]
     assert sum(1 for m in sizes if m is base) == 1
+
+
+def test_file_size_bytes_equals_deflating_the_whole_file_at_once(tmp_path):
+    import zlib
+    data = torch.randn(400_000).numpy().tobytes() + bytes(1_500_000)  # > 1 MiB: several chunks, one boundary mid-run
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data)
+    assert measure.file_size_bytes(path) == {"raw": len(data), "compressed": len(zlib.compress(data, 6))}

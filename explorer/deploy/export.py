@@ -23,13 +23,13 @@ import io
 import re
 import time
 import warnings
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from explorer import measure
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, is_masked
 
@@ -94,9 +94,9 @@ def export(model: nn.Module, example_input: torch.Tensor, fmt: str, path: str | 
         return Exported(format=fmt, path=None, masked=masked,
                         error=explain_failure(fmt, exc, deployed, example_input))
     seconds = time.perf_counter() - start
-    data = path.read_bytes()
-    result = Exported(format=fmt, path=str(path), exporter=exporter, size_bytes=len(data),
-                      compressed_bytes=len(zlib.compress(data, 6)), seconds=round(seconds, 3), masked=masked,
+    size = measure.file_size_bytes(path)
+    result = Exported(format=fmt, path=str(path), exporter=exporter, size_bytes=size["raw"],
+                      compressed_bytes=size["compressed"], seconds=round(seconds, 3), masked=masked,
                       check_batch=int(example_input.shape[0]))
     try:
         run = load_exported(fmt, path)
