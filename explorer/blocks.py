@@ -141,8 +141,13 @@ def _with_hidden(call: dict, hidden: torch.Tensor) -> dict:
     return {**call, "kwargs": {**call["kwargs"], "hidden_states": hidden}}
 
 
-def _statistics(block: nn.Module, layers: Mapping[str, nn.Module], calls: list[dict], criterion: str) -> dict:
-    """Run ``block`` on every call with its ``layers`` hooked: Wanda's Σx² or SparseGPT's H = 2/N Σxxᵀ."""
+def _statistics(block: nn.Module, layers: Mapping[str, nn.Module], calls: list[dict], criterion: str,
+                outputs: list | None = None) -> dict:
+    """Run ``block`` on every call with its ``layers`` hooked: Wanda's Σx² or SparseGPT's H = 2/N Σxxᵀ.
+
+    ``outputs``, a list, receives the block's output for each call (the dense outputs, for one-pass
+    calibration block by block: `explorer.stream`).
+    """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     current: dict = {}
@@ -161,7 +166,9 @@ def _statistics(block: nn.Module, layers: Mapping[str, nn.Module], calls: list[d
     try:
         for call in calls:
             current["mask"] = call["mask"]
-            _run_block(block, call)
+            output = _run_block(block, call)
+            if outputs is not None:
+                outputs.append(output)
     finally:
         for handle in handles:
             handle.remove()

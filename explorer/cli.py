@@ -172,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--threads", type=_whole(1, limits.MAX_THREADS), default=None,
                        help="threads for latency (default: torch's)")
     prune.add_argument("--save", help="write the pruned model (last sparsity; with several, FILE gets -S suffixes)")
+    prune.add_argument("--stream", action="store_true",
+                       help="hf: folders of safetensors shards: prune one transformer block at a time from disk to "
+                            "--out, so the whole model is never in memory (local magnitude, wanda or sparsegpt)")
+    prune.add_argument("--out", metavar="DIR", help="--stream: the folder the pruned model is written to (new or empty)")
+    prune.add_argument("--stream-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                       help="--stream: compute dtype (auto: bfloat16 for a bf16 folder, else float32; statistics "
+                            "always float32 or wider, tensors written in their stored dtype)")
+    prune.add_argument("--eval", choices=["none", "pruned", "both"], default="pruned",
+                       help="--stream: the test perplexity to report, streamed (the pruned folder's, both, or none)")
+    prune.add_argument("--eval-tokens", type=_whole(1, 10 ** 9), default=None, metavar="N",
+                       help="--stream: evaluate on the test batches holding about N tokens (default: the whole split)")
     prune.add_argument("--plan-only", action="store_true",
                        help="only plan: per-layer cuts, collapse and estimated params / FLOPs, without applying, "
                             "evaluating or measuring (what the app's preview shows, in a fraction of the time)")
@@ -355,6 +366,14 @@ def _save_path(base: str, sparsity: float, many: bool) -> Path:
 
 
 def cmd_prune(args) -> list[dict]:
+    if args.stream:
+        from explorer import stream
+
+        if args.structure == "nm" and args.sparsity is None:
+            args.sparsity = [pipeline.nm_sparsity(llm.parse_nm(args.nm))]
+        if args.sparsity is None:
+            raise ExplorerError("--sparsity is required (S), except with --structure nm.")
+        return stream.command(args, _stage_printer() if args.progress else None)
     if args.structure == "nm":
         fixed = pipeline.nm_sparsity(llm.parse_nm(args.nm))
         if args.sparsity not in (None, [fixed]):
@@ -499,6 +518,11 @@ def _print_human(command: str, results: list[dict]) -> None:
                 print(f"  {note}")
             for row in (m.get("runtimes") or {}).get("rows", []):
                 print(_runtime_line(row))
+            continue
+        if result.get("stream"):
+            from explorer import stream
+
+            print(stream.format_human(result))
             continue
         if command == "inspect":
             print(f"{'layer':32s} {'kind':8s} {'count':>9s} {'mean|w|':>9s} {'std':>9s} {'zeros':>6s}")
