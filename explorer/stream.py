@@ -348,7 +348,7 @@ def _lowest_by_row_rank(scores: torch.Tensor, pruned: int) -> torch.Tensor:
 
 def _keep_mask(module: nn.Module, criterion: str, statistics: dict, name: str, pruned: int,
                nm: tuple[int, int] | None) -> torch.Tensor | None:
-    """Keep-mask of one (Linear) layer: Wanda's lowest within-row ``|W|·‖X‖`` or the lowest ``|W|`` of the layer."""
+    """Keep-mask of one Linear: Wanda's lowest within-row ``|W|·‖X‖``, or the lowest ``|W|`` of the layer."""
     if criterion == "wanda":
         if name not in statistics:
             return None
@@ -399,11 +399,11 @@ def _prune_block(skeleton: Skeleton, index: int, plan: StreamPlan, calls: list[d
 
 def _check_out(source: Folder, out: str | Path) -> Path:
     target = Path(out).expanduser()
+    if target.resolve() == source.path.resolve():
+        raise ExplorerError("--out is the model's own folder; give a new folder for the pruned model.")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExplorerError(f"--out '{out}' already exists and is not an empty folder; give a new folder for the "
                             "pruned model.")
-    if target.resolve() == source.path.resolve():
-        raise ExplorerError("--out is the model's own folder; give a new folder for the pruned model.")
     target.mkdir(parents=True, exist_ok=True)
     return target
 
@@ -581,7 +581,8 @@ def _head_nll(skeleton: Skeleton, batches: list, hidden: list, as_tuple: bool, p
 # --------------------------------------------------------------------------- the command line
 EVAL_CHOICES = ("none", "pruned", "both")
 _REFUSED = {  # prune flags streaming cannot honour: each refused in one line
-    "scope": ("global", "global scope ranks every layer of the model at once; streaming sees one block: use --scope local"),
+    "scope": ("global", "global scope ranks every layer of the model at once; streaming sees one block: "
+                        "use --scope local"),
     "include_head": (True, "--include-head: streaming prunes the transformer blocks only; the head is copied as it is"),
     "plan_only": (True, "--plan-only: a streamed prune plans and applies block by block; drop --plan-only"),
     "measure": (True, "--measure: latency needs the whole model in memory; drop --measure"),
