@@ -6,7 +6,7 @@ import dataclasses
 import pandas as pd
 import streamlit as st
 
-from explorer import blocks, figures, hf, pipeline, semistructured, timing
+from explorer import blocks, figures, gqa, hf, mha, pipeline, semistructured, timing
 from explorer.criteria import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.llm import parse_nm
@@ -215,6 +215,16 @@ if scope == "global" and structure != "nm":
                          args=({"prune_min_keep": max(0.05, float(min_keep))},), key="fix_min_keep")
 
 
+def unit_name(group, per_unit: int) -> str:
+    """What one unit of a coupled group is: a key/value group (LLaMA-style), a head, a neuron (Linear) or a channel."""
+    if group.kind == gqa.KIND:
+        return "key/value group"
+    if group.kind == mha.KIND or per_unit > 1:
+        return "head"
+    producers = [m for m in group.members if m.cut == "out"]
+    return "neuron" if producers and all(m.type == "Linear" for m in producers) else "channel"
+
+
 @st.fragment
 def plan_view() -> None:
     """Everything a sparsity move changes. The live slider shows every step's estimates and chart at once
@@ -255,13 +265,14 @@ def plan_view() -> None:
         st.subheader("Coupled groups")
         root = st.selectbox("Layer", [g.name for g in prepared.groups], key="prune_group_layer",
                             help="The group whose removal shrinks this layer's outputs.")
-        group = group_of(prepared.groups, root)
+        # by name: a key/value group is named by its attention, which is none of its layers
+        group = next((g for g in prepared.groups if g.name == root), None) or group_of(prepared.groups, root)
         if group is not None:
             unit_plan = plan.layer(group.name) if group.name in prepared.names else None
             removed = unit_plan.pruned if unit_plan is not None else 0
             # a head group's unit is a whole head: head_dim channels of the query, key and value together
             per_unit = group.channels // unit_plan.total if unit_plan is not None and unit_plan.total else 1
-            unit = "head" if per_unit > 1 else "channel"
+            unit = unit_name(group, per_unit)
             real, naive = per_unit * group.params_per_channel_real, per_unit * group.params_per_channel_naive
             g1, g2, g3 = st.columns(3)
             g1.metric(f"{unit.capitalize()}s in group", group.channels // per_unit, f"{removed} removed by this plan",

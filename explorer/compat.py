@@ -8,14 +8,16 @@ any scoring or training, `report` answers per structure:
   output not a multiple of M);
 * **channel**: the coupled groups torch-pruning traced, and the groups left out with the reason
   (the model's outputs, a grouped conv, an attention's width), or why the trace itself failed
-  (shufflenet's ``ZeroDivisionError`` inside torch-pruning);
+  (shufflenet's ``ZeroDivisionError`` inside torch-pruning) or did not finish within
+  `explorer.deadline.trace_limit` (swin_t, maxvit_t: over 10 minutes unbounded);
 * **head**: every attention with its head count and the step it imposes ("4 heads: 1/4 steps",
   one head is 25 % of that attention), including grouped-query attention (`explorer.gqa`);
 * the **estimated cost of scoring** per criterion: forward passes it needs, priced by one timed
   forward of a calibration batch.
 
-`refusal` is the cheap part (no trace, no data) that `pipeline.prepare` runs first, so a structure
-the model cannot serve is refused in one line before any work starts.
+`refusal` is the cheap part (no trace, no data) that `pipeline.prepare` runs first, then (for channel
+and head) the bounded trace, so a structure the model cannot serve is refused in one line before any
+calibration or scoring starts.
 """
 from __future__ import annotations
 

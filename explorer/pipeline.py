@@ -162,6 +162,13 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         if dataset is None:
             raise ExplorerError("Preparing a plan needs a dataset or an example input.")
         example_input = dataset.example_input(1)
+    traced: list[structural.ChannelGroup] = []
+    if structure == "channel" or (structure == "head" and not gqa.attentions(model)):
+        if structure == "head":
+            heads.check_supported(model)
+        # first, before calibration or scoring: a model torch-pruning cannot trace (or not within
+        # `deadline.trace_limit`) is refused in one line before any other work
+        traced = structural.channel_groups(model, example_input)
     needs_data = criteria.CRITERIA[criterion].needs_data
     calib = None
     if needs_data:
@@ -217,9 +224,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
                                           input_shape=input_shape, progress=progress)
         scores = gqa.group_scores(prepared_groups, channel)
     else:
-        if structure == "head":
-            heads.check_supported(model)
-        prepared_groups = structural.channel_groups(model, example_input)
+        prepared_groups = traced
         head_groups, packed = mha.head_groups(model) if structure == "head" else ([], {})
         if not prepared_groups and not head_groups:
             raise ExplorerError("This model has no channels that can be removed (only the classifier's "

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from explorer import deadline
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model
 
@@ -123,9 +124,8 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
 def channel_groups_and_skipped(model: nn.Module, example_input: torch.Tensor) -> tuple[list[ChannelGroup], list[dict]]:
     """`channel_groups`, plus the groups left out: ``{"root", "layers", "reason"}`` each (for a compatibility report)."""
     traced = _copy_for_tracing(model)
-    graph = _build_graph(traced, example_input)
     skipped: list[dict] = []
-    return _enumerate_groups(graph, traced, skipped), skipped
+    return _trace(traced, example_input, skipped)[1], skipped
 
 
 def group_of(groups: list[ChannelGroup], layer_name: str) -> ChannelGroup | None:
@@ -208,8 +208,8 @@ def apply(
     """
     pruned = _copy_for_tracing(model)
     ties = _tied_parameters(pruned)
-    graph = _build_graph(pruned, example_input)
-    groups = {g.name: g for g in _enumerate_groups(graph, pruned)}
+    graph, found = _trace(pruned, example_input)
+    groups = {g.name: g for g in found}
     requests = _validated_requests(groups, prune_idxs)
     _check_nothing_emptied(pruned, groups, requests)
 
@@ -288,6 +288,29 @@ def _restore_modes(source: nn.Module, target: nn.Module) -> None:
     flags = {name: m.training for name, m in source.named_modules()}
     for name, module in target.named_modules():
         module.training = flags.get(name, module.training)
+
+
+def _trace(model: nn.Module, example_input, skipped: list | None = None) -> tuple[tp.DependencyGraph, list[ChannelGroup]]:
+    """torch-pruning's dependency graph of ``model`` (a copy) and its channel groups, within `deadline.trace_limit`.
+
+    Some models keep torch-pruning's trace busy for longer than anyone waits (torchvision's swin_t and
+    maxvit_t: over 10 minutes); past the limit the trace is abandoned (the copy with it) and the model
+    refused in one line.
+    """
+    limit = deadline.trace_limit()
+
+    def work():
+        graph = _build_graph(model, example_input)
+        return graph, _enumerate_groups(graph, model, skipped)
+
+    try:
+        return deadline.within(work, limit)
+    except deadline.TimeLimit:
+        raise ExplorerError(
+            f"torch-pruning could not trace this model within {limit:g} s (its dependency trace of some models, "
+            "such as torchvision's swin_t and maxvit_t, runs for more than 10 minutes): use unstructured or N:M "
+            f"pruning, or set {deadline.ENV}=SECONDS to wait longer (0: no limit)."
+        ) from None
 
 
 def _build_graph(model: nn.Module, example_input) -> tp.DependencyGraph:

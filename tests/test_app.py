@@ -149,10 +149,10 @@ def test_channel_structure_shows_coupled_group():
     at.radio(key="prune_structure").set_value("channel").run()
     assert not at.exception and not at.error
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Channels in group"] == "256"  # fc1's neurons
+    assert metrics["Neurons in group"] == "256"  # fc1's neurons: a Linear's unit is a neuron
     # one fc1 neuron is its weight row and bias (64 + 1) plus its column in fc2 (128)
-    assert metrics["Params per channel, naive"] == "65"
-    assert metrics["Params per channel, real"] == "193"
+    assert metrics["Params per neuron, naive"] == "65"
+    assert metrics["Params per neuron, real"] == "193"
 
 
 def test_wait_for_job_fails_loudly_at_its_deadline():

@@ -97,3 +97,40 @@ def test_the_compatibility_report_names_the_key_value_constraint(folder):
     assert not result["structures"]["channel"]["ok"] and "--structure head" in result["structures"]["channel"]["reason"]
     with pytest.raises(ExplorerError, match="^Channel pruning is not offered for LLaMA-style attention"):
         pipeline.prepare(load(folder), ScoringSpec("channel", "magnitude"), example_input=ids())
+
+
+def test_the_prune_pages_group_card_counts_key_value_groups_not_channels(tmp_path):
+    """The coupled-group card names its unit: key/value groups for LLaMA-style attention (with their real cost)."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.apptest import goto, set_sparsity, texts
+    from tests.test_app_numbers import _untrained_entry
+    from tests.test_app_transformers import load_transformer
+
+    tokenizer = hf.tiny_tokenizer("gpt2")
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    at = AppTest.from_file("../app.py", default_timeout=240)
+    at.session_state["current_model"] = _untrained_entry("mlp")  # no baseline to train first
+    load_transformer(at, "local Hugging Face folder", folder=str(tmp_path))
+    assert not at.error, texts(at.error)
+    goto(at, "app_pages/prune.py")
+    at.radio(key="prune_structure").set_value("head").run()
+    at.selectbox(key="prune_criterion").set_value("magnitude").run()
+    at.radio(key="prune_scope").set_value("local").run()
+    set_sparsity(at, 0.5)
+    at.selectbox(key="prune_group_layer").set_value("hf.model.layers.0.self_attn").run()
+    assert not at.error and not at.exception, texts(at.error)
+    metrics = {m.label: m for m in at.metric}
+    assert metrics["Key/value groups in group"].value == str(KV_HEADS)
+    assert "1 removed" in metrics["Key/value groups in group"].delta
+    # by hand: a key/value group is 2 query heads (16 rows of q_proj and 16 columns of o_proj each, 64 wide)
+    # and 16 rows each of k_proj and v_proj
+    assert metrics["Params per key/value group, real"].value == f"{2 * 2 * HEAD_DIM * HIDDEN + 2 * HEAD_DIM * HIDDEN:,}"
+    assert not any("channel" in label.lower() for label in metrics)
+    assert any("Removing 1 key/value group(s)" in c.value for c in at.caption)
