@@ -13,6 +13,7 @@ MAX_EPOCHS = 1_000            # training epochs (budget, fine-tune, a file model
 MAX_BATCH = 65_536            # examples in one batch (latency, training, calibration)
 MAX_CALIB_BATCHES = 10_000    # calibration batches for data-driven scores
 MAX_SEQ_LEN = 1_048_576       # tokens in one calibration sequence (a model's positions bound it too)
+MAX_EVAL_TOKENS = 100_000_000  # tokens of a perplexity's token budget
 MAX_THREADS = 1_024           # CPU threads for latency
 MAX_BINS = 10_000             # histogram bins (inspect)
 MAX_SEED = 2**32 - 1          # numpy's generators take seeds of 32 bits

