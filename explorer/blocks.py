@@ -192,13 +192,19 @@ def _wanda_mask(module: nn.Module, squares: torch.Tensor, pruned: int, nm: tuple
 
 
 def sequential_prune(model: nn.Module, calib: Iterable, criterion: str, counts: Mapping[str, int], *,
-                     nm: tuple[int, int] | None = None, progress: Callable[[float, str], None] | None = None) -> None:
+                     nm: tuple[int, int] | None = None, progress: Callable[[float, str], None] | None = None,
+                     one_pass: bool = False, masks: bool = True) -> None:
     """Prune ``model`` IN PLACE block by block, each block calibrated on the pruned blocks before it.
 
     ``counts`` is ``{layer: weights to prune}`` (a plan's per-layer counts; layers left out or at 0 stay
     dense); every named layer must sit in a transformer block. Wanda prunes each layer's lowest
     within-row ranks of ``|W|·‖X‖`` (N:M with ``nm``); SparseGPT prunes and rebuilds it from its Hessian
     (`explorer.llm.sparsegpt_prune`). Padding never enters the statistics.
+
+    ``one_pass=True`` carries the dense block's outputs to the next block instead of the pruned
+    block's: every block is calibrated on the dense model's hidden states, the one-pass variant, with
+    one block's statistics in memory at a time and one forward per block. ``masks=False`` writes
+    plain zeros (`explorer.masking.zero_pruned`) instead of ``torch.nn.utils.prune`` masks.
     """
     if criterion not in SEQUENTIAL_CRITERIA:
         raise ExplorerError(f"Sequential calibration is for {' and '.join(SEQUENTIAL_CRITERIA)}; '{criterion}' "
@@ -218,18 +224,25 @@ def sequential_prune(model: nn.Module, calib: Iterable, criterion: str, counts: 
         with torch.no_grad():
             for index, (block, prefix) in enumerate(zip(stack_blocks, prefixes)):
                 layers = {name: modules[name] for name in modules if name.startswith(prefix) and counts.get(name)}
+                dense = [] if one_pass else None
                 if layers:
-                    statistics = _statistics(block, layers, calls, criterion)
+                    statistics = _statistics(block, layers, calls, criterion, outputs=dense)
                     if criterion == "wanda":
-                        masking.set_masks(model, {name: _wanda_mask(layers[name], statistics[name], counts[name], nm)
-                                                  for name in layers if name in statistics}, regrow="keep")
+                        chosen = {name: _wanda_mask(layers[name], statistics[name], counts[name], nm)
+                                  for name in layers if name in statistics}
+                        if masks:
+                            masking.set_masks(model, chosen, regrow="keep")
+                        else:
+                            masking.zero_pruned(model, chosen)
                     else:
                         llm.sparsegpt_prune(model, statistics, {
-                            name: counts[name] / layers[name].weight.numel() for name in statistics}, nm=nm)
-                calls = [_with_hidden(call, _run_block(block, call)) for call in calls]
+                            name: counts[name] / layers[name].weight.numel() for name in statistics}, nm=nm,
+                            masks=masks)
+                outputs = dense if dense else [_run_block(block, call) for call in calls]
+                calls = [_with_hidden(call, output) for call, output in zip(calls, outputs)]
                 if progress is not None:
-                    progress((index + 1) / len(stack_blocks), f"{criterion} sequential: block {index + 1} of "
-                                                              f"{len(stack_blocks)}")
+                    progress((index + 1) / len(stack_blocks), f"{criterion} {'one-pass' if one_pass else 'sequential'}"
+                                                              f": block {index + 1} of {len(stack_blocks)}")
     finally:
         for module, flag in flags.items():
             module.train(flag)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from explorer import compat, criteria, hf, limits, llm, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks, timing
+from explorer import basecache, compat, criteria, hf, limits, llm, measure, pipeline, planner, semistructured, sensitivity, stats, suggest, sweep, tasks, timing
+from explorer import lean as lean_path
 from explorer.data import DATASETS, Dataset
 from explorer.deploy.runtimes import DEFAULT_RUNTIMES, RUNTIMES
 from explorer.errors import ExplorerError, ExplorerWarning
@@ -181,8 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "always float32 or wider, tensors written in their stored dtype)")
     prune.add_argument("--eval", choices=["none", "pruned", "both"], default="pruned",
                        help="--stream: the test perplexity to report, streamed (the pruned folder's, both, or none)")
-    prune.add_argument("--eval-tokens", type=_whole(1, 10 ** 9), default=None, metavar="N",
-                       help="--stream: evaluate on the test batches holding about N tokens (default: the whole split)")
+    prune.add_argument("--eval-tokens", type=_whole(1, limits.MAX_EVAL_TOKENS), default=None, metavar="N",
+                       help="perplexity on the test split's first sequences holding at most N tokens, the same for "
+                            "base and pruned, in memory or streamed (default: the whole split); bounds the cost on a "
+                            "large model")
+    prune.add_argument("--fresh-base", action="store_true",
+                       help="measure the base model again even when the cache holds its figures for this hf: folder "
+                            "and these settings")
     prune.add_argument("--plan-only", action="store_true",
                        help="only plan: per-layer cuts, collapse and estimated params / FLOPs, without applying, "
                             "evaluating or measuring (what the app's preview shows, in a fraction of the time)")
@@ -337,7 +343,8 @@ def recipe_from_args(args, sparsity: float) -> Recipe:
                             calib_mode=args.calib_mode, sequential=args.sequential),
         plan=PlanSpec(sparsity=sparsity, scope=args.scope, protect=tuple(args.protect), min_keep=args.min_keep,
                       round_to=args.round_to),
-        measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads),
+        measure=MeasureSpec(latency=args.measure, batch=args.batch, threads=args.threads,
+                            eval_tokens=getattr(args, "eval_tokens", None)),
         seed=args.seed,
     ).validate()
 
@@ -388,11 +395,16 @@ def cmd_prune(args) -> list[dict]:
         progress(0.0, "loading the model and data")
     model, dataset, arch = _resolve(args)
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
-    prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed, progress=progress)
+    lean = lean_path.refusal(model, recipes[0].scoring, recipes[0].plan) is None  # same masks, a fraction of the memory
+    in_place = (lean and len(recipes) == 1 and not args.measure  # the base is measured first; latency would need it
+                and tasks.task_for(model, dataset) == "perplexity")
+    prepared = pipeline.prepare(model, recipes[0].scoring, dataset=dataset, seed=args.seed, progress=progress,
+                                lean=lean)
     kinds = {g.name: g.kind for g in prepared.groups} or prepared.layer_kinds
     task_name = tasks.task_for(model, dataset)
-    base_value = (tasks.evaluate_task(model, dataset, task=task_name)["value"]
-                  if task_name != "fidelity" and not args.plan_only else None)
+    base_value, base_figures, reused = None, None, False
+    if not args.plan_only:
+        base_value, base_figures, reused = _base_figures(args, model, dataset, recipes[0].measure, task_name, progress)
     dense_outputs = None  # fidelity compares every pruned copy with the same dense outputs: computed once
     results = []
     for recipe in recipes:
@@ -424,14 +436,15 @@ def cmd_prune(args) -> list[dict]:
             results.append(result)
             continue
         step = f"[{len(results) + 1}/{len(recipes)} sparsity {recipe.plan.sparsity:g}]"
-        pruned = pipeline.apply(model, prepared, plan, progress=progress)
+        pruned = pipeline.apply(model, prepared, plan, progress=progress, in_place=in_place)
         if progress:
             progress(1.0, f"measuring the pruned copy at {recipe.plan.sparsity:g}")
         if task_name == "fidelity" and dense_outputs is None:
             dense_outputs = tasks.reference_outputs(model, dataset, "test")
         with ctrl_c_cancels() as cancel:
             m = pipeline.measure_run(model, pruned, dataset, recipe.measure, base_task_value=base_value,
-                                     reference_outputs=dense_outputs, cancel=cancel,
+                                     reference_outputs=dense_outputs, cancel=cancel, base_figures=base_figures,
+                                     peak_memory=False,
                                      progress=(lambda fraction, line: progress(fraction, f"{step} {line}"))
                                      if progress else None)
         if cancel.is_set():
@@ -447,6 +460,8 @@ def cmd_prune(args) -> list[dict]:
             result["accuracy"] = {"base": m["base_accuracy"], "pruned": m["accuracy"], "split": "test",
                                   "fine_tuned": False}
         result["task"] = {key: m["task"][key] for key in ("name", "measure", "base", "pruned", "higher_is_better")}
+        if reused:
+            result["base_cached"] = BASE_CACHED
         if "measures" in m["task"]:
             result["task"]["measures"] = m["task"]["measures"]
         result["speedup"] = {"flops": m["speedup_flops"], "measured": m["speedup_measured"],
@@ -471,6 +486,32 @@ def cmd_prune(args) -> list[dict]:
         if result.get("cancelled"):  # Ctrl-C: the sparsities after this one are not started
             break
     return results
+
+
+BASE_CACHED = ("base figures (task metric, parameters, FLOPs, compressed size) read from the cache: same folder "
+               "contents and settings (--fresh-base measures them again)")
+
+
+def _base_figures(args, model, dataset, spec: MeasureSpec, task_name: str, progress) -> tuple:
+    """(task value, `measure.measure_baseline` figures, reused?) of the dense model, measured once.
+
+    For an ``hf:`` folder they are read from `explorer.basecache` when the same folder contents were
+    measured with the same settings before, and stored there otherwise.
+    """
+    example = dataset.example_input(spec.batch)
+    name = basecache.key(args.model, data_file=args.data_file, data=args.data, seed=args.seed, task=task_name,
+                         eval_tokens=spec.eval_tokens, example=list(example[:1].shape))
+    cached = None if args.fresh_base else basecache.load(name)
+    if cached is not None and isinstance(cached.get("figures"), dict):
+        return cached.get("task"), cached["figures"], True
+    if progress:
+        progress(0.0, "measuring the base model (task metric, size, FLOPs)")
+    follow = (lambda fraction, text: progress(fraction, f"measuring the base model: {text}")) if progress else None
+    value = (tasks.evaluate_task(model, dataset, task=task_name, max_tokens=spec.eval_tokens, progress=follow)["value"]
+             if task_name != "fidelity" else None)
+    figures = measure.measure_baseline(model, example)
+    basecache.store(name, {"task": value, "figures": figures})
+    return value, figures, False
 
 
 def _stage_printer():
@@ -551,6 +592,8 @@ def _print_human(command: str, results: list[dict]) -> None:
             task = result["task"]
             label = task["name"] if task["name"] == task["measure"] else f"{task['name']} ({task['measure']})"
             print(f"  test {label} {task['base']:.4g} -> {task['pruned']:.4g} (no fine-tune)")
+        if "base_cached" in result:
+            print(f"  {result['base_cached']}")
         if "latency_ms" in result:
             lat, measured = result["latency_ms"], _as_metrics(result)
             print(f"  latency {lat['dense']:.3f} -> {lat['pruned']:.3f} ms ({lat['device']}, batch {lat['batch']}, "

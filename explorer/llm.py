@@ -460,7 +460,7 @@ def _check_fraction_positive(value, what: str) -> None:
 
 def sparsegpt_prune(model: nn.Module, hs: Mapping[str, torch.Tensor], sparsity: Mapping[str, float] | float, *,
                     nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                    progress: Progress | None = None) -> None:
+                    progress: Progress | None = None, masks: bool = True) -> None:
     """Prune ``model`` IN PLACE with SparseGPT: masks chosen and kept weights updated per layer.
 
     ``sparsity`` is ``{layer: fraction}`` (a plan's per-layer sparsities; 0 leaves a layer
@@ -471,7 +471,8 @@ def sparsegpt_prune(model: nn.Module, hs: Mapping[str, torch.Tensor], sparsity: 
     ``nm=(n, m)`` each group of ``m`` columns prunes its ``m - n`` lowest per row instead; every
     named layer must then ask for ``(m - n)/m`` (or 0). Weights the model's mask already pruned
     stay pruned. New weights go into the layer and its zeros into masks
-    (``torch.nn.utils.prune``, through :func:`explorer.masking.set_masks`). Everything is
+    (``torch.nn.utils.prune``, through :func:`explorer.masking.set_masks`); with ``masks=False`` only the
+    weights are written, their pruned entries exact zeros (no mask: no memory beyond the model). Everything is
     checked first; only a Hessian that cannot be inverted stops midway, leaving earlier layers
     pruned (prune a copy). The work runs on the layer's device.
     """
@@ -495,7 +496,11 @@ def sparsegpt_prune(model: nn.Module, hs: Mapping[str, torch.Tensor], sparsity: 
             mask = getattr(module, weight_name(module) + "_mask", None)
             already = None if mask is None else _as_matrix(module, mask) == 0
             pruned = _sweep(weight, upper.to(device), dead.to(device), float(fraction), nm, blocksize, already)
-            _write(model, name, module, weight, ~pruned, known)
+            if masks:
+                _write(model, name, module, weight, ~pruned, known)
+            else:
+                with torch.no_grad():
+                    weight_of(module).copy_(_from_matrix(module, weight))
         if progress is not None:
             progress((index + 1) / len(targets), f"sparsegpt: layer {name}")
 

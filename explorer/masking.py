@@ -162,6 +162,24 @@ def set_masks(
     return regrown
 
 
+def zero_pruned(model: nn.Module, layer_masks: Mapping[str, torch.Tensor]) -> None:
+    """Prune ``model`` IN PLACE without masks: each named layer's pruned weights become plain zeros.
+
+    No ``weight_orig`` / ``weight_mask`` re-parametrisation, so no memory beyond the model: the way
+    to prune a model that is measured, saved or deployed but not fine-tuned (a fine-tune would grow
+    the zeros back; use `set_masks` for that). Every mask is checked before anything changes; a
+    layer must be unmasked and untied (a tied weight would zero its twin too).
+    """
+    modules = _masked_modules(model, layer_masks)
+    for name, module in modules.items():
+        if _has_mask(module):
+            raise ExplorerError(f"Layer {name!r} carries a mask already; set its masks with set_masks instead.")
+    with torch.no_grad():
+        for name, module in modules.items():
+            weight = getattr(module, weight_name(module))
+            weight.masked_fill_(~layer_masks[name].to(weight.device).bool(), 0)
+
+
 def _check_values(name: str, values, shape: tuple[int, ...]) -> None:
     if not isinstance(values, torch.Tensor) or tuple(values.shape) != shape:
         got = tuple(values.shape) if isinstance(values, torch.Tensor) else "missing"

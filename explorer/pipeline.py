@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from explorer import blocks, compat, criteria, gqa, heads, hf, llm, masking, measure, mha, planner, semistructured, structural, tasks, text
+from explorer import lean as lean_path
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
 from explorer.layers import clone_model, prunable_counts, prunable_layers, weight_of
@@ -38,6 +39,8 @@ class Prepared:
     root layer). ``kept_dense`` are prunable layers left out of the ranking on purpose (outside a
     causal LM's blocks, tied to another layer): dense in every plan, and protecting them is a no-op. ``layer_flops`` are the dense FLOPs of each prunable layer, used by
     `estimate`. Keep one per (model, structure, criterion) and reuse it for every slider move.
+    ``lean`` preparations (`explorer.lean`) hold no scores and no order, only each layer's size: they
+    plan local and N:M cuts, and `apply` finds each layer's pruned weights when it prunes it.
     """
 
     structure: str
@@ -52,6 +55,7 @@ class Prepared:
     note: str = ""
     kept_dense: tuple[str, ...] = ()
     sequential: bool = False
+    lean: bool = False
     calib: list = field(default_factory=list)
     layer_kinds: dict[str, str] = field(default_factory=dict)
     layer_params: dict[str, int] = field(default_factory=dict)
@@ -145,13 +149,16 @@ def calibration(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *, see
 
 def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None = None, seed: int = 0,
             example_input: torch.Tensor | None = None,
-            progress: Callable[[float, str], None] | None = None) -> Prepared:
+            progress: Callable[[float, str], None] | None = None, lean: bool = False) -> Prepared:
     """Score ``model`` and sort the scores; the slow step, done once per ScoringSpec.
 
     On a model that already carries masks, the pruned units count as pruned whatever the
     criterion says of them (they rank below every live unit), so a plan at a higher sparsity
     keeps them pruned and adds exactly the difference: iterative pruning with any criterion.
     ``progress(fraction, text)`` follows the scoring (the slow part) for a progress bar.
+    ``lean=True`` (where `explorer.lean.refusal` is None) scores nothing here: the preparation plans
+    local and N:M cuts from the layers' sizes, and `apply` scores and prunes layer by layer (block by
+    block with calibration), for a model too large for every weight's score and sort key.
     """
     scoring.validate()
     structure, criterion = scoring.structure, scoring.criterion
@@ -184,6 +191,8 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     hessians: dict[str, torch.Tensor] = {}
     nm, notes = None, []
     kept_dense: list[str] = []
+    if lean and (reason := lean_path.refusal(model, scoring)) is not None:
+        raise ExplorerError(f"The lean path cannot prune this: {reason}.")
     if structure in ("unstructured", "nm"):
         chosen = None
         if blocks.is_causal_lm(model) and not scoring.include_head:
@@ -192,6 +201,9 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
             if kept_dense:
                 notes.append(f"Kept dense as the Wanda / SparseGPT papers do: {', '.join(kept_dense)} (outside the "
                              "transformer blocks; include_head / --include-head prunes it too).")
+        if lean:
+            return _prepare_lean(model, scoring, layers, chosen, kept_dense, notes, calib, example_input, model_flops,
+                                 started)
         if criterion == "sparsegpt":  # the Hessians are kept: Apply rebuilds the kept weights with them
             hessians = llm.hessians(model, calib, layers=chosen, progress=progress)
             scores = llm.sparsegpt_scores(model, hessians)
@@ -257,6 +269,32 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         flops_dense=int(model_flops["dense"]),
         seconds=time.perf_counter() - started,
     )
+
+
+def _prepare_lean(model: nn.Module, scoring: ScoringSpec, layers: dict, chosen: list[str], kept_dense: list[str],
+                  notes: list[str], calib, example_input: torch.Tensor, model_flops: dict, started: float) -> Prepared:
+    """`prepare` without scores (`explorer.lean`): the chosen layers' sizes, N:M misfits kept dense."""
+    nm = scoring.nm_pair if scoring.structure == "nm" else None
+    weights = {name: weight_of(layers[name]) for name in chosen}
+    if nm is not None:
+        misfits = llm.nm_misfits(weights, nm[1])
+        weights = {name: weight for name, weight in weights.items() if name not in misfits}
+        kept_dense = kept_dense + misfits
+        if misfits:
+            notes.append(f"Kept dense: {', '.join(misfits)} (inputs per output not a multiple of {nm[1]}, "
+                         f"so no {nm[0]}:{nm[1]} pattern fits).")
+        if not weights:
+            raise ExplorerError(f"No layer of this model fits a {nm[0]}:{nm[1]} pattern; use unstructured.")
+    return Prepared(
+        structure=scoring.structure, criterion=scoring.criterion, scores={},
+        ranking=lean_path.sizes_only(list(weights), [tuple(weight.shape) for weight in weights.values()]),
+        example_input=example_input, nm=nm, note=" ".join(notes), kept_dense=tuple(kept_dense),
+        sequential=scoring.sequential, lean=True, calib=calib or [],
+        layer_kinds={name: _layer_kind(module) for name, module in layers.items()},
+        layer_params={name: weight_of(module).numel() for name, module in layers.items()},
+        layer_flops={name: int(model_flops["per_layer"].get(name, {}).get("dense", 0)) for name in layers},
+        params_total=measure.count_params(model)["total"], flops_dense=int(model_flops["dense"]),
+        seconds=time.perf_counter() - started)
 
 
 def nm_sparsity(nm: tuple[int, int]) -> float:
@@ -345,6 +383,8 @@ def thresholds(prepared: Prepared, plan: planner.Plan) -> dict[str, float | None
 
     For unstructured magnitude pruning this is the |w| cut to draw on a weight histogram.
     """
+    if prepared.lean:
+        raise ExplorerError("A lean preparation keeps no scores to draw thresholds from; prepare without lean.")
     result: dict[str, float | None] = {}
     for layer_plan in plan.layers:
         if layer_plan.pruned == 0:
@@ -356,16 +396,24 @@ def thresholds(prepared: Prepared, plan: planner.Plan) -> dict[str, float | None
 
 
 def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan, *,
-          progress: Callable[[float, str], None] | None = None) -> nn.Module:
+          progress: Callable[[float, str], None] | None = None, in_place: bool = False) -> nn.Module:
     """The pruned copy: masks (unstructured) or channels physically removed. ``model`` is untouched.
 
     With sequential calibration the plan's per-layer counts are pruned block by block
     (`explorer.blocks.sequential_prune`), each block calibrated on the pruned blocks before it.
+    A lean preparation prunes layer by layer (`explorer.lean.prune`), its zeros plain weights (no
+    masks); ``in_place=True`` then prunes ``model`` itself, no copy, for a caller that has measured
+    the base already (`explorer.measure.measure_baseline`) and needs it no more.
     """
     if plan.collapsed:
         names = ", ".join(plan.collapsed[:3])
         raise ExplorerError(f"This plan empties {names}: the network would be cut in two. Lower the sparsity, "
                             "switch to local scope, protect the layer or set a min_keep guard.")
+    if prepared.lean:
+        pruned = model if in_place else clone_model(model)
+        lean_path.prune(pruned, prepared.criterion, {lp.name: lp.pruned for lp in plan.layers}, prepared.calib,
+                   nm=prepared.nm, sequential=prepared.sequential, progress=progress)
+        return pruned
     if prepared.sequential:  # the plan's per-layer counts; the masks from blocks calibrated on pruned blocks
         pruned = clone_model(model)
         blocks.sequential_prune(pruned, prepared.calib, prepared.criterion,
@@ -375,7 +423,7 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan, *,
         pruned = clone_model(model)
         llm.sparsegpt_prune(pruned, prepared.hessians,
                             {lp.name: lp.sparsity for lp in plan.layers if lp.name in prepared.hessians},
-                            nm=prepared.nm)
+                            nm=prepared.nm, progress=progress)
         return pruned
     if prepared.structure in ("unstructured", "nm"):
         return masking.apply(model, plan, prepared.ranking)
@@ -399,7 +447,8 @@ def apply(model: nn.Module, prepared: Prepared, plan: planner.Plan, *,
 def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset,
                 spec: MeasureSpec = MeasureSpec(), *, base_accuracy: float | None = None,
                 base_task_value: float | None = None, reference_outputs: list | None = None,
-                progress: Callable[[float, str], None] | None = None, cancel=None) -> dict:
+                progress: Callable[[float, str], None] | None = None, cancel=None,
+                base_figures: dict | None = None, peak_memory: bool = True) -> dict:
     """The task metric plus theoretical and measured cost of a pruned model next to its base.
 
     The one measurement call of the app, the CLI and recipes (same defaults everywhere).
@@ -415,7 +464,10 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     a causal language model, fidelity to ``base_model`` otherwise (``accuracy`` is then None).
     ``base_accuracy`` / ``base_task_value`` skip recomputing the base model's value, and
     ``reference_outputs`` (`tasks.reference_outputs` of the base model on the test split) its forwards
-    for fidelity, when several pruned copies of one base are measured.
+    for fidelity, when several pruned copies of one base are measured. ``base_figures``
+    (`measure.measure_baseline`: taken before an in-place prune, or read from `explorer.basecache`) stand in
+    for the base's parameter count, FLOPs and compressed size; ``peak_memory=False`` skips the memory
+    estimate for a caller that never shows it. ``spec.eval_tokens`` bounds both perplexities' tokens.
     ``semi_structured`` is None unless some Linear carries a 2:4 weight; then it holds the 2:4 model
     timed with PyTorch's semi-structured kernels next to dense on a capable GPU, or the reason it
     cannot be (`semistructured.semi_structured_latency`). ``runtimes`` is present when the spec names
@@ -432,8 +484,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
     stopped = lambda: cancel is not None and cancel.is_set()  # noqa: E731 - read between stages
     deployed = measure.as_deployed(pruned_model)  # folded once: no mask hook in every evaluation forward
     report(0.0, MEASURE_STAGES["size"])
-    metrics = measure.report(deployed, dataset.example_input(spec.batch), baseline=base_model,
-                             latency=False).to_dict()
+    metrics = measure.report(deployed, dataset.example_input(spec.batch),
+                             baseline=base_model if base_figures is None else None, baseline_figures=base_figures,
+                             latency=False, memory=peak_memory).to_dict()
     metrics["cancelled"] = None
     name = tasks.task_for(base_model, dataset)
     if stopped():
@@ -454,9 +507,14 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         task = {"name": "accuracy", "measure": "accuracy", "base": base_accuracy, "pruned": accuracy,
                 "higher_is_better": True}
     else:
-        result = tasks.evaluate_task(deployed, dataset, reference=base_model, task=name, outputs=reference_outputs)
+        follow = (lambda fraction, text: report(0.2 + 0.3 * fraction, f"{MEASURE_STAGES['evaluate']} {text}")) \
+            if progress is not None else None
+        result = tasks.evaluate_task(deployed, dataset, reference=base_model, task=name, outputs=reference_outputs,
+                                     max_tokens=spec.eval_tokens, progress=follow)
         if base_task_value is None:
-            base_task_value = tasks.evaluate_task(base_model, dataset, task=name)["value"] if name == "perplexity" \
+            base_task_value = tasks.evaluate_task(base_model, dataset, task=name, max_tokens=spec.eval_tokens,
+                                                  progress=follow)["value"] \
+                if name == "perplexity" \
                 else tasks.PERFECT[result["measure"]]
         metrics.update(accuracy=None, base_accuracy=None, delta_accuracy=None)
         task = {"name": name, "measure": result["measure"], "base": base_task_value, "pruned": result["value"],

@@ -365,6 +365,9 @@ def plan(
             notes.append("The current mask already prunes more than requested in some layers; plans never revive "
                          "pruned units (regrow them with explorer.masking.set_masks).")
     else:
+        if ranking.layer_keys.size != ranking.total:
+            raise ExplorerError("Global scope ranks every weight across layers, and this preparation holds each "
+                                "layer's size only (a lean preparation): plan with local scope, or prepare without lean.")
         target = round(sparsity * pool_total)
         caps = {layer: max(already[layer], sizes[layer] - floors[layer]) for layer in pool}
         achieved = _global_counts(ranking, pool, caps, target, pruned)

@@ -515,8 +515,8 @@ def perplexity_folder(source: str | Path, dataset, split: str = "test", *, dtype
     """exp(mean NLL) of the folder's model on ``split``, streamed block by block; ``{"perplexity", "tokens", ...}``.
 
     The batches are `explorer.tasks.perplexity`'s (length-sorted, trailing padding cut, padding never a
-    target), so on a model that fits in memory the two agree. ``max_tokens`` stops after the batches
-    holding about that many tokens (a 7 B model costs ~13 GFLOP a token).
+    target), so on a model that fits in memory the two agree. ``max_tokens`` scores the split's first sequences
+    holding at most that many tokens, as `explorer.tasks.perplexity` does (a 7 B model costs ~13 GFLOP a token).
     """
     started = time.perf_counter()
     folder = open_folder(source)
@@ -524,12 +524,8 @@ def perplexity_folder(source: str | Path, dataset, split: str = "test", *, dtype
     skeleton = Skeleton(folder, int(tokenizer.pad_token_id), _compute_dtype(folder, dtype))
     pad_id = dataset.info.get("pad_id")
     vocab = int(folder.config.get_text_config().vocab_size)
-    batches, seen = [], 0
-    for x in tasks._trimmed_batches(dataset, split, 32, pad_id, max_tokens=max(1, tasks.LOGIT_BUDGET // vocab)):
-        if max_tokens is not None and seen >= max_tokens:
-            break
-        batches.append(x)
-        seen += x.numel()
+    batches = list(tasks._trimmed_batches(dataset, split, 32, pad_id, max_tokens=max(1, tasks.LOGIT_BUDGET // vocab),
+                                          token_budget=max_tokens))
     if not batches:
         raise ExplorerError(f"The {split} split of '{dataset.name}' has no tokens to predict.")
     calls = _capture(skeleton, [(x, None) for x in batches])

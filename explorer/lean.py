@@ -1,0 +1,89 @@
+"""Pruning a causal language model in place, a layer or a block at a time: the path a 1 B model fits.
+
+The general path (`explorer.pipeline.prepare` -> `apply` -> `measure_run`) scores every weight, ranks
+them all once (an 8-byte sort key per weight), masks a deep copy with ``torch.nn.utils.prune``
+(``weight_orig``, a float mask and the masked weight per layer) and measures a folded copy: about
+ten times the model's memory, so a 1.1 B model (4.4 GB in fp32) does not fit 24 GB. When the plan is
+local to each layer (local scope, or N:M), no ranking across layers is needed: a layer loses
+``round(S · n)`` weights, its lowest scores, and those can be found when the layer is pruned. So:
+
+* `refusal` says when this path applies (None) or why not: a causal LM with a stack of transformer
+  blocks, unstructured local or N:M, magnitude / Wanda / SparseGPT on the blocks' Linears, no masks yet.
+* `sizes_only` is the ranking such a plan needs: each layer's size, no order.
+* `prune` prunes the model IN PLACE: magnitude layer by layer; Wanda and SparseGPT block by block
+  (`explorer.blocks.sequential_prune`), one-pass carrying the dense model's hidden states from block
+  to block, or sequential carrying the pruned ones. Pruned weights become plain zeros
+  (`explorer.masking.zero_pruned`): one block's statistics and one layer's scores are the only
+  memory beyond the model.
+
+The masks are the general path's, weight for weight (``tests/test_llm_lean.py``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from explorer import blocks, llm, masking, planner
+from explorer.layers import weight_of
+from explorer.specs import PlanSpec, ScoringSpec
+
+LEAN_CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
+def refusal(model: nn.Module, scoring: ScoringSpec, plan: PlanSpec | None = None) -> str | None:
+    """Why the lean path cannot prune ``model`` as ``scoring`` and ``plan`` ask, or None when it can."""
+    if not blocks.is_causal_lm(model) or blocks.find_blocks(model) is None:
+        return "not a causal language model with a stack of transformer blocks"
+    if scoring.structure not in ("unstructured", "nm"):
+        return f"{scoring.structure} structure removes channels; the lean path masks weights"
+    if scoring.criterion not in LEAN_CRITERIA:
+        return f"criterion '{scoring.criterion}' is not one of {', '.join(LEAN_CRITERIA)}"
+    if scoring.include_head:
+        return "the head is pruned too (include_head); the lean path prunes the blocks' Linears"
+    if plan is not None and scoring.structure == "unstructured" and plan.scope == "global":
+        return "global scope ranks every weight across layers"
+    if masking.current_masks(model):
+        return "the model carries masks already"
+    return None
+
+
+def sizes_only(names: list[str], shapes: list[tuple[int, ...]]) -> planner.Ranking:
+    """A `planner.Ranking` that knows each layer's size and nothing of its order: local and N:M plans only."""
+    sizes = np.array([int(np.prod(shape)) for shape in shapes], dtype=np.int64)
+    offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return planner.Ranking(names=tuple(names), shapes=tuple(tuple(s) for s in shapes), sizes=sizes, offsets=offsets,
+                           layer_keys=np.empty(0, dtype=np.uint64), grid_counts=np.zeros((len(names), 0), np.int64),
+                           already_pruned=np.zeros(len(names), dtype=np.int64))
+
+
+def magnitude_mask(module: nn.Module, count: int, nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """Keep-mask of one layer under magnitude: its ``count`` smallest ``|w|`` pruned (ties: lower index first),
+    or the N:M pattern; what the planner cuts from `explorer.criteria`'s magnitude scores."""
+    score = weight_of(module).detach().abs().float()
+    if nm is not None:
+        return llm.nm_mask(score, *nm)
+    keep = torch.ones(score.numel(), dtype=torch.bool)
+    keep[torch.argsort(score.reshape(-1), stable=True)[:count]] = False
+    return keep.reshape(score.shape)
+
+
+def prune(model: nn.Module, criterion: str, counts: dict[str, int], calib: list, *, nm: tuple[int, int] | None = None,
+          sequential: bool = False, progress: Callable[[float, str], None] | None = None) -> None:
+    """Prune ``model`` IN PLACE: ``counts`` is ``{layer: weights to prune}`` (a local or N:M plan's counts).
+
+    Magnitude needs no data; Wanda and SparseGPT calibrate on ``calib`` block by block.
+    """
+    counts = {name: count for name, count in counts.items() if count}
+    if criterion != "magnitude":
+        blocks.sequential_prune(model, calib, criterion, counts, nm=nm, progress=progress, one_pass=not sequential,
+                                masks=False)
+        return
+    modules = llm.llm_layers(model, counts)
+    for index, (name, module) in enumerate(modules.items()):
+        masking.zero_pruned(model, {name: magnitude_mask(module, counts[name], nm)})
+        if progress is not None:
+            progress((index + 1) / len(modules), f"magnitude: layer {index + 1} of {len(modules)}")

@@ -1,0 +1,91 @@
+"""The lean path (`explorer.lean`) prunes in place, layer by layer, with the general path's masks and weights."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from explorer import hf, lean, masking, pipeline  # noqa: E402
+from explorer.errors import ExplorerError  # noqa: E402
+from explorer.layers import effective_weight  # noqa: E402
+from explorer.specs import ModelSpec, PlanSpec, ScoringSpec  # noqa: E402
+
+CALIB = dict(calib_samples=4, calib_seqlen=32, calib_mode="windows")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tokenizer = hf.tiny_tokenizer("gpt2")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64,
+                                      pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama") / "tiny"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"gpt2": pipeline.resolve_model(ModelSpec("tiny_gpt2", data="text"))[:2],
+            "llama": pipeline.resolve_model(ModelSpec(f"hf:{folder}", data="text"))[:2]}
+
+
+CASES = [("magnitude", "unstructured", False), ("magnitude", "nm", False), ("wanda", "unstructured", False),
+         ("wanda", "nm", False), ("wanda", "unstructured", True), ("sparsegpt", "unstructured", False),
+         ("sparsegpt", "nm", False), ("sparsegpt", "unstructured", True)]
+
+
+@pytest.mark.parametrize("kind, criterion, structure, sequential",
+                         [("gpt2", *case) for case in CASES] + [("llama", *CASES[i]) for i in (0, 2, 4, 5, 6)])
+def test_lean_masks_and_weights_equal_the_general_path(models, kind, criterion, structure, sequential):
+    model, dataset = models[kind]
+    scoring = ScoringSpec(criterion=criterion, structure=structure, sequential=sequential,
+                          **(CALIB if criterion != "magnitude" else {}))
+    plan_spec = PlanSpec(sparsity=0.5 if structure == "nm" else 0.6)
+    assert lean.refusal(model, scoring, plan_spec) is None
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    general = pipeline.prepare(model, scoring, dataset=dataset)
+    expected = pipeline.apply(model, general, pipeline.preview(general, plan_spec))
+    prepared = pipeline.prepare(model, scoring, dataset=dataset, lean=True)
+    plan = pipeline.preview(prepared, plan_spec)
+    assert [(lp.name, lp.pruned) for lp in plan.layers] == \
+        [(lp.name, lp.pruned) for lp in pipeline.preview(general, plan_spec).layers]
+    assert prepared.scores == {} and prepared.kept_dense == general.kept_dense
+    seen = []
+    pruned = pipeline.apply(model, prepared, plan, progress=lambda fraction, text: seen.append(fraction))
+    assert seen and seen[-1] == 1.0
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())  # a copy was pruned
+    assert not masking.current_masks(pruned)  # plain zeros, no re-parametrisation
+    masks = masking.current_masks(expected)
+    assert set(masks) == {lp.name for lp in plan.layers if lp.pruned}
+    for name, mask in masks.items():
+        weight = effective_weight(pruned.get_submodule(name))
+        assert torch.equal(weight != 0, mask), name
+        if criterion == "sparsegpt":  # rebuilt weights: the same arithmetic, in another order of blocks
+            assert torch.allclose(weight, effective_weight(expected.get_submodule(name)), atol=1e-6), name
+        else:
+            assert torch.equal(weight, effective_weight(expected.get_submodule(name))), name
+    assert torch.equal(pruned.hf.lm_head.weight, model.hf.lm_head.weight)  # kept dense, as the papers do
+
+
+def test_in_place_prunes_the_model_itself_and_global_scope_or_a_head_is_refused(models):
+    model, dataset = models["gpt2"]
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    prepared = pipeline.prepare(model, ScoringSpec(criterion="magnitude"), dataset=dataset, lean=True)
+    with pytest.raises(ExplorerError, match="local scope"):
+        pipeline.preview(prepared, PlanSpec(sparsity=0.5, scope="global"))
+    with pytest.raises(ExplorerError, match="thresholds"):
+        pipeline.thresholds(prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5)))
+    try:
+        pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5)), in_place=True)
+        assert pruned is model and float((model.hf.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) == 0.5
+    finally:
+        model.load_state_dict(state)
+    assert "global" in lean.refusal(model, ScoringSpec(), PlanSpec(sparsity=0.5, scope="global"))
+    assert "head" in lean.refusal(model, ScoringSpec(include_head=True))
+    assert "criterion" in lean.refusal(model, ScoringSpec(criterion="random"))
+    assert "structure" in lean.refusal(model, ScoringSpec(structure="channel"))
+    with pytest.raises(ExplorerError, match="lean path cannot"):
+        pipeline.prepare(model, ScoringSpec(criterion="random"), dataset=dataset, lean=True)
+    masked = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5)))
+    masked = masking.apply_masks(masked, {"hf.transformer.h.0.mlp.c_fc": masked.hf.transformer.h[0].mlp.c_fc.weight != 0})
+    assert "masks" in lean.refusal(masked, ScoringSpec())
+    with pytest.raises(ExplorerError, match="carries a mask"):
+        masking.zero_pruned(masked, {"hf.transformer.h.0.mlp.c_fc": torch.ones_like(masked.hf.transformer.h[0].mlp.c_fc.weight_orig, dtype=torch.bool)})
