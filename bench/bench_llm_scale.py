@@ -110,6 +110,8 @@ def timed(command: list[str], code: Path = ROOT, cache: str | None = None) -> di
               "peak_gb": int(field("Maximum resident set size (kbytes)") or 0) / 1e6, "rc": done.returncode}
     if done.returncode:
         result["error"] = (report.strip().splitlines() or ["?"])[0][:200]
+    elif '"base_cached"' in done.stdout:
+        result["error"] = "base figures from the cache"
     return result
 
 
@@ -138,6 +140,14 @@ def main() -> None:
              f"{', ' + settings if settings else ''}\n",
              "| model | params | run | wall s | user CPU s | peak GB | peak / fp32 size | load before / after | note |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def keep(line: str) -> None:  # each row reaches the results file as soon as it is measured
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as handle:
+                handle.write(line + "\n")
+
+    for line in lines:
+        keep(line)
     with tempfile.TemporaryDirectory(prefix="llm_scale_") as tmp:
         for size in args.sizes:
             family = "llama" if size in LLAMA_SIZES else "gpt2"
@@ -166,13 +176,9 @@ def main() -> None:
                 line = (f"| {'LLaMA' if family == 'llama' else 'GPT-2'} {size} | {params / 1e6:.0f} M | {run} | {result['wall_s']:.0f} | {result['user_s']:.0f}"
                         f" | {result['peak_gb']:.2f} | {result['peak_gb'] / fp32_gb:.1f}x | {before:.1f} / {after:.1f}"
                         f" | {note} |")
-                print(line, flush=True)
-                lines.append(line)
+                keep(line)
     load = os.getloadavg()
-    lines.append(f"\nload at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n".join(lines) + "\n")
+    keep(f"\nload at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
 
 
 if __name__ == "__main__":
