@@ -8,8 +8,10 @@ local to each layer (local scope, or N:M), no ranking across layers is needed: a
 ``round(S · n)`` weights, its lowest scores, and those can be found when the layer is pruned. So:
 
 * `refusal` says when this path applies (None) or why not: a causal LM with a stack of transformer
-  blocks, unstructured local or N:M, magnitude / Wanda / SparseGPT on the blocks' Linears, no masks yet.
-* `sizes_only` is the ranking such a plan needs: each layer's size, no order.
+  blocks, unstructured local or N:M (global too for magnitude), magnitude / Wanda / SparseGPT on the
+  blocks' Linears, no masks yet.
+* `sizes_only` is the ranking such a plan needs: each layer's size, no order; for a global magnitude
+  cut, `MagnitudeOrder` finds each layer's share from a threshold, without a sort key per weight.
 * `prune` prunes the model IN PLACE: magnitude layer by layer; Wanda and SparseGPT block by block
   (`explorer.blocks.sequential_prune`), one-pass carrying the dense model's hidden states from block
   to block, or sequential carrying the pruned ones. Pruned weights become plain zeros
@@ -44,20 +46,81 @@ def refusal(model: nn.Module, scoring: ScoringSpec, plan: PlanSpec | None = None
     if scoring.include_head:
         return "the head is pruned too (include_head); the lean path prunes the blocks' Linears"
     if plan is not None and scoring.structure == "unstructured" and plan.scope == "global":
-        return "global scope ranks every weight across layers"
+        if scoring.criterion != "magnitude":
+            return f"global scope ranks every weight across layers, and {scoring.criterion}'s scores need calibration"
+        if plan.min_keep:
+            return "min_keep with global scope needs every weight ranked"
     if masking.current_masks(model):
         return "the model carries masks already"
     return None
 
 
-def sizes_only(names: list[str], shapes: list[tuple[int, ...]]) -> planner.Ranking:
-    """A `planner.Ranking` that knows each layer's size and nothing of its order: local and N:M plans only."""
+def sizes_only(names: list[str], shapes: list[tuple[int, ...]], order: MagnitudeOrder | None = None) -> planner.Ranking:
+    """A `planner.Ranking` that knows each layer's size and nothing of its order: local and N:M plans, and
+    global ones when ``order`` answers them (`MagnitudeOrder`)."""
     sizes = np.array([int(np.prod(shape)) for shape in shapes], dtype=np.int64)
     offsets = np.zeros(len(names) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     return planner.Ranking(names=tuple(names), shapes=tuple(tuple(s) for s in shapes), sizes=sizes, offsets=offsets,
                            layer_keys=np.empty(0, dtype=np.uint64), grid_counts=np.zeros((len(names), 0), np.int64),
-                           already_pruned=np.zeros(len(names), dtype=np.int64))
+                           already_pruned=np.zeros(len(names), dtype=np.int64), order=order)
+
+
+class MagnitudeOrder:
+    """The planner's global order of magnitude scores, answered from the weights without a sort key per weight.
+
+    The global cut of ``k`` units is a threshold: find the ``k``-th smallest ``|w|`` over the pool with two
+    histogram passes over the float32 bit patterns (which sort like the non-negative floats they encode:
+    high 16 bits, then low 16 bits inside the bucket), then count per layer the units below it and hand
+    the ties at it out in layer order, as the planner breaks ties (score, layer order, flat index). Memory:
+    one layer's temporaries. `planner.plan` calls `counts` and `collapse` on a lean ranking.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+
+    def _bits(self, name: str) -> torch.Tensor:
+        return weight_of(self.modules[name]).detach().abs().float().contiguous().view(torch.int32).reshape(-1)
+
+    def counts(self, names: list[str], target: int) -> dict[str, int]:
+        """``{layer: how many of the pool's ``target`` lowest units it holds}``."""
+        if target <= 0:
+            return {name: 0 for name in names}
+        high = torch.zeros(1 << 15, dtype=torch.int64)
+        for name in names:
+            high += torch.bincount((self._bits(name) >> 16).long(), minlength=1 << 15)
+        bucket = int(torch.searchsorted(high.cumsum(0), target))
+        below = int(high[:bucket].sum())
+        low = torch.zeros(1 << 16, dtype=torch.int64)
+        for name in names:
+            bits = self._bits(name)
+            low += torch.bincount((bits[(bits >> 16) == bucket] & 0xFFFF).long(), minlength=1 << 16)
+        threshold = (bucket << 16) | int(torch.searchsorted(low.cumsum(0), target - below))
+        result, ties = {}, {}
+        for name in names:
+            bits = self._bits(name)
+            result[name], ties[name] = int((bits < threshold).sum()), int((bits == threshold).sum())
+        remaining = target - sum(result.values())
+        for name in names:  # ties at the threshold go to the earlier layers first
+            take = min(ties[name], remaining)
+            result[name] += take
+            remaining -= take
+        return result
+
+    def collapse(self, names: list[str]) -> tuple[float, str]:
+        """The smallest pruned fraction of the pool at which a layer empties, and that layer (see the planner)."""
+        best = {name: float(weight_of(self.modules[name]).detach().abs().float().max()) for name in names}
+        first = min(names, key=lambda name: (best[name], names.index(name)))
+        ceiling, rank = best[first], 0
+        for position, name in enumerate(names):
+            scores = weight_of(self.modules[name]).detach().abs().float()
+            rank += int((scores < ceiling).sum())
+            if position < names.index(first):
+                rank += int((scores == ceiling).sum())
+            elif name == first:  # its best unit is its last tie in flat order: the ties before it rank lower
+                rank += int((scores == ceiling).sum()) - 1
+        total = sum(weight_of(self.modules[name]).numel() for name in names)
+        return (rank + 1) / total, first
 
 
 def magnitude_mask(module: nn.Module, count: int, nm: tuple[int, int] | None = None) -> torch.Tensor:
@@ -73,7 +136,8 @@ def magnitude_mask(module: nn.Module, count: int, nm: tuple[int, int] | None = N
 
 def prune(model: nn.Module, criterion: str, counts: dict[str, int], calib: list, *, nm: tuple[int, int] | None = None,
           sequential: bool = False, progress: Callable[[float, str], None] | None = None) -> None:
-    """Prune ``model`` IN PLACE: ``counts`` is ``{layer: weights to prune}`` (a local or N:M plan's counts).
+    """Prune ``model`` IN PLACE: ``counts`` is ``{layer: weights to prune}`` (a plan's counts; each layer loses
+    its lowest scores, which is the global cut too: a global plan is a threshold).
 
     Magnitude needs no data; Wanda and SparseGPT calibrate on ``calib`` block by block.
     """

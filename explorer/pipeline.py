@@ -287,7 +287,9 @@ def _prepare_lean(model: nn.Module, scoring: ScoringSpec, layers: dict, chosen: 
             raise ExplorerError(f"No layer of this model fits a {nm[0]}:{nm[1]} pattern; use unstructured.")
     return Prepared(
         structure=scoring.structure, criterion=scoring.criterion, scores={},
-        ranking=lean_path.sizes_only(list(weights), [tuple(weight.shape) for weight in weights.values()]),
+        ranking=lean_path.sizes_only(list(weights), [tuple(weight.shape) for weight in weights.values()],
+                                     lean_path.MagnitudeOrder({name: layers[name] for name in weights})
+                                     if scoring.criterion == "magnitude" and nm is None else None),
         example_input=example_input, nm=nm, note=" ".join(notes), kept_dense=tuple(kept_dense),
         sequential=scoring.sequential, lean=True, calib=calib or [],
         layer_kinds={name: _layer_kind(module) for name, module in layers.items()},

@@ -57,6 +57,9 @@ class Ranking:
     the global order (approximate quantiles), so a global plan only refines one bracket.
     ``already_pruned[l]`` counts layer ``l``'s units the current mask has pruned: they hold
     the layer's lowest keys (score -inf), and every plan prunes at least them.
+    A ranking without keys (`explorer.lean.sizes_only`) plans local cuts only, unless its ``order``
+    answers the global questions itself: ``order.counts(names, k)`` (how many of the ``k`` lowest
+    units of those layers each holds) and ``order.collapse(names)`` (`_collapse_point`'s answer).
     """
 
     names: tuple[str, ...]
@@ -66,6 +69,7 @@ class Ranking:
     layer_keys: np.ndarray = field(repr=False)
     grid_counts: np.ndarray = field(repr=False)
     already_pruned: np.ndarray = field(repr=False)
+    order: object = field(default=None, repr=False)
 
     @property
     def total(self) -> int:
@@ -365,12 +369,20 @@ def plan(
             notes.append("The current mask already prunes more than requested in some layers; plans never revive "
                          "pruned units (regrow them with explorer.masking.set_masks).")
     else:
-        if ranking.layer_keys.size != ranking.total:
-            raise ExplorerError("Global scope ranks every weight across layers, and this preparation holds each "
-                                "layer's size only (a lean preparation): plan with local scope, or prepare without lean.")
         target = round(sparsity * pool_total)
         caps = {layer: max(already[layer], sizes[layer] - floors[layer]) for layer in pool}
-        achieved = _global_counts(ranking, pool, caps, target, pruned)
+        if ranking.layer_keys.size != ranking.total:  # a lean ranking: its order counts, or nothing can
+            if ranking.order is None or min_keep:
+                raise ExplorerError("Global scope ranks every weight across layers, and this preparation holds each "
+                                    "layer's size only (a lean preparation"
+                                    f"{', which cannot honour min_keep' if ranking.order is not None else ''}): plan "
+                                    "with local scope, or prepare without lean.")
+            counts = ranking.order.counts([ranking.names[layer] for layer in pool], target)
+            for layer in pool:
+                pruned[layer] = counts[ranking.names[layer]]
+            achieved = sum(pruned[layer] for layer in pool)
+        else:
+            achieved = _global_counts(ranking, pool, caps, target, pruned)
         for layer in pool:
             pruned[layer] = max(already[layer], pruned[layer])
         already_pool = sum(already[layer] for layer in pool)
@@ -475,6 +487,8 @@ def _collapse_point(ranking: Ranking, pool: list[int], scope: str, min_keep: flo
     if scope == "local":
         first = min(pool, key=lambda layer: (1 - 0.5 / ranking.sizes[layer], layer))
         return 1 - 0.5 / float(ranking.sizes[first]), ranking.names[first]
+    if ranking.layer_keys.size != ranking.total:
+        return ranking.order.collapse([ranking.names[layer] for layer in pool])
     first = min(pool, key=lambda layer: ranking.keys_of(layer)[-1])
     best_key = ranking.keys_of(first)[-1]
     rank = sum(ranking.count_below(layer, best_key) for layer in pool)

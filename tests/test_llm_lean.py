@@ -69,8 +69,9 @@ def test_in_place_prunes_the_model_itself_and_global_scope_or_a_head_is_refused(
     model, dataset = models["gpt2"]
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     prepared = pipeline.prepare(model, ScoringSpec(criterion="magnitude"), dataset=dataset, lean=True)
+    wanda = pipeline.prepare(model, ScoringSpec(criterion="wanda", **CALIB), dataset=dataset, lean=True)
     with pytest.raises(ExplorerError, match="local scope"):
-        pipeline.preview(prepared, PlanSpec(sparsity=0.5, scope="global"))
+        pipeline.preview(wanda, PlanSpec(sparsity=0.5, scope="global"))
     with pytest.raises(ExplorerError, match="thresholds"):
         pipeline.thresholds(prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5)))
     try:
@@ -78,7 +79,7 @@ def test_in_place_prunes_the_model_itself_and_global_scope_or_a_head_is_refused(
         assert pruned is model and float((model.hf.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) == 0.5
     finally:
         model.load_state_dict(state)
-    assert "global" in lean.refusal(model, ScoringSpec(), PlanSpec(sparsity=0.5, scope="global"))
+    assert "global" in lean.refusal(model, ScoringSpec(criterion="wanda"), PlanSpec(sparsity=0.5, scope="global"))
     assert "head" in lean.refusal(model, ScoringSpec(include_head=True))
     assert "criterion" in lean.refusal(model, ScoringSpec(criterion="random"))
     assert "structure" in lean.refusal(model, ScoringSpec(structure="channel"))
@@ -89,3 +90,28 @@ def test_in_place_prunes_the_model_itself_and_global_scope_or_a_head_is_refused(
     assert "masks" in lean.refusal(masked, ScoringSpec())
     with pytest.raises(ExplorerError, match="carries a mask"):
         masking.zero_pruned(masked, {"hf.transformer.h.0.mlp.c_fc": torch.ones_like(masked.hf.transformer.h[0].mlp.c_fc.weight_orig, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.7, 0.999])
+def test_a_global_magnitude_plan_from_thresholds_equals_the_ranked_plan_ties_included(models, sparsity):
+    model, dataset = models["llama"]
+    coarse = pipeline.clone_model(model)
+    with torch.no_grad():  # coarse weights: many ties at the threshold, across layers and within them
+        for name, parameter in coarse.named_parameters():
+            if ".layers." in name:
+                parameter.copy_((parameter * 50).round() / 50)
+    scoring, spec = ScoringSpec(criterion="magnitude"), PlanSpec(sparsity=sparsity, scope="global")
+    assert lean.refusal(coarse, scoring, spec) is None
+    general = pipeline.prepare(coarse, scoring, dataset=dataset)
+    expected_plan = pipeline.preview(general, spec)
+    prepared = pipeline.prepare(coarse, scoring, dataset=dataset, lean=True)
+    plan = pipeline.preview(prepared, spec)
+    assert [(lp.name, lp.pruned) for lp in plan.layers] == [(lp.name, lp.pruned) for lp in expected_plan.layers]
+    assert (plan.collapse_point, plan.collapse_layer) == (expected_plan.collapse_point, expected_plan.collapse_layer)
+    assert plan.pruned == expected_plan.pruned and plan.collapsed == expected_plan.collapsed
+    if not plan.collapsed:  # the masks `lean.prune` writes (zeros among the weights: compare the masks)
+        for name, mask in masking.current_masks(pipeline.apply(coarse, general, expected_plan)).items():
+            assert torch.equal(lean.magnitude_mask(coarse.get_submodule(name), plan.layer(name).pruned), mask), name
+    with pytest.raises(ExplorerError, match="min_keep"):
+        pipeline.preview(prepared, PlanSpec(sparsity=sparsity, scope="global", min_keep=0.1))
+    assert "min_keep" in lean.refusal(coarse, scoring, PlanSpec(sparsity=0.5, scope="global", min_keep=0.1))
