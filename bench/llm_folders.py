@@ -31,9 +31,9 @@ SHAPES = {
     "llama-1B": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)),
     "llama-tiny": ("llama", dict(vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)),
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)),
     "gpt2-124M": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_layer=12, n_embd=768, n_head=12)),
-    "gpt2-tiny": ("gpt2", dict(vocab_size=2000, n_positions=256, n_layer=3, n_embd=64, n_head=4, n_inner=128)),
+    "gpt2-tiny": ("gpt2", dict(vocab_size=2000, n_positions=1024, n_layer=3, n_embd=64, n_head=4, n_inner=128)),
 }
 
 
