@@ -95,6 +95,20 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _give_back_memory() -> None:
+    """Return freed heap pages to the system (glibc ``malloc_trim``) after a block.
+
+    Blocks' tensors below glibc's mmap threshold live on the heap; freed, they stay in the process's
+    resident memory, which grew by ~0.1 GB a block on a 1.1 B model without this. Elsewhere a no-op.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 # --------------------------------------------------------------------------- the folder
 @dataclass
 class Folder:
@@ -475,6 +489,7 @@ def prune_folder(source: str | Path, out: str | Path, plan: StreamPlan, calib: l
             total_bytes += _save_shard(target, shard, skeleton.stored(names), dtypes)
             weight_map.update(dict.fromkeys(names, shard))
             skeleton.release(names)
+            _give_back_memory()
             if progress is not None:
                 progress((index + 1) / count, f"{label}: block {index + 1} of {len(skeleton.blocks)} written")
     shard = f"model-{count:05d}-of-{count:05d}.safetensors"
@@ -540,6 +555,7 @@ def perplexity_folder(source: str | Path, dataset, split: str = "test", *, dtype
                 outputs.append(raw[0] if as_tuple else raw)
             calls = [blocks._with_hidden(call, output) for call, output in zip(calls, outputs)]
             skeleton.release(names)
+            _give_back_memory()
             if progress is not None:
                 progress((index + 1) / (len(skeleton.blocks) + 1),
                          f"perplexity stream: block {index + 1} of {len(skeleton.blocks)}")
