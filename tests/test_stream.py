@@ -55,7 +55,18 @@ def llama_folder(folder, dtype=torch.bfloat16):
     return _save(transformers.LlamaForCausalLM(config), tokenizer, folder, dtype)
 
 
-BUILDERS = {"gpt2-fp32": (gpt2_folder, torch.float32), "llama-bf16": (llama_folder, torch.bfloat16),
+def opt_folder(folder, dtype=torch.float32):
+    tokenizer = _tokenizer()
+    config = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=len(tokenizer), max_position_embeddings=64, word_embed_proj_dim=16,
+                                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)  # project_in / project_out around the blocks
+    config.architectures = ["OPTForCausalLM"]
+    torch.manual_seed(2)
+    return _save(transformers.OPTForCausalLM(config), tokenizer, folder, dtype)
+
+
+BUILDERS = {"opt-fp32": (opt_folder, torch.float32), "gpt2-fp32": (gpt2_folder, torch.float32), "llama-bf16": (llama_folder, torch.bfloat16),
             "llama-fp32": (llama_folder, torch.float32), "gpt2-bf16": (gpt2_folder, torch.bfloat16)}
 
 
@@ -85,7 +96,7 @@ def _stored_dtypes(folder):
     return dtypes
 
 
-CASES = [("gpt2-fp32", "wanda", False), ("gpt2-fp32", "wanda", True), ("llama-bf16", "wanda", False),
+CASES = [("gpt2-fp32", "wanda", False), ("opt-fp32", "wanda", True), ("llama-bf16", "wanda", False),
          ("llama-bf16", "wanda", True), ("llama-bf16", "magnitude", False), ("gpt2-fp32", "magnitude", False),
          ("gpt2-fp32", "sparsegpt", True), ("llama-fp32", "sparsegpt", False)]
 
@@ -133,7 +144,7 @@ def _block_and_outside_params(folder):
     return max(per_block.values()), sum(count.values()) - sum(per_block.values()), sum(count.values())
 
 
-@pytest.mark.parametrize("name", ["llama-bf16", "gpt2-fp32"])
+@pytest.mark.parametrize("name", ["llama-bf16", "gpt2-bf16"])
 def test_bf16_stays_bf16_and_memory_holds_one_block_or_the_embeddings(folders, tmp_path, name):
     source = folders[name]
     bundle = hf.load_hf(source)
@@ -160,7 +171,7 @@ def _small_test_split(dataset, rows=60):
     return dataclasses.replace(dataset, x_test=dataset.x_test[:rows], y_test=dataset.y_test[:rows])
 
 
-@pytest.mark.parametrize("name", ["gpt2-fp32", "llama-bf16"])
+@pytest.mark.parametrize("name", ["gpt2-fp32", "llama-bf16", "opt-fp32"])
 def test_streamed_perplexity_equals_the_in_memory_perplexity(folders, name):
     bundle = hf.load_hf(folders[name])
     dataset = _small_test_split(text.text_dataset(bundle.tokenizer, seq_len=bundle.model.seq_len))
