@@ -376,8 +376,11 @@ def cmd_prune(args) -> list[dict]:
     if args.stream:
         from explorer import stream
 
-        if args.structure == "nm" and args.sparsity is None:
-            args.sparsity = [pipeline.nm_sparsity(llm.parse_nm(args.nm))]
+        if args.structure == "nm":
+            fixed = pipeline.nm_sparsity(llm.parse_nm(args.nm))
+            if args.sparsity not in (None, [fixed]):
+                raise ExplorerError(f"--structure nm with --nm {args.nm} fixes the sparsity at {fixed:g}; drop --sparsity.")
+            args.sparsity = [fixed]
         if args.sparsity is None:
             raise ExplorerError("--sparsity is required (S), except with --structure nm.")
         return stream.command(args, _stage_printer() if args.progress else None)

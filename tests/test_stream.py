@@ -253,6 +253,7 @@ def test_cli_streams_a_folder_and_reports_the_perplexity(folders, tmp_path, caps
     (["--criterion", "gradient"], "needs the whole model"),
     (["--criterion", "magnitude", "--sequential"], "no sequential variant"),
     (["--protect", "hf.lm_head"], "no such layer"),
+    (["--structure", "nm", "--sparsity", "0.3"], "fixes the sparsity"),
 ])
 def test_cli_refuses_what_streaming_cannot_do_in_one_line(folders, tmp_path, capsys, extra, words):
     flags = ["--sparsity", "0.5"] if "--sparsity" not in extra else []
