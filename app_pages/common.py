@@ -409,16 +409,35 @@ def explain(markdown: str) -> None:
         st.markdown(markdown)
 
 
-def prepared_for(model: dict, scoring: ScoringSpec) -> pipeline.Prepared:
-    """Scores sorted once per (model, ScoringSpec), kept for this session only."""
+def prepared_for(model: dict, scoring: ScoringSpec, *, cancel_key: str = "scoring_cancel") -> pipeline.Prepared | None:
+    """Scores sorted once per (model, ScoringSpec), kept for this session only; None when the user cancelled.
+
+    The scoring runs as a background job with a progress bar and a Cancel button (`follow_job`; a transformer
+    takes seconds to tens of seconds). A cancel keeps nothing of it (scores are all or nothing): the caller goes
+    back to what it showed before. A rerun with other settings cancels a scoring it no longer needs.
+    """
     cache = st.session_state.setdefault(PREPARED, {})
     key = (model["key"], scoring)
-    if key not in cache:
-        bar = st.progress(0.0, text=f"Scoring {scoring.structure} units by {scoring.criterion} ...")
-        cache[key] = pipeline.prepare(model["module"], scoring, dataset=model["dataset"],
-                                      progress=lambda fraction, text: bar.progress(fraction, text=text))
-        bar.empty()
-    return cache[key]
+    if key in cache:
+        return cache[key]
+    job = st.session_state.get(PREPARE_JOB)
+    if job is None or job.meta.get("key") != key:
+        if job is not None:
+            job.cancel.set()
+        module, dataset = model["module"], model["dataset"]
+        job = st.session_state[PREPARE_JOB] = jobs.start(
+            lambda context: pipeline.prepare(module, scoring, dataset=dataset, cancel=context.cancel,
+                                             progress=lambda fraction, line: context.report(fraction, line)),
+            name="Scoring", meta={"key": key})
+    if not follow_job(job, cancel_key=cancel_key, what=f"Scoring {scoring.structure} units by {scoring.criterion}"):
+        st.stop()
+    st.session_state.pop(PREPARE_JOB, None)
+    if job.result is not None:  # finished, even if a Cancel came too late to stop it
+        cache[key] = job.result
+        return job.result
+    if job.cancelled:
+        return None
+    raise ExplorerError(job.error)
 
 
 def session_recipe(model: dict) -> Recipe:
@@ -434,7 +453,7 @@ def set_model(entry: dict) -> None:
     st.session_state[MODEL] = entry
     for key in [PREPARED, PRUNED, RECIPE, *(k for k in st.session_state if str(k).startswith("prune_"))]:
         st.session_state.pop(key, None)
-    for key in (FINETUNE_JOB, APPLY_JOB):
+    for key in (FINETUNE_JOB, APPLY_JOB, PREPARE_JOB):
         job = st.session_state.pop(key, None)
         if job is not None:
             job.cancel.set()
@@ -494,6 +513,7 @@ def save_measured(model: dict, pruned_module, recipe: Recipe, metrics: dict, *, 
 
 # ---------------------------------------------------------------- long steps: progress and Cancel
 BASELINE_JOB = "baseline_job"  # a zoo baseline training for the first time
+PREPARE_JOB = "prepare_job"  # scoring for a new (model, ScoringSpec): `prepared_for`
 APPLY_JOB = "apply_job"  # the Prune page's Apply (prune a copy, measure it, save the run) running in the background
 JOB_WAIT_S = 3600.0  # how long one script run follows a job; tests lower it to see (and press) the Cancel button
 CANCEL_LABEL = "Cancel (keep what is done)"
@@ -517,26 +537,71 @@ def start_apply(model: dict, prepared, plan, recipe: Recipe) -> jobs.Job:
     return jobs.start(work, name="Apply")
 
 
-def follow_job(job: jobs.Job, *, cancel_key: str, what: str) -> bool:
+def _bar_and_cancel(job: jobs.Job, *, what: str, cancel_key: str, cancel_label: str):
+    """The one drawing of a running job: its Cancel button (the click sets the job's cancel flag) and its bar."""
+    st.button(cancel_label, key=cancel_key, on_click=job.cancel.set, disabled=job.cancelled, icon=":material/stop:")
+    return st.progress(job.fraction, text=_bar_text(job, what))
+
+
+def _bar_text(job: jobs.Job, what: str) -> str:
+    return f"{what}: {job.status}" + (" (cancelling)" if job.cancelled and not job.done else "")
+
+
+def follow_job(job: jobs.Job, *, cancel_key: str, what: str, cancel_label: str = CANCEL_LABEL) -> bool:
     """Show a running job's progress bar and a Cancel button until it is done; True when it is.
 
-    The script waits here, redrawing the bar; a click on Cancel reruns the script (the click sets the job's
-    cancel flag), and the rerun follows the same job again, so nothing is started twice.
+    For a step the page cannot go on without (scores, a baseline, Apply): the script waits here, redrawing
+    the bar; a click on Cancel reruns the script (the click sets the job's cancel flag), and the rerun
+    follows the same job again, so nothing is started twice. `live_job` is the same bar and button for a job
+    the page shows beside everything else.
     """
     box = st.empty()
     with box.container():
-        st.button(CANCEL_LABEL, key=cancel_key, on_click=job.cancel.set, disabled=job.cancelled, icon=":material/stop:")
-        bar = st.progress(job.fraction, text=f"{what}: {job.status}")
+        bar = _bar_and_cancel(job, what=what, cancel_key=cancel_key, cancel_label=cancel_label)
     deadline = time.monotonic() + JOB_WAIT_S
     while not job.wait(0.25) and time.monotonic() < deadline:
-        bar.progress(job.fraction, text=f"{what}: {job.status}" + (" (cancelling)" if job.cancelled else ""))
+        bar.progress(job.fraction, text=_bar_text(job, what))
     if job.done:
         box.empty()
     return job.done
 
 
+def live_job(job_key: str, *, what: str, cancel_key: str, cancel_label: str = CANCEL_LABEL, extra=None) -> None:
+    """The progress bar and Cancel button of the job in ``st.session_state[job_key]``, redrawn twice a second
+    by a fragment while the rest of the page stays usable (Fine-tune, Deploy); when the job ends, one full
+    rerun hands its result to the page. ``extra(job)`` draws more inside the fragment (a live curve).
+    """
+    job = st.session_state.get(job_key)
+    running = job is not None and not job.done
+
+    @st.fragment(run_every=0.5 if running else None)
+    def live() -> None:
+        current = st.session_state.get(job_key)
+        if current is None:
+            return
+        if not current.done:
+            _bar_and_cancel(current, what=what, cancel_key=cancel_key, cancel_label=cancel_label)
+        if extra is not None:
+            extra(current)
+        if current.done and running:
+            st.rerun(scope="app")
+
+    live()
+
+
 def fmt_int(value) -> str:
     return "-" if value is None else f"{int(value):,}"
+
+
+def fmt_count(value) -> str:
+    """A count short enough for a headline card: exact up to 999,999, then '5.38 M', '1.24 G'."""
+    if value is None:
+        return "-"
+    value = int(value)
+    for limit, unit in ((10 ** 9, "G"), (10 ** 6, "M")):
+        if abs(value) >= limit:
+            return f"{value / limit:.2f} {unit}"
+    return f"{value:,}"
 
 
 def fmt_pct(value) -> str:

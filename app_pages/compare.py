@@ -17,7 +17,7 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
 * **Accuracy vs sparsity** - one line per method (structure, criterion, scope). The usual shape is
   flat, then a cliff: the cliff is where the method stops finding weights the network can spare.
   Fine-tuned runs are drawn as diamonds, runs that a method over time trained within its budget
-  (column *trained epochs*) as squares. A transformer is judged by its own task metric instead:
+  (column *trained epochs*, under *All columns*) as squares. A transformer is judged by its own task metric instead:
   **perplexity** for a language model (lower is better), **fidelity** to the dense model otherwise
   (top-1 agreement of the predicted class, or cosine similarity of the sentence embeddings). Runs
   judged by different metrics share no axis: pick the metric to plot.
@@ -31,8 +31,10 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
   is the *compressed file size*. Channel pruning produces genuinely smaller dense tensors, so it does get faster, though usually less than FLOPs say (memory traffic, overheads and
   small layers do not shrink in proportion). Points on the dashed line y = x keep their promise.
   The one weight-level pattern with real kernels is **2:4**: on an NVIDIA GPU of compute capability
-  8.0+, 2:4 runs are also timed with PyTorch's semi-structured sparse tensors (column *speed-up 2:4
-  kernels*); elsewhere a line under the table says why they run at about 1x.
+  8.0+, 2:4 runs are also timed with PyTorch's semi-structured sparse tensors (column *2:4 kernels x*,
+  shown once a run has that timing); elsewhere a line under the table says why they run at about 1x.
+* **The table** starts with what a comparison reads: the task metric, the measured and FLOPs speed-ups,
+  the zipped size; counts, latencies, the measured interval, device and epochs are under *All columns*.
 * **Accuracy vs latency** - the Pareto front joins the runs no other run beats on both at once:
   the only ones worth choosing from.
 * **Sweeps** - `python -m explorer sweep --grid FILE` runs a grid of recipes (criteria x sparsities x
@@ -86,31 +88,46 @@ if "accuracy" not in metrics_shown:  # transformers judged by perplexity or fide
 one_metric = metrics_shown[0] if len(metrics_shown) == 1 else None
 value_format = ("percent" if one_metric in ("accuracy", figures.METRIC_LABELS["top1"])
                 else "%.2f" if one_metric == "perplexity" else "%.3f")
-st.dataframe(shown, hide_index=True, column_config={
+kernels = shown["speed-up 2:4 kernels"]
+shown = shown.assign(**{"speed-up 2:4 kernels": [  # a number where the kernels ran, a dash (and a line below) elsewhere
+    "—" if value is None or value != value else f"{value:.2f}x" for value in kernels]})
+COLUMNS = {  # header, format and help of every column; the first table shows the ones a comparison reads
+    "id": st.column_config.NumberColumn("run", format="%d"),
     "sparsity": st.column_config.NumberColumn(format="percent"),
     "metric": st.column_config.TextColumn("task metric"),
-    "metric value": st.column_config.NumberColumn("value", format=value_format),
+    "metric value": st.column_config.NumberColumn(one_metric or "value", format=value_format),
     "base value": st.column_config.NumberColumn("dense value", format=value_format),
     "accuracy": st.column_config.NumberColumn(format="percent"),
-    "Δ accuracy (pts)": st.column_config.NumberColumn(format="%+.1f"),
+    "Δ accuracy (pts)": st.column_config.NumberColumn("Δ acc. (pts)", format="%+.1f"),
     "params": st.column_config.NumberColumn(format="localized"),
     "non-zero params": st.column_config.NumberColumn(format="localized"),
     "FLOPs": st.column_config.NumberColumn(format="localized"),
-    "compressed size (B)": st.column_config.NumberColumn(format="localized"),
+    "compressed size (B)": st.column_config.NumberColumn("zipped (B)", format="localized",
+                                                         help="The pruned weights deflated, as a zip would store them."),
     "latency (ms)": st.column_config.NumberColumn(format="%.3f"),
     "base latency (ms)": st.column_config.NumberColumn(format="%.3f"),
     "speed-up measured": st.column_config.NumberColumn(
-        format="%.2fx", help="Median over pairs of forward passes timed alternately (dense, pruned)."),
+        "measured x", format="%.2fx", help="Measured speed-up: median over pairs of forward passes timed alternately "
+                                           "(dense, pruned); its 95 % interval is under 'All columns'."),
     "measured 95 % low": st.column_config.NumberColumn(format="%.2fx"),
     "measured 95 % high": st.column_config.NumberColumn(format="%.2fx"),
     "noisy": st.column_config.CheckboxColumn(
         help="The 95 % interval stayed wider than +-5 %: the machine was busy while timing. Read the interval, "
              "not the median."),
-    "speed-up FLOPs": st.column_config.NumberColumn(format="%.2fx"),
-    "speed-up 2:4 kernels": st.column_config.NumberColumn(
-        format="%.2fx", help="2:4 runs timed with PyTorch's semi-structured sparse kernels next to dense fp16, "
-                             "on a GPU of compute capability 8.0+ only."),
-}, key="cmp_table")
+    "speed-up FLOPs": st.column_config.NumberColumn("FLOPs x", format="%.2fx",
+                                                    help="The speed-up counting multiply-adds promises."),
+    "speed-up 2:4 kernels": st.column_config.TextColumn(
+        "2:4 kernels x", help="2:4 runs timed with PyTorch's semi-structured sparse kernels next to dense fp16, "
+                              "on a GPU of compute capability 8.0+ only; '—' where they were not timed (the line "
+                              "under the table says why)."),
+}
+first = ["name", "sparsity", *(["metric value"] if "accuracy" not in shown.columns else ["accuracy", "Δ accuracy (pts)"]),
+         "speed-up measured", "noisy", "speed-up FLOPs",
+         *(["speed-up 2:4 kernels"] if kernels.notna().any() else []),  # no run timed on the kernels: no column
+         "compressed size (B)", "method", "tuned"]
+st.dataframe(shown, hide_index=True, column_order=first, column_config=COLUMNS, key="cmp_table")
+with st.expander("All columns: counts, latency and its interval, device, epochs"):
+    st.dataframe(shown, hide_index=True, column_config=COLUMNS, key="cmp_table_all")
 reasons = {semistructured.describe(run.metrics["semi_structured"]) for run in runs
            if run.id in set(shown["id"]) and (run.metrics.get("semi_structured") or {}).get("speedup") is None
            and run.metrics.get("semi_structured")}

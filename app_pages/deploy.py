@@ -86,9 +86,34 @@ names = left.multiselect("Runtimes", runtimes.available_runtimes(), default=["ea
                                                      "(tens of seconds on a CPU; reported apart).")
 batches_text = middle.text_input("Batch sizes", "1,64", key="deploy_batches", help="Comma-separated.")
 max_s = right.number_input("Seconds of timing per row, at most", 0.2, 30.0, 1.0, 0.2, key="deploy_max_s")
-JOB = "deploy_job"  # the runtimes' timing, in the background: progress, cancel, the rows done kept
+JOB = "deploy_job"  # the step running in the background (timing, export, CSR or int8): progress, Cancel
+STEPS = {"runtimes": "Timing the runtimes", "exports": "Exporting and checking", "sparse": "Timing the CSR kernels",
+         "int8": "Quantizing to int8"}
 job = st.session_state.get(JOB)
 running = job is not None and not job.done
+if job is not None and job.done and not job.meta.get("kept"):
+    job.meta["kept"] = True  # once: later reruns read the stored results
+    if job.error is None and job.result is not None:
+        st.session_state[RESULT].setdefault(job.meta["key"], {})[job.meta["step"]] = job.result
+        results = st.session_state[RESULT][key]
+
+
+def start_step(step: str, work) -> None:
+    """Run one of the page's steps as the background job (one at a time); its result lands in ``results[step]``."""
+    global job, running
+    job = st.session_state[JOB] = jobs.start(work, name=STEPS[step], meta={"key": key, "step": step})
+    running = True
+
+
+def step_progress(step: str) -> None:
+    """Under the step's button: its bar and Cancel while it runs, or the one line of its failure."""
+    if job is None or job.meta["step"] != step:
+        return
+    common.live_job(JOB, what=STEPS[step], cancel_key="deploy_cancel")
+    if job.done and job.error is not None:
+        st.error(job.error)
+
+
 if st.button("Time the runtimes", type="primary", key="deploy_time", disabled=running):
     try:
         batches = tuple(int(part) for part in batches_text.split(",") if part.strip())
@@ -98,36 +123,10 @@ if st.button("Time the runtimes", type="primary", key="deploy_time", disabled=ru
         st.error(f"Batch sizes must be whole numbers from 1 to 4096, comma-separated; got '{batches_text}'.")
     else:
         example, chosen = pair.example_input(max(batches)), tuple(names) or ("eager",)
-        job = jobs.start(lambda context: runtimes.compare_runtimes(
+        start_step("runtimes", lambda context: runtimes.compare_runtimes(
             pair.dense, pair.pruned, example, runtimes=chosen, batches=batches, min_run_time=min(0.5, max_s),
-            max_run_time=max_s, progress=context.report, cancel=context.cancel),
-            name="Deploy timing", meta={"key": key})
-        st.session_state[JOB] = job
-        running = True
-
-
-@st.fragment(run_every=0.5 if running else None)
-def live() -> None:
-    """Redrawn while the timing runs; hands over to a full rerun when it ends."""
-    current = st.session_state.get(JOB)
-    if current is None:
-        return
-    if not current.done:
-        st.progress(current.fraction, text=f"Timing {current.status or ''} ...")
-        st.button("Cancel (keep the rows done)", key="deploy_cancel", on_click=current.cancel.set,
-                  disabled=current.cancelled)
-    elif running:
-        st.rerun(scope="app")
-
-
-live()
-if job is not None and job.done and not job.meta.get("kept"):
-    job.meta["kept"] = True  # once: later reruns read the stored rows
-    if job.error is not None:
-        st.error(job.error)
-    elif job.result is not None:
-        st.session_state[RESULT].setdefault(job.meta["key"], {})["runtimes"] = job.result
-        results = st.session_state[RESULT][key]
+            max_run_time=max_s, progress=context.report, cancel=context.cancel))
+step_progress("runtimes")
 if timed := results.get("runtimes"):
     if timed.get("cancelled"):
         st.warning(f"Timing cancelled: {len(timed['rows'])} row(s) done, kept below.")
@@ -148,12 +147,17 @@ if timed := results.get("runtimes"):
                + f"; machine load {timed['load']['load1']:.1f} on {timed['load']['cores']} cores.")
 
 st.subheader("Export and check")
-if st.button("Export to ONNX, TorchScript and .pt2", key="deploy_export"):
+if st.button("Export to ONNX, TorchScript and .pt2", key="deploy_export", disabled=running):
     folder = data_dir() / "exports" / key.replace(":", "-")  # kept beside the run store, for the downloads
-    with st.spinner("Exporting and checking each file ..."):
-        results["exports"] = [e.to_dict() for e in export.export_all(pair.pruned, pair.example_input(2), folder,
-                                                                     stem="pruned")]
-if exported := results.get("exports"):
+    example = pair.example_input(2)
+    start_step("exports", lambda context: [e.to_dict() for e in export.export_all(
+        pair.pruned, example, folder, stem="pruned", progress=context.report, cancel=context.cancel)])
+step_progress("exports")
+exported = results.get("exports")
+if exported is not None and len(exported) < len(export.FORMATS):
+    st.warning(f"Export cancelled: {len(exported)} of {len(export.FORMATS)} formats done"
+               + (", kept below." if exported else "."))
+if exported:
     st.dataframe(pd.DataFrame([{
         "format": e["format"], "size": common.fmt_bytes(e["size_bytes"]),
         "compressed": common.fmt_bytes(e["compressed_bytes"]),
@@ -170,21 +174,23 @@ if exported := results.get("exports"):
 
 st.subheader("Sparse kernels (CSR, CPU)")
 sparse_batch = st.number_input("Batch", 1, 4096, 1, key="deploy_sparse_batch")
-if st.button("Time Linear layers on CSR kernels", key="deploy_sparse"):
-    try:
-        with st.spinner("Timing each Linear layer dense vs CSR, then the model end to end ..."):
-            results["sparse"] = sparse.end_to_end(pair.pruned, pair.example_input(int(sparse_batch)),
-                                                  max_run_time=float(max_s))
-    except ExplorerError as exc:
-        st.error(str(exc))
+if st.button("Time Linear layers on CSR kernels", key="deploy_sparse", disabled=running):
+    example = pair.example_input(int(sparse_batch))
+    start_step("sparse", lambda context: sparse.end_to_end(pair.pruned, example, max_run_time=float(max_s),
+                                                           progress=context.report, cancel=context.cancel))
+step_progress("sparse")
 if found := results.get("sparse"):
-    if not found["layers"]:
+    if found.get("cancelled"):
+        st.warning(f"CSR timing cancelled: {len(found['layers'])} layer(s) timed, kept below; the model was not "
+                   "timed end to end.")
+    if not found["layers"] and not found.get("cancelled"):
         st.info("This model has no Linear layer: the CSR kernels here are for Linear layers only.")
-    else:
+    elif found["layers"]:
         st.dataframe(pd.DataFrame([{"layer": r["name"], "shape": " x ".join(map(str, r["shape"])),
                                     "sparsity": common.fmt_pct(r["sparsity"]), "CSR speed-up": f"{r['speedup']:.2f}x",
                                     "runs on": "CSR" if r["sparse"] else "dense"} for r in found["layers"]]),
                      hide_index=True, key="deploy_sparse_table")
+    if found.get("speedup") is not None:
         st.metric("End to end, CSR where it wins vs dense kernels",
                   "noisy" if found["noisy"] else f"{found['speedup']:.2f}x",
                   f"95 %: {found['speedup_interval'][0]:.2f}-{found['speedup_interval'][1]:.2f}x", delta_color="off")
@@ -196,18 +202,20 @@ if line := semistructured.describe(semistructured.semi_structured_latency(pair.p
     st.caption(line)
 
 st.subheader("Prune, then quantize (int8)")
-if st.button("Quantize the pruned model to int8", key="deploy_int8"):
-    try:
-        with st.spinner("Exporting, quantizing, timing and evaluating the three files ..."):
-            results["int8"] = quantize.compare(pair.dense, pair.pruned, pair.dataset, max_run_time=float(max_s),
-                                               evaluate=pair.dense_trained,
-                                               folder=data_dir() / "exports" / key.replace(":", "-") / "int8")
-    except ExplorerError as exc:
-        st.error(str(exc))
+if st.button("Quantize the pruned model to int8", key="deploy_int8", disabled=running):
+    folder = data_dir() / "exports" / key.replace(":", "-") / "int8"
+    start_step("int8", lambda context: quantize.compare(
+        pair.dense, pair.pruned, pair.dataset, max_run_time=float(max_s), evaluate=pair.dense_trained, folder=folder,
+        progress=context.report, cancel=context.cancel))
+step_progress("int8")
 if int8 := results.get("int8"):
-    st.dataframe(pd.DataFrame([{
-        "model": r["model"], "file": common.fmt_bytes(r["size_bytes"]), "x dense size": round(r["size_vs_dense"], 3),
-        "latency ms": r.get("latency_ms"), "speed-up vs dense": f"{r['speedup']:.2f}x",
-        int8["task"]: r.get("metric")} for r in int8["rows"]]), hide_index=True, key="deploy_int8_table")
-    st.caption(f"ONNX Runtime on the CPU, batch {int8['batch']}, {int8['threads']} thread(s); the metric is the "
-               "test split run through each file.")
+    if int8.get("cancelled"):
+        st.warning(f"int8 comparison cancelled: {len(int8['rows'])} of 3 files timed and evaluated"
+                   + (", kept below." if int8["rows"] else "."))
+    if int8["rows"]:
+        st.dataframe(pd.DataFrame([{
+            "model": r["model"], "file": common.fmt_bytes(r["size_bytes"]), "x dense size": round(r["size_vs_dense"], 3),
+            "latency ms": r.get("latency_ms"), "speed-up vs dense": f"{r['speedup']:.2f}x",
+            int8["task"]: r.get("metric")} for r in int8["rows"]]), hide_index=True, key="deploy_int8_table")
+        st.caption(f"ONNX Runtime on the CPU, batch {int8['batch']}, {int8['threads']} thread(s); the metric is the "
+                   "test split run through each file.")

@@ -80,24 +80,15 @@ if start and not running:
         running = True
 
 
-@st.fragment(run_every=0.5 if running else None)
-def live() -> None:
-    """Redrawn twice a second while training; hands over to a full rerun when it ends."""
-    job: Job | None = st.session_state.get(common.FINETUNE_JOB)
-    if job is None:
-        return
-    if not job.done:
-        st.progress(job.fraction, text=f"Fine-tuning on {job.meta['config'].device}: {job.status}")
-        st.button("Cancel (keep the partial result)", key="ft_cancel", on_click=job.cancel.set,
-                  disabled=job.cancelled)
-    points = job.payload()
+def curve(current: Job) -> None:
+    """The training curve, live while the job runs."""
+    points = current.payload()
     st.plotly_chart(figures.training_curve(points.get("step_loss", []), points.get("val_metric", []), metric=label,
                                            percent=task["measure"] in ("accuracy", "top1")), key="ft_curve")
-    if job.done and job.meta["saved_run"] is None and job.meta.get("save_error") is None and running:
-        st.rerun(scope="app")
 
 
-live()
+common.live_job(common.FINETUNE_JOB, what=f"Fine-tuning on {job.meta['config'].device}" if job is not None else "",
+                cancel_key="ft_cancel", cancel_label="Cancel (keep the partial result)", extra=curve)
 
 if job is not None and job.done:
     if job.error is not None:

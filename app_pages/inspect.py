@@ -90,7 +90,9 @@ sparsity, scope = chosen_plan.sparsity, chosen_plan.scope
 cuts: dict[str, float | None] = {}
 if target_label == "base model":
     try:
-        magnitude = common.prepared_for(model, ScoringSpec("unstructured", "magnitude"))
+        magnitude = common.prepared_for(model, ScoringSpec("unstructured", "magnitude"), cancel_key="inspect_cut_cancel")
+        if magnitude is None:  # the user cancelled the scoring: the histograms come without the cut
+            raise ExplorerError("the scoring was cancelled")
         cut_plan = pipeline.preview(magnitude, PlanSpec(
             sparsity, scope, protect=tuple(n for n in chosen_plan.protect if n in magnitude.names),
             overrides={n: v for n, v in chosen_plan.overrides.items() if n in magnitude.names},

@@ -50,6 +50,7 @@ function drawCards(cards, items) {
     const [label, value, note] = cards.children[index].children;
     label.textContent = item.label;
     value.textContent = item.value;
+    cards.children[index].title = item.help || "";  // the exact figure behind a shortened value
     note.textContent = item.note || "";
   });
 }

@@ -64,6 +64,7 @@ class Card:
     label: str
     value: str
     note: str = ""
+    help: str = ""  # shown on hover: the exact figure when ``value`` is shortened
 
 
 def json_patch(base: Any, other: Any, path: tuple = ()) -> list[list]:
@@ -148,7 +149,8 @@ def live_slider(label: str, values: Sequence[float], views: list[dict], *, value
             st.caption(view["note"])
         columns = st.columns(len(view["cards"])) if view["cards"] else []
         for column, card in zip(columns, view["cards"]):
-            column.metric(card.label, card.value, card.note or None, delta_color="off", delta_arrow="off")
+            column.metric(card.label, card.value, card.note or None, delta_color="off", delta_arrow="off",
+                          help=card.help or None)
         st.plotly_chart(view["figure"], key=key)
         return chosen
 

@@ -22,6 +22,8 @@ DEFAULTS = {"prune_structure": "unstructured", "prune_criterion": "magnitude", "
             "prune_calib_samples": 32, "prune_calib_seqlen": 128, "prune_calib_mode": "windows"}
 ROUND_TO = common.ROUND_TO  # kept-channel multiples offered (1: none)
 PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
+SCORING_CANCELLED = "prune_scoring_cancelled"  # set by a Cancel during scoring, read by the next run (before the widgets)
+SCORING_PAUSED = "prune_scoring_paused"  # a cancelled ScoringSpec with nothing before it: waits for a click or a change
 STEPS = "prune_steps"  # (settings, the plan at every slider step, their views)
 
 st.title("Prune")
@@ -56,25 +58,32 @@ slider only looks up a new cut, so nothing is pruned until you press **Apply**, 
 copy (the loaded model is never changed), measures it and saves it as a run.
 """)
 
+
+def scoring_widgets(scoring: ScoringSpec) -> dict:
+    """The widget values that make up ``scoring`` (to show a Recipe's, or to go back to one after a cancel)."""
+    return {"prune_structure": scoring.structure, "prune_criterion": scoring.criterion,
+            "prune_calib": scoring.calib_batches, "prune_nm": scoring.nm, "prune_include_head": scoring.include_head,
+            "prune_sequential": scoring.sequential, "prune_calib_shape": scoring.shaped_text,
+            "prune_calib_mode": scoring.calib_mode,
+            **({"prune_calib_samples": scoring.calib_samples} if scoring.calib_samples else {}),
+            **({"prune_calib_seqlen": scoring.calib_seqlen} if scoring.calib_seqlen else {})}
+
+
 model = common.require_model()
 session_recipe = st.session_state.get(common.RECIPE)
 if session_recipe is not None and session_recipe.model == model["spec"]:  # the widgets show the session's Recipe
-    DEFAULTS.update({"prune_structure": session_recipe.scoring.structure,
-                     "prune_criterion": session_recipe.scoring.criterion,
-                     "prune_calib": session_recipe.scoring.calib_batches, "prune_nm": session_recipe.scoring.nm,
-                     "prune_scope": session_recipe.plan.scope,
+    DEFAULTS.update({**scoring_widgets(session_recipe.scoring), "prune_scope": session_recipe.plan.scope,
                      "prune_sparsity": session_recipe.plan.sparsity, "prune_protect": list(session_recipe.plan.protect),
                      "prune_min_keep": session_recipe.plan.min_keep, "prune_round_to": session_recipe.plan.round_to,
                      "prune_override_layers": list(session_recipe.plan.overrides),
-                     "prune_include_head": session_recipe.scoring.include_head,
-                     "prune_sequential": session_recipe.scoring.sequential,
-                     "prune_calib_shape": session_recipe.scoring.shaped_text,
-                     "prune_calib_mode": session_recipe.scoring.calib_mode,
-                     **({"prune_calib_samples": session_recipe.scoring.calib_samples}
-                        if session_recipe.scoring.calib_samples else {}),
-                     **({"prune_calib_seqlen": session_recipe.scoring.calib_seqlen}
-                        if session_recipe.scoring.calib_seqlen else {}),
                      **{f"prune_override_{n}": v for n, v in session_recipe.plan.overrides.items()}})
+else:
+    session_recipe = None
+cancelled = st.session_state.pop(SCORING_CANCELLED, None)  # (the scoring cancelled, the one shown before or None)
+if cancelled is not None and cancelled[1] is not None:  # back to the plan shown before: its scores are still here
+    st.session_state.update(scoring_widgets(cancelled[1]))
+    st.info(f"Scoring {cancelled[0].structure} units by {cancelled[0].criterion} cancelled: the "
+            f"{cancelled[1].structure} / {cancelled[1].criterion} plan shown before is kept.", icon=":material/info:")
 for key, default in DEFAULTS.items():  # defaults once; choices survive a visit to another page
     st.session_state[key] = st.session_state.get(key, default)
 
@@ -121,11 +130,24 @@ if blocks.is_causal_lm(model["module"]) and structure in ("unstructured", "nm"):
                      "padding left out of the statistics.")
 scoring = ScoringSpec(structure=structure, criterion=criterion, calib_batches=int(calib_batches), nm=nm,
                       **llm_options)
+if st.session_state.get(SCORING_PAUSED) == scoring:  # cancelled, with no plan before it to go back to
+    said = st.empty()
+    if not st.button(f"Score {structure} units by {criterion}", key="prune_score_again"):
+        said.info(f"Scoring {structure} units by {criterion} was cancelled. Pick other settings, or score these "
+                  "again.", icon=":material/info:")
+        st.stop()
+st.session_state.pop(SCORING_PAUSED, None)
 try:
-    prepared = common.prepared_for(model, scoring)
+    prepared = common.prepared_for(model, scoring, cancel_key="prune_scoring_cancel")
 except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
+if prepared is None:  # Cancel: nothing of this scoring is kept; the next run shows the settings scored before
+    before = session_recipe.scoring if session_recipe is not None else None
+    st.session_state[SCORING_CANCELLED] = (scoring, before if before != scoring else None)
+    if before is None or before == scoring:
+        st.session_state[SCORING_PAUSED] = scoring
+    st.rerun()
 
 layer_names = list(prepared.names)
 for key in ("prune_protect", "prune_override_layers"):  # layer names differ between structures and models
@@ -162,13 +184,16 @@ def step_view(plan: Plan) -> dict:
                "is cut in two." if plan.collapsed else "")
     return {"warning": warning, "note": plan.note, "figure": figures.plan_sparsity_spec(
         plan, title=f"Per-layer sparsity ({structure}, {criterion}, {scope}); red = emptied"), "cards": [
-        live_slider.Card("Parameters after", common.fmt_int(estimate["params_after"]),
-                         f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}"),
-        live_slider.Card("FLOPs after (per input)", common.fmt_int(estimate["flops_after"]),
-                         f"{estimate['speedup_flops']:.2f}x fewer" if estimate["flops_after"] else "all removed"),
+        live_slider.Card("Parameters after", common.fmt_count(estimate["params_after"]),
+                         f"-{common.fmt_pct(1 - estimate['params_after'] / max(1, estimate['params_total']))}",
+                         f"{estimate['params_after']:,} of {estimate['params_total']:,} parameters"),
+        live_slider.Card("FLOPs after (per input)", common.fmt_count(estimate["flops_after"]),
+                         f"{estimate['speedup_flops']:.2f}x fewer" if estimate["flops_after"] else "all removed",
+                         f"{estimate['flops_after']:,} of {estimate['flops_dense']:,} FLOPs per input"),
         live_slider.Card("Size estimate (float32)", common.fmt_bytes(estimate["size_bytes_estimate"]),
                          f"dense {common.fmt_bytes(estimate['size_bytes_dense'])}"),
-        live_slider.Card("Units pruned", f"{plan.pruned:,} / {plan.total:,}", common.fmt_pct(plan.sparsity_actual))]}
+        live_slider.Card("Units pruned", f"{common.fmt_count(plan.pruned)} / {common.fmt_count(plan.total)}",
+                         common.fmt_pct(plan.sparsity_actual), f"{plan.pruned:,} of {plan.total:,} units pruned")]}
 
 
 def plan_steps(spec: PlanSpec) -> tuple[list[tuple[float, Plan]], list[dict]]:
@@ -330,8 +355,9 @@ if pruned is not None and pruned["model_key"] == model["key"]:
                 common.fmt_task_delta(task, task["base"], task["pruned"]),
                 delta_color="normal" if task["higher_is_better"] else "inverse",
                 help=f"Dense model: {common.fmt_task(task, task['base'])}.")
-    r[1].metric("Non-zero params", common.fmt_int(m["params_nonzero"]), f"of {common.fmt_int(m['params_total'])}",
-                delta_color="off", delta_arrow="off")
+    r[1].metric("Non-zero params", common.fmt_count(m["params_nonzero"]), f"of {common.fmt_count(m['params_total'])}",
+                delta_color="off", delta_arrow="off",
+                help=f"{common.fmt_int(m['params_nonzero'])} of {common.fmt_int(m['params_total'])} parameters.")
     r[2].metric("Compressed size", common.fmt_bytes(m["size_compressed_bytes"]),
                 f"base {common.fmt_bytes(m['baseline_size_compressed_bytes'])}", delta_color="off", delta_arrow="off")
     r[3].metric("Speed-up, FLOPs", f"{m['speedup_flops']:.2f}x")

@@ -162,15 +162,22 @@ st.plotly_chart(figures.sensitivity_curves(result, curve_units), key="sens_curve
 areas = scan.areas()
 last = scan.sparsities[-1]
 size = "weights" if scan.structure == "unstructured" else "channels" if scan.structure == "channel" else "heads / neurons"
+scale, number, suffix = figures.drop_format(scan.measure)  # every drop on this page written one way
+drop_column = st.column_config.NumberColumn(format=f"%{number}{suffix}")
+mean_drop = f"mean drop, 0-{last:.0%}"
 ordering = pd.DataFrame([{
     "rank": rank, "unit": unit, size: scan.row(unit)[0].total if scan.row(unit) else None,
-    "area under drop curve": areas[unit],
-    f"drop at {last:.0%}": scan.row(unit)[-1].drop if len(scan.row(unit)) == len(scan.sparsities) else None,
+    mean_drop: scale * areas[unit] / last,
+    f"drop at {last:.0%}": scale * scan.row(unit)[-1].drop
+    if len(scan.row(unit)) == len(scan.sparsities) and scan.row(unit)[-1].drop is not None else None,
 } for rank, unit in enumerate(scan.order, start=1)])
-st.markdown("**Robust → fragile** (smaller area: the metric suffers less when this unit alone is pruned)")
+st.markdown("**Robust → fragile** (a smaller mean drop over the grid: the metric suffers less when this unit alone "
+            "is pruned)")
 st.dataframe(ordering, hide_index=True, column_config={
-    "area under drop curve": st.column_config.NumberColumn(format="%.4f"),
-    f"drop at {last:.0%}": st.column_config.NumberColumn(format="percent" if percent else "%.4g")})
+    mean_drop: st.column_config.NumberColumn(
+        format=f"%{number}{suffix}", help="The area under the unit's drop curve from 0 to the last sparsity, divided "
+                                          "by that sparsity: the key of the order."),
+    f"drop at {last:.0%}": drop_column})
 
 if scan.cells and (scan.structure != "unstructured" or scan.base_latency_ms is not None):
     with st.expander("What each cell saves: FLOPs, parameters" + (", latency" if scan.base_latency_ms else "")):
@@ -215,7 +222,7 @@ elif percent:
 else:
     raw = value_col.number_input(f"Largest acceptable {'rise' if not scan.higher_is_better else 'drop'} in {label}",
                                  min_value=0.0, value=float(round(0.05 * abs(scan.base), 4) or 0.05),
-                                 format="%.4g", key=f"sens_max_drop_{scan.measure}")
+                                 format=f"%{number}", key=f"sens_max_drop_{scan.measure}")
     goal_args = {"max_drop": float(raw)}
 try:
     memo_key = (scan_key, scan.seconds, tuple(goal_args.items()))  # a rerun with the same goal reuses it
@@ -261,12 +268,14 @@ if suggestion.note and checked is None:
     st.caption(suggestion.note.capitalize() + ".")
 
 drops = {(cell.unit, cell.sparsity): cell.drop for cell in scan.cells}
-st.dataframe(pd.DataFrame([{"unit": unit, "sparsity": value, "drop alone (scan)": drops.get((unit, value), 0.0)}
+st.dataframe(pd.DataFrame([{"unit": unit, "sparsity": value,
+                            "drop alone (scan)": None if drops.get((unit, value), 0.0) is None
+                            else scale * drops.get((unit, value), 0.0)}
                            for unit, value in suggestion.sparsities.items()]),
              hide_index=True, column_config={
                  "sparsity": st.column_config.ProgressColumn("sparsity", format="percent", min_value=0.0,
                                                              max_value=1.0),
-                 "drop alone (scan)": st.column_config.NumberColumn(format="percent" if percent else "%.4g")})
+                 "drop alone (scan)": drop_column})
 
 check_col, load_col, download_col = st.columns(3)
 if check_col.button("Check actual: prune all at once and measure", key="sens_check"):

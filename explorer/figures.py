@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Iterable, Mapping, Sequence
@@ -34,17 +35,88 @@ PERCENT_MEASURES = ("accuracy", "top1")
 LOWER_IS_BETTER = ("perplexity", "fidelity (KL divergence)")
 
 
+TOOLBAR_PX = 48  # plotly's toolbar (modebar), a strip at the top right of every chart: titles go below it
+TITLE_LINE_PX = 22  # one line of a chart title
+LEGEND_ABOVE_PX = 26  # a legend between the title and the plot
+SUBPLOT_TITLE_LINE_PX = 16
+TITLE_WRAP = 56  # characters of a title line: a longer title breaks after its last '; ', ' - ' or ', ' before
+
+
+def wrapped_title(text: str, width: int = TITLE_WRAP) -> str:
+    """``text`` broken into lines of at most about ``width`` characters (``<br>``: plotly never wraps a title)."""
+    lines, rest = [], text
+    while len(rest) > width:
+        cut = max(rest.rfind(sep, 0, width) for sep in ("; ", " - ", ", ", " ("))
+        if cut <= 0:
+            cut = rest.rfind(" ", 0, width)
+        if cut <= 0:
+            break
+        keep = rest[cut:cut + 2] in ("; ", ", ")  # the separator stays on the first line
+        lines.append(rest[:cut + 1] if keep else rest[:cut])
+        rest = rest[cut + 2:] if keep else rest[cut:].lstrip(" -")
+    return "<br>".join([*lines, rest])
+
+
+def title_below_toolbar(text: str | None, height: int, *, extra_px: int = 0) -> tuple[dict | None, int]:
+    """The title layout and the top margin that keep a chart's title clear of the toolbar.
+
+    The title is left-aligned and placed below the toolbar's strip (``y`` in the chart's own height: plotly's
+    title padding did not move it in the browser), wrapped into lines; the top margin holds the strip, the
+    title's lines and ``extra_px`` (a legend or subplot titles above the plot).
+    """
+    if not text:
+        return None, TOOLBAR_PX + extra_px + 6
+    text = wrapped_title(text)
+    lines = text.count("<br>") + 1
+    return (dict(text=text, x=0, xref="container", xanchor="left", y=1 - TOOLBAR_PX / height, yref="container",
+                 yanchor="top", pad=dict(l=8)),
+            TOOLBAR_PX + lines * TITLE_LINE_PX + 12 + extra_px)
+
+
+def _clear_of_toolbar(build):
+    """Decorator: the figure ``build`` returns gets its title (and a legend above the plot) below the toolbar."""
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs) -> go.Figure:
+        figure = build(*args, **kwargs)
+        layout = figure.layout
+        extra = LEGEND_ABOVE_PX if (layout.showlegend is not False and layout.legend.y is not None
+                                    and layout.legend.y > 1 and len(figure.data) > 1) else 0
+        subplot_lines = [a.text.count("<br>") + 1 for a in layout.annotations
+                         if a.yref == "paper" and a.yanchor == "bottom" and a.y is not None and a.y >= 0.99]
+        extra += SUBPLOT_TITLE_LINE_PX * max(subplot_lines, default=0)
+        title, top = title_below_toolbar(layout.title.text, layout.height or 450, extra_px=extra)
+        figure.update_layout(margin_t=top)
+        if title is not None:
+            figure.update_layout(title=title)
+        return figure
+    return wrapper
+
+
+def _outliers_note(summary: dict) -> str:
+    """'3 beyond the axis (to 6.1)' when the histogram's range left values out (`stats.robust_range`)."""
+    clipped = summary.get("clipped") or {}
+    count = clipped.get("below", 0) + clipped.get("above", 0)
+    if not count:
+        return ""
+    reach = [f"{summary['min']:.2g}"] if clipped.get("below") else []
+    reach += [f"{summary['max']:.2g}"] if clipped.get("above") else []
+    return f"<br>{count:,} off axis (to {' and '.join(reach)})"
+
+
+@_clear_of_toolbar
 def histograms(summaries: Mapping[str, dict], names: Sequence[str], title: str, *,
                thresholds: Mapping[str, float | None] | None = None, log_count: bool = False,
                columns: int = 3) -> go.Figure:
     """One histogram per layer from `stats` summaries; ``thresholds`` draws the ±|w| cut of a plan."""
     rows = max(1, math.ceil(len(names) / columns))
     shared = _common_prefix(names)  # 'hf.encoder.layer.0.' said once in the title, not cut in every subplot's
+    titles = [f"{n[len(shared):]}<br>{summaries[n]['kind']} {'x'.join(map(str, summaries[n]['shape']))}"
+              f"{_outliers_note(summaries[n])}" for n in names]  # short lines: three columns in a narrow window
+    gap_px = 30 + SUBPLOT_TITLE_LINE_PX * max(title.count("<br>") + 1 for title in titles)  # ticks, then titles
     figure = make_subplots(rows=rows, cols=columns, horizontal_spacing=0.06,
-                           vertical_spacing=min(0.3 / max(1, rows - 1), 0.12) if rows > 1 else 0.1,
-                           subplot_titles=[f"{n[len(shared):]} ({summaries[n]['kind']} "
-                                           f"{'x'.join(map(str, summaries[n]['shape']))})" for n in names])
-    figure.update_annotations(font_size=12)
+                           vertical_spacing=min(0.3 / max(1, rows - 1), gap_px / (270 * rows)) if rows > 1 else 0.1,
+                           subplot_titles=titles)
+    figure.update_annotations(font_size=11)
     if shared:
         title = f"{title} - {shared.rstrip('.')}"
     for i, name in enumerate(names):
@@ -60,10 +132,11 @@ def histograms(summaries: Mapping[str, dict], names: Sequence[str], title: str, 
                 figure.add_vline(x=x, line_dash="dash", line_color=COLLAPSED, row=row, col=col)
         if log_count:  # ticks at 1, 10, 100 ... (plotly's default adds 2 and 5 between them)
             figure.update_yaxes(type="log", dtick=1, row=row, col=col)
-    figure.update_layout(title=title, height=260 * rows + 60, margin=dict(t=80, b=30), bargap=0)
+    figure.update_layout(title=title, height=270 * rows + 90, margin=dict(b=30), bargap=0)
     return figure
 
 
+@_clear_of_toolbar
 def layer_summary(weights: Mapping[str, dict], gradients: Mapping[str, dict] | None = None) -> go.Figure:
     """Mean |w| and std of w per layer as bars, mean |g| on a second axis when gradients are given."""
     layers = list(weights)
@@ -106,6 +179,7 @@ def _common_prefix(names: Sequence[str]) -> str:
     return ".".join(shared) + "." if shared else ""
 
 
+@_clear_of_toolbar
 def attribution(values: Sequence[float], layer: str) -> go.Figure:
     """Mean |conductance| of every output channel / neuron of one layer."""
     figure = go.Figure(go.Bar(x=list(range(len(values))), y=list(values), marker_color=PALETTE[2]))
@@ -114,25 +188,47 @@ def attribution(values: Sequence[float], layer: str) -> go.Figure:
     return figure
 
 
+MANY_LAYERS = 16  # above this many layers the plan chart lies on its side: one readable name a row, at any width
+
+
 def plan_sparsity_spec(plan: Plan, *, title: str = "Per-layer sparsity") -> dict:
     """`plan_sparsity` as a plain plotly JSON spec (``{"data": [...], "layout": {...}}``), built without
-    plotly's validation: the Prune page builds one per slider step (101 of them) whenever a setting changes."""
+    plotly's validation: the Prune page builds one per slider step (101 of them) whenever a setting changes.
+
+    Up to `MANY_LAYERS` layers the bars stand (layers along x); a transformer's 37 lie on their side, one
+    row a layer with its name level and whole (slanted names overlap in a narrow window)."""
     layers = plan.layers
     requested = plan.sparsity_requested
+    names, fractions = [lp.name for lp in layers], [lp.sparsity for lp in layers]
+    lying = len(layers) > MANY_LAYERS
     bar = dict(
-        type="bar", x=[lp.name for lp in layers], y=[lp.sparsity for lp in layers],
+        type="bar", x=fractions if lying else names, y=names if lying else fractions,
         marker=dict(color=[COLLAPSED if lp.collapsed else (PROTECTED if lp.source == "protected" else PRUNED)
                            for lp in layers]),
-        customdata=[[lp.kept, lp.total, lp.source] for lp in layers], text=[f"{lp.sparsity:.0%}" for lp in layers],
-        hovertemplate="%{x}<br>sparsity %{y:.1%}<br>kept %{customdata[0]} of %{customdata[1]}<br>%{customdata[2]}"
-                      "<extra></extra>")
+        customdata=[[lp.name, lp.kept, lp.total, lp.source] for lp in layers],
+        text=[f"{lp.sparsity:.0%}" for lp in layers],
+        hovertemplate="%{customdata[0]}<br>sparsity %{" + ("x" if lying else "y") + ":.1%}<br>kept %{customdata[1]} "
+                      "of %{customdata[2]}<br>%{customdata[3]}<extra></extra>")
+    value_axis = dict(range=[0, 1.05], tickformat=".0%", title=dict(text="fraction removed"))
+    layer_axis = dict(title=dict(text="layer" if not lying else ""), **layer_ticks(names))
+    if lying:
+        bar["orientation"] = "h"
+        layer_axis.pop("tickangle", None)
+        layer_axis["autorange"] = "reversed"  # the first layer on top, as in the model
+    extra = 18 if lying else 0  # lying: "requested" above the plot
+    top = title_below_toolbar(title, 1000, extra_px=extra)[1]
+    height = top + 60 + 17 * len(layers) if lying else 380 + (80 if len(layers) > 12 else 0)
+    title_layout = title_below_toolbar(title, height, extra_px=extra)[0]
     layout = dict(
-        title=dict(text=title), yaxis=dict(range=[0, 1.05], tickformat=".0%", title=dict(text="fraction removed")),
-        xaxis=dict(title=dict(text="layer" if len(layers) <= 12 else ""), **layer_ticks([lp.name for lp in layers])),
-        height=380 + (80 if len(layers) > 12 else 0), margin=dict(t=50, b=40),
-        shapes=[dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=requested, y1=requested,
+        title=title_layout, xaxis=value_axis if lying else layer_axis, yaxis=layer_axis if lying else value_axis,
+        height=height, margin=dict(t=top, b=40),
+        shapes=[dict(type="line", xref="x", x0=requested, x1=requested, yref="y domain", y0=0, y1=1,
+                     line=dict(dash="dash")) if lying else
+                dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=requested, y1=requested,
                      line=dict(dash="dash"))],
-        annotations=[dict(text=f"requested {requested:.0%}", xref="x domain", x=1, yref="y", y=requested,
+        annotations=[dict(text=f"requested {requested:.0%}", xref="x", x=requested, yref="y domain", y=1,
+                          xanchor="left", yanchor="bottom", showarrow=False) if lying else
+                     dict(text=f"requested {requested:.0%}", xref="x domain", x=1, yref="y", y=requested,
                           xanchor="right", yanchor="bottom", showarrow=False)])
     return dict(data=[bar], layout=layout)
 
@@ -142,6 +238,7 @@ def plan_sparsity(plan: Plan, *, title: str = "Per-layer sparsity") -> go.Figure
     return go.Figure(plan_sparsity_spec(plan, title=title))
 
 
+@_clear_of_toolbar
 def training_curve(step_losses: Sequence[tuple[int, float]], val_metric: Sequence[tuple[int, float]], *,
                    metric: str = "accuracy", percent: bool = True) -> go.Figure:
     """Training loss per step and the validation ``metric`` per epoch, against the optimiser step.
@@ -163,6 +260,7 @@ def training_curve(step_losses: Sequence[tuple[int, float]], val_metric: Sequenc
     return figure
 
 
+@_clear_of_toolbar
 def trajectories(points: Mapping[str, Sequence[dict]]) -> go.Figure:
     """Methods over time: the validation metric and sparsity against epoch, one colour per method or run.
 
@@ -261,6 +359,7 @@ def sweep_frame(runs: Iterable) -> tuple[pd.DataFrame, list[str]]:
     return table, fields
 
 
+@_clear_of_toolbar
 def sweep_chart(table: pd.DataFrame, x: str, color: str | None, metric: str = "accuracy") -> go.Figure:
     """A sweep's task metric along one grid field, one line per value of another (``color``, or None)."""
     column = "accuracy" if metric == "accuracy" else "metric value"
@@ -281,6 +380,7 @@ def _metric_axis(metric: str) -> dict:
     return dict(title=dict(text=title), tickformat=".1~%" if percent else None)
 
 
+@_clear_of_toolbar
 def accuracy_vs_sparsity(table: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
     """One line per method (structure / criterion / scope); fine-tuned runs as diamonds, runs a method
     trained within its budget as squares; x within 0-100 %.
@@ -299,6 +399,7 @@ def accuracy_vs_sparsity(table: pd.DataFrame, metric: str = "accuracy") -> go.Fi
     return figure
 
 
+@_clear_of_toolbar
 def speedup_promise(table: pd.DataFrame) -> go.Figure:
     """Measured against FLOPs speed-up, each with its 95 % interval as an error bar, and the y = x line
     where the promise is kept. Noisy runs are drawn open, so a wide bar is not read as a finding."""
@@ -362,6 +463,7 @@ def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
+@_clear_of_toolbar
 def accuracy_vs_latency(table: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
     """Accuracy (or another task ``metric``, its runs only) against measured latency, with the Pareto front."""
     column = "accuracy" if metric == "accuracy" else "metric value"
@@ -378,6 +480,7 @@ def accuracy_vs_latency(table: pd.DataFrame, metric: str = "accuracy") -> go.Fig
     return figure
 
 
+@_clear_of_toolbar
 def cost_side_by_side(rows: Sequence[Mapping]) -> go.Figure:
     """What a pruning buys, per structure: FLOPs speed-up, measured speed-up and file-size ratio side by side.
 
@@ -422,6 +525,7 @@ def _interval_errors(rows: Sequence[Mapping]) -> tuple[list, list]:
     return up, down
 
 
+@_clear_of_toolbar
 def norm_distributions(before: Mapping[str, "torch.Tensor"], after: Mapping[str, "torch.Tensor"], what: str,
                        *, bins: int = 60) -> go.Figure:
     """Overlaid histograms of the penalised norms (all layers together) before and after training.
@@ -443,11 +547,21 @@ def _scan_rows(scan: Mapping) -> list[str]:
     return ordered + [unit for unit in scan["units"] if unit not in ordered]
 
 
+def drop_format(measure: str | None) -> tuple[float, str, str]:
+    """How a drop of ``measure`` is written on the Sensitivity page, charts and tables alike: ``(scale, d3
+    format, suffix)``. Accuracy and top-1 in points (0.037 -> '3.7 pts', as the metric cards say), perplexity
+    to two decimals, the other fidelities to three."""
+    if measure in PERCENT_MEASURES:
+        return 100.0, ".1f", " pts"
+    return (1.0, ".2f", "") if measure == "perplexity" else (1.0, ".3f", "")
+
+
 def _drop_label(scan: Mapping) -> str:
     label = METRIC_LABELS.get(scan.get("measure"), scan.get("metric", "metric"))
     return f"drop in {label}" + (" (points)" if scan.get("measure") in PERCENT_MEASURES else "")
 
 
+@_clear_of_toolbar
 def sensitivity_heatmap(scan: Mapping) -> go.Figure:
     """Units (rows, robust at the top) x sparsity (columns): the drop of the task metric when only that unit is pruned.
 
@@ -457,15 +571,16 @@ def sensitivity_heatmap(scan: Mapping) -> go.Figure:
     """
     rows, sparsities = _scan_rows(scan), list(scan["sparsities"])
     cells = {(cell["unit"], cell["sparsity"]): cell for cell in scan["cells"]}
+    scale, number, suffix = drop_format(scan.get("measure"))
     z, hover = [], []
     for unit in rows:
-        z.append([(cells.get((unit, s)) or {}).get("drop") for s in sparsities])
+        drops = [(cells.get((unit, s)) or {}).get("drop") for s in sparsities]
+        z.append([None if drop is None else scale * drop for drop in drops])
         hover.append([_cell_hover(cells.get((unit, s))) for s in sparsities])
-    percent = scan.get("measure") in PERCENT_MEASURES
     figure = go.Figure(go.Heatmap(
         z=z, x=[f"{s:.0%}" for s in sparsities], y=rows, customdata=hover, colorscale="RdBu_r", zmid=0,
-        colorbar=dict(title=dict(text="drop"), tickformat=".0%" if percent else None), xgap=1, ygap=1,
-        hovertemplate="%{y} at %{x}: drop %{z" + (":.1%" if percent else ":.4g") + "}<br>%{customdata}<extra></extra>"))
+        colorbar=dict(title=dict(text="drop"), ticksuffix=suffix), xgap=1, ygap=1,
+        hovertemplate="%{y} at %{x}: drop %{z:" + number + "}" + suffix + "<br>%{customdata}<extra></extra>"))
     figure.update_layout(title=f"{_drop_label(scan).capitalize()} when only one unit is pruned "
                                f"({scan['structure']}, {scan['criterion']}); robust at the top",
                          xaxis=dict(title="sparsity of that unit", type="category"),
@@ -486,6 +601,7 @@ def _cell_hover(cell: Mapping | None) -> str:
     return "<br>".join(parts)
 
 
+@_clear_of_toolbar
 def sensitivity_curves(scan: Mapping, units: Sequence[str] | None = None, *, max_drop: float | None = None
                        ) -> go.Figure:
     """One drop-vs-sparsity curve per unit (all, or ``units``), from (0, 0): the dense model drops nothing.
@@ -494,23 +610,26 @@ def sensitivity_curves(scan: Mapping, units: Sequence[str] | None = None, *, max
     unit alone may go. Points without a value (see `sensitivity_heatmap`) are left out.
     """
     chosen = [unit for unit in _scan_rows(scan) if units is None or unit in units]
+    scale, number, suffix = drop_format(scan.get("measure"))
     figure = go.Figure()
     for index, unit in enumerate(chosen):
         row = sorted((cell for cell in scan["cells"] if cell["unit"] == unit and cell["drop"] is not None),
                      key=lambda cell: cell["sparsity"])
-        figure.add_trace(go.Scatter(x=[0.0] + [cell["sparsity"] for cell in row], y=[0.0] + [cell["drop"] for cell in row],
-                                    name=unit, mode="lines+markers", line=dict(color=PALETTE[index % len(PALETTE)])))
+        figure.add_trace(go.Scatter(x=[0.0] + [cell["sparsity"] for cell in row],
+                                    y=[0.0] + [scale * cell["drop"] for cell in row], name=unit, mode="lines+markers",
+                                    line=dict(color=PALETTE[index % len(PALETTE)]),
+                                    hovertemplate="%{x:.0%}: drop %{y:" + number + "}" + suffix))
     if max_drop is not None:
-        figure.add_hline(y=max_drop, line_dash="dash", line_color="grey",
+        figure.add_hline(y=scale * max_drop, line_dash="dash", line_color="grey",
                          annotation_text="largest acceptable drop", annotation_position="top left")
-    percent = scan.get("measure") in PERCENT_MEASURES
     figure.update_layout(title=f"{_drop_label(scan).capitalize()} against the unit's own sparsity",
                          xaxis=dict(title="sparsity of that unit", tickformat=".0%", range=[-0.02, 1.02]),
-                         yaxis=dict(title=_drop_label(scan), tickformat=".0%" if percent else None), height=420,
+                         yaxis=dict(title=_drop_label(scan), ticksuffix=suffix), height=420,
                          legend=_LEGEND_BELOW, margin=dict(t=60, b=40))
     return figure
 
 
+@_clear_of_toolbar
 def runtime_speedups(result: Mapping) -> go.Figure:
     """Measured speed-up of pruned over dense per runtime and batch (`deploy.runtimes.compare_runtimes`).
 

@@ -147,19 +147,37 @@ def calibration(model: nn.Module, dataset: Dataset, scoring: ScoringSpec, *, see
     return text.calibration(dataset, samples, seq_len, scoring.calib_mode, seed=seed)
 
 
+class ScoringCancelled(ExplorerError):
+    """`prepare` stopped because its cancel flag was set: nothing was scored, nothing is kept."""
+
+
+def _stages(progress: Callable[[float, str], None] | None, cancel) -> Callable[[float, str], None]:
+    """A progress callback that first raises `ScoringCancelled` once ``cancel`` (a threading.Event) is set."""
+    def report(fraction: float, text: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise ScoringCancelled("Scoring cancelled; nothing was scored.")
+        if progress is not None:
+            progress(fraction, text)
+    return report
+
+
 def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None = None, seed: int = 0,
             example_input: torch.Tensor | None = None,
-            progress: Callable[[float, str], None] | None = None, lean: bool = False) -> Prepared:
+            progress: Callable[[float, str], None] | None = None, lean: bool = False, cancel=None) -> Prepared:
     """Score ``model`` and sort the scores; the slow step, done once per ScoringSpec.
 
     On a model that already carries masks, the pruned units count as pruned whatever the
     criterion says of them (they rank below every live unit), so a plan at a higher sparsity
     keeps them pruned and adds exactly the difference: iterative pruning with any criterion.
-    ``progress(fraction, text)`` follows the scoring (the slow part) for a progress bar.
+    ``progress(fraction, text)`` follows the stages: the criterion's scoring (to 0.8, batch by batch),
+    the N:M pattern (layer by layer) and the ranking. ``cancel`` (a threading.Event) stops it at the
+    next report with `ScoringCancelled`: scores are all or nothing, so a caller keeps what it had before.
     ``lean=True`` (where `explorer.lean.refusal` is None) scores nothing here: the preparation plans
     local and N:M cuts from the layers' sizes, and `apply` scores and prunes layer by layer (block by
     block with calibration), for a model too large for every weight's score and sort key.
     """
+    report = _stages(progress, cancel)
+    scoring_progress = lambda fraction, text: report(0.8 * fraction, text)  # noqa: E731 - the criterion's share
     scoring.validate()
     structure, criterion = scoring.structure, scoring.criterion
     if (reason := compat.refusal(model, structure, scoring.nm_pair)) is not None:
@@ -205,7 +223,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
             return _prepare_lean(model, scoring, layers, chosen, kept_dense, notes, calib, example_input, model_flops,
                                  started)
         if criterion == "sparsegpt":  # the Hessians are kept: Apply rebuilds the kept weights with them
-            hessians = llm.hessians(model, calib, layers=chosen, progress=progress)
+            hessians = llm.hessians(model, calib, layers=chosen, progress=scoring_progress)
             scores = llm.sparsegpt_scores(model, hessians)
             unreached = [name for name in (chosen or layers) if name not in scores]
             tied = [name for name in scores if llm.tied_with(model, name)]
@@ -219,11 +237,15 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
                              "updates would change both).")
         else:
             scores = criteria.weight_scores(model, criterion, calib, seed=seed, input_shape=input_shape,
-                                            progress=progress, layers=chosen)
+                                            progress=scoring_progress, layers=chosen)
         if structure == "nm":
             nm = scoring.nm_pair
             misfits = llm.nm_misfits(scores, nm[1])
-            scores = llm.nm_scores({k: v for k, v in scores.items() if k not in misfits}, *nm)
+            fitting = [name for name in scores if name not in misfits]
+            for done, name in enumerate(fitting):  # about 0.2 s a layer of MiniLM: report (and stop) between layers
+                report(0.8 + 0.15 * done / max(1, len(fitting)), f"{nm[0]}:{nm[1]} pattern: {name}")
+                scores[name] = llm.nm_scores({name: scores[name]}, *nm)[name]
+            scores = {name: scores[name] for name in fitting}
             kept_dense += misfits
             if misfits:
                 notes.append(f"Kept dense: {', '.join(misfits)} (inputs per output not a multiple of {nm[1]}, "
@@ -233,7 +255,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
     elif structure == "head" and gqa.attentions(model):  # LLaMA-style: key/value groups, no trace needed
         prepared_groups = gqa.kv_groups(model)
         channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
-                                          input_shape=input_shape, progress=progress)
+                                          input_shape=input_shape, progress=scoring_progress)
         scores = gqa.group_scores(prepared_groups, channel)
     else:
         prepared_groups = traced
@@ -242,7 +264,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
             raise ExplorerError("This model has no channels that can be removed (only the classifier's "
                                 "outputs, which are never pruned). Use unstructured pruning.")
         channel = criteria.channel_scores(model, criterion, calib, norm=scoring.norm, seed=seed,
-                                          input_shape=input_shape, progress=progress)
+                                          input_shape=input_shape, progress=scoring_progress)
         if structure == "head":
             unscored = [name for name in packed if name not in channel]
             if unscored:
@@ -257,7 +279,9 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         scores = structural.group_scores(model, prepared_groups, channel)
         if structure == "head":
             scores = heads.head_scores(scores, attention)
+    report(0.95, "ranking the scores")
     ranking = planner.prepare(scores, kept=masking.kept_units(masking.current_masks(model), scores))
+    report(1.0, "ranked")
     return Prepared(
         structure=structure, criterion=criterion, scores=scores, ranking=ranking, example_input=example_input,
         groups=prepared_groups, attention=attention, nm=nm, hessians=hessians, note=" ".join(notes),

@@ -15,14 +15,38 @@ from explorer.errors import ExplorerError
 from explorer.layers import clone_model, effective_weight, prunable_layers, weight_name
 
 
+def robust_range(values: torch.Tensor) -> tuple[float, float]:
+    """The histogram range of ``values``: min to max, unless a few values lie far outside the bulk.
+
+    The bulk is the 0.1 % to 99.9 % quantiles; when min to max is more than twice as wide as the bulk
+    widened by a quarter on each side, the range stops there, so one outlier weight (MiniLM's
+    ``output.dense`` has one at 6 among values within ±0.3) no longer squashes the histogram into one
+    bar. A mere long tail keeps min to max. The values cut off are counted by `summarize`.
+    """
+    flat = values.detach().reshape(-1).to(torch.float64).cpu()
+    low, high = float(flat.min()), float(flat.max())
+    if flat.numel() < 1000:
+        return low, high
+    bulk_low = float(flat.kthvalue(max(1, int(0.001 * flat.numel()))).values)
+    bulk_high = float(flat.kthvalue(min(flat.numel(), int(0.999 * flat.numel()) + 1)).values)
+    margin = 0.25 * (bulk_high - bulk_low)
+    robust = max(low, bulk_low - margin), min(high, bulk_high + margin)
+    return robust if high - low > 2 * (robust[1] - robust[0]) else (low, high)
+
+
 def summarize(values: torch.Tensor, *, bins: int = 40, value_range: tuple[float, float] | None = None) -> dict:
-    """count, mean, std, min, max, mean |v|, fraction of exact zeros and a histogram."""
+    """count, mean, std, min, max, mean |v|, fraction of exact zeros and a histogram.
+
+    The histogram spans ``value_range`` (default `robust_range`); ``clipped`` counts the values outside it
+    (``below`` / ``above``), which the histogram leaves out and a chart says it left out.
+    """
     flat = values.detach().reshape(-1).to(torch.float64).cpu()
     if flat.numel() == 0:
         raise ExplorerError("Cannot summarise an empty tensor.")
     if not torch.isfinite(flat).all():
         raise ExplorerError("The tensor holds NaN or infinite values; the model's weights may be corrupt.")
-    low, high = value_range if value_range is not None else (float(flat.min()), float(flat.max()))
+    low, high = value_range if value_range is not None else robust_range(flat)
+    below, above = int((flat < low).sum()), int((flat > high).sum())
     if high <= low:
         low, high = low - 0.5, high + 0.5
     counts = torch.histc(flat, bins=bins, min=low, max=high)
@@ -36,13 +60,15 @@ def summarize(values: torch.Tensor, *, bins: int = 40, value_range: tuple[float,
         "mean_abs": float(flat.abs().mean()),
         "zeros_fraction": float((flat == 0).double().mean()),
         "hist": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]},
+        "clipped": {"below": below, "above": above},
     }
 
 
 def _summaries(tensors: dict[str, torch.Tensor], kinds: dict[str, str], bins: int, shared_range: bool) -> dict:
     value_range = None
     if shared_range and tensors:
-        value_range = (min(float(t.min()) for t in tensors.values()), max(float(t.max()) for t in tensors.values()))
+        ranges = [robust_range(t) for t in tensors.values()]
+        value_range = (min(low for low, _ in ranges), max(high for _, high in ranges))
     return {name: {"kind": kinds[name], "shape": list(t.shape), **summarize(t, bins=bins, value_range=value_range)}
             for name, t in tensors.items()}
 

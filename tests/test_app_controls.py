@@ -488,9 +488,13 @@ def test_sensitivity_whole_test_split_random_criterion_and_a_drop_budget_match_d
     order = at.dataframe[0].value.set_index("unit")
     for name in MLP_SIZES:  # trapezoids from (0, 0) through the 50 % and 100 % cells
         area = 0.5 * drops[(name, 0.5)] / 2 + 0.5 * (drops[(name, 0.5)] + drops[(name, 1.0)]) / 2
-        assert order.loc[name, "area under drop curve"] == pytest.approx(area, abs=1e-12), name
-        assert order.loc[name, "drop at 100%"] == pytest.approx(drops[(name, 1.0)], abs=1e-12)
-    assert list(order.index) == sorted(MLP_SIZES, key=lambda n: order.loc[n, "area under drop curve"])
+        # in points, as the cards: the mean drop over 0-100 % is the area divided by 1.0
+        assert order.loc[name, "mean drop, 0-100%"] == pytest.approx(100 * area, abs=1e-10), name
+        assert order.loc[name, "drop at 100%"] == pytest.approx(100 * drops[(name, 1.0)], abs=1e-10)
+    assert list(order.index) == sorted(MLP_SIZES, key=lambda n: order.loc[n, "mean drop, 0-100%"])
+    formats = {name: column["type_config"].get("format")
+               for name, column in json.loads(at.dataframe[0].proto.columns).items() if "type_config" in column}
+    assert formats["mean drop, 0-100%"] == formats["drop at 100%"] == "%.1f pts"  # one way, as '-3.7 pts' on the cards
 
     at.number_input(key="sens_max_drop_points").set_value(2.0).run()
     ok(at)

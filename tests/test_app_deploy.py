@@ -62,6 +62,7 @@ def test_deploy_page_times_exports_sparsifies_and_quantizes_the_pruned_copy():
         assert shown == row["measured_over_flops"] == pytest.approx(row["speedup"] * pruned_flops / dense_flops)
 
     at.button(key="deploy_export").click().run()
+    wait_for_job(at, "deploy_job", what="export")
     assert not at.exception and not at.error, texts(at.error)
     exported = next(iter(at.session_state["deploy_result"].values()))["exports"]
     assert [e["format"] for e in exported] == ["onnx", "torchscript", "pt2"]
@@ -77,6 +78,7 @@ def test_deploy_page_times_exports_sparsifies_and_quantizes_the_pruned_copy():
 
     at.number_input(key="deploy_sparse_batch").set_value(2)
     at.button(key="deploy_sparse").click().run()
+    wait_for_job(at, "deploy_job", what="CSR timing")
     assert not at.exception and not at.error, texts(at.error)
     layers = _frame(at, "CSR speed-up")
     assert layers["layer"].tolist() == [name for name, _ in _linears(pruned)]
@@ -85,6 +87,7 @@ def test_deploy_page_times_exports_sparsifies_and_quantizes_the_pruned_copy():
     assert "outputs agree to" in texts(at.caption)
 
     at.button(key="deploy_int8").click().run()
+    wait_for_job(at, "deploy_job", what="int8 comparison")
     assert not at.exception and not at.error, texts(at.error)
     int8 = next(iter(at.session_state["deploy_result"].values()))["int8"]
     shown = _frame(at, "x dense size")
@@ -146,3 +149,33 @@ def test_deploy_timing_cancel_keeps_the_rows_done(monkeypatch):
     job = wait_for_job(at, "deploy_job", what="deploy timing")
     assert job.cancelled and "Timing cancelled: 1 row(s) done" in texts(at.warning)
     assert _frame(at, "measured / FLOPs")["speed-up (95 %)"].tolist() == ["stand-in row"]
+
+
+def test_deploy_export_runs_in_the_background_and_cancel_keeps_the_files_written(monkeypatch):
+    """Export, CSR and int8 ran in the foreground behind a spinner; now each is a job with a bar and Cancel."""
+    import threading
+
+    from explorer.deploy import export
+
+    real, started, release = export.export, threading.Event(), threading.Event()
+
+    def first_then_wait(model, example, fmt, path):  # the ONNX file is written, then the user presses Cancel
+        result = real(model, example, fmt, path)
+        started.set()
+        release.wait(60)
+        return result
+
+    monkeypatch.setattr(export, "export", first_then_wait)
+    at = _pruned_session(0.5)
+    at.button(key="deploy_export").click().run()
+    assert started.wait(60)
+    at.run()
+    assert any(bar.text.startswith("Exporting and checking: exporting and checking onnx") for bar in at.get("progress"))
+    assert at.button(key="deploy_time").disabled and at.button(key="deploy_int8").disabled  # one step at a time
+    at.button(key="deploy_cancel").click().run()
+    release.set()
+    job = wait_for_job(at, "deploy_job", what="export")
+    assert job.cancelled and "Export cancelled: 1 of 3 formats done, kept below." in texts(at.warning)
+    table = _frame(at, "max abs diff")
+    assert table["format"].tolist() == ["onnx"] and Path(job.result[0]["path"]).stat().st_size > 0
+    assert not at.button(key="deploy_export").disabled

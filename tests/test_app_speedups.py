@@ -88,3 +88,26 @@ def test_tour_table_shows_each_pruning_s_interval():
     for row, shown in zip(rows, table[column].tolist()):
         text, noisy = expected_text(row["timing"]["pairs_ms"])
         assert same_figures(shown, text) and row["speedup_noisy"] == noisy
+
+
+def test_compare_shows_the_metric_and_the_speed_ups_first_and_the_technical_columns_apart(tmp_path, monkeypatch):
+    """The table once needed horizontal scrolling to reach accuracy and the speed-ups (23 columns in stored order)."""
+    import json
+
+    from explorer.store import Run, RunStore
+
+    monkeypatch.setenv("PRUNING_EXPLORER_DATA", str(tmp_path))
+    RunStore().save(Run(model_name="mlp", dataset="digits", structure="channel", criterion="magnitude", scope="local",
+                        sparsity=0.5, metrics={"accuracy": 0.9, "base_accuracy": 0.95, "delta_accuracy": -0.05,
+                                               "speedup_measured": 1.5, "speedup_flops": 2.0,
+                                               "size_compressed_bytes": 1000}))
+    at = AppTest.from_file("../app_pages/compare.py", default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    main, everything = at.dataframe[0].proto, at.dataframe[1].proto
+    order = list(main.column_order)
+    assert order[:6] == ["name", "sparsity", "accuracy", "Δ accuracy (pts)", "speed-up measured", "noisy"]
+    assert len(order) <= 10 and "device" not in order and "measured 95 % low" not in order
+    assert not list(everything.column_order)  # the expander's table: every column
+    headers = {name: column.get("label") for name, column in json.loads(main.columns).items()}
+    assert headers["speed-up measured"] == "measured x" and headers["speed-up FLOPs"] == "FLOPs x"
+    assert max(len(label) for label in headers.values() if label) <= 14  # short headers

@@ -5,9 +5,10 @@ with the keyboard and checks that the per-layer chart changed. Screenshots go to
 folder and, with SAVE_SCREENSHOTS=1, one per page to docs/screenshots/ for the README.
 
 The walk (issue 21): every page (load, inspect, prune, apply, reload, fine-tune, methods, sensitivity, compare,
-deploy) in a wide and a narrow window, a screenshot of each under the test's folder (and in
-$PRUNING_EXPLORER_SCREENSHOTS when set); no chart of height 0, the pruned copy back after a reload, the query
-kept by the sidebar links, and no static-folder warning from the server.
+deploy, the Tour with its three steps computed) in a wide and a narrow window, a screenshot of each under the
+test's folder (and in $PRUNING_EXPLORER_SCREENSHOTS when set); no chart of height 0 and no chart title under its
+toolbar, the pruned copy back after a reload, the query kept by the sidebar links, and no static-folder warning
+from the server. A second walk opens MiniLM (37 layers): its Prune and Inspect pages at both sizes.
 """
 import os
 import shutil
@@ -46,7 +47,8 @@ def free_port() -> int:
 def server(tmp_path):
     """The app served headless on a free port, with its own data and cache folders; always stopped."""
     port = free_port()
-    env = {**os.environ, "PRUNING_EXPLORER_DATA": os.environ.get("PRUNING_EXPLORER_DATA", str(tmp_path / "data")),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",  # no downloads at run time: MiniLM comes from its wheel
+           "PRUNING_EXPLORER_DATA": os.environ.get("PRUNING_EXPLORER_DATA", str(tmp_path / "data")),
            "PRUNING_EXPLORER_CACHE": os.environ.get("PRUNING_EXPLORER_CACHE", str(tmp_path / "cache"))}
     log = open(tmp_path / "streamlit.log", "w")
     process = subprocess.Popen(
@@ -239,7 +241,7 @@ def tour_for_screenshots(driver, tmp_path) -> None:
 
 
 SIZES = {"wide": (1500, 1300), "narrow": (820, 1100)}
-PAGES = ("Model", "Inspect", "Prune", "Fine-tune", "Methods", "Sensitivity", "Compare", "Deploy")
+PAGES = ("Tour", "Model", "Inspect", "Prune", "Fine-tune", "Methods", "Sensitivity", "Compare", "Deploy")
 
 
 def chart_heights(driver) -> list[float]:
@@ -262,13 +264,25 @@ def shoot_walk(driver, tmp_path, name: str) -> Path:
     return path
 
 
-def page_is_clean(driver, title: str) -> None:
-    """No exception box, no chart of height 0, and the sidebar names the model."""
+def titles_under_toolbars(driver) -> list[str]:
+    """The chart titles that plotly's toolbar (its modebar, shown on hover) would cover: their boxes intersect."""
+    return [title for title in driver.execute_script("""
+        return Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot => {
+          const bar = plot.querySelector('.modebar'), title = plot.querySelector('.gtitle');
+          if (!bar || !title || !title.textContent) return '';
+          const a = bar.getBoundingClientRect(), b = title.getBoundingClientRect();
+          return a.right > b.left && a.left < b.right && a.bottom > b.top && a.top < b.bottom ? title.textContent : '';
+        });""") if title]
+
+
+def page_is_clean(driver, title: str, model: str = "mlp") -> None:
+    """No exception box, no chart of height 0, no chart title under its toolbar, and the sidebar names the model."""
     body = driver.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in body and not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'), title
     assert all(height > 50 for height in chart_heights(driver)), (title, chart_heights(driver))
+    assert not titles_under_toolbars(driver), (title, titles_under_toolbars(driver))
     sidebar = driver.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
-    assert "mlp" in sidebar and "None loaded yet" not in sidebar, (title, sidebar)
+    assert model in sidebar and "None loaded yet" not in sidebar, (title, sidebar)
 
 
 def test_every_page_at_two_window_sizes(server, browser, tmp_path):
@@ -315,6 +329,13 @@ def test_every_page_at_two_window_sizes(server, browser, tmp_path):
         shoot_walk(browser, tmp_path, f"wide-{number}-{title.lower()}")
         assert "model=mlp" in browser.current_url, (title, browser.current_url)  # the sidebar link kept the query
 
+    open_page(browser, "Tour")  # each step's evidence computed on the loaded model (about 25 s on the mlp)
+    for step in ("Prune it both ways", "Compare criteria and scopes", "Run one-shot and iterative"):
+        click_button(browser, step)
+    wait_for(browser, lambda d: len(chart_heights(d)) >= 3, 300, "the Tour's charts did not appear")
+    page_is_clean(browser, "Tour")
+    shoot_walk(browser, tmp_path, "wide-10-tour")
+
     browser.set_window_size(*SIZES["narrow"])
     for number, title in enumerate(PAGES, start=1):
         open_page(browser, title)
@@ -326,3 +347,25 @@ def test_every_page_at_two_window_sizes(server, browser, tmp_path):
 
     log = (tmp_path / "streamlit.log").read_text()
     assert "no static folder found" not in log, log
+
+
+def test_minilm_prune_and_inspect_read_cleanly_at_two_window_sizes(server, browser, tmp_path):
+    """The 37-layer transformer: its plan chart lies on its side (one whole name a row), no chart title under a
+    toolbar, histograms with their own titles; at both window sizes, a screenshot of each."""
+    for size, (width, height) in SIZES.items():
+        browser.set_window_size(width, height)
+        browser.get(f"{server}/prune?model=minilm&data=text")
+        wait_for(browser, lambda d: bar_heights(d) is not None, 300, "no MiniLM prune chart")
+        settle(browser, 300)
+        page_is_clean(browser, "Prune", model="minilm")
+        layers = browser.execute_script("const p = document.querySelector('.js-plotly-plot');"
+                                        "return [p._fullData[0].orientation, p._fullData[0].y.length];")
+        assert layers == ["h", 37], layers
+        plot = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", plot)
+        shoot_walk(browser, tmp_path, f"{size}-minilm-prune")
+        open_page(browser, "Inspect")
+        page_is_clean(browser, "Inspect", model="minilm")
+        plot = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", plot)
+        shoot_walk(browser, tmp_path, f"{size}-minilm-inspect")

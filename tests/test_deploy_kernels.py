@@ -92,3 +92,42 @@ def test_int8_of_a_file_that_is_not_onnx_is_one_line(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ExplorerError, match="int8 quantizer refused"):
         quantize.quantize_int8(bad, tmp_path / "out.onnx")
+
+
+def _cancel_at(text_start: str):
+    """A progress callback that records the steps and sets the cancel flag when a step starting so begins."""
+    import threading
+
+    cancel, seen = threading.Event(), []
+
+    def progress(fraction: float, text: str) -> None:
+        seen.append(text)
+        if text.startswith(text_start):
+            cancel.set()
+    return progress, cancel, seen
+
+
+def test_csr_timing_reports_each_layer_and_a_cancel_keeps_the_layers_timed():
+    torch.manual_seed(0)
+    model = build("mlp", (64,), 10).eval()
+    progress, cancel, seen = _cancel_at("timing fc2")  # the user cancels while fc2 is timed
+    result = sparse.end_to_end(model, torch.randn(2, 64), max_run_time=0.05, progress=progress, cancel=cancel)
+    assert seen == ["timing fc1 dense vs CSR", "timing fc2 dense vs CSR"]
+    assert [row["name"] for row in result["layers"]] == ["fc1", "fc2"] and result["cancelled"]
+    assert result["speedup"] is None and result["max_abs_diff"] <= 1e-5  # the copy still computes the same
+
+
+def test_int8_comparison_reports_its_steps_and_a_cancel_keeps_the_rows_done(tmp_path):
+    dataset = load_dataset("digits")
+    torch.manual_seed(0)
+    dense = build("mlp", dataset.input_shape, dataset.num_classes).eval()
+    progress, cancel, seen = _cancel_at("timing and evaluating the pruned fp32")
+    result = quantize.compare(dense, dense, dataset, batch=8, max_run_time=0.05, folder=tmp_path, progress=progress,
+                              cancel=cancel)
+    assert seen[:3] == ["exporting the dense fp32 model to ONNX", "exporting the pruned fp32 model to ONNX",
+                        "quantizing the pruned model to int8"]
+    assert [row["model"] for row in result["rows"]] == ["dense fp32", "pruned fp32"] and result["cancelled"]
+    assert result["rows"][1]["metric"] == pytest.approx(tasks.accuracy(dense, dataset), abs=1e-9)
+    early, stop, _ = _cancel_at("exporting the dense")  # before any file: no row, said as cancelled
+    nothing = quantize.compare(dense, dense, dataset, folder=tmp_path / "early", progress=early, cancel=stop)
+    assert nothing["rows"] == [] and nothing["cancelled"]

@@ -136,7 +136,8 @@ def test_sensitivity_heatmap_rows_follow_the_order_and_cells_hold_the_drops():
     heat = figures.sensitivity_heatmap(scan).data[0]
     assert list(heat.y) == ["b", "a", "c"]  # robust -> fragile, then the unfinished row
     assert list(heat.x) == ["25%", "50%", "75%"]
-    assert [list(row) for row in heat.z] == [[0.0, 0.01, None], [0.1, 0.3, 0.6], [0.2, None, None]]
+    assert [list(row) for row in heat.z] == [[0.0, 1.0, None], [10.0, 30.0, 60.0], [20.0, None, None]]  # in points
+    assert heat.colorbar.ticksuffix == " pts" and "drop %{z:.1f} pts" in heat.hovertemplate
     assert "saves 20 params, 40 FLOPs" in heat.customdata[1][2] and heat.customdata[2][1] == "not scanned"
 
 
@@ -144,9 +145,11 @@ def test_sensitivity_curves_start_dense_skip_missing_values_and_draw_the_goal():
     scan = _scan_dict({"a": [0.1, 0.3, 0.6], "b": [0.0, 0.01, None]}, order=["b", "a"])
     figure = figures.sensitivity_curves(scan, units=["a", "b"], max_drop=0.05)
     assert [trace.name for trace in figure.data] == ["b", "a"]
-    assert list(figure.data[0].x) == [0.0, 0.25, 0.5] and list(figure.data[0].y) == [0.0, 0.0, 0.01]
-    assert list(figure.data[1].y) == [0.0, 0.1, 0.3, 0.6]
-    assert figure.layout.shapes[0].y0 == 0.05
+    assert list(figure.data[0].x) == [0.0, 0.25, 0.5] and list(figure.data[0].y) == [0.0, 0.0, 1.0]  # points
+    assert list(figure.data[1].y) == [0.0, 10.0, 30.0, 60.0]
+    assert figure.layout.shapes[0].y0 == 5.0 and figure.layout.yaxis.ticksuffix == " pts"
+    fidelity = figures.sensitivity_curves(_scan_dict({"a": [0.1]}, order=["a"], measure="cosine"))
+    assert list(fidelity.data[0].y) == [0.0, 0.1] and not fidelity.layout.yaxis.ticksuffix
     assert [trace.name for trace in figures.sensitivity_curves(scan, units=["a"]).data] == ["a"]
 
 

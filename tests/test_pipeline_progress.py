@@ -196,3 +196,148 @@ def test_a_factory_trains_with_a_cancel_that_keeps_the_partly_trained_model(monk
     assert "of 50 epochs" in model["origin"] and "model_train_job" not in at.session_state
     goto(at, "app_pages/prune.py")  # the partly trained model is the session's
     assert at.session_state["current_model"]["label"] == "explorer.zoo:mlp"
+
+
+def test_prepare_reports_its_stages_and_a_cancel_stops_it_between_layers():
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    base = build("mlp", data.input_shape, data.num_classes).eval()
+    seen, cancel = [], threading.Event()
+
+    def progress(fraction: float, line: str) -> None:
+        seen.append((fraction, line))
+        if line.startswith("2:4 pattern: ") and len([s for s in seen if s[1].startswith("2:4")]) == 2:
+            cancel.set()  # the user cancels while the second layer gets its pattern
+
+    with pytest.raises(pipeline.ScoringCancelled):
+        pipeline.prepare(base, ScoringSpec("nm", "magnitude", nm="2:4"), dataset=data, progress=progress, cancel=cancel)
+    assert [line for _, line in seen][-2:] == [f"2:4 pattern: {name}" for name, _ in prunable_layers(base)][:2]
+    assert [fraction for fraction, _ in seen] == sorted(fraction for fraction, _ in seen)
+    seen.clear()
+    prepared = pipeline.prepare(base, ScoringSpec("nm", "magnitude", nm="2:4"), dataset=data, progress=progress)
+    assert seen[-1] == (1.0, "ranked") and prepared.nm == (2, 4)  # uncancelled: every stage, up to the ranking
+
+
+def _held_scoring(monkeypatch, structure: str, times: int = 1):
+    """pipeline.prepare as it is, except that scoring ``structure`` waits at its first report for the Cancel
+    (the first ``times`` times); returns the list of the structures scored."""
+    real, scored = pipeline.prepare, []
+
+    def held(model, scoring, *, progress=None, cancel=None, **kwargs):
+        scored.append(scoring.structure)
+        hold = scoring.structure == structure and scored.count(structure) <= times
+
+        def gate(fraction, line):
+            progress(fraction, line)
+            if hold:
+                cancel.wait(120)  # the user presses Cancel while the scores are computed
+        return real(model, scoring, progress=gate, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare", held)
+    return scored
+
+
+def _scoring_job(at, timeout: float = 300):
+    """The page's scoring job, once the script reaches it (a baseline that must train first is waited for)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while "prepare_job" not in at.session_state:
+        assert not at.exception, [e.value for e in at.exception]
+        assert time.monotonic() < deadline, f"no scoring started: {[bar.text for bar in at.get('progress')]}"
+        if "baseline_job" in at.session_state:
+            at.session_state["baseline_job"].wait(5)
+        at.run()
+    return at.session_state["prepare_job"]
+
+
+def _until_held(job):
+    for _ in range(400):
+        if job.status.startswith("magnitude: scoring"):
+            return
+        job.wait(0.05)
+    raise AssertionError(f"the scoring did not reach its first report: {job.status}")
+
+
+def test_a_switch_of_structure_shows_its_scoring_and_cancel_keeps_the_plan_shown_before(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app_pages import common
+    from tests.apptest import shown_view, texts
+
+    scored = _held_scoring(monkeypatch, "channel")
+    at = AppTest.from_file("../app.py", default_timeout=300)
+    at.query_params.update(model="mlp", data="digits", scope="local", sparsity="0.3")
+    at.switch_page("app_pages/prune.py").run()  # the baseline trains (if it must), unstructured scores
+    assert not at.exception, [e.value for e in at.exception]
+    before = shown_view(at)["figure"]
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)  # the script hands back at once, showing the bar and Cancel
+    at.radio(key="prune_structure").set_value("channel").run()
+    job = at.session_state["prepare_job"]
+    _until_held(job)
+    at.run()
+    assert any("Scoring channel units by magnitude: magnitude: scoring" in bar.text for bar in at.get("progress"))
+    at.button(key="prune_scoring_cancel").click().run()
+    assert job.wait(120) and job.cancelled and job.result is None
+    if "prepare_job" in at.session_state:  # the click's run handed back before the job stopped
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="prune_structure").value == "unstructured"
+    assert "Scoring channel units by magnitude cancelled: the unstructured / magnitude plan shown before is kept" \
+        in texts(at.info)
+    assert at.session_state["recipe"].scoring.structure == "unstructured" and "prepare_job" not in at.session_state
+    assert not any(key[1].structure == "channel" for key in at.session_state["prepared_cache"])
+    assert shown_view(at)["figure"] == before  # the same plan, ready for Apply, without scoring it again
+    assert scored == ["unstructured", "channel"]
+
+
+def test_a_first_scoring_cancelled_waits_for_a_click_then_scores(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app_pages import common
+    from tests.apptest import live_cards, texts
+
+    scored = _held_scoring(monkeypatch, "channel", times=1)
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)
+    at = AppTest.from_file("../app.py", default_timeout=300)
+    at.query_params.update(model="mlp", data="digits", structure="channel", scope="local", sparsity="0.5")
+    at.switch_page("app_pages/prune.py").run()
+    job = _scoring_job(at)
+    _until_held(job)
+    at.run()
+    at.button(key="prune_scoring_cancel").click().run()
+    assert job.wait(120) and job.cancelled
+    if "prepare_job" in at.session_state:
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Scoring channel units by magnitude was cancelled" in texts(at.info)
+    assert at.radio(key="prune_structure").value == "channel" and scored == ["channel"]  # not scored again by itself
+    monkeypatch.setattr(common, "JOB_WAIT_S", 3600.0)
+    at.button(key="prune_score_again").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert scored == ["channel", "channel"] and "was cancelled" not in texts(at.info)
+    assert live_cards(at)["Units pruned"].startswith("192")  # the mlp's 256 + 128 hidden channels, half removed
+
+
+def test_inspect_draws_its_histograms_without_the_cut_when_its_scoring_is_cancelled(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app_pages import common
+    from tests.apptest import texts
+
+    _held_scoring(monkeypatch, "unstructured")
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)
+    at = AppTest.from_file("../app.py", default_timeout=300)
+    at.query_params.update(model="mlp", data="digits")
+    at.switch_page("app_pages/inspect.py").run()
+    job = _scoring_job(at)  # the held scoring of the |w| cut
+    _until_held(job)
+    at.run()
+    at.button(key="inspect_cut_cancel").click().run()
+    assert job.wait(120) and job.cancelled
+    if "prepare_job" in at.session_state:
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "No pruning threshold to draw: the scoring was cancelled" in texts(at.warning)
+    charts = {chart.proto.id for chart in at.get("plotly_chart")}
+    assert any("inspect_weights" in chart_id for chart_id in charts)  # the histograms, without the red cut

@@ -154,5 +154,11 @@ def test_compare_shows_the_2_4_kernel_speed_up_or_why_there_is_none(tmp_path, mo
                             sparsity=0.5, metrics={"task": task, "semi_structured": semi}))
     at = AppTest.from_file("../app_pages/compare.py", default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert sorted(at.dataframe[0].value["speed-up 2:4 kernels"].fillna(0)) == [0, 1.4]
+    assert sorted(at.dataframe[0].value["speed-up 2:4 kernels"]) == ["1.40x", "—"]  # a dash, never 'None'
+    assert "2:4 kernels x" in at.dataframe[0].proto.columns and "speed-up 2:4 kernels" in at.dataframe[0].proto.column_order
+    assert "2:4 sparse kernels: No CUDA GPU here" in "\n".join(c.value for c in at.caption)
+    RunStore().delete(next(run.id for run in RunStore().list() if run.metrics["semi_structured"].get("speedup")))
+    # the kernels' run gone: no column of dashes, the line says why
+    at = AppTest.from_file("../app_pages/compare.py", default_timeout=60).run()
+    assert "speed-up 2:4 kernels" not in at.dataframe[0].proto.column_order
     assert "2:4 sparse kernels: No CUDA GPU here" in "\n".join(c.value for c in at.caption)

@@ -113,10 +113,21 @@ def export(model: nn.Module, example_input: torch.Tensor, fmt: str, path: str | 
 
 
 def export_all(model: nn.Module, example_input: torch.Tensor, folder: str | Path, *, stem: str = "model",
-               formats: tuple[str, ...] = FORMATS) -> list[Exported]:
-    """`export` to every format in ``formats``, into ``folder`` as ``stem`` + the format's suffix."""
+               formats: tuple[str, ...] = FORMATS, progress=None, cancel=None) -> list[Exported]:
+    """`export` to every format in ``formats``, into ``folder`` as ``stem`` + the format's suffix.
+
+    ``progress(fraction, text)`` hears each format as it starts; ``cancel`` (a threading.Event) is checked
+    before each one: once set, the files done so far come back (fewer than ``formats``).
+    """
     folder = Path(folder)
-    return [export(model, example_input, fmt, folder / f"{stem}{SUFFIX[fmt]}") for fmt in formats]
+    done = []
+    for index, fmt in enumerate(formats):
+        if cancel is not None and cancel.is_set():
+            break
+        if progress is not None:
+            progress(index / len(formats), f"exporting and checking {fmt}")
+        done.append(export(model, example_input, fmt, folder / f"{stem}{SUFFIX[fmt]}"))
+    return done
 
 
 def load_exported(fmt: str, path: str | Path):

@@ -54,23 +54,38 @@ def quantize_int8(source: str | Path, target: str | Path) -> Path:
 
 
 def compare(dense: nn.Module, pruned: nn.Module, dataset: Dataset, *, batch: int = 64, threads: int | None = None,
-            max_run_time: float | None = None, folder: str | Path | None = None, evaluate: bool = True) -> dict:
+            max_run_time: float | None = None, folder: str | Path | None = None, evaluate: bool = True,
+            progress=None, cancel=None) -> dict:
     """Dense fp32, pruned fp32 and pruned int8 as ONNX files: size, latency and task metric side by side.
 
     Returns ``{rows: [{model, path, size_bytes, size_vs_dense, latency_ms, speedup, speedup_interval,
     noisy, metric, max_abs_diff}], task, batch, threads}``: ``speedup`` is dense fp32 over that file on
     ONNX Runtime, each timed pairwise against the dense file; ``metric`` is the task's value (test split)
     computed from the file's own outputs; ``max_abs_diff`` compares the file with the pruned PyTorch model.
+    ``progress(fraction, text)`` hears each step; ``cancel`` (a threading.Event) is checked between them: the
+    rows finished come back with ``cancelled`` True (none when it came before the three files were written).
     """
+    def step(fraction: float, text: str) -> bool:
+        """Report the step; False once cancelled."""
+        if cancel is not None and cancel.is_set():
+            return False
+        if progress is not None:
+            progress(fraction, text)
+        return True
+
     with contextlib.ExitStack() as stack:
         folder = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         example = dataset.example_input(2)
         files = {}
-        for label, model in (("dense fp32", dense), ("pruned fp32", pruned)):
+        for index, (label, model) in enumerate((("dense fp32", dense), ("pruned fp32", pruned))):
+            if not step(0.1 * index, f"exporting the {label} model to ONNX"):
+                return _cancelled([])
             result = export.export(model, example, "onnx", folder / f"{label.replace(' ', '-')}.onnx")
             if result.error:
                 raise ExplorerError(result.error)
             files[label] = Path(result.path)
+        if not step(0.2, "quantizing the pruned model to int8"):
+            return _cancelled([])
         files["pruned int8"] = quantize_int8(files["pruned fp32"], folder / "pruned-int8.onnx")
         load = timing.machine_load()
         threads, threads_note = timing.choose_threads(threads, torch.get_num_threads(), load)
@@ -79,7 +94,9 @@ def compare(dense: nn.Module, pruned: nn.Module, dataset: Dataset, *, batch: int
         task = tasks.task_for(dense, dataset)
         reference = export.deployable(pruned)
         rows = []
-        for label, path in files.items():
+        for index, (label, path) in enumerate(files.items()):
+            if not step(0.3 + 0.7 * index / len(files), f"timing and evaluating the {label} file"):
+                break
             row = {"model": label, "path": str(path), "size_bytes": path.stat().st_size}
             row["size_vs_dense"] = row["size_bytes"] / files["dense fp32"].stat().st_size
             with torch.inference_mode():
@@ -93,9 +110,16 @@ def compare(dense: nn.Module, pruned: nn.Module, dataset: Dataset, *, batch: int
                 row["measure"] = value["measure"]
             rows.append(row)
     dense_ms = next((r["dense_ms"] for r in rows if r.get("dense_ms") is not None), None)
-    rows[0]["latency_ms"] = dense_ms
+    if rows:
+        rows[0]["latency_ms"] = dense_ms
     return {"rows": rows, "task": task, "batch": batch, "threads": threads, "threads_note": threads_note or None,
-            "load": load.to_dict()}
+            "load": load.to_dict(), "cancelled": len(rows) < len(files)}
+
+
+def _cancelled(rows: list) -> dict:
+    """What `compare` returns when cancelled before its files exist: no row, nothing timed."""
+    return {"rows": rows, "task": None, "batch": None, "threads": None, "threads_note": None, "load": None,
+            "cancelled": True}
 
 
 def _timed(dense: OnnxModule, other: OnnxModule, inputs: torch.Tensor, load: timing.Load,

@@ -112,13 +112,15 @@ def break_even_point(rows: list[dict]) -> float | None:
 
 
 def sparsify(model: nn.Module, example_input: torch.Tensor, *, threads: int | None = None,
-             max_run_time: float = 0.3) -> tuple[nn.Module, list[dict]]:
+             max_run_time: float = 0.3, progress=None, cancel=None) -> tuple[nn.Module, list[dict]]:
     """A copy of ``model`` whose Linear layers run on CSR kernels where that is faster, and why each did or not.
 
     Each Linear is timed on the input it really receives (captured from one forward of
     ``example_input``), with its own weights, dense against CSR; it is swapped when CSR's median
     is faster. Masks are folded first. Returns the copy and one row per Linear: ``name``,
     ``shape``, ``sparsity``, ``speedup`` (CSR over dense, for that layer alone) and ``sparse``.
+    ``progress(fraction, text)`` hears each layer; once ``cancel`` (a threading.Event) is set, the layers
+    not timed yet stay dense and get no row.
     """
     deployed = fold_masks(model) if is_masked(model) else clone_model(model)
     deployed.eval()
@@ -134,9 +136,13 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *, threads: int | No
     load = timing.machine_load()
     threads, _ = timing.choose_threads(threads, torch.get_num_threads(), load)
     rows = []
-    for name, module in list(deployed.named_modules()):
-        if not isinstance(module, nn.Linear) or name not in inputs:
-            continue
+    linears = [(name, module) for name, module in deployed.named_modules()
+               if isinstance(module, nn.Linear) and name in inputs]
+    for index, (name, module) in enumerate(linears):
+        if cancel is not None and cancel.is_set():
+            break
+        if progress is not None:
+            progress(index / len(linears), f"timing {name} dense vs CSR")
         weight = module.weight.detach()
         summary = time_layer(weight, module.bias, inputs[name], threads=threads, load=load, max_run_time=max_run_time)
         faster = summary["speedup_measured"] > 1
@@ -150,19 +156,29 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *, threads: int | No
 
 
 def end_to_end(model: nn.Module, example_input: torch.Tensor, *, threads: int | None = None,
-               max_run_time: float | None = None) -> dict:
+               max_run_time: float | None = None, progress=None, cancel=None) -> dict:
     """`sparsify` ``model``, then time it whole against the same weights on dense kernels (`compare_latency`).
 
     Returns ``{layers, speedup, speedup_interval, noisy, noise, dense_ms, sparse_ms, batch, threads,
-    max_abs_diff}``; ``max_abs_diff`` checks the sparse copy computes what the dense one does.
+    max_abs_diff, cancelled}``; ``max_abs_diff`` checks the sparse copy computes what the dense one does.
+    ``progress`` hears each layer and the end-to-end timing; a ``cancel`` keeps the layers timed so far and
+    skips the end-to-end timing (its figures None, ``cancelled`` True).
     """
+    report = (lambda fraction, text: progress(0.7 * fraction, text)) if progress is not None else None
     dense = fold_masks(model) if is_masked(model) else model
-    sparse, layers = sparsify(dense, example_input, threads=threads)
+    sparse, layers = sparsify(dense, example_input, threads=threads, progress=report, cancel=cancel)
     with torch.no_grad():
         difference = float((sparse(example_input) - dense(example_input)).abs().max())
+    cancelled = cancel is not None and cancel.is_set()
+    if cancelled:
+        return {"layers": layers, "dense_ms": None, "sparse_ms": None, "speedup": None, "speedup_interval": None,
+                "noisy": None, "noise": None, "batch": int(example_input.shape[0]), "threads": threads,
+                "max_abs_diff": difference, "cancelled": True}
+    if progress is not None:
+        progress(0.7, "timing the model end to end, CSR where it wins vs dense kernels")
     timed = measure.compare_latency(dense, sparse, example_input, threads=threads, max_run_time=max_run_time,
                                     channels_last=False)
     return {"layers": layers, "dense_ms": timed["dense"]["median_ms"], "sparse_ms": timed["pruned"]["median_ms"],
             "speedup": timed["speedup_measured"], "speedup_interval": timed["speedup_interval"],
             "noisy": timed["noisy"], "noise": timed["noise"], "batch": timed["dense"]["batch"],
-            "threads": timed["dense"]["threads"], "max_abs_diff": difference}
+            "threads": timed["dense"]["threads"], "max_abs_diff": difference, "cancelled": False}
