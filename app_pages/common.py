@@ -422,8 +422,9 @@ def prepared_for(model: dict, scoring: ScoringSpec, *, cancel_key: str = "scorin
         return cache[key]
     job = st.session_state.get(PREPARE_JOB)
     if job is None or job.meta.get("key") != key:
-        if job is not None:
-            job.cancel.set()
+        if job is not None:  # settings changed while it scored: stop it before scoring the shared model again
+            job.cancel.set()  # (calibration hooks of two scorings on one module would see each other's batches)
+            job.wait(60)
         module, dataset = model["module"], model["dataset"]
         job = st.session_state[PREPARE_JOB] = jobs.start(
             lambda context: pipeline.prepare(module, scoring, dataset=dataset, cancel=context.cancel,
