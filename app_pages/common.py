@@ -95,7 +95,8 @@ def shared_transformer(source: str) -> tuple:
 
 def transformer_entry(source: str) -> dict:
     """The session-model entry of a built-in transformer or ``hf:FOLDER`` on the built-in text (shared, cached)."""
-    module, data, arch, task = shared_transformer(source)
+    with st.spinner(f"Loading {source} and tokenising the built-in text (once per server; seconds) ..."):
+        module, data, arch, task = shared_transformer(source)  # a cached one comes back at once
     return {"module": module, "label": source, "arch": arch, "dataset": data, "source": "transformer",
             "spec": ModelSpec(source=source, data="text", baseline=False),
             "base_accuracy": task["base"] if task["name"] == "accuracy" else None, "task": task,

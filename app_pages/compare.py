@@ -93,6 +93,8 @@ shown = shown.assign(**{"speed-up 2:4 kernels": [  # a number where the kernels 
     "—" if value is None or value != value else f"{value:.2f}x" for value in kernels]})
 COLUMNS = {  # header, format and help of every column; the first table shows the ones a comparison reads
     "id": st.column_config.NumberColumn("run", format="%d"),
+    "name": st.column_config.TextColumn(width="medium", pinned=True,  # in a narrow window the numbers stay in view
+                                        help="The run's name (its settings); hover a cell for the whole name."),
     "sparsity": st.column_config.NumberColumn(format="percent"),
     "metric": st.column_config.TextColumn("task metric"),
     "metric value": st.column_config.NumberColumn(one_metric or "value", format=value_format),

@@ -80,7 +80,7 @@ if pair.note:
     st.caption(f"Note: {pair.note}.")
 
 st.subheader("Runtimes side by side")
-left, middle, right = st.columns(3)
+left, middle, right = st.columns([2, 1, 1])  # the runtimes' chips need the room (a narrow window cut them)
 names = left.multiselect("Runtimes", runtimes.available_runtimes(), default=["eager", "onnxruntime"],
                          key="deploy_runtimes", help="torch.compile compiles each model and batch first "
                                                      "(tens of seconds on a CPU; reported apart).")

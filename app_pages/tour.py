@@ -114,11 +114,11 @@ if decide is not None:
                             key=f"tour_plan_{scope}")
             if plan.collapsed:
                 st.warning(f"{scope}: empties {', '.join(plan.collapsed)} (collapse point "
-                           f"{plan.collapse_point:.1%}, `{plan.collapse_layer}`).")
+                           f"{tour.collapse_percent(plan.collapse_point)}, `{plan.collapse_layer}`).")
             else:
                 st.success(f"{scope}: no layer emptied"
-                           + (f" (the first would empty beyond {plan.collapse_point:.1%})" if plan.collapse_point
-                              else "") + ".")
+                           + (f" (the first empties from {tour.collapse_percent(plan.collapse_point)} on)"
+                              if plan.collapse_point else "") + ".")
 st.page_link("app_pages/inspect.py", label="Try it: look at the weights on Inspect", icon=":material/query_stats:")
 
 st.header("3. How over time")

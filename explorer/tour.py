@@ -132,13 +132,19 @@ def collapse_demo(prepared: dict[str, pipeline.Prepared], *, fallback: float = 0
             "collapse_shown": bool(gaps), "plans": plans}
 
 
+def collapse_percent(point: float) -> str:
+    """A collapse point rounded down to a tenth of a percent: 0.9996 reads '99.9%' (the sparsity from which the
+    layer is empty), never '100.0%', which would say it empties only beyond everything."""
+    return f"{math.floor(1000 * point + 1e-9) / 10:.1f}%"
+
+
 def collapse_demo_text(demo: dict) -> str:
     """What the scope demo shows and why this criterion and sparsity, from the computed collapse points."""
     points, criterion, sparsity = demo["collapse_points"], demo["collapse_criterion"], demo["collapse_sparsity"]
-    listed = ", ".join(f"{name} {glob:.1%}" for name, (glob, _) in points.items() if glob is not None)
+    listed = ", ".join(f"{name} {collapse_percent(glob)}" for name, (glob, _) in points.items() if glob is not None)
     local = next((local for _, local in points.values() if local is not None), None)
-    local_text = f"local scope empties its smallest layer only beyond {local:.1%}" if local is not None \
-        else "local scope empties no layer"
+    local_text = f"local scope empties its smallest layer only from {collapse_percent(local)} on" \
+        if local is not None else "local scope empties no layer"
     if demo["collapse_shown"]:
         return (f"Where global scope first empties a layer, per criterion: {listed}; {local_text}. "
                 f"Shown: **{criterion} at {sparsity:.1%}**, where global has emptied a layer and local has not.")

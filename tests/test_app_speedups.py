@@ -111,3 +111,5 @@ def test_compare_shows_the_metric_and_the_speed_ups_first_and_the_technical_colu
     headers = {name: column.get("label") for name, column in json.loads(main.columns).items()}
     assert headers["speed-up measured"] == "measured x" and headers["speed-up FLOPs"] == "FLOPs x"
     assert max(len(label) for label in headers.values() if label) <= 14  # short headers
+    name = json.loads(main.columns)["name"]
+    assert name.get("width") == "medium" and name.get("pinned")  # a long name no longer pushes the numbers away

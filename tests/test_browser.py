@@ -332,7 +332,8 @@ def test_every_page_at_two_window_sizes(server, browser, tmp_path):
     open_page(browser, "Tour")  # each step's evidence computed on the loaded model (about 25 s on the mlp)
     for step in ("Prune it both ways", "Compare criteria and scopes", "Run one-shot and iterative"):
         click_button(browser, step)
-    wait_for(browser, lambda d: len(chart_heights(d)) >= 3, 300, "the Tour's charts did not appear")
+    # step 1 draws one chart, step 2 two plans, step 3 the trajectories: all four before the page is judged
+    wait_for(browser, lambda d: len(chart_heights(d)) >= 4 and idle(d), 300, "the Tour's charts did not appear")
     page_is_clean(browser, "Tour")
     shoot_walk(browser, tmp_path, "wide-10-tour")
 

@@ -40,7 +40,7 @@ def check_collapse_demo(result):
     assert all(lp.kept == 0 for lp in glob.layers if lp.name in glob.collapsed)
     text = tour.collapse_demo_text(result)
     assert f"Shown: **{result['collapse_criterion']} at {sparsity:.1%}**" in text
-    assert f"beyond {local.collapse_point:.1%}" in text
+    assert f"from {tour.collapse_percent(local.collapse_point)} on" in text
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -69,8 +69,14 @@ def test_without_a_gap_the_demo_says_so_from_the_numbers(mlp):
             "collapse_sparsity": 0.95, "collapse_shown": False}
     assert tour.collapse_demo_text(demo) == (
         "On this model no criterion makes global scope empty a layer before local scope does "
-        f"(global: magnitude {local:.1%}; local scope empties its smallest layer only beyond {local:.1%}), "
-        "so both are shown with magnitude at 95.0%.")
+        f"(global: magnitude {tour.collapse_percent(local)}; local scope empties its smallest layer only from "
+        f"{tour.collapse_percent(local)} on), so both are shown with magnitude at 95.0%.")
+
+
+def test_a_collapse_point_never_reads_100_percent():
+    """0.9996 (the mlp's classifier under local scope) read 'only beyond 100.0%': rounded down it says where."""
+    assert tour.collapse_percent(0.9996) == "99.9%" and tour.collapse_percent(0.985) == "98.5%"
+    assert tour.collapse_percent(1.0) == "100.0%"
 
 
 def test_the_tour_page_computes_each_step_on_the_current_model():
