@@ -193,6 +193,7 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
             heads.check_supported(model)
         # first, before calibration or scoring: a model torch-pruning cannot trace (or not within
         # `deadline.trace_limit`) is refused in one line before any other work
+        report(0.0, "tracing the coupled channels (torch-pruning)")  # one call: a cancel stops after it
         traced = structural.channel_groups(model, example_input)
     needs_data = criteria.CRITERIA[criterion].needs_data
     calib = None
