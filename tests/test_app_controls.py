@@ -33,6 +33,10 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 | Prune       | prune_table_open (per-layer table)          | test_app (brute-force global cut), here                 |
 | Prune       | prune_group_layer                           | test_app_numbers, test_app_transformers                 |
 | Prune       | prune_apply                                 | test_app and most page tests, here                      |
+| Prune       | prune_apply_cancel                          | test_pipeline_progress (Apply cancelled mid-evaluation) |
+| Prune       | prune_scoring_cancel, prune_score_again     | test_pipeline_progress (switch of structure cancelled;  |
+|             |                                             | a first scoring cancelled, then scored on the button)   |
+| Inspect     | inspect_cut_cancel                          | test_pipeline_progress (histograms without the cut)     |
 | Fine-tune   | ft_epochs, ft_batch, ft_start, ft_cancel    | test_app, test_app_transformers                         |
 | Fine-tune   | ft_lr, ft_optimizer, ft_device, ft_loss     | here: test_finetune_distill_with_sgd_...                |
 | Methods     | methods_structure/sparsity/chosen/epochs/   | test_methods_page                                       |
@@ -57,6 +61,7 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 |             | deploy_max_s, deploy_time, deploy_export,   | Runtime sessions, file sizes, weight counts opened      |
 |             | deploy_sparse_batch, deploy_sparse,         | there); deploy_download_<format>: labels and files      |
 |             | deploy_int8, deploy_what, deploy_run        | checked (AppTest cannot save a download)                |
+| Deploy      | deploy_cancel (timing, export)              | test_app_deploy (rows done / files written kept)        |
 
 Page links (st.page_link) are navigation, not computation; AppTest cannot follow them (goto() switches pages).
 """
