@@ -85,23 +85,27 @@ def check_reload(source: str, out: str) -> dict:
 
 
 def compare_masks(folder: str, out: str) -> dict:
-    """Prune ``folder`` in memory (the pipeline, same calibration) and compare its masks with the streamed ``out``."""
-    from explorer import hf, pipeline, text
+    """Prune ``folder`` in memory (`explorer.lean.prune`, the CLI's in-memory path; same calibration and
+    per-layer counts) and compare its zeros with the streamed ``out``, weight by weight."""
+    import torch
+
+    from explorer import blocks, hf, lean, llm, pipeline, text
     from explorer.layers import effective_weights
-    from explorer.specs import PlanSpec, ScoringSpec
+    from explorer.specs import ScoringSpec
 
     bundle = hf.load_hf(folder)
     dataset = text.text_dataset(bundle.tokenizer, seq_len=bundle.model.seq_len)
     scoring = ScoringSpec(criterion="wanda", calib_samples=16, calib_seqlen=512, calib_mode="windows")
-    prepared = pipeline.prepare(bundle.model, scoring, dataset=dataset)
-    pruned = pipeline.apply(bundle.model, prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5)))
-    expected = effective_weights(pruned)
-    del pruned, prepared, bundle
+    prefixes = tuple(blocks.block_prefixes(bundle.model))
+    counts = {name: round(0.5 * module.weight.numel()) for name, module in llm.llm_layers(bundle.model).items()
+              if name.startswith(prefixes)}
+    lean.prune(bundle.model, "wanda", counts, pipeline.calibration(bundle.model, dataset, scoring))
+    expected = effective_weights(bundle.model)
     got = effective_weights(hf.load_hf(out).model)
-    layers = [name for name in expected if ".h." in name and expected[name].dim() == 2]
-    differ = sum(int(((got[name] == 0) != (expected[name] == 0)).sum()) for name in layers)
-    weights = sum(expected[name].numel() for name in layers)
-    return {"layers": len(layers), "weights": weights, "mask_differences": differ}
+    differ = sum(int(((got[name] == 0) != (expected[name] == 0)).sum()) for name in counts)
+    weights = sum(expected[name].numel() for name in counts)
+    assert all(torch.equal(got[name], expected[name]) for name in counts), "kept weights differ"
+    return {"layers": len(counts), "weights": weights, "mask_differences": differ}
 
 
 def main() -> None:
@@ -130,7 +134,7 @@ def main() -> None:
         "ppl_base": [sys.executable, "-c", ppl, args.folder, args.eval_tokens],
         "ppl_pruned": [sys.executable, "-c", ppl, pruned, args.eval_tokens],
         "reload": [*me, "check-reload", "--folder", args.folder, "--pruned", pruned],
-        "memory": [*me, "compare-masks", "--folder", args.folder, "--pruned", pruned],
+        "in_memory": [*me, "compare-masks", "--folder", args.folder, "--pruned", pruned],
     }
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [f"\n#### {args.size} streamed: {now:%Y-%m-%d %H:%M} UTC, AMD EPYC ({os.cpu_count()} cores, 24 GiB), "
