@@ -21,7 +21,7 @@ plus the pruned weights), so runs survive closing the browser or restarting the 
   **perplexity** for a language model (lower is better), **fidelity** to the dense model otherwise
   (top-1 agreement of the predicted class, or cosine similarity of the sentence embeddings). Runs
   judged by different metrics share no axis: pick the metric to plot.
-* **Measured vs theoretical speed-up** - the FLOPs speed-up is what counting multiply-adds promises;
+* **Speed-up: measured vs FLOPs** - the FLOPs speed-up is what counting multiply-adds promises;
   the measured one is the median ratio over pairs of forward passes of base and pruned model, timed
   alternately in the same call, same batch and threads, with its 95 % interval as an error bar (an
   open marker: *noisy*, the interval stayed wider than +-5 %, usually a busy machine; read the bar,

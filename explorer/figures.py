@@ -415,7 +415,7 @@ def speedup_promise(table: pd.DataFrame) -> go.Figure:
                                                      "no interval": "diamond"},
                         error_y="error up", error_y_minus="error down",
                         hover_data={"measured 95 % low": ":.2f", "measured 95 % high": ":.2f", "tuned": True},
-                        title="Measured vs theoretical (FLOPs) speed-up")
+                        title="Speed-up: measured vs FLOPs")  # short: a half-width chart in a narrow window
     top = max([1.0, *timed["speed-up FLOPs"].tolist(), *(timed["speed-up measured"] + timed["error up"]).tolist()]) * 1.05
     figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="y = x (promise kept)",
                                 line=dict(dash="dash", color="grey")))

@@ -133,3 +133,13 @@ def test_one_outlier_weight_no_longer_squashes_its_histogram_and_is_counted():
     assert plain["hist"]["edges"][0] == plain["min"] and plain["clipped"] == {"below": 0, "above": 0}
     tail = torch.cat([torch.randn(20000) * 0.05, torch.linspace(0.2, 0.4, 30)])  # a long tail, no outlier: kept
     assert stats.summarize(tail)["clipped"] == {"below": 0, "above": 0}
+
+
+def test_the_titles_of_half_width_charts_fit_a_narrow_window():
+    """Compare draws two charts side by side: at 820 px each is ~230 px wide, about 30 characters of title
+    ('Measured vs theoretical (FLOPs) speed-up' was cut at 'speed-up')."""
+    from tests.test_figures import interval_runs
+
+    table = figures.runs_frame(interval_runs())
+    for figure in (figures.speedup_promise(table), figures.accuracy_vs_sparsity(table)):
+        assert len(figure.layout.title.text) <= 30, figure.layout.title.text
