@@ -329,8 +329,8 @@ def _model_spec(args) -> ModelSpec:
                      weights=args.weights, baseline=args.baseline, trust_pickle=args.trust_pickle).validate()
 
 
-def _resolve(args) -> tuple[torch.nn.Module, Dataset, str]:
-    return pipeline.resolve_model(_model_spec(args), seed=args.seed)
+def _resolve(args, progress=None) -> tuple[torch.nn.Module, Dataset, str]:
+    return pipeline.resolve_model(_model_spec(args), seed=args.seed, progress=progress)
 
 
 def recipe_from_args(args, sparsity: float) -> Recipe:
@@ -396,7 +396,7 @@ def cmd_prune(args) -> list[dict]:
     progress = _stage_printer() if args.progress else None
     if progress:
         progress(0.0, "loading the model and data")
-    model, dataset, arch = _resolve(args)
+    model, dataset, arch = _resolve(args, progress)  # a first baseline prints its epochs
     recipes = [recipe_from_args(args, sparsity) for sparsity in args.sparsity]
     lean = lean_path.refusal(model, recipes[0].scoring, recipes[0].plan) is None  # same masks, a fraction of the memory
     in_place = (lean and len(recipes) == 1 and not args.measure  # the base is measured first; latency would need it

@@ -92,11 +92,20 @@ def _resolve_transformer(spec: ModelSpec, seed: int) -> tuple[nn.Module, Dataset
     return model, dataset, spec.source
 
 
-def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, Dataset, str]:
+def _training_report(progress: Callable[[float, str], None] | None, label: str):
+    """A `train.Progress` callback that hands ``progress(fraction, 'label: epoch i/n')`` on (None stays None)."""
+    if progress is None:
+        return None
+    return lambda step: progress(step.fraction, f"{label}: epoch {step.epoch}/{step.epochs}")
+
+
+def resolve_model(spec: ModelSpec, *, seed: int = 0,
+                  progress: Callable[[float, str], None] | None = None) -> tuple[torch.nn.Module, Dataset, str]:
     """Load the dataset and the model a ModelSpec names; returns (model in eval mode, dataset, architecture).
 
     ``baseline`` applies to zoo names: their trained, cached baseline replaces fresh weights.
     ``train_epochs`` trains the loaded model briefly first (a factory gives untrained weights).
+    ``progress(fraction, text)`` follows a training that has to happen here (a first baseline, those epochs).
     """
     spec.validate()
     source = spec.source
@@ -119,14 +128,16 @@ def resolve_model(spec: ModelSpec, *, seed: int = 0) -> tuple[torch.nn.Module, D
     if spec.baseline and source in ZOO and spec.weights is None:
         from explorer.baselines import baseline
 
-        model = baseline(source, dataset, seed=seed).model
+        model = baseline(source, dataset, seed=seed,
+                         progress=_training_report(progress, f"training the {source} baseline")).model
     else:
         torch.manual_seed(seed)
         model = load_model(source, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                            weights=spec.weights, arch=spec.arch, trust_pickle=spec.trust_pickle)
     tasks.check_forward(model.eval(), dataset, f"'{source}'")
     if spec.train_epochs:
-        model = train(model.eval(), dataset, TrainConfig(epochs=spec.train_epochs, lr=1e-3, seed=seed)).model.cpu()
+        model = train(model.eval(), dataset, TrainConfig(epochs=spec.train_epochs, lr=1e-3, seed=seed),
+                      progress=_training_report(progress, "training")).model.cpu()
     return model.eval(), dataset, saved["arch"] if saved is not None else (spec.arch or source)
 
 

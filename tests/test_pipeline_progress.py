@@ -342,3 +342,19 @@ def test_inspect_draws_its_histograms_without_the_cut_when_its_scoring_is_cancel
     assert "No pruning threshold to draw: the scoring was cancelled" in texts(at.warning)
     charts = {chart.proto.id for chart in at.get("plotly_chart")}
     assert any("inspect_weights" in chart_id for chart_id in charts)  # the histograms, without the red cut
+
+
+def test_the_cli_prints_a_first_baselines_epochs(capsys, monkeypatch, tmp_path):
+    """`prune --baseline --progress` on a cold cache printed 'loading the model and data', then nothing while the baseline
+    trained; it now prints the training's epochs."""
+    from explorer import baselines
+    from explorer.cli import main
+    from explorer.train import TrainConfig
+
+    monkeypatch.setenv("PRUNING_EXPLORER_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(baselines, "default_config", lambda *args, **kwargs: TrainConfig(epochs=2, lr=1e-3))
+    assert main(["prune", "--model", "mlp", "--baseline", "--sparsity", "0.5", "--plan-only", "--progress", "--json"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    trained = [line for line in lines if "training the mlp baseline: epoch" in line]
+    assert trained and trained[-1].endswith("training the mlp baseline: epoch 2/2 (100%)"), lines
+    assert lines.index(trained[0]) > next(i for i, line in enumerate(lines) if "loading the model and data" in line)
