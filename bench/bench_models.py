@@ -92,7 +92,8 @@ def torch_pruning_row(model, example) -> str:
                                           pruning_ratio=0.5, ignored_layers=classifier)
             pruner.step()
 
-        deadline.within(prune, limit)
+        with deadline.limit(limit):
+            prune()
         with torch.no_grad():
             work(example)
         flops_after, params_after = tp.utils.count_ops_and_params(work, example)

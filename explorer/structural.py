@@ -30,6 +30,7 @@ from explorer.errors import ExplorerError
 from explorer.layers import clone_model
 
 _EMPTIED_HINT = "lower sparsity, use local scope or min_keep"
+deadline.guard_torch_pruning()  # `deadline.limit` bounds the trace from inside torch-pruning's loops
 _REDUCTIONS = ("mean", "sum", "max", "first")
 
 
@@ -298,13 +299,10 @@ def _trace(model: nn.Module, example_input, skipped: list | None = None) -> tupl
     refused in one line.
     """
     limit = deadline.trace_limit()
-
-    def work():
-        graph = _build_graph(model, example_input)
-        return graph, _enumerate_groups(graph, model, skipped)
-
     try:
-        return deadline.within(work, limit)
+        with deadline.limit(limit):
+            graph = _build_graph(model, example_input)
+            return graph, _enumerate_groups(graph, model, skipped)
     except deadline.TimeLimit:
         raise ExplorerError(
             f"torch-pruning could not trace this model within {limit:g} s (its dependency trace of some models, "
