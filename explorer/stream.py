@@ -14,7 +14,7 @@ meta. Peak memory is one block, the embeddings and the activations.
 * Magnitude needs no calibration: blocks are read, pruned and written.
 * The tensors outside the blocks (embeddings, final norm, ``lm_head``) are copied unchanged, with
   config and tokenizer files, and ``model.safetensors.index.json`` maps every tensor to its shard,
-  so ``AutoModelForCausalLM.from_pretrained(out)`` reloads the folder.
+  so ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)`` reloads the folder.
 * `perplexity_folder` runs the same loop over the test split's batches and ends with the final
   norm and head: the same batches and terms as `explorer.tasks.perplexity`, so the numbers compare.
 
