@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from explorer import blocks, hf, llm, tasks
@@ -578,12 +577,9 @@ def _head_nll(skeleton: Skeleton, batches: list, hidden: list, as_tuple: bool, p
     try:
         for x in batches:
             logits = skeleton.wrapper(x)
-            targets = x[:, 1:]
-            keep = targets != pad_id if pad_id is not None else torch.ones_like(targets, dtype=torch.bool)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                  reduction="none")
-            total += float(nll[keep.reshape(-1)].sum())
-            count += int(keep.sum())
+            batch_total, batch_count = tasks.next_token_nll_sum(logits, x, pad_id)
+            total += batch_total
+            count += batch_count
     finally:
         hf._set_submodule(skeleton.hf, skeleton.stack, stack)
         skeleton.release(skeleton.outside)

@@ -185,12 +185,9 @@ def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch
                 if logits.ndim != 3:
                     raise ExplorerError(f"Perplexity needs a causal language model's (batch, length, vocab) logits; "
                                         f"this model outputs {tuple(logits.shape)}.")
-                targets = x[:, 1:]
-                keep = targets != pad_id if pad_id is not None else torch.ones_like(targets, dtype=torch.bool)
-                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                      reduction="none")
-                total += float(nll[keep.reshape(-1)].sum())
-                count += int(keep.sum())
+                batch_total, batch_count = next_token_nll_sum(logits, x, pad_id)
+                total += batch_total
+                count += batch_count
     finally:
         model.train(was_training)
     if count == 0:
@@ -318,6 +315,19 @@ def loss_for(model: nn.Module, dataset: Dataset, loss: str = "auto") -> str:
     if loss == "next_token" and model_task(model) != "causal_lm":
         raise ExplorerError("The next-token loss needs a causal language model: use loss auto or distill.")
     return loss
+
+
+def next_token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> tuple[float, int]:
+    """Sum of the next-token negative log-likelihoods whose target is not padding, and their count.
+
+    Perplexity is ``exp(sum / count)`` over all batches; `perplexity` and the streamed
+    `explorer.stream.perplexity_folder` both add up these two numbers, so they compare exactly.
+    """
+    targets = ids[:, 1:]
+    keep = targets != pad_id if pad_id is not None else torch.ones_like(targets, dtype=torch.bool)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                          reduction="none")
+    return float(nll[keep.reshape(-1)].sum()), int(keep.sum())
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
