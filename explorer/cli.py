@@ -373,24 +373,18 @@ def _save_path(base: str, sparsity: float, many: bool) -> Path:
 
 
 def cmd_prune(args) -> list[dict]:
-    if args.stream:
-        from explorer import stream
-
-        if args.structure == "nm":
-            fixed = pipeline.nm_sparsity(llm.parse_nm(args.nm))
-            if args.sparsity not in (None, [fixed]):
-                raise ExplorerError(f"--structure nm with --nm {args.nm} fixes the sparsity at {fixed:g}; drop --sparsity.")
-            args.sparsity = [fixed]
-        if args.sparsity is None:
-            raise ExplorerError("--sparsity is required (S), except with --structure nm.")
-        return stream.command(args, _stage_printer() if args.progress else None)
     if args.structure == "nm":
         fixed = pipeline.nm_sparsity(llm.parse_nm(args.nm))
         if args.sparsity not in (None, [fixed]):
             raise ExplorerError(f"--structure nm with --nm {args.nm} fixes the sparsity at {fixed:g}; drop --sparsity.")
         args.sparsity = [fixed]
     elif args.sparsity is None:
-        raise ExplorerError("--sparsity is required (S or S1,S2,...), except with --structure nm.")
+        accepted = "S" if args.stream else "S or S1,S2,..."
+        raise ExplorerError(f"--sparsity is required ({accepted}), except with --structure nm.")
+    if args.stream:
+        from explorer import stream
+
+        return stream.command(args, _stage_printer() if args.progress else None)
     if args.plan_only and (args.save or args.measure):
         raise ExplorerError("--plan-only prunes nothing, so there is nothing to --save or --measure: drop one.")
     progress = _stage_printer() if args.progress else None
