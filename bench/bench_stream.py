@@ -4,11 +4,14 @@ Rows, each its own process under ``/usr/bin/time -v`` (wall, user CPU, peak RSS)
 
 * ``7B``: the LLaMA-7B-shaped bf16 folder (`bench/llm_folders.py`, 13.5 GB) streamed: Wanda 50 % on 16
   windows of 512 tokens (``prune --stream``), the streamed perplexity of the base and of the pruned folder
-  on the first test batches, and the reload check of the pruned folder (`check_reload`).
+  on the first test batches, the reload check of the pruned folder shard by shard (`check_reload`) and
+  its reload with transformers (``reload_hf``: `from_pretrained`, the whole model in memory, ~13.5 GB at
+  7 B; `check_from_pretrained`). ``prune_seq`` is the same prune with ``--sequential``.
 * ``124M``: GPT-2 124 M (fp32, sharded) streamed and pruned in memory with the same calibration; the
   masks compared weight by weight (`compare_masks`).
 
     python bench/bench_stream.py 7B --folder /work/big/stream/llama-7b --out bench/RESULTS_llm_scale.md
+    python bench/bench_stream.py 7B --folder /work/big/stream/llama-7b --runs reload_hf   # needs ~14 GB free
     python bench/bench_stream.py 124M --folder /work/big/stream/gpt2-124m --out bench/RESULTS_llm_scale.md
 
 The folders are built with `bench/llm_folders.py` (never by the test suite).
@@ -84,6 +87,46 @@ def check_reload(source: str, out: str) -> dict:
     return {"tensors": checked, "sparsity": pruned / total, "dtype": str(new.dtype)}
 
 
+def check_from_pretrained(source: str, out: str) -> dict:
+    """Reload the pruned folder as a user would (`AutoModelForCausalLM.from_pretrained`, bf16) and check it.
+
+    Every Linear of a block is 50 % zeros (each weight on its own), every parameter is bf16, the
+    parameter count equals the source folder's (summed from its shards' headers, not from the config),
+    and one forward on 8 tokens gives finite logits of shape (1, 8, vocabulary).
+    """
+    import time
+
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard in sorted(Path(source).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
+    source_params = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, trust_remote_code=False)
+    load_s = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    assert params == source_params, f"{params} parameters, the source has {source_params}"
+    dtypes = {str(p.dtype) for p in model.parameters()}
+    assert dtypes == {"torch.bfloat16"}, dtypes
+    sparsities = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            sparsities.append(float((module.weight == 0).sum()) / module.weight.numel())
+    assert sparsities and all(abs(s - 0.5) < 1e-6 for s in sparsities), (min(sparsities), max(sparsities))
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(torch.arange(1, 9).unsqueeze(0)).logits
+    forward_s = time.perf_counter() - start
+    assert logits.shape == (1, 8, model.config.vocab_size) and bool(torch.isfinite(logits).all()), logits.shape
+    return {"params": params, "block_linears": len(sparsities), "sparsity_min": min(sparsities),
+            "sparsity_max": max(sparsities), "dtype": dtypes.pop(), "logits": list(logits.shape),
+            "load_s": round(load_s, 1), "forward_s": round(forward_s, 1)}
+
+
 def compare_masks(folder: str, out: str) -> dict:
     """Prune ``folder`` in memory (`explorer.lean.prune`, the CLI's in-memory path; same calibration and
     per-layer counts) and compare its zeros with the streamed ``out``, weight by weight."""
@@ -110,7 +153,7 @@ def compare_masks(folder: str, out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("size", choices=["7B", "124M", "check-reload", "compare-masks"])
+    parser.add_argument("size", choices=["7B", "124M", "check-reload", "check-from-pretrained", "compare-masks"])
     parser.add_argument("--folder", required=True)
     parser.add_argument("--pruned", default=None, help="the streamed output folder (default FOLDER-wanda)")
     parser.add_argument("--runs", nargs="+", default=["prune", "ppl_base", "ppl_pruned", "reload"])
@@ -120,6 +163,9 @@ def main() -> None:
     pruned = args.pruned or args.folder.rstrip("/") + "-wanda"
     if args.size == "check-reload":
         print(json.dumps(check_reload(args.folder, pruned)))
+        return
+    if args.size == "check-from-pretrained":
+        print(json.dumps(check_from_pretrained(args.folder, pruned)))
         return
     if args.size == "compare-masks":
         print(json.dumps(compare_masks(args.folder, pruned)))
@@ -131,9 +177,12 @@ def main() -> None:
            "print(json.dumps(stream.perplexity_folder(f.path, d, max_tokens=int(sys.argv[2]))))")
     runs = {
         "prune": [*stream, "--criterion", "wanda", "--sparsity", "0.5", *CALIB, "--eval", "none", "--out", pruned],
+        "prune_seq": [*stream, "--criterion", "wanda", "--sparsity", "0.5", *CALIB, "--sequential", "--eval", "none",
+                      "--out", pruned],
         "ppl_base": [sys.executable, "-c", ppl, args.folder, args.eval_tokens],
         "ppl_pruned": [sys.executable, "-c", ppl, pruned, args.eval_tokens],
         "reload": [*me, "check-reload", "--folder", args.folder, "--pruned", pruned],
+        "reload_hf": [*me, "check-from-pretrained", "--folder", args.folder, "--pruned", pruned],
         "in_memory": [*me, "compare-masks", "--folder", args.folder, "--pruned", pruned],
     }
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -142,11 +191,11 @@ def main() -> None:
              "| model | run | wall s | user CPU s | peak GB | load 1-min before -> after | result |",
              "|---|---|---|---|---|---|---|"]
     for run in args.runs:
-        if run == "prune" and Path(pruned).exists():
+        if run in ("prune", "prune_seq") and Path(pruned).exists():
             shutil.rmtree(pruned)
         result = timed(runs[run])
         shown = result.get("error") or result["last"]
-        if run == "prune" and not result.get("error"):
+        if run in ("prune", "prune_seq") and not result.get("error"):
             summary = json.loads(result["last"])
             shown = (f"sparsity {summary['sparsity_actual']:.3f}, {summary['calibration']}, {summary['compute_dtype']} "
                      f"compute, {summary['shards']} shards, {summary['bytes'] / 1e9:.2f} GB written, at most "
