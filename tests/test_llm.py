@@ -255,6 +255,29 @@ def test_sparsegpt_with_a_diagonal_hessian_prunes_dead_inputs_first_and_updates_
     assert torch.equal(effective_weight(model[0])[keep], weight[keep])
 
 
+def test_sparsegpt_factor_is_the_references_cholesky_of_the_inverse():
+    """U from one flipped factorisation equals cholesky(cholesky_inverse(cholesky(H)), upper=True), dead inputs set to 1."""
+    from explorer.llm import _inverse_cholesky
+    torch.manual_seed(0)
+    rows = torch.randn(300, 40, dtype=torch.float64)
+    rows[:, [3, 17]] = 0
+    hessian = rows.t() @ rows
+    upper, dead = _inverse_cholesky("layer", hessian.float(), 0.01)
+    reference = hessian.float().double().clone()
+    reference.diagonal()[[3, 17]] = 1.0
+    reference.diagonal().add_(0.01 * reference.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    assert dead.nonzero().flatten().tolist() == [3, 17]
+    assert torch.allclose(upper.double(), expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(upper.double().t() @ upper.double(), torch.linalg.inv(reference), rtol=1e-4, atol=1e-6)
+
+
+def test_sparsegpt_on_an_indefinite_hessian_says_what_to_do():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ExplorerError, match="not positive definite"):
+        sparsegpt_prune(model, {"0": -torch.eye(4) * 10}, {"0": 0.5})
+
+
 def test_sparsegpt_nm_weights_do_not_depend_on_the_block_size():
     """Lazy block updates are exact: with N:M (masks chosen column group by column group) any block size agrees."""
     torch.manual_seed(0)
