@@ -290,6 +290,44 @@ def _within_row_ranks(scores: torch.Tensor, *, transposed: bool = False) -> torc
     return ranks.t().contiguous() if transposed else ranks.reshape(scores.shape)
 
 
+def row_lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Which entries of each row of ``values`` (rows, n) are its ``count`` lowest, ties going to the lower column.
+
+    The choice a stable sort of each row makes, found with one k-th value per row and a count of the ties
+    instead of sorting (a sort of a 11008 x 4096 weight takes ~6 s on this CPU, this ~1.5 s).
+    """
+    rows, width = values.shape
+    if count <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool)
+    if count >= width:
+        return torch.ones(values.shape, dtype=torch.bool)
+    threshold = torch.kthvalue(values, count, dim=1, keepdim=True).values
+    chosen = values < threshold
+    ties = values == threshold
+    need = count - chosen.sum(1, keepdim=True)
+    crowded = (ties.sum(1, keepdim=True) > need).squeeze(1)  # rows where only the first ties are taken
+    if crowded.any():
+        some = ties[crowded]
+        ties[crowded] = some & (some.cumsum(1) <= need[crowded])
+    return chosen | ties
+
+
+def lowest_by_row_rank(scores: torch.Tensor, pruned: int) -> torch.Tensor:
+    """Wanda's pick (`explorer.blocks._wanda_mask`) without sorting: the ``pruned`` entries of lowest within-row rank.
+
+    Ranked by row position, then row: every row gives its ``pruned // rows`` lowest, and the first
+    ``pruned % rows`` rows one more.
+    """
+    rows = scores.shape[0]
+    each, extra = divmod(pruned, rows)
+    chosen = torch.empty(scores.shape, dtype=torch.bool)
+    if extra:
+        chosen[:extra] = row_lowest(scores[:extra], each + 1)
+    chosen[extra:] = row_lowest(scores[extra:], each)
+    return chosen
+
+
+
 # --------------------------------------------------------------------------- N:M
 
 

@@ -322,43 +322,6 @@ def _capture(skeleton: Skeleton, batches: list) -> list[dict]:
         skeleton.release(names)
 
 
-def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Which entries of each row of ``values`` (rows, n) are its ``count`` lowest, ties going to the lower column.
-
-    The choice a stable sort of each row makes, found with one k-th value per row and a count of the ties
-    instead of sorting (a sort of a 11008 x 4096 weight takes ~6 s on this CPU, this ~1.5 s).
-    """
-    rows, width = values.shape
-    if count <= 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
-    if count >= width:
-        return torch.ones(values.shape, dtype=torch.bool)
-    threshold = torch.kthvalue(values, count, dim=1, keepdim=True).values
-    chosen = values < threshold
-    ties = values == threshold
-    need = count - chosen.sum(1, keepdim=True)
-    crowded = (ties.sum(1, keepdim=True) > need).squeeze(1)  # rows where only the first ties are taken
-    if crowded.any():
-        some = ties[crowded]
-        ties[crowded] = some & (some.cumsum(1) <= need[crowded])
-    return chosen | ties
-
-
-def _lowest_by_row_rank(scores: torch.Tensor, pruned: int) -> torch.Tensor:
-    """`blocks._wanda_mask`'s pick without its sorts: the ``pruned`` entries of lowest within-row rank.
-
-    Ranked by row position, then row: every row gives its ``pruned // rows`` lowest, and the first
-    ``pruned % rows`` rows one more.
-    """
-    rows = scores.shape[0]
-    each, extra = divmod(pruned, rows)
-    chosen = torch.empty(scores.shape, dtype=torch.bool)
-    if extra:
-        chosen[:extra] = _lowest(scores[:extra], each + 1)
-    chosen[extra:] = _lowest(scores[extra:], each)
-    return chosen
-
-
 def _keep_mask(module: nn.Module, criterion: str, statistics: dict, name: str, pruned: int,
                nm: tuple[int, int] | None) -> torch.Tensor | None:
     """Keep-mask of one Linear: Wanda's lowest within-row ``|W|·‖X‖``, or the lowest ``|W|`` of the layer."""
@@ -368,11 +331,11 @@ def _keep_mask(module: nn.Module, criterion: str, statistics: dict, name: str, p
         if nm is not None:
             return blocks._wanda_mask(module, statistics[name], pruned, nm)
         raw = module.weight.detach().float().abs() * statistics[name].sqrt().float()
-        return ~_lowest_by_row_rank(raw, pruned)
+        return ~llm.lowest_by_row_rank(raw, pruned)
     magnitude = module.weight.detach().float().abs()
     if nm is not None:
         return llm.nm_mask(magnitude, *nm)
-    return ~_lowest(magnitude.reshape(1, -1), pruned).reshape(magnitude.shape)
+    return ~llm.row_lowest(magnitude.reshape(1, -1), pruned).reshape(magnitude.shape)
 
 
 def _prune_block(skeleton: Skeleton, index: int, plan: StreamPlan, calls: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -18,7 +18,7 @@ pytest.importorskip("safetensors")
 
 from safetensors import safe_open  # noqa: E402
 
-from explorer import blocks, hf, pipeline, stream, tasks, text  # noqa: E402
+from explorer import blocks, hf, llm, pipeline, stream, tasks, text  # noqa: E402
 from explorer.cli import main  # noqa: E402
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.layers import effective_weights  # noqa: E402
@@ -199,7 +199,7 @@ def test_nm_and_protect_stream_as_in_memory(folders, tmp_path):
 def test_lowest_picks_what_a_stable_sort_picks(count):
     torch.manual_seed(count)
     values = torch.randint(0, 4, (5, 16)).float()  # many ties
-    chosen = stream._lowest(values, count)
+    chosen = llm.row_lowest(values, count)
     order = torch.argsort(values, dim=1, stable=True)[:, :count]
     expected = torch.zeros_like(chosen).scatter_(1, order, True)
     assert torch.equal(chosen, expected)
@@ -212,8 +212,12 @@ def test_row_rank_pick_equals_blocks_wanda_mask(pruned):
     with torch.no_grad():
         layer.weight.copy_(torch.randint(-3, 4, (8, 16)).float())  # ties in |W|·‖X‖
     squares = torch.randint(1, 3, (16,)).double()
+    ranks = llm._within_row_ranks(layer.weight.detach().abs() * squares.sqrt().float()).reshape(-1)
+    expected = torch.ones(ranks.numel(), dtype=torch.bool)
+    expected[torch.argsort(ranks, stable=True)[:pruned]] = False  # the sorts both paths used to make
     keep = stream._keep_mask(layer, "wanda", {"x": squares}, "x", pruned, None)
-    assert torch.equal(keep, blocks._wanda_mask(layer, squares, pruned, None))
+    assert torch.equal(keep, expected.reshape(8, 16))
+    assert torch.equal(blocks._wanda_mask(layer, squares, pruned, None), expected.reshape(8, 16))
     assert stream._keep_mask(layer, "wanda", {}, "x", pruned, None) is None  # never reached: left alone
 
 
