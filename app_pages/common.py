@@ -13,10 +13,10 @@ import time
 
 import streamlit as st
 
-from explorer import baselines, figures, hf, jobs, pipeline, tasks
+from explorer import baselines, blocks, figures, hf, jobs, lean, pipeline, tasks
 from explorer.recipe import Recipe
 from explorer.models import ZOO
-from explorer.specs import ModelSpec, ScoringSpec
+from explorer.specs import ModelSpec, PlanSpec, ScoringSpec
 from explorer.store import Run, RunStore, StoreError
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
@@ -410,15 +410,52 @@ def explain(markdown: str) -> None:
         st.markdown(markdown)
 
 
-def prepared_for(model: dict, scoring: ScoringSpec, *, cancel_key: str = "scoring_cancel") -> pipeline.Prepared | None:
+def lean_for(model: dict, scoring: ScoringSpec, plan: PlanSpec) -> bool:
+    """Whether the session's model is pruned the lean way under these settings (`explorer.lean`): a causal LM,
+    magnitude / Wanda / SparseGPT, unstructured or N:M, local scope (global too for magnitude without
+    min_keep). Then nothing is scored up front and Apply prunes one copy, layer by layer or block by block."""
+    return lean.refusal(model["module"], scoring, plan) is None
+
+
+def lean_reason(model: dict, scoring: ScoringSpec, plan: PlanSpec) -> str | None:
+    """Why a causal LM's plan takes the general path (None when it is lean, or the model is no causal LM)."""
+    if not blocks.is_causal_lm(model["module"]) or scoring.structure not in ("unstructured", "nm"):
+        return None
+    return lean.refusal(model["module"], scoring, plan)
+
+
+GENERAL_PATH_COPIES = 10  # the general path holds about this many copies of an LLM's weights (scores, sort keys,
+#                           masked and folded copies: issue 22's 124 M figures); the Prune page refuses it beyond memory
+
+
+def memory_available() -> int | None:
+    """Bytes the system can still give (``MemAvailable`` of /proc/meminfo), None where that is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def prepared_for(model: dict, scoring: ScoringSpec, *, cancel_key: str = "scoring_cancel",
+                 lean: bool = False) -> pipeline.Prepared | None:
     """Scores sorted once per (model, ScoringSpec), kept for this session only; None when the user cancelled.
 
     The scoring runs as a background job with a progress bar and a Cancel button (`follow_job`; a transformer
     takes seconds to tens of seconds). A cancel keeps nothing of it (scores are all or nothing): the caller goes
     back to what it showed before. A rerun with other settings cancels a scoring it no longer needs.
+    ``lean=True`` (`lean_for`) prepares without scores (`pipeline.prepare(lean=True)`: each layer's size, the
+    calibration text; a global magnitude cut from histograms of the weights) and drops the model's full
+    preparations from the session: they hold a score for every weight, several times the model's memory.
     """
     cache = st.session_state.setdefault(PREPARED, {})
-    key = (model["key"], scoring)
+    key = (model["key"], scoring, "lean") if lean else (model["key"], scoring)
+    if lean:
+        for old in [old for old in cache if old[0] == model["key"] and len(old) == 2]:
+            del cache[old]
     if key in cache:
         return cache[key]
     job = st.session_state.get(PREPARE_JOB)
@@ -428,7 +465,7 @@ def prepared_for(model: dict, scoring: ScoringSpec, *, cancel_key: str = "scorin
             job.wait(60)
         module, dataset = model["module"], model["dataset"]
         job = st.session_state[PREPARE_JOB] = jobs.start(
-            lambda context: pipeline.prepare(module, scoring, dataset=dataset, cancel=context.cancel,
+            lambda context: pipeline.prepare(module, scoring, dataset=dataset, cancel=context.cancel, lean=lean,
                                              progress=lambda fraction, line: context.report(fraction, line)),
             name="Scoring", meta={"key": key})
     if not follow_job(job, cancel_key=cancel_key, what=f"Scoring {scoring.structure} units by {scoring.criterion}"):
@@ -521,22 +558,41 @@ JOB_WAIT_S = 3600.0  # how long one script run follows a job; tests lower it to 
 CANCEL_LABEL = "Cancel (keep what is done)"
 
 
+class ApplyCancelled(ExplorerError):
+    """Apply's pruning stopped at a Cancel: the copy is dropped, nothing is kept, the loaded model is untouched."""
+
+
 def start_apply(model: dict, prepared, plan, recipe: Recipe) -> jobs.Job:
     """Apply as a background job: prune a copy, measure it stage by stage, save the run.
 
-    Its result is ``(pruned module, run, StoreError or None)``. A cancel during the measurement keeps the
-    pruned copy and the stages done (the run's ``metrics["cancelled"]`` names the stage skipped); a cancel
-    while pruning still lets the (single) pruning call finish, then measures only the counts.
+    Its result is ``(pruned module, run, StoreError or None)``, or None when a Cancel came while pruning: the
+    pruning stops at its next layer or block (a lean or block-by-block prune reports each), the copy is
+    dropped and nothing is saved. A cancel during the measurement keeps the pruned copy and the stages done
+    (the run's ``metrics["cancelled"]`` names the stage skipped); a pruning that reports no steps (masks of a
+    small model, channels) finishes, then only the counts are measured.
+    A lean preparation (a causal LM, `explorer.lean`) prunes one copy of the model in place, layer by layer or
+    block by block with plain zeros; pruning is then most of the work, so it gets half the bar.
     """
+    share, stopped = (0.5 if prepared.lean else 0.1), {}
+
     def work(context: jobs.JobContext):
-        context.report(0.0, f"Pruning a copy ({recipe.scoring.structure}, {recipe.scoring.criterion}) ...")
-        pruned_module = pipeline.apply(model["module"], prepared, plan,  # block by block with sequential calibration
-                                       progress=lambda fraction, line: context.report(0.1 * fraction, line))
+        def pruning(fraction: float, line: str) -> None:
+            if context.cancel.is_set():  # raised inside the prune: the copy is dropped with everything on it
+                raise ApplyCancelled(f"Apply cancelled at: {line}")
+            context.report(share * fraction, line)
+
+        context.report(0.0, f"Pruning a copy ({recipe.scoring.structure}, {recipe.scoring.criterion}"
+                            f"{', lean: no scores kept' if prepared.lean else ''}) ...")
+        try:  # block by block with sequential calibration (and always on the lean path)
+            pruned_module = pipeline.apply(model["module"], prepared, plan, progress=pruning)
+        except ApplyCancelled as stop:
+            stopped["at"] = str(stop)
+            return None
         metrics = measure(model, pruned_module, recipe, cancel=context.cancel,
-                          progress=lambda fraction, line: context.report(0.1 + 0.85 * fraction, line))
+                          progress=lambda fraction, line: context.report(share + (0.95 - share) * fraction, line))
         context.report(0.97, "Saving the run ...")
         return (pruned_module, *save_measured(model, pruned_module, recipe, metrics))
-    return jobs.start(work, name="Apply")
+    return jobs.start(work, name="Apply", meta={"stopped": stopped})
 
 
 def _bar_and_cancel(job: jobs.Job, *, what: str, cancel_key: str, cancel_label: str):

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer import figures, pipeline, stats
+from explorer.blocks import is_causal_lm
 from explorer.errors import ExplorerError
 from explorer.specs import PlanSpec, ScoringSpec
 from app_pages import common
@@ -85,21 +86,25 @@ chosen = st.multiselect("Layers", in_block, default=in_block[:9],
 # The |w| cut of unstructured magnitude pruning at the Prune page's sparsity and scope.
 session_recipe = st.session_state.get(common.RECIPE)
 chosen_plan = session_recipe.plan if session_recipe is not None and session_recipe.model == model["spec"] \
-    else PlanSpec(sparsity=0.5, scope="global")
+    else PlanSpec(sparsity=0.5, scope="local" if is_causal_lm(model["module"]) else "global")  # Prune's default
 sparsity, scope = chosen_plan.sparsity, chosen_plan.scope
 cuts: dict[str, float | None] = {}
 if target_label == "base model":
     try:
-        magnitude = common.prepared_for(model, ScoringSpec("unstructured", "magnitude"), cancel_key="inspect_cut_cancel")
+        by_magnitude = ScoringSpec("unstructured", "magnitude")
+        # a causal LM: no scores kept, each shown layer's cut is its k-th smallest |w| (the same numbers)
+        lean = common.lean_for(model, by_magnitude, PlanSpec(sparsity, scope, min_keep=chosen_plan.min_keep))
+        magnitude = common.prepared_for(model, by_magnitude, cancel_key="inspect_cut_cancel", lean=lean)
         if magnitude is None:  # the user cancelled the scoring: the histograms come without the cut
             raise ExplorerError("the scoring was cancelled")
         cut_plan = pipeline.preview(magnitude, PlanSpec(
             sparsity, scope, protect=tuple(n for n in chosen_plan.protect if n in magnitude.names),
             overrides={n: v for n, v in chosen_plan.overrides.items() if n in magnitude.names},
             min_keep=chosen_plan.min_keep))
-        cuts = pipeline.thresholds(magnitude, cut_plan)
+        cuts = pipeline.thresholds(magnitude, cut_plan, names=set(chosen))
         st.caption(f"Red dashed lines: the |w| cut of unstructured magnitude pruning at {sparsity:.0%} sparsity, "
-                   f"{scope} scope (set on the Prune page); weights between them would be removed.")
+                   f"{scope} scope (set on the Prune page); weights between them would be removed."
+                   + (" Computed for the layers shown only (no scores kept for a language model)." if lean else ""))
     except ExplorerError as exc:
         st.warning(f"No pruning threshold to draw: {exc}")
 

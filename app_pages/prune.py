@@ -24,6 +24,7 @@ ROUND_TO = common.ROUND_TO  # kept-channel multiples offered (1: none)
 PLAN = "prune_plan"  # the plan on screen, stored by the fragment for Apply below it
 SCORING_CANCELLED = "prune_scoring_cancelled"  # set by a Cancel during scoring, read by the next run (before the widgets)
 SCORING_PAUSED = "prune_scoring_paused"  # a cancelled ScoringSpec with nothing before it: waits for a click or a change
+APPLY_STOPPED = "prune_apply_stopped"  # the line of an Apply cancelled while pruning, shown once by the next run
 STEPS = "prune_steps"  # (settings, the plan at every slider step, their views)
 
 st.title("Prune")
@@ -56,6 +57,14 @@ protect the layer, or keep a minimum fraction (`min_keep`) of every layer.
 The chart is a *preview*: scores are computed once per structure and criterion, and moving a
 slider only looks up a new cut, so nothing is pruned until you press **Apply**, which prunes a
 copy (the loaded model is never changed), measures it and saves it as a run.
+
+**Language models (GPT-2, LLaMA, OPT).** With magnitude, Wanda or SparseGPT, unstructured (local
+scope, or global for magnitude) or N:M, the page works as the papers' code does and as the CLI's
+`prune`: nothing is scored up front (the plan needs only each layer's size; a global magnitude cut
+is a threshold found from histograms of the weights), and Apply prunes one copy of the model in
+place, layer by layer (magnitude) or block by block (Wanda, SparseGPT: each block's calibration
+statistics, then its weights), with plain zeros. Other settings score and rank every weight first,
+about ten times the model's memory; the page says which path a plan takes.
 """)
 
 
@@ -70,6 +79,9 @@ def scoring_widgets(scoring: ScoringSpec) -> dict:
 
 
 model = common.require_model()
+causal_lm = blocks.is_causal_lm(model["module"])
+if causal_lm:  # the papers prune each layer to the same sparsity (and the lean path plans it without scores)
+    DEFAULTS["prune_scope"] = "local"
 session_recipe = st.session_state.get(common.RECIPE)
 if session_recipe is not None and session_recipe.model == model["spec"]:  # the widgets show the session's Recipe
     DEFAULTS.update({**scoring_widgets(session_recipe.scoring), "prune_scope": session_recipe.plan.scope,
@@ -137,8 +149,24 @@ if st.session_state.get(SCORING_PAUSED) == scoring:  # cancelled, with no plan b
                   "again.", icon=":material/info:")
         st.stop()
 st.session_state.pop(SCORING_PAUSED, None)
+# the scope and guard chosen (drawn below, once the layers are known) decide whether a causal LM goes the lean way
+settings = PlanSpec(sparsity=float(st.session_state["prune_sparsity"]), scope=st.session_state["prune_scope"],
+                    min_keep=float(st.session_state["prune_min_keep"]))
+lean = common.lean_for(model, scoring, settings)
+general_reason = None if lean else common.lean_reason(model, scoring, settings)
+model_bytes = sum(p.numel() * p.element_size() for p in model["module"].parameters())
+if general_reason is not None and (free := common.memory_available()) is not None \
+        and common.GENERAL_PATH_COPIES * model_bytes > free:  # the whole app would go down with it
+    st.error(f"This plan takes the general path ({general_reason}): it scores and ranks every weight, about "
+             f"{common.fmt_bytes(common.GENERAL_PATH_COPIES * model_bytes)} for this "
+             f"{common.fmt_bytes(model_bytes)} model, more than the {common.fmt_bytes(free)} free. Use local scope "
+             "(or N:M) with magnitude, Wanda or SparseGPT: that prunes one copy, block by block.")
+    if settings.scope == "global":
+        st.button("Switch to local scope", key="prune_lean_local", on_click=st.session_state.update,
+                  args=({"prune_scope": "local"},))
+    st.stop()
 try:
-    prepared = common.prepared_for(model, scoring, cancel_key="prune_scoring_cancel")
+    prepared = common.prepared_for(model, scoring, cancel_key="prune_scoring_cancel", lean=lean)
 except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
@@ -150,6 +178,15 @@ if prepared is None:  # Cancel: nothing of this scoring is kept; the next run sh
     st.rerun()
 
 layer_names = list(prepared.names)
+if lean:
+    st.caption(f":material/memory: **Lean path** (a causal LM, as the papers prune it): no scores kept; Apply prunes "
+               f"one copy of the model in place, {'layer by layer' if criterion == 'magnitude' else 'block by block'}"
+               + (", the global cut a threshold over all blocks' weights"
+                  if settings.scope == "global" and structure == "unstructured" else "") + ".")
+elif general_reason is not None:
+    st.caption(f":material/memory: **General path**: {general_reason}. Every weight is scored and ranked first, "
+               f"about ten times the model's {common.fmt_bytes(model_bytes)} in memory. Local scope with magnitude, "
+               "Wanda or SparseGPT (or global magnitude without min_keep) takes the lean path.")
 for key in ("prune_protect", "prune_override_layers"):  # layer names differ between structures and models
     st.session_state[key] = [name for name in st.session_state[key] if name in layer_names]
 scope_col, layers_col = st.columns([1, 1])  # settings a user changes rarely: a full rerun is fine
@@ -173,7 +210,7 @@ with layers_col, st.expander("Per-layer settings: protect, override, min_keep"):
                                  key=f"prune_override_{name}") for name in override_layers}
 
 
-SPARSITY_STEPS = [round(i / 100, 2) for i in range(101)]  # the slider's values
+SPARSITY_STEPS = [round(i / 100, 2) for i in range(101)]  # the slider's values (lean.MagnitudeOrder.GRID)
 
 
 def step_view(plan: Plan) -> dict:
@@ -200,7 +237,7 @@ def plan_steps(spec: PlanSpec) -> tuple[list[tuple[float, Plan]], list[dict]]:
     """The plan and its view at every slider step for these settings: 101 cuts of scores sorted once
     (about 2 ms for the mlp, 0.1 s for 25 M weights in 51 layers), kept in the session until a setting
     changes (the same views list then, so the live slider does not rebuild its patches)."""
-    key = (model["key"], scoring, dataclasses.replace(spec, sparsity=0.0))
+    key = (model["key"], scoring, prepared.lean, dataclasses.replace(spec, sparsity=0.0))
     cached = st.session_state.get(STEPS)
     if cached is None or cached[0] != key:
         values = [pipeline.nm_sparsity(parse_nm(nm))] if structure == "nm" else SPARSITY_STEPS
@@ -321,15 +358,26 @@ if not pipeline.estimate(prepared, st.session_state[PLAN])["exact"]:
                "Unstructured: non-zero parameters, and FLOPs a sparse kernel would do.")
 st.divider()
 applying = st.session_state.get(common.APPLY_JOB)
+if (stopped := st.session_state.pop(APPLY_STOPPED, None)) is not None:
+    st.info(stopped, icon=":material/info:")
+if prepared.lean and applying is None:
+    st.caption("Apply prunes one copy of the model (the loaded one stays as it is for the other pages); a pruned "
+               "copy shown below is let go first, so memory holds at most two models (it stays saved as a run).")
 if st.button("Apply: prune a copy, measure it, save the run", type="primary", key="prune_apply",
              disabled=applying is not None):
     plan, recipe = st.session_state[PLAN], st.session_state[common.RECIPE]
+    if prepared.lean:  # its memory goes before the new copy is made
+        st.session_state.pop(common.PRUNED, None)
     applying = st.session_state[common.APPLY_JOB] = common.start_apply(model, prepared, plan, recipe)
     applying.meta.update(plan=plan.to_dict(), recipe=recipe, model_key=model["key"])
 if applying is not None and common.follow_job(applying, cancel_key="prune_apply_cancel", what="Apply"):
     del st.session_state[common.APPLY_JOB]
     if applying.error is not None:
         st.error(applying.error)
+    elif applying.result is None:  # cancelled while pruning: the copy was dropped; said after a rerun that frees Apply
+        st.session_state[APPLY_STOPPED] = f"{applying.meta['stopped'].get('at', 'Apply cancelled')}: nothing was " \
+            "kept and the loaded model is unchanged. Apply again when you are ready."
+        st.rerun()
     else:  # kept even when the store refused the run (or the measurement was cancelled): Fine-tune can go on
         pruned_module, run, refused = applying.result
         st.session_state[common.PRUNED] = {"module": pruned_module, "recipe": applying.meta["recipe"],

@@ -76,39 +76,83 @@ class MagnitudeOrder:
     one layer's temporaries. `planner.plan` calls `counts` and `collapse` on a lean ranking.
     """
 
+    GRID = tuple(round(i / 100, 2) for i in range(101))  # the Prune page's slider steps: answered in one go
+
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
+        self._answers: dict[tuple[tuple[str, ...], int], dict[str, int]] = {}
+        self._collapse: dict[tuple[str, ...], tuple[float, str]] = {}
 
     def _bits(self, name: str) -> torch.Tensor:
         return weight_of(self.modules[name]).detach().abs().float().contiguous().view(torch.int32).reshape(-1)
 
     def counts(self, names: list[str], target: int) -> dict[str, int]:
-        """``{layer: how many of the pool's ``target`` lowest units it holds}``."""
+        """``{layer: how many of the pool's ``target`` lowest units it holds}``.
+
+        The first question about a pool answers the cuts at every step of `GRID` too (the same three passes
+        over the weights), so a page that plans 101 slider steps reads the weights three times, not 303.
+        """
         if target <= 0:
             return {name: 0 for name in names}
+        pool = tuple(names)
+        if (pool, target) not in self._answers:
+            total = sum(weight_of(self.modules[name]).numel() for name in pool)
+            targets = sorted({target, *(round(step * total) for step in self.GRID)} - {0})
+            answers = self._counts(pool, targets)
+            self._answers.update({(pool, wanted): answer for wanted, answer in zip(targets, answers)})
+        return dict(self._answers[(pool, target)])
+
+    def _counts(self, names: tuple[str, ...], targets: list[int]) -> list[dict[str, int]]:
+        """`counts` for several ascending targets: one histogram pass for the high 16 bits, one for the low
+        16 bits inside the buckets the targets fall in, one that counts each layer's units below and at every
+        threshold (`torch.bucketize`); memory: one layer's temporaries and ``len(targets)`` 64 K histograms."""
         high = torch.zeros(1 << 15, dtype=torch.int64)
         for name in names:
             high += torch.bincount((self._bits(name) >> 16).long(), minlength=1 << 15)
-        bucket = int(torch.searchsorted(high.cumsum(0), target))
-        below = int(high[:bucket].sum())
-        low = torch.zeros(1 << 16, dtype=torch.int64)
+        cumulative = high.cumsum(0)
+        wanted = torch.tensor(targets, dtype=torch.int64)
+        buckets = torch.searchsorted(cumulative, wanted)  # the bucket holding each target's threshold
+        chosen = torch.unique(buckets)
+        low = torch.zeros(len(chosen) << 16, dtype=torch.int64)
         for name in names:
             bits = self._bits(name)
-            low += torch.bincount((bits[(bits >> 16) == bucket] & 0xFFFF).long(), minlength=1 << 16)
-        threshold = (bucket << 16) | int(torch.searchsorted(low.cumsum(0), target - below))
-        result, ties = {}, {}
+            top = (bits >> 16).long()
+            inside = torch.isin(top, chosen)
+            slot = torch.searchsorted(chosen, top[inside])
+            low += torch.bincount((slot << 16) | (bits[inside] & 0xFFFF).long(), minlength=len(chosen) << 16)
+        below = cumulative[buckets] - high[buckets]
+        slots = torch.searchsorted(chosen, buckets)
+        thresholds = [(int(bucket) << 16) | int(torch.searchsorted(low[int(slot) << 16:(int(slot) + 1) << 16].cumsum(0),
+                                                                  int(goal - before)))
+                      for bucket, slot, goal, before in zip(buckets, slots, wanted, below)]
+        edges = torch.tensor(sorted(set(thresholds)), dtype=torch.int32)
+        where = {threshold: index for index, threshold in enumerate(edges.tolist())}
+        less, ties = {}, {}
         for name in names:
             bits = self._bits(name)
-            result[name], ties[name] = int((bits < threshold).sum()), int((bits == threshold).sum())
-        remaining = target - sum(result.values())
-        for name in names:  # ties at the threshold go to the earlier layers first
-            take = min(ties[name], remaining)
-            result[name] += take
-            remaining -= take
-        return result
+            at_most = torch.bincount(torch.bucketize(bits, edges, right=False), minlength=len(edges) + 1).cumsum(0)
+            below_edge = torch.bincount(torch.bucketize(bits, edges, right=True), minlength=len(edges) + 1).cumsum(0)
+            less[name], ties[name] = below_edge[:-1].tolist(), (at_most[:-1] - below_edge[:-1]).tolist()
+        answers = []
+        for target, threshold in zip(targets, thresholds):
+            column = where[threshold]
+            result = {name: less[name][column] for name in names}
+            remaining = target - sum(result.values())
+            for name in names:  # ties at the threshold go to the earlier layers first
+                take = min(ties[name][column], remaining)
+                result[name] += take
+                remaining -= take
+            answers.append(result)
+        return answers
 
     def collapse(self, names: list[str]) -> tuple[float, str]:
-        """The smallest pruned fraction of the pool at which a layer empties, and that layer (see the planner)."""
+        """The smallest pruned fraction of the pool at which a layer empties, and that layer (see the planner);
+        answered once per pool."""
+        if tuple(names) not in self._collapse:
+            self._collapse[tuple(names)] = self._collapse_of(names)
+        return self._collapse[tuple(names)]
+
+    def _collapse_of(self, names: list[str]) -> tuple[float, str]:
         best = {name: float(weight_of(self.modules[name]).detach().abs().float().max()) for name in names}
         first = min(names, key=lambda name: (best[name], names.index(name)))
         ceiling, rank = best[first], 0

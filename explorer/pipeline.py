@@ -416,20 +416,29 @@ def estimate(prepared: Prepared, plan: planner.Plan) -> dict:
     }
 
 
-def thresholds(prepared: Prepared, plan: planner.Plan) -> dict[str, float | None]:
-    """Per layer, the highest score that is pruned (None when the layer loses nothing).
+def thresholds(prepared: Prepared, plan: planner.Plan, names=None) -> dict[str, float | None]:
+    """Per layer, the highest score that is pruned (None when the layer loses nothing); ``names`` limits it
+    to those layers (the histograms a page shows).
 
-    For unstructured magnitude pruning this is the |w| cut to draw on a weight histogram.
+    For unstructured magnitude pruning this is the |w| cut to draw on a weight histogram. A lean magnitude
+    preparation keeps no scores: a layer's cut is then the ``k``-th smallest ``|w|`` of that layer alone
+    (``k`` its pruned count), the same number, computed only for the layers asked for.
     """
-    if prepared.lean:
+    order = prepared.ranking.order
+    if prepared.lean and (prepared.criterion != "magnitude" or order is None):
         raise ExplorerError("A lean preparation keeps no scores to draw thresholds from; prepare without lean.")
     result: dict[str, float | None] = {}
     for layer_plan in plan.layers:
+        if names is not None and layer_plan.name not in names:
+            continue
         if layer_plan.pruned == 0:
             result[layer_plan.name] = None
-            continue
-        index = planner.pruned_indices(prepared.ranking, plan, layer_plan.name)
-        result[layer_plan.name] = float(prepared.scores[layer_plan.name].reshape(-1)[index].max())
+        elif prepared.lean:
+            scores = weight_of(order.modules[layer_plan.name]).detach().abs().float().reshape(-1)
+            result[layer_plan.name] = float(scores.kthvalue(layer_plan.pruned).values)
+        else:
+            index = planner.pruned_indices(prepared.ranking, plan, layer_plan.name)
+            result[layer_plan.name] = float(prepared.scores[layer_plan.name].reshape(-1)[index].max())
     return result
 
 

@@ -34,6 +34,8 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 | Prune       | prune_group_layer                           | test_app_numbers, test_app_transformers                 |
 | Prune       | prune_apply                                 | test_app and most page tests, here                      |
 | Prune       | prune_apply_cancel                          | test_pipeline_progress (Apply cancelled mid-evaluation) |
+|             |                                             | test_app_lean (a causal LM's lean prune cancelled)      |
+| Prune       | prune_lean_local (LLM scores beyond memory) | test_app_lean                                           |
 | Prune       | prune_scoring_cancel, prune_score_again     | test_pipeline_progress (switch of structure cancelled;  |
 |             |                                             | a first scoring cancelled, then scored on the button)   |
 | Inspect     | inspect_cut_cancel                          | test_pipeline_progress (histograms without the cut)     |
