@@ -154,22 +154,30 @@ def _statistics(block: nn.Module, layers: Mapping[str, nn.Module], calls: list[d
 
     def observer(name):
         def hook(module, inputs, output):
-            rows = llm.real_rows(module, inputs[0].detach(), current.get("mask"))
-            rows = rows.reshape(-1, rows.shape[-1]).double() if criterion == "wanda" else \
-                llm._input_rows(module, rows)
-            total = rows.pow(2).sum(0) if criterion == "wanda" else rows.t() @ rows
+            if current.get("source") is inputs[0] and not hasattr(module, "kernel_size"):  # rows as is (no unfold)
+                total, count = current["total"], current["count"]  # q/k/v, gate/up: one input, one product
+            else:
+                rows = llm.real_rows(module, inputs[0].detach(), current.get("mask"))
+                rows = rows.reshape(-1, rows.shape[-1]).double() if criterion == "wanda" else \
+                    llm._input_rows(module, rows)
+                total = rows.pow(2).sum(0) if criterion == "wanda" else rows.t() @ rows
+                count = rows.shape[0]
+                if not hasattr(module, "kernel_size"):
+                    current.update(source=inputs[0], total=total, count=count)
             sums[name] = sums[name] + total if name in sums else total
-            counts[name] = counts.get(name, 0) + rows.shape[0]
+            counts[name] = counts.get(name, 0) + count
         return hook
 
     handles = [module.register_forward_hook(observer(name)) for name, module in layers.items()]
     try:
         for call in calls:
+            current.clear()
             current["mask"] = call["mask"]
             output = _run_block(block, call)
             if outputs is not None:
                 outputs.append(output)
     finally:
+        current.clear()
         for handle in handles:
             handle.remove()
     if criterion == "wanda":

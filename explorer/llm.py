@@ -298,9 +298,9 @@ def row_lowest(values: torch.Tensor, count: int) -> torch.Tensor:
     """
     rows, width = values.shape
     if count <= 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     if count >= width:
-        return torch.ones(values.shape, dtype=torch.bool)
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
     threshold = torch.kthvalue(values, count, dim=1, keepdim=True).values
     chosen = values < threshold
     ties = values == threshold
@@ -320,7 +320,7 @@ def lowest_by_row_rank(scores: torch.Tensor, pruned: int) -> torch.Tensor:
     """
     rows = scores.shape[0]
     each, extra = divmod(pruned, rows)
-    chosen = torch.empty(scores.shape, dtype=torch.bool)
+    chosen = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if extra:
         chosen[:extra] = row_lowest(scores[:extra], each + 1)
     chosen[extra:] = row_lowest(scores[extra:], each)
@@ -628,17 +628,13 @@ def _saliency(values, diagonal, dead, already) -> torch.Tensor:
 def _lowest(values, diagonal, dead, already, count: int) -> torch.Tensor:
     """The ``count`` lowest-saliency entries of a block (plus any already pruned) as a bool mask."""
     saliency = _saliency(values, diagonal, dead, already)
-    chosen = torch.zeros(saliency.numel(), dtype=torch.bool, device=saliency.device)
-    chosen[torch.argsort(saliency.reshape(-1), stable=True)[:count]] = True
-    chosen = chosen.reshape(saliency.shape)
+    chosen = row_lowest(saliency.reshape(1, -1), count).reshape(saliency.shape)  # as a stable sort, without one
     return chosen if already is None else chosen | already
 
 
 def _lowest_per_row(values, diagonal, dead, already, count: int) -> torch.Tensor:
     """The ``count`` lowest-saliency entries of each row of a group (plus any already pruned)."""
-    saliency = _saliency(values, diagonal, dead, already)
-    chosen = torch.zeros_like(saliency, dtype=torch.bool)
-    chosen.scatter_(1, torch.argsort(saliency, dim=1, stable=True)[:, :count], True)
+    chosen = row_lowest(_saliency(values, diagonal, dead, already), count)
     return chosen if already is None else chosen | already
 
 
