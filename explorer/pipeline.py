@@ -523,8 +523,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
 
     It runs in stages, each reported to ``progress(fraction, line)`` as it starts (`MEASURE_STAGES`: size
     and counts, then the task metric, then latency and runtimes); ``cancel`` (a `threading.Event`) is checked
-    between them. A cancelled measurement keeps the stages it finished, the others None, and says where it
-    stopped in ``cancelled`` (``"evaluate"`` or ``"latency"``; None for a full measurement).
+    between them, and between two batches of a perplexity. A cancelled measurement keeps the stages it finished,
+    the others None, and says where it stopped in ``cancelled`` (``"evaluate"`` or ``"latency"``; None for a
+    full measurement).
     """
     spec.validate()
     report = progress or (lambda fraction, line: None)
@@ -536,7 +537,8 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
                              latency=False, memory=peak_memory).to_dict()
     metrics["cancelled"] = None
     name = tasks.task_for(base_model, dataset)
-    if stopped():
+
+    def not_evaluated() -> dict:
         measure_name = name if name in ("accuracy", "perplexity") else tasks.default_measure(base_model)
         base = base_accuracy if name == "accuracy" else base_task_value if base_task_value is not None \
             else tasks.PERFECT.get(measure_name)
@@ -544,6 +546,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
                        semi_structured=None, task={"name": name, "measure": measure_name, "base": base, "pruned": None,
                                                    "higher_is_better": tasks.HIGHER_IS_BETTER.get(measure_name, True)})
         return _sparsity_figures(metrics, base_model, pruned_model)
+
+    if stopped():
+        return not_evaluated()
     report(0.2, MEASURE_STAGES["evaluate"])
     if name == "accuracy":
         accuracy = evaluate(deployed, dataset, "test")["accuracy"]
@@ -554,15 +559,21 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         task = {"name": "accuracy", "measure": "accuracy", "base": base_accuracy, "pruned": accuracy,
                 "higher_is_better": True}
     else:
-        follow = (lambda fraction, text: report(0.2 + 0.3 * fraction, f"{MEASURE_STAGES['evaluate']} {text}")) \
-            if progress is not None else None
-        result = tasks.evaluate_task(deployed, dataset, reference=base_model, task=name, outputs=reference_outputs,
-                                     max_tokens=spec.eval_tokens, progress=follow)
-        if base_task_value is None:
-            base_task_value = tasks.evaluate_task(base_model, dataset, task=name, max_tokens=spec.eval_tokens,
-                                                  progress=follow)["value"] \
-                if name == "perplexity" \
-                else tasks.PERFECT[result["measure"]]
+        def follow(fraction: float, text: str) -> None:
+            if stopped():  # perplexity goes batch by batch (minutes on a 1 B model): a cancel stops between two
+                raise _EvaluationStopped
+            report(0.2 + 0.3 * fraction, f"{MEASURE_STAGES['evaluate']} {text}")
+
+        try:
+            result = tasks.evaluate_task(deployed, dataset, reference=base_model, task=name, outputs=reference_outputs,
+                                         max_tokens=spec.eval_tokens, progress=follow)
+            if base_task_value is None:
+                base_task_value = tasks.evaluate_task(base_model, dataset, task=name, max_tokens=spec.eval_tokens,
+                                                      progress=follow)["value"] \
+                    if name == "perplexity" \
+                    else tasks.PERFECT[result["measure"]]
+        except _EvaluationStopped:
+            return not_evaluated()
         metrics.update(accuracy=None, base_accuracy=None, delta_accuracy=None)
         task = {"name": name, "measure": result["measure"], "base": base_task_value, "pruned": result["value"],
                 "higher_is_better": result["higher_is_better"], "measures": result["measures"]}
@@ -584,6 +595,10 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
                                                min_run_time=spec.min_run_time, max_run_time=spec.max_run_time)
     metrics["task"] = task
     return _sparsity_figures(metrics, base_model, pruned_model)
+
+
+class _EvaluationStopped(Exception):
+    """A cancel seen between two batches of the task metric (`measure_run` keeps the stages before it)."""
 
 
 MEASURE_STAGES = {"size": "Counting parameters and FLOPs, compressing the file ...",

@@ -241,3 +241,23 @@ def test_lean_magnitude_orders_and_cuts_equal_the_ranked_ones_at_every_slider_st
     assert pipeline.thresholds(prepared, plan, names=names).keys() == set(names)
     order = prepared.ranking.order
     assert len(order._answers) >= 100  # one question answered the whole slider at once
+
+
+def test_a_cancel_between_two_perplexity_batches_stops_the_measurement_there():
+    import threading
+
+    model, dataset, _ = pipeline.resolve_model(ModelSpec("tiny_gpt2", data="text"))
+    prepared = pipeline.prepare(model, ScoringSpec(), dataset=dataset, lean=True)
+    pruned = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5)))
+    cancel, lines = threading.Event(), []
+
+    def follow(fraction, line):
+        lines.append(line)
+        if "batch" in line:  # the user presses Cancel while the first batch's perplexity is reported
+            cancel.set()
+
+    metrics = pipeline.measure_run(model, pruned, dataset, base_task_value=1.0, cancel=cancel, progress=follow)
+    batches = [line for line in lines if "batch" in line]
+    assert len(batches) == 1 and metrics["cancelled"] == "evaluate"  # stopped after one batch, not after all
+    assert metrics["task"]["pruned"] is None and metrics["task"]["base"] == 1.0 and metrics["latency_ms"] is None
+    assert metrics["params_nonzero"] == nonzero_params(pruned)
