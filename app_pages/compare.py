@@ -50,6 +50,24 @@ try:  # a damaged or unreadable store is one line naming the file and what to do
 except ExplorerError as exc:
     st.error(str(exc))
     st.stop()
+if restored := st.session_state.pop("cmp_restored", None):
+    st.success(restored)
+if kept := store.kept_files():  # runs the store refused earlier (a read-only or damaged file then): nothing was lost
+    st.warning(f"{len(kept)} file(s) in {store.root / 'unsaved'} keep runs the store refused earlier "
+               f"({', '.join(path.name for path in kept[:3])}{', ...' if len(kept) > 3 else ''}). Now that the "
+               "store takes runs again, put them back: they then show here with the others.")
+    if st.button("Put the kept runs back in the store", key="cmp_restore",
+                 help="Stores every kept run (and its weights) and moves its file to unsaved/restored/; "
+                      "the same as `python -m explorer restore`."):
+        ids = []
+        try:
+            for path in kept:
+                ids += [run.id for run in store.restore(path)]
+        except ExplorerError as exc:
+            st.error(str(exc).splitlines()[0])
+        else:
+            st.session_state["cmp_restored"] = f"Restored {len(ids)} run(s): id {', '.join(map(str, ids))}."
+            st.rerun()
 if not runs:
     st.info("No runs yet. Apply a plan on the Prune page: each applied plan and each fine-tune is saved here.")
     st.page_link("app_pages/prune.py", label="Go to the Prune page", icon=":material/arrow_forward:")

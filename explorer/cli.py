@@ -220,7 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "Runtime) with the fp32 pruned and dense files")
     deploy.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module file")
     deploy.add_argument("--json", action="store_true", help="machine-readable output: one JSON object")
+    restore = sub.add_parser("restore", help="put runs the run store refused (kept in files) back into it")
+    restore.add_argument("files", nargs="*", metavar="FILE",
+                         help="a kept-runs .json (default: every file in the store's unsaved/ folder)")
+    restore.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def cmd_restore(args) -> list[dict]:
+    """Each kept file's runs back in the store (`RunStore.restore`), in order; the first refusal stops with one line."""
+    from explorer.store import RunStore
+
+    store = RunStore()
+    files = [Path(name) for name in args.files] or store.kept_files()
+    if not files:
+        return [{"file": None, "ids": [], "weights": [],
+                 "line": f"nothing to restore: {store.root / 'unsaved'} holds no kept runs"}]
+    results = []
+    for index, path in enumerate(files):
+        try:
+            runs = store.restore(path)
+        except ExplorerError as exc:
+            before = f" ({index} file(s) before it were restored)" if index else ""
+            raise type(exc)(f"{exc}{before}") from None
+        weights = [run.id for run in runs if store.weights_path(run.id).exists()]
+        results.append({"file": str(path), "ids": [run.id for run in runs], "weights": weights,
+                        "line": f"restored {len(runs)} run(s) from {path}: id {', '.join(str(r.id) for r in runs)}"
+                                + (f"; weights of run {', '.join(map(str, weights))}" if weights else "")})
+    return results
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -529,6 +556,9 @@ def _stage_printer():
 
 def _print_human(command: str, results: list[dict]) -> None:
     for result in results:
+        if command == "restore":
+            print(result["line"])
+            continue
         if command == "deploy":
             _print_deploy(result)
             continue
@@ -655,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_save_path(getattr(args, flag, None), "--" + flag.replace("_", "-"))
             results = {"inspect": cmd_inspect, "prune": cmd_prune, "run": cmd_run,
                        "sensitivity": sensitivity.command, "sweep": sweep.command,
-                       "suggest": suggest.command, "deploy": cmd_deploy}[args.command](args)
+                       "suggest": suggest.command, "deploy": cmd_deploy, "restore": cmd_restore}[args.command](args)
         except ExplorerError as exc:
             print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 2

@@ -22,13 +22,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
 import uuid
 import zipfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -144,15 +145,11 @@ def keep_runs(runs: list[Run], folder: Path, stem: str, model: nn.Module | None 
     tried = []
     for place in (folder / "unsaved", Path(tempfile.gettempdir()) / "pruning-explorer-unsaved"):
         path = place / f"{stem}.json"
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         try:
             place.mkdir(parents=True, exist_ok=True)
-            partial.write_text(payload)
-            os.replace(partial, path)
+            _write_whole(path, payload)
         except OSError as exc:
             tried.append(f"{path} ({exc.strerror or exc})")
-            if place.is_dir():
-                partial.unlink(missing_ok=True)
             continue
         if model is not None:
             try:
@@ -161,6 +158,36 @@ def keep_runs(runs: list[Run], folder: Path, stem: str, model: nn.Module | None 
                 pass
         return path
     raise StoreError(f"Could not keep the result in a file either: {'; '.join(tried)}.")
+
+
+def _write_whole(path: Path, payload: str) -> None:
+    """``payload`` into ``path`` through a renamed partial file: a kill never leaves half of it."""
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        partial.write_text(payload)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _read_kept(path: Path) -> list[Run]:
+    """The runs of a file `keep_runs` wrote; anything else is one line saying what the file should be."""
+    what = f"{path} is not a file of kept runs (a JSON list of runs, as the app and sweeps write to unsaved/)"
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExplorerError(f"There is no file {path}; `python -m explorer restore` with no file restores "
+                            "every file in the store's unsaved/ folder.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ExplorerError(f"{what}: {getattr(exc, 'strerror', None) or exc}.") from None
+    known = {f.name for f in fields(Run)}
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"model_name", "dataset"} <= set(e)
+                                                and set(e) <= known for e in entries):
+        raise ExplorerError(f"{what}.")
+    try:
+        return [Run(**entry) for entry in entries]
+    except TypeError as exc:
+        raise ExplorerError(f"{what}: {exc}.") from None
 
 
 def _schema(db) -> tuple[set[str], set[str]]:
@@ -327,6 +354,66 @@ class RunStore:
                 raise StoreError(f"{failed}; {where}: fix the folder's permissions or free disk space.",
                                  kept=kept) from None
         return run
+
+    def kept_files(self) -> list[Path]:
+        """The files of runs this store refused (`keep_runs` wrote them to its ``unsaved/`` folder), oldest first."""
+        folder = self.root / "unsaved"
+        files = [path for path in folder.glob("*.json") if not path.name.startswith(".")] if folder.is_dir() else []
+        return sorted(files, key=lambda path: (path.stat().st_mtime, path.name))
+
+    def restore(self, path: str | Path) -> list[Run]:
+        """Put the runs of a kept file back into the store, with the weights kept beside it; returns them.
+
+        A run stored before only its weights were refused (it has an id the store holds) gets its weights
+        back and no second row. Once every run is in, the file (and its ``.pt``) move to ``unsaved/restored/``;
+        if the store refuses one, the runs already restored leave the file, the rest stay in it, and the
+        StoreError says so: restoring again never stores a run twice.
+        """
+        path = Path(path)
+        runs = _read_kept(path)
+        weights = path.with_suffix(".pt")
+        weights = weights if len(runs) == 1 and weights.is_file() else None
+        done: list[Run] = []
+        for index, run in enumerate(runs):
+            try:
+                if run.id is not None and self._holds(run):
+                    stored = run
+                else:
+                    run.id = None
+                    stored = self.save(run, keep=False)
+                if weights is not None:
+                    self.weights_path(stored.id).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(weights, self.weights_path(stored.id))
+            except (StoreError, OSError) as exc:
+                message = str(exc) if isinstance(exc, StoreError) else \
+                    f"Could not copy the weights {weights} into the store ({exc.strerror or exc})"
+                left = runs[index:]
+                if done:
+                    _write_whole(path, json.dumps([run.to_dict() for run in left], indent=1))
+                raise StoreError(f"{message} Restored {len(done)} of {len(runs)} runs from {path}; the other "
+                                 f"{len(left)} stay in it: fix the store and restore again.", kept=path) from None
+            done.append(stored)
+        target = path.parent / "restored"
+        try:
+            target.mkdir(exist_ok=True)
+            for source in (path, path.with_suffix(".pt")):
+                if source.exists():
+                    os.replace(source, target / source.name)
+        except OSError as exc:
+            raise StoreError(f"All {len(done)} runs of {path} are in the store (ids "
+                             f"{', '.join(str(run.id) for run in done)}), but the file could not be moved to "
+                             f"{target} ({exc.strerror or exc}): delete it by hand, or restoring it again stores "
+                             "them twice.") from None
+        return done
+
+    def _holds(self, run: Run) -> bool:
+        """Whether the store already has this very run (its id and time of creation)."""
+        try:
+            return self.get(run.id).created == run.created
+        except StoreError:
+            raise
+        except ExplorerError:
+            return False
 
     def _row(self, row) -> Run:
         values = dict(zip(_COLUMNS, row))

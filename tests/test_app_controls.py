@@ -59,6 +59,7 @@ Inventory (issue 18): page -> control (key) -> the test that presses it. "here" 
 | Compare     | cmp_run, cmp_name_<id>, cmp_rename,         | here: test_compare_rename_download_and_delete_...       |
 |             | cmp_download, cmp_delete                    |                                                         |
 | Compare     | cmp_traj                                    | test_methods_page (default), here (a pick)              |
+| Compare     | cmp_restore                                 | test_restore                                            |
 | Deploy      | deploy_runtimes, deploy_batches,            | test_app_deploy (every control, numbers against ONNX    |
 |             | deploy_max_s, deploy_time, deploy_export,   | Runtime sessions, file sizes, weight counts opened      |
 |             | deploy_sparse_batch, deploy_sparse,         | there); deploy_download_<format>: labels and files      |
