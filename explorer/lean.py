@@ -173,9 +173,7 @@ def magnitude_mask(module: nn.Module, count: int, nm: tuple[int, int] | None = N
     score = weight_of(module).detach().abs().float()
     if nm is not None:
         return llm.nm_mask(score, *nm)
-    keep = torch.ones(score.numel(), dtype=torch.bool)
-    keep[torch.argsort(score.reshape(-1), stable=True)[:count]] = False
-    return keep.reshape(score.shape)
+    return ~llm.row_lowest(score.reshape(1, -1), count).reshape(score.shape)
 
 
 def prune(model: nn.Module, criterion: str, counts: dict[str, int], calib: list, *, nm: tuple[int, int] | None = None,

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from explorer import blocks, hf, llm, tasks
+from explorer import blocks, hf, lean, llm, tasks
 from explorer.errors import ExplorerError
 
 STREAM_CRITERIA = ("magnitude", "wanda", "sparsegpt")
@@ -332,10 +332,7 @@ def _keep_mask(module: nn.Module, criterion: str, statistics: dict, name: str, p
             return blocks._wanda_mask(module, statistics[name], pruned, nm)
         raw = module.weight.detach().float().abs() * statistics[name].sqrt().float()
         return ~llm.lowest_by_row_rank(raw, pruned)
-    magnitude = module.weight.detach().float().abs()
-    if nm is not None:
-        return llm.nm_mask(magnitude, *nm)
-    return ~llm.row_lowest(magnitude.reshape(1, -1), pruned).reshape(magnitude.shape)
+    return lean.magnitude_mask(module, pruned, nm)
 
 
 def _prune_block(skeleton: Skeleton, index: int, plan: StreamPlan, calls: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -115,3 +115,16 @@ def test_a_global_magnitude_plan_from_thresholds_equals_the_ranked_plan_ties_inc
     with pytest.raises(ExplorerError, match="min_keep"):
         pipeline.preview(prepared, PlanSpec(sparsity=sparsity, scope="global", min_keep=0.1))
     assert "min_keep" in lean.refusal(coarse, scoring, PlanSpec(sparsity=0.5, scope="global", min_keep=0.1))
+
+
+@pytest.mark.parametrize("count", [0, 1, 37, 64, 127, 128])
+def test_magnitude_mask_prunes_what_a_stable_sort_of_the_layer_prunes(count):
+    layer = torch.nn.Linear(16, 8)
+    torch.manual_seed(count)
+    with torch.no_grad():  # |w| in {0, 1, 2, 3}: ties everywhere, across rows too
+        layer.weight.copy_(torch.randint(-3, 4, (8, 16)).float())
+    expected = torch.ones(128, dtype=torch.bool)
+    expected[torch.argsort(layer.weight.detach().abs().reshape(-1), stable=True)[:count]] = False
+    keep = lean.magnitude_mask(layer, count)
+    assert keep.shape == layer.weight.shape and int((~keep).sum()) == count
+    assert torch.equal(keep.reshape(-1), expected)
