@@ -336,8 +336,9 @@ class RunStore:
             except StoreError as lost:
                 raise StoreError(f"{exc} {lost}") from None
             raise StoreError(f"{exc} Nothing is lost: the run is kept in {kept}"
-                             + (" (weights beside it)." if kept.with_suffix(".pt").exists() else "."),
-                             kept=kept) from None
+                             + (" (weights beside it)" if kept.with_suffix(".pt").exists() else "")
+                             + "; once the store is fixed, Compare's button or `python -m explorer restore` puts "
+                               "it back.", kept=kept) from None
         if model is not None:
             try:
                 save_model(model, self.weights_path(run.id), **weights, metadata={"run": run.id})
