@@ -87,16 +87,28 @@ def current_model() -> dict | None:
 def shared_transformer(source: str) -> tuple:
     """A built-in transformer or ``hf:FOLDER`` on the built-in text, loaded once and shared (read-only).
 
-    Returns ``(module, dataset, arch, task)``; loads through `pipeline.resolve_model`, the CLI's path.
+    Returns ``(module, dataset, arch)``; loads through `pipeline.resolve_model`, the CLI's path. Its task
+    value is `transformer_task`'s (a perplexity takes minutes on a 1 B model: the Model page shows its bar).
     """
-    module, dataset, arch = pipeline.resolve_model(ModelSpec(source=source, data="text", baseline=False))
-    return module, dataset, arch, task_of(module, dataset)
+    return pipeline.resolve_model(ModelSpec(source=source, data="text", baseline=False))
+
+
+BASE_TASKS: dict[str, dict] = {}  # source -> the dense transformer's task on the built-in text, shared like the models
+
+
+def transformer_task(source: str, module, dataset, progress=None) -> dict:
+    """The dense model's task on the built-in text (`task_of`), measured once per server; ``progress(fraction,
+    line)`` follows a perplexity batch by batch (and may raise to stop it: nothing is kept then)."""
+    if source not in BASE_TASKS:
+        BASE_TASKS[source] = task_of(module, dataset, progress=progress)
+    return BASE_TASKS[source]
 
 
 def transformer_entry(source: str) -> dict:
     """The session-model entry of a built-in transformer or ``hf:FOLDER`` on the built-in text (shared, cached)."""
     with st.spinner(f"Loading {source} and tokenising the built-in text (once per server; seconds) ..."):
-        module, data, arch, task = shared_transformer(source)  # a cached one comes back at once
+        module, data, arch = shared_transformer(source)  # a cached one comes back at once
+        task = transformer_task(source, module, data)
     return {"module": module, "label": source, "arch": arch, "dataset": data, "source": "transformer",
             "spec": ModelSpec(source=source, data="text", baseline=False),
             "base_accuracy": task["base"] if task["name"] == "accuracy" else None, "task": task,
@@ -119,7 +131,7 @@ def accuracy_task(accuracy: float | None) -> dict:
     return {"name": "accuracy", "measure": "accuracy", "base": accuracy, "higher_is_better": True}
 
 
-def task_of(module, dataset, base_accuracy: float | None = None) -> dict:
+def task_of(module, dataset, base_accuracy: float | None = None, progress=None) -> dict:
     """``{name, measure, base, higher_is_better}`` of a dense model: its own value of its task metric.
 
     Fidelity of the dense model to itself is perfect by definition (`tasks.PERFECT`), so it costs nothing.
@@ -130,7 +142,8 @@ def task_of(module, dataset, base_accuracy: float | None = None) -> dict:
             base_accuracy = tasks.accuracy(module, dataset)
         return accuracy_task(base_accuracy)
     if name == "perplexity":
-        return {"name": name, "measure": name, "base": tasks.perplexity(module, dataset), "higher_is_better": False}
+        return {"name": name, "measure": name, "base": tasks.perplexity(module, dataset, progress=progress),
+                "higher_is_better": False}
     measure = tasks.default_measure(module)
     return {"name": name, "measure": measure, "base": tasks.PERFECT[measure],
             "higher_is_better": tasks.HIGHER_IS_BETTER[measure]}

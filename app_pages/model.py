@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from explorer import baselines, compat, hf, pipeline, stats, tasks
+from explorer import baselines, compat, hf, jobs, pipeline, stats, tasks
 from explorer.data import DATASETS, tensors
 from explorer.errors import ExplorerError
 from explorer.models import ZOO, load_model, read_saved_metadata
@@ -83,14 +83,43 @@ def train_then(module, data, epochs: int, finish) -> None:
     st.session_state[TRAIN_JOB] = job
 
 
+class _BaseStopped(Exception):
+    """A Cancel seen between two batches of a base perplexity."""
+
+
+def measure_base_then(source: str, module, data) -> None:
+    """A language model's base perplexity (the whole test split: about a minute at 124 M, minutes at 1 B) as a
+    background job with a bar line per batch and a Cancel (`follow_training`); the model's entry follows it.
+    A cancel keeps nothing: the model loaded before stays."""
+    def work(context):
+        def report(fraction: float, line: str) -> None:
+            if context.cancel.is_set():
+                raise _BaseStopped
+            context.report(fraction, line)
+        try:
+            return common.transformer_task(source, module, data, progress=report)
+        except _BaseStopped:
+            return None
+    job = jobs.start(work, name=f"Measuring the base perplexity of {source}")
+    job.meta.update(finish=lambda: common.transformer_entry(source), source=source)
+    st.session_state[TRAIN_JOB] = job
+
+
 def follow_training():
-    """The entry of the model whose training just ended (None while it runs, or when there is none)."""
+    """The entry of the model whose training (or base perplexity) just ended (None while it runs, or when there
+    is none, or when the base perplexity was cancelled)."""
     job = st.session_state.get(TRAIN_JOB)
-    if job is None or not common.follow_job(job, cancel_key="model_train_cancel", what="Training"):
+    if job is None or not common.follow_job(job, cancel_key="model_train_cancel", what=job.name):
         return None
     del st.session_state[TRAIN_JOB]
     if job.error is not None:
         raise ExplorerError(job.error)
+    if "source" in job.meta:  # a language model's base perplexity
+        if job.result is None:
+            st.info(f"Loading {job.meta['source']} cancelled while its base perplexity was measured; the model "
+                    "loaded before stays.", icon=":material/info:")
+            return None
+        return job.meta["finish"]()
     result = job.result
     epochs = job.meta["epochs"]
     note = (f", training cancelled after {result.epochs_done} of {epochs} epoch{'' if epochs == 1 else 's'}"
@@ -169,7 +198,12 @@ def load_transformer(source: str, upload) -> dict:
     under its own name (the text layer reads the format from the suffix) and tokenised for this session.
     """
     if upload is None:
-        return common.transformer_entry(source)
+        with st.spinner(f"Loading {source} and tokenising the built-in text (once per server) ..."):
+            module, data, _ = common.shared_transformer(source)
+        if source in common.BASE_TASKS or tasks.task_for(module, data) != "perplexity":
+            return common.transformer_entry(source)
+        measure_base_then(source, module, data)  # followed by `follow_training`, with a bar and Cancel
+        return None
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / (Path(upload.name).name or "upload.txt")
         path.write_bytes(upload.getvalue())

@@ -261,3 +261,43 @@ def test_a_cancel_between_two_perplexity_batches_stops_the_measurement_there():
     assert len(batches) == 1 and metrics["cancelled"] == "evaluate"  # stopped after one batch, not after all
     assert metrics["task"]["pruned"] is None and metrics["task"]["base"] == 1.0 and metrics["latency_ms"] is None
     assert metrics["params_nonzero"] == nonzero_params(pruned)
+
+
+def test_a_language_models_base_perplexity_has_a_bar_and_cancel_keeps_the_model_before(monkeypatch):
+    import threading
+
+    from app_pages import common
+
+    real, reached, release = tasks.perplexity, threading.Event(), threading.Event()
+
+    def held(*args, progress=None, **kwargs):
+        def gate(fraction, line):  # the first batch is done: the user sees the bar here
+            reached.set()
+            release.wait(60)
+            progress(fraction, line)
+        return real(*args, progress=gate, **kwargs)
+
+    monkeypatch.setattr(common, "BASE_TASKS", {})  # this server has not measured tiny_gpt2 yet
+    monkeypatch.setattr(tasks, "perplexity", held)
+    monkeypatch.setattr(common, "JOB_WAIT_S", 0.0)
+    at = load_transformer(start(), "tiny_gpt2")
+    job = at.session_state["model_train_job"]
+    assert reached.wait(60)
+    at.run()
+    assert "Measuring the base perplexity of tiny_gpt2" in at.get("progress")[0].proto.text
+    at.button(key="model_train_cancel").click().run()
+    release.set()
+    assert job.wait(60) and job.result is None
+    at.run()
+    assert not at.exception and not at.error and "current_model" not in at.session_state
+    assert "cancelled while its base perplexity was measured" in texts(at.info) and common.BASE_TASKS == {}
+
+    reached.clear()
+    monkeypatch.setattr(common, "JOB_WAIT_S", 3600.0)  # loaded again: the script follows the bar to its end
+    at.button(key="tf_load").click()
+    release.set()
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    entry = at.session_state["current_model"]
+    assert entry["task"]["base"] == pytest.approx(real(entry["module"], entry["dataset"]), rel=1e-9)
+    assert common.BASE_TASKS["tiny_gpt2"] is entry["task"]
