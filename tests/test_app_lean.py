@@ -99,8 +99,8 @@ def test_wanda_on_a_causal_lm_is_lean_and_prunes_the_clis_and_the_general_paths_
         assert torch.equal(weight, effective_weight(cli_pruned.get_submodule(name))), name
         assert torch.equal(weight, effective_weight(expected.get_submodule(name))), name
     assert metrics["params_nonzero"] == nonzero_params(pruned)
-    assert metrics["task"]["pruned"] == pytest.approx(tasks.perplexity(pruned, dataset), rel=1e-6)
-    assert metrics["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset), rel=1e-6)
+    assert metrics["task"]["pruned"] == pytest.approx(tasks.perplexity(pruned, dataset, max_tokens=2048), rel=1e-6)
+    assert metrics["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=2048), rel=1e-6)
     zeros = sum(int((effective_weight(m) == 0).sum()) for _, m in prunable_layers(pruned))
     total = sum(effective_weight(m).numel() for _, m in prunable_layers(model))
     assert metrics["sparsity_actual"] == pytest.approx(zeros / total)
@@ -240,7 +240,7 @@ def test_lean_magnitude_orders_and_cuts_equal_the_ranked_ones_at_every_slider_st
     names = list(prepared.names)[:2]
     assert pipeline.thresholds(prepared, plan, names=names).keys() == set(names)
     order = prepared.ranking.order
-    assert len(order._answers) >= 100  # one question answered the whole slider at once
+    assert len(order._answers) >= 100  # the second question answered the whole slider at once
 
 
 def test_a_cancel_between_two_perplexity_batches_stops_the_measurement_there():
@@ -301,3 +301,23 @@ def test_a_language_models_base_perplexity_has_a_bar_and_cancel_keeps_the_model_
     entry = at.session_state["current_model"]
     assert entry["task"]["base"] == pytest.approx(real(entry["module"], entry["dataset"]), rel=1e-9)
     assert common.BASE_TASKS["tiny_gpt2"] is entry["task"]
+
+
+def test_the_apps_base_perplexity_reads_the_default_token_budget_and_a_recipe_with_another_measures_again():
+    from app_pages import common
+    from explorer.recipe import Recipe
+    from explorer.specs import MeasureSpec, ModelSpec as Spec
+
+    model, dataset, _ = pipeline.resolve_model(Spec("tiny_gpt2", data="text"))
+    task = common.task_of(model, dataset)
+    assert task["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=2048), rel=1e-6)
+    assert task["eval_tokens"] == 2048 and task["tokens"]["scored"] < task["tokens"]["total"]
+    entry = {"module": model, "dataset": dataset, "base_accuracy": None, "task": task}
+    pruned = pipeline.clone_model(model)
+    for recipe_tokens, expected_tokens in ((2048, 2048), (0, None), (300, 300)):
+        recipe = Recipe(model=Spec("tiny_gpt2", data="text"),
+                        measure=MeasureSpec(latency=False, eval_tokens=recipe_tokens))
+        metrics = common.measure(entry, pruned, recipe)
+        assert metrics["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=expected_tokens),
+                                                        rel=1e-6)  # the base read on the recipe's tokens, never mixed
+        assert metrics["task"]["pruned"] == pytest.approx(metrics["task"]["base"], rel=1e-6)  # an unpruned copy

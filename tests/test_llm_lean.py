@@ -128,3 +128,24 @@ def test_magnitude_mask_prunes_what_a_stable_sort_of_the_layer_prunes(count):
     keep = lean.magnitude_mask(layer, count)
     assert keep.shape == layer.weight.shape and int((~keep).sum()) == count
     assert torch.equal(keep.reshape(-1), expected)
+
+
+def test_a_first_global_question_answered_alone_equals_the_slider_grids_answer(models):
+    model, _ = models["llama"]
+    coarse = pipeline.clone_model(model)
+    with torch.no_grad():  # ties at the thresholds
+        for name, parameter in coarse.named_parameters():
+            if ".layers." in name:
+                parameter.copy_((parameter * 50).round() / 50)
+    modules = {name: module for name, module in coarse.named_modules()
+               if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    names, total = list(modules), sum(m.weight.numel() for m in modules.values())
+    for fraction in (0.1, 0.37, 0.5, 0.93):
+        target = round(fraction * total)
+        alone = lean.MagnitudeOrder(modules)
+        answer = alone.counts(names, target)  # the first question: one target's passes
+        assert alone._answers.keys() == {(tuple(names), target)}
+        grid = lean.MagnitudeOrder(modules)
+        grid.counts(names, 1)
+        assert grid.counts(names, target) == answer and len(grid._answers) > 100  # the second: the whole grid
+        assert sum(answer.values()) == target
