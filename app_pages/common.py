@@ -16,7 +16,7 @@ import streamlit as st
 from explorer import baselines, blocks, figures, hf, jobs, lean, pipeline, tasks
 from explorer.recipe import Recipe
 from explorer.models import ZOO
-from explorer.specs import ModelSpec, PlanSpec, ScoringSpec
+from explorer.specs import MeasureSpec, ModelSpec, PlanSpec, ScoringSpec
 from explorer.store import Run, RunStore, StoreError
 from explorer.data import Dataset, load_dataset
 from explorer.errors import ExplorerError
@@ -141,9 +141,12 @@ def task_of(module, dataset, base_accuracy: float | None = None, progress=None) 
         if base_accuracy is None:
             base_accuracy = tasks.accuracy(module, dataset)
         return accuracy_task(base_accuracy)
-    if name == "perplexity":
-        return {"name": name, "measure": name, "base": tasks.perplexity(module, dataset, progress=progress),
-                "higher_is_better": False}
+    if name == "perplexity":  # on the token budget every pruned copy is measured on (MeasureSpec's default)
+        budget = MeasureSpec().token_budget
+        return {"name": name, "measure": name,
+                "base": tasks.perplexity(module, dataset, max_tokens=budget, progress=progress),
+                "higher_is_better": False, "eval_tokens": budget,
+                "tokens": dict(zip(("scored", "total"), tasks.eval_tokens(dataset, "test", budget)))}
     measure = tasks.default_measure(module)
     return {"name": name, "measure": measure, "base": tasks.PERFECT[measure],
             "higher_is_better": tasks.HIGHER_IS_BETTER[measure]}
@@ -169,6 +172,14 @@ def require_accuracy_task(model: dict, what: str) -> None:
 def task_label(task: dict) -> str:
     """'accuracy', 'perplexity', 'fidelity (top-1 agreement)', ..."""
     return MEASURE_LABELS.get(task.get("measure"), task.get("name", "accuracy"))
+
+
+def tokens_help(task: dict) -> str:
+    """' Scored on the first 2,016 of 8,607 test tokens; ...' for a perplexity that says how many it read, else ''."""
+    if "tokens" not in task:
+        return ""
+    hint = "a recipe's measure.eval_tokens: 0 scores them all"
+    return f" Scored {tasks.tokens_phrase(task['tokens'], hint=hint)}."
 
 
 def fmt_task(task: dict, value) -> str:
@@ -532,7 +543,9 @@ def measure(model: dict, pruned_module, recipe: Recipe, progress=None, cancel=No
     task = model_task(model)
     return pipeline.measure_run(model["module"], pruned_module, model["dataset"], recipe.measure,
                                 base_accuracy=model["base_accuracy"],
-                                base_task_value=None if task["name"] == "accuracy" else task["base"],
+                                base_task_value=None if task["name"] == "accuracy" or (
+                                    task["name"] == "perplexity"  # scored on other tokens: measured again
+                                    and task.get("eval_tokens") != recipe.measure.token_budget) else task["base"],
                                 progress=progress, cancel=cancel)
 
 

@@ -88,7 +88,8 @@ class _BaseStopped(Exception):
 
 
 def measure_base_then(source: str, module, data) -> None:
-    """A language model's base perplexity (the whole test split: about a minute at 124 M, minutes at 1 B) as a
+    """A language model's base perplexity (the default token budget's test tokens, `MeasureSpec.eval_tokens`; the
+    whole split took about a minute at 124 M, minutes at 1 B) as a
     background job with a bar line per batch and a Cancel (`follow_training`); the model's entry follows it.
     A cancel keeps nothing: the model loaded before stays."""
     def work(context):
@@ -317,7 +318,8 @@ sizes = model["dataset"].sizes
 cols = st.columns(4)
 task = common.model_task(model)
 cols[0].metric(f"Baseline {common.task_label(task)} (test)", common.fmt_task(task, task["base"]),
-               help=None if task["name"] == "accuracy" else "Lower is better." if not task["higher_is_better"]
+               help=None if task["name"] == "accuracy" else f"Lower is better.{common.tokens_help(task)}"
+               if not task["higher_is_better"]
                else "The dense model agrees with itself perfectly; pruned copies are measured against it.")
 cols[1].metric("Parameters", common.fmt_int(table["params"].sum()))
 cols[2].metric("FLOPs per input", common.fmt_int(table["flops"].sum()))

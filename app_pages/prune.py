@@ -402,7 +402,7 @@ if pruned is not None and pruned["model_key"] == model["key"]:
     r[0].metric(common.task_label(task).capitalize(), common.fmt_task(task, task["pruned"]),
                 common.fmt_task_delta(task, task["base"], task["pruned"]),
                 delta_color="normal" if task["higher_is_better"] else "inverse",
-                help=f"Dense model: {common.fmt_task(task, task['base'])}.")
+                help=f"Dense model: {common.fmt_task(task, task['base'])}.{common.tokens_help(task)}")
     r[1].metric("Non-zero params", common.fmt_count(m["params_nonzero"]), f"of {common.fmt_count(m['params_total'])}",
                 delta_color="off", delta_arrow="off",
                 help=f"{common.fmt_int(m['params_nonzero'])} of {common.fmt_int(m['params_total'])} parameters.")

@@ -127,14 +127,15 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="build the folders and stop")
     parser.add_argument("--calib", nargs=2, type=int, metavar=("SAMPLES", "SEQLEN"), default=None,
                         help="calibration windows for wanda / 2:4 / sparsegpt (default 32 x 128)")
-    parser.add_argument("--eval-tokens", type=int, default=None, help="pass --eval-tokens N to every full prune")
+    parser.add_argument("--eval-tokens", type=int, default=None,
+                        help="pass --eval-tokens N to every full prune (0: the whole split; default: the CLI's)")
     parser.add_argument("--cache", default=None,
                         help="PRUNING_EXPLORER_CACHE for the runs (default: a fresh one, so the first prune is cold)")
     args = parser.parse_args()
     load = os.getloadavg()
     now = datetime.datetime.now(datetime.timezone.utc)
     settings = " ".join(filter(None, [f"calibration {args.calib[0]} x {args.calib[1]}" if args.calib else "",
-                                      f"--eval-tokens {args.eval_tokens}" if args.eval_tokens else ""]))
+                                      f"--eval-tokens {args.eval_tokens}" if args.eval_tokens is not None else ""]))
     lines = [f"\n### {args.label or Path(args.code).name}: {now:%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}"
              f" ({os.cpu_count()} cores), load at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
              f"{', ' + settings if settings else ''}\n",
@@ -165,7 +166,7 @@ def main() -> None:
                     if args.calib and "--calib-samples" in flags:
                         flags[flags.index("--calib-samples") + 1] = str(args.calib[0])
                         flags[flags.index("--calib-seqlen") + 1] = str(args.calib[1])
-                    if args.eval_tokens and "--plan-only" not in flags:
+                    if args.eval_tokens is not None and "--plan-only" not in flags:
                         flags += ["--eval-tokens", str(args.eval_tokens)]
                     command = [sys.executable, "-m", "explorer", "prune", "--model", f"hf:{folder}", "--json",
                                *flags]

@@ -182,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "always float32 or wider, tensors written in their stored dtype)")
     prune.add_argument("--eval", choices=["none", "pruned", "both"], default="pruned",
                        help="--stream: the test perplexity to report, streamed (the pruned folder's, both, or none)")
-    prune.add_argument("--eval-tokens", type=_whole(1, limits.MAX_EVAL_TOKENS), default=None, metavar="N",
-                       help="perplexity on the test split's first sequences holding at most N tokens, the same for "
-                            "base and pruned, in memory or streamed (default: the whole split); bounds the cost on a "
-                            "large model")
+    prune.add_argument("--eval-tokens", type=_whole(0, limits.MAX_EVAL_TOKENS), default=MeasureSpec.eval_tokens,
+                       metavar="N",
+                       help="causal LMs: perplexity on the test split's first sequences holding at most N tokens, the "
+                            f"same for base and pruned, in memory or streamed (default {MeasureSpec.eval_tokens:,}, as "
+                            "the app and recipes; 0: the whole split); the output line says how many were scored")
     prune.add_argument("--fresh-base", action="store_true",
                        help="measure the base model again even when the cache holds its figures for this hf: folder "
                             "and these settings")
@@ -483,7 +484,8 @@ def cmd_prune(args) -> list[dict]:
         if m["accuracy"] is not None:
             result["accuracy"] = {"base": m["base_accuracy"], "pruned": m["accuracy"], "split": "test",
                                   "fine_tuned": False}
-        result["task"] = {key: m["task"][key] for key in ("name", "measure", "base", "pruned", "higher_is_better")}
+        result["task"] = {key: m["task"][key] for key in ("name", "measure", "base", "pruned", "higher_is_better",
+                                                          "tokens") if key in m["task"]}
         if reused:
             result["base_cached"] = BASE_CACHED
         if "measures" in m["task"]:
@@ -524,14 +526,14 @@ def _base_figures(args, model, dataset, spec: MeasureSpec, task_name: str, progr
     """
     example = dataset.example_input(spec.batch)
     name = basecache.key(args.model, data_file=args.data_file, data=args.data, seed=args.seed, task=task_name,
-                         eval_tokens=spec.eval_tokens, example=list(example[:1].shape))
+                         eval_tokens=spec.token_budget, example=list(example[:1].shape))
     cached = None if args.fresh_base else basecache.load(name)
     if cached is not None and isinstance(cached.get("figures"), dict):
         return cached.get("task"), cached["figures"], True
     if progress:
         progress(0.0, "measuring the base model (task metric, size, FLOPs)")
     follow = (lambda fraction, text: progress(fraction, f"measuring the base model: {text}")) if progress else None
-    value = (tasks.evaluate_task(model, dataset, task=task_name, max_tokens=spec.eval_tokens, progress=follow)["value"]
+    value = (tasks.evaluate_task(model, dataset, task=task_name, max_tokens=spec.token_budget, progress=follow)["value"]
              if task_name != "fidelity" else None)
     figures = measure.measure_baseline(model, example)
     basecache.store(name, {"task": value, "figures": figures})
@@ -618,7 +620,9 @@ def _print_human(command: str, results: list[dict]) -> None:
         elif "task" in result:
             task = result["task"]
             label = task["name"] if task["name"] == task["measure"] else f"{task['name']} ({task['measure']})"
-            print(f"  test {label} {task['base']:.4g} -> {task['pruned']:.4g} (no fine-tune)")
+            scored = (f" {tasks.tokens_phrase(task['tokens'], hint='--eval-tokens 0 for all')}" if "tokens" in task
+                      else "")
+            print(f"  test {label} {task['base']:.4g} -> {task['pruned']:.4g} (no fine-tune){scored}")
         if "base_cached" in result:
             print(f"  {result['base_cached']}")
         if "latency_ms" in result:

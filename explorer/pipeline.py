@@ -566,9 +566,9 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
 
         try:
             result = tasks.evaluate_task(deployed, dataset, reference=base_model, task=name, outputs=reference_outputs,
-                                         max_tokens=spec.eval_tokens, progress=follow)
+                                         max_tokens=spec.token_budget, progress=follow)
             if base_task_value is None:
-                base_task_value = tasks.evaluate_task(base_model, dataset, task=name, max_tokens=spec.eval_tokens,
+                base_task_value = tasks.evaluate_task(base_model, dataset, task=name, max_tokens=spec.token_budget,
                                                       progress=follow)["value"] \
                     if name == "perplexity" \
                     else tasks.PERFECT[result["measure"]]
@@ -577,6 +577,8 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         metrics.update(accuracy=None, base_accuracy=None, delta_accuracy=None)
         task = {"name": name, "measure": result["measure"], "base": base_task_value, "pruned": result["value"],
                 "higher_is_better": result["higher_is_better"], "measures": result["measures"]}
+        if name == "perplexity":  # {scored, total}: what an output line says ("on the first 2,041 of 8,607 ...")
+            task["tokens"] = dict(zip(("scored", "total"), tasks.eval_tokens(dataset, "test", spec.token_budget)))
     if spec.latency and stopped():
         metrics["cancelled"] = "latency"
     elif spec.latency:

@@ -302,6 +302,10 @@ class BudgetSpec:
         return 0, self.epochs + (self.start_epochs if from_scratch else 0)
 
 
+DEFAULT_EVAL_TOKENS = 2048  # a perplexity's default token budget: two whole-split perplexities of a 124 M model
+# cost several times its plan on this CPU (bench/RESULTS_llm_scale.md); every output line says how many were scored
+
+
 @dataclass(frozen=True)
 class MeasureSpec:
     """How the pruned copy is measured next to its base: the same call in the app, CLI and recipes.
@@ -313,7 +317,8 @@ class MeasureSpec:
     speed-up's 95 % interval is within 5 %, or after ``max_run_time`` (None: 3 s, or
     ``min_run_time`` if longer); a wider interval is reported as noisy. ``eval_tokens`` bounds a
     perplexity's cost: base and pruned are scored on the same first test sequences holding at most
-    that many tokens (None: the whole split).
+    that many tokens, `DEFAULT_EVAL_TOKENS` unless set (0 or None: the whole split; `token_budget`).
+    Only a causal LM's perplexity reads it.
     """
 
     latency: bool = True
@@ -323,7 +328,7 @@ class MeasureSpec:
     min_run_time: float = 0.5
     max_run_time: float | None = None
     runtimes: tuple[str, ...] = ()  # also time dense vs pruned on these runtimes (explorer.deploy.runtimes)
-    eval_tokens: int | None = None  # perplexity on the test split's first sequences up to this many tokens
+    eval_tokens: int | None = DEFAULT_EVAL_TOKENS  # perplexity on the test split's first sequences up to this many
 
     def __post_init__(self):  # YAML gives a list
         object.__setattr__(self, "runtimes", tuple(self.runtimes or ()) if not isinstance(self.runtimes, str)
@@ -347,8 +352,11 @@ class MeasureSpec:
                 or not self.min_run_time <= self.max_run_time <= limits.MAX_SECONDS):
             raise _fail("measure", f"max_run_time must be a number of seconds in [min_run_time, "
                                    f"{limits.MAX_SECONDS:g}], got {self.max_run_time!r}.")
-        if self.eval_tokens is not None:
-            _positive_int("measure", "eval_tokens", self.eval_tokens, limits.MAX_EVAL_TOKENS)
+        if self.eval_tokens is not None:  # None: the whole split, as runs stored before the default was set
+            try:
+                limits.check_int("eval_tokens", self.eval_tokens, 0, limits.MAX_EVAL_TOKENS)
+            except ExplorerError as exc:
+                raise _fail("measure", f"{str(exc).rstrip('.')}; 0 scores the whole test split.") from None
         if self.runtimes:
             from explorer.deploy.runtimes import parse_runtimes
 
@@ -357,3 +365,8 @@ class MeasureSpec:
             except ExplorerError as exc:
                 raise _fail("measure", f"runtimes: {exc}") from None
         return self
+
+    @property
+    def token_budget(self) -> int | None:
+        """``eval_tokens`` as `explorer.tasks.perplexity`'s ``max_tokens``: None for the whole split (0 or None)."""
+        return self.eval_tokens or None

@@ -609,7 +609,7 @@ def command(args, progress: Progress | None = None) -> list[dict]:
         result["nm"] = {"n": nm[0], "m": nm[1]}
     evaluate = getattr(args, "eval", "pruned")
     if evaluate == "both":
-        base = perplexity_folder(folder.path, dataset, dtype=args.stream_dtype, max_tokens=args.eval_tokens,
+        base = perplexity_folder(folder.path, dataset, dtype=args.stream_dtype, max_tokens=args.eval_tokens or None,
                                  progress=progress)
         result["perplexity"] = {"base": base["perplexity"], "tokens": base["tokens"]}
     summary = prune_folder(folder.path, args.out, plan, calib, dtype=args.stream_dtype, progress=progress)
@@ -617,10 +617,14 @@ def command(args, progress: Progress | None = None) -> list[dict]:
                                                  "bytes", "peak_params", "layers")})
     result["prune_seconds"] = summary["seconds"]
     if evaluate != "none":
-        pruned = perplexity_folder(summary["out"], dataset, dtype=args.stream_dtype, max_tokens=args.eval_tokens,
+        pruned = perplexity_folder(summary["out"], dataset, dtype=args.stream_dtype,
+                                   max_tokens=args.eval_tokens or None,
                                    progress=progress)
         result.setdefault("perplexity", {}).update(pruned=pruned["perplexity"], tokens=pruned["tokens"],
                                                    split="test")
+    if "perplexity" in result:  # {scored, total} in the budget's count (tokens up to each sequence's last real one)
+        result["perplexity"]["eval_tokens"] = dict(zip(("scored", "total"),
+                                                       tasks.eval_tokens(dataset, "test", args.eval_tokens or None)))
     if result.get("calibration") is None:
         result.pop("calibration")
     return [result]
@@ -638,5 +642,7 @@ def format_human(result: dict) -> str:
     if ppl:
         base = f"{ppl['base']:.4g} -> " if "base" in ppl else ""
         pruned = f"{ppl['pruned']:.4g}" if "pruned" in ppl else "(pruned not evaluated)"
-        lines.append(f"  test perplexity {base}{pruned} on {ppl['tokens']:,} tokens (streamed)")
+        scored = (f", {tasks.tokens_phrase(ppl['eval_tokens'], hint='--eval-tokens 0 for all')}"
+                  if "eval_tokens" in ppl else "")
+        lines.append(f"  test perplexity {base}{pruned} on {ppl['tokens']:,} predicted tokens (streamed){scored}")
     return "\n".join(lines)

@@ -134,14 +134,11 @@ def _trimmed_batches(dataset: Dataset, split: str, batch_size: int, pad_id,
     """
     x, _ = dataset.split(split)
     if x.ndim == 2 and len(x) and token_budget is not None:
-        used = (((x != pad_id) * torch.arange(1, x.shape[1] + 1)).max(dim=1).values.clamp(min=1)
-                if pad_id is not None else torch.full((len(x),), x.shape[1]))
-        x = x[:max(1, int((used.cumsum(0) <= token_budget).sum()))]
+        x = x[:_budget_rows(_used_lengths(x, pad_id), token_budget)]
     if pad_id is None or x.ndim != 2 or len(x) == 0:
         yield from (x[start:start + batch_size] for start in range(0, len(x), batch_size))
         return
-    positions = torch.arange(1, x.shape[1] + 1)
-    lengths = ((x != pad_id) * positions).max(dim=1).values.clamp(min=1)  # one past the last real token
+    lengths = _used_lengths(x, pad_id)  # one past the last real token
     order = torch.argsort(lengths, stable=True)
     budget, start = min(batch_size * x.shape[1], max_tokens or batch_size * x.shape[1]), 0
     while start < len(order):
@@ -151,6 +148,39 @@ def _trimmed_batches(dataset: Dataset, split: str, batch_size: int, pad_id,
         rows = order[start:stop]
         yield x[rows, :int(lengths[rows].max())]
         start = stop
+
+
+def _used_lengths(x: torch.Tensor, pad_id) -> torch.Tensor:
+    """Each sequence's tokens up to its last real one (at least 1): what a token budget counts."""
+    if pad_id is None:
+        return torch.full((len(x),), x.shape[1])
+    return ((x != pad_id) * torch.arange(1, x.shape[1] + 1)).max(dim=1).values.clamp(min=1)
+
+
+def _budget_rows(used: torch.Tensor, token_budget: int) -> int:
+    """How many first sequences a budget keeps: those whose used tokens add up to at most it (always one)."""
+    return max(1, int((used.cumsum(0) <= token_budget).sum()))
+
+
+def eval_tokens(dataset: Dataset, split: str = "test", token_budget: int | None = None) -> tuple[int, int]:
+    """``(scored, total)``: the tokens `perplexity` reads under ``token_budget`` (None: all) and the split's
+    tokens, each sequence counted up to its last real token; for an output line such as "on the first
+    2,041 of 8,607 test tokens"."""
+    x, _ = dataset.split(split)
+    if x.ndim != 2 or not len(x):
+        return 0, 0
+    used = _used_lengths(x, dataset.info.get("pad_id"))
+    total = int(used.sum())
+    return (total if token_budget is None else int(used[:_budget_rows(used, token_budget)].sum())), total
+
+
+def tokens_phrase(tokens: dict, hint: str = "") -> str:
+    """'on the first 2,041 of 8,607 test tokens; --eval-tokens 0 for all' or 'on all 8,607 test tokens', from
+    ``{scored, total}`` (`eval_tokens`); ``hint`` (such as '--eval-tokens 0 for all') follows a partial count."""
+    scored, total = tokens["scored"], tokens["total"]
+    if scored >= total:
+        return f"on all {total:,} test tokens"
+    return f"on the first {scored:,} of {total:,} test tokens" + (f"; {hint}" if hint else "")
 
 
 def perplexity(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_size: int = 32,

@@ -78,7 +78,8 @@ def how_to_decide(model: nn.Module, dataset: Dataset, *, sparsity: float = 0.8,
         if task_name == "accuracy":
             value = evaluate(candidate, dataset)["accuracy"]
             return {"name": "accuracy", "measure": "accuracy", "higher_is_better": True, "value": value}
-        return tasks.evaluate_task(candidate, dataset, reference=model, task=task_name)
+        return tasks.evaluate_task(candidate, dataset, reference=model, task=task_name,
+                                   max_tokens=MeasureSpec().token_budget)  # a perplexity on q1's tokens
 
     for name in names:
         if name not in criteria.CRITERIA:

@@ -16,6 +16,7 @@ from explorer.layers import effective_weight, prunable_layers  # noqa: E402
 from explorer.specs import ModelSpec, PlanSpec, ScoringSpec  # noqa: E402
 from tests.apptest import goto, live_cards, set_sparsity, texts  # noqa: E402
 from tests.test_app_transformers import load_transformer, start  # noqa: E402
+from explorer.specs import DEFAULT_EVAL_TOKENS  # noqa: E402
 
 CALIB = dict(calib_samples=4, calib_seqlen=32, calib_mode="windows")
 
@@ -99,8 +100,9 @@ def test_wanda_on_a_causal_lm_is_lean_and_prunes_the_clis_and_the_general_paths_
         assert torch.equal(weight, effective_weight(cli_pruned.get_submodule(name))), name
         assert torch.equal(weight, effective_weight(expected.get_submodule(name))), name
     assert metrics["params_nonzero"] == nonzero_params(pruned)
-    assert metrics["task"]["pruned"] == pytest.approx(tasks.perplexity(pruned, dataset, max_tokens=2048), rel=1e-6)
-    assert metrics["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=2048), rel=1e-6)
+    budget = DEFAULT_EVAL_TOKENS  # both perplexities on the default token budget
+    assert metrics["task"]["pruned"] == pytest.approx(tasks.perplexity(pruned, dataset, max_tokens=budget), rel=1e-6)
+    assert metrics["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=budget), rel=1e-6)
     zeros = sum(int((effective_weight(m) == 0).sum()) for _, m in prunable_layers(pruned))
     total = sum(effective_weight(m).numel() for _, m in prunable_layers(model))
     assert metrics["sparsity_actual"] == pytest.approx(zeros / total)
@@ -299,7 +301,8 @@ def test_a_language_models_base_perplexity_has_a_bar_and_cancel_keeps_the_model_
     at.run()
     assert not at.exception and not at.error, texts(at.error)
     entry = at.session_state["current_model"]
-    assert entry["task"]["base"] == pytest.approx(real(entry["module"], entry["dataset"]), rel=1e-9)
+    assert entry["task"]["base"] == pytest.approx(real(entry["module"], entry["dataset"],
+                                                       max_tokens=DEFAULT_EVAL_TOKENS), rel=1e-9)
     assert common.BASE_TASKS["tiny_gpt2"] is entry["task"]
 
 
@@ -310,11 +313,11 @@ def test_the_apps_base_perplexity_reads_the_default_token_budget_and_a_recipe_wi
 
     model, dataset, _ = pipeline.resolve_model(Spec("tiny_gpt2", data="text"))
     task = common.task_of(model, dataset)
-    assert task["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=2048), rel=1e-6)
-    assert task["eval_tokens"] == 2048 and task["tokens"]["scored"] < task["tokens"]["total"]
+    assert task["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=DEFAULT_EVAL_TOKENS), rel=1e-6)
+    assert task["eval_tokens"] == DEFAULT_EVAL_TOKENS and task["tokens"]["scored"] < task["tokens"]["total"]
     entry = {"module": model, "dataset": dataset, "base_accuracy": None, "task": task}
     pruned = pipeline.clone_model(model)
-    for recipe_tokens, expected_tokens in ((2048, 2048), (0, None), (300, 300)):
+    for recipe_tokens, expected_tokens in ((DEFAULT_EVAL_TOKENS, DEFAULT_EVAL_TOKENS), (0, None), (300, 300)):
         recipe = Recipe(model=Spec("tiny_gpt2", data="text"),
                         measure=MeasureSpec(latency=False, eval_tokens=recipe_tokens))
         metrics = common.measure(entry, pruned, recipe)

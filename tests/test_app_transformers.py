@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from explorer import tasks
 from explorer.models import load_model
 from explorer.store import RunStore
+from explorer.specs import DEFAULT_EVAL_TOKENS
 from tests.apptest import goto, live_slider, set_sparsity, texts
 
 
@@ -84,9 +85,13 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     load_transformer(at, "tiny_gpt2")
     gpt2 = at.session_state["current_model"]
     assert gpt2["task"]["name"] == "perplexity" and gpt2["task"]["higher_is_better"] is False
-    # an independent computation of the dense model's perplexity on the same test split
-    assert gpt2["task"]["base"] == pytest.approx(tasks.perplexity(gpt2["module"], gpt2["dataset"]), rel=1e-6)
-    assert "Baseline perplexity (test)" in [m.label for m in at.metric]
+    # an independent computation of the dense model's perplexity on the same test tokens: the default budget's
+    budgeted = tasks.perplexity(gpt2["module"], gpt2["dataset"], max_tokens=DEFAULT_EVAL_TOKENS)
+    assert gpt2["task"]["base"] == pytest.approx(budgeted, rel=1e-6)
+    scored, total = tasks.eval_tokens(gpt2["dataset"], "test", DEFAULT_EVAL_TOKENS)
+    assert gpt2["task"]["tokens"] == {"scored": scored, "total": total} and scored < total
+    (card,) = [m for m in at.metric if m.label == "Baseline perplexity (test)"]
+    assert f"Scored on the first {scored:,} of {total:,} test tokens" in card.help
     goto(at, "app_pages/prune.py")
     at.radio(key="prune_structure").set_value("nm").run()
     assert "fixes the sparsity at 50%" in texts(at.caption)

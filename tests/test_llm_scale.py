@@ -131,8 +131,47 @@ def test_measure_run_bounds_both_perplexities_and_can_skip_the_memory_estimate(g
     again = pipeline.measure_run(model, pruned, dataset, MeasureSpec(latency=False), base_figures=figures)
     assert again["baseline_size_compressed_bytes"] == measure.compressed_size_bytes(model)["compressed"]
     assert again["baseline_flops_effective"] == measure.flops(model, dataset.example_input(1))["effective"]
-    with pytest.raises(Exception, match="eval_tokens"):
-        MeasureSpec(eval_tokens=0).validate()
+    with pytest.raises(Exception, match="eval_tokens must be a whole number from 0 .* 0 scores the whole test split"):
+        MeasureSpec(eval_tokens=-1).validate()
+
+
+def _budget_by_hand(dataset, budget):
+    """(scored, total) tokens counted sequence by sequence, each up to its last real token: the budget's count."""
+    x, _ = dataset.split("test")
+    pad = dataset.info["pad_id"]
+    used = [max([i + 1 for i, token in enumerate(row.tolist()) if token != pad] or [1]) for row in x]
+    scored = 0
+    for index, length in enumerate(used):
+        if index and budget is not None and scored + length > budget:
+            break
+        scored += length
+    return scored, sum(used)
+
+
+def test_by_default_both_perplexities_read_the_first_test_tokens_of_the_budget_and_say_how_many(gpt2):
+    from explorer.specs import DEFAULT_EVAL_TOKENS, MeasureSpec
+
+    model, dataset = gpt2
+    pruned = pipeline.apply(model, *_magnitude_plan(model, dataset))
+    assert MeasureSpec().eval_tokens == DEFAULT_EVAL_TOKENS == 2048
+    m = pipeline.measure_run(model, pruned, dataset, MeasureSpec(latency=False), peak_memory=False)
+    scored, total = _budget_by_hand(dataset, DEFAULT_EVAL_TOKENS)
+    assert m["task"]["tokens"] == {"scored": scored, "total": total}
+    longest = dataset.split("test")[0].shape[1]
+    assert DEFAULT_EVAL_TOKENS - longest < scored <= DEFAULT_EVAL_TOKENS < total  # the next sequence would not fit
+    assert m["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset, max_tokens=DEFAULT_EVAL_TOKENS),
+                                              rel=1e-6)
+    assert m["task"]["pruned"] == pytest.approx(tasks.perplexity(measure.as_deployed(pruned), dataset,
+                                                                 max_tokens=DEFAULT_EVAL_TOKENS), rel=1e-6)
+    whole = pipeline.measure_run(model, pruned, dataset, MeasureSpec(latency=False, eval_tokens=0), peak_memory=False)
+    assert whole["task"]["tokens"] == {"scored": total, "total": total}
+    assert whole["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset), rel=1e-6)
+    assert whole["task"]["base"] != pytest.approx(m["task"]["base"], rel=1e-3)  # other tokens, another value
+    assert MeasureSpec(eval_tokens=None).validate().token_budget is None  # a run stored before the default: all
+    assert tasks.tokens_phrase(m["task"]["tokens"], hint="--eval-tokens 0 for all") == \
+        f"on the first {scored:,} of {total:,} test tokens; --eval-tokens 0 for all"
+    assert tasks.tokens_phrase(whole["task"]["tokens"], hint="unused") == f"on all {total:,} test tokens"
+    assert tasks.eval_tokens(dataset, "test", 1) == (_budget_by_hand(dataset, 1)[0], total)  # always one sequence
 
 
 def _magnitude_plan(model, dataset):

@@ -8,6 +8,7 @@ the in-memory perplexity; never more than one block (or the embeddings) in memor
 """
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -235,6 +236,8 @@ def test_cli_streams_a_folder_and_reports_the_perplexity(folders, tmp_path, caps
     assert result["stream"] and result["calibration"] == "sequential" and result["sparsity_actual"] == 0.5
     assert result["compute_dtype"] == "bfloat16" and result["perplexity"]["tokens"] > 0
     assert result["perplexity"]["base"] > 1 and result["perplexity"]["pruned"] > 1
+    scored, total = result["perplexity"]["eval_tokens"]["scored"], result["perplexity"]["eval_tokens"]["total"]
+    assert result["perplexity"]["tokens"] < scored <= 200 < total  # targets: all but each sequence's first token
     assert "block 2 of 2" in captured.err or "block 1 of 2" in captured.err
     assert main(_args(source, tmp_path / "b", "--criterion", "magnitude", "--structure", "nm", "--eval", "none",
                       "--stream-dtype", "float32")) == 0
@@ -242,7 +245,9 @@ def test_cli_streams_a_folder_and_reports_the_perplexity(folders, tmp_path, caps
     assert "streamed magnitude nm 50%" in text_out and "float32 compute" in text_out
     assert main(_args(source, tmp_path / "c", "--criterion", "magnitude", "--sparsity", "0.3",
                       "--eval-tokens", "100")) == 0
-    assert "test perplexity" in capsys.readouterr().out
+    line = next(line for line in capsys.readouterr().out.splitlines() if "test perplexity" in line)
+    first = re.search(r"\(streamed\), on the first ([\d,]+) of ([\d,]+) test tokens; --eval-tokens 0 for all$", line)
+    assert first and int(first[1].replace(",", "")) <= 100 and int(first[2].replace(",", "")) == total
 
 
 @pytest.mark.parametrize("extra,words", [

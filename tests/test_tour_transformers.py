@@ -7,6 +7,7 @@ from explorer import pipeline, tasks, tour
 from explorer.specs import PlanSpec, ScoringSpec
 from tests.apptest import goto
 from tests.test_app_transformers import load_transformer, start
+from explorer.specs import DEFAULT_EVAL_TOKENS
 
 
 def test_the_tour_runs_on_tiny_gpt2_in_perplexity(tmp_path, monkeypatch):
@@ -20,7 +21,7 @@ def test_the_tour_runs_on_tiny_gpt2_in_perplexity(tmp_path, monkeypatch):
     current = at.session_state["current_model"]
     model, data = current["module"], current["dataset"]
     evidence = {key[0]: value for key, value in at.session_state["tour_evidence"].items()}
-    base = tasks.perplexity(model, data)
+    base = tasks.perplexity(model, data, max_tokens=DEFAULT_EVAL_TOKENS)  # the default budget
 
     # q1: rows in perplexity, the table names it; the unstructured row is the same plan computed here
     what = evidence["what"]
@@ -28,7 +29,8 @@ def test_the_tour_runs_on_tiny_gpt2_in_perplexity(tmp_path, monkeypatch):
     assert first["structure"] == "unstructured" and first["task"]["name"] == "perplexity"
     prepared = pipeline.prepare(model, ScoringSpec("unstructured", "magnitude"), dataset=data)
     mine = pipeline.apply(model, prepared, pipeline.preview(prepared, PlanSpec(first["sparsity"], "local")))
-    assert first["task"]["pruned"] == pytest.approx(tasks.perplexity(mine, data), rel=1e-4)
+    expected = tasks.perplexity(mine, data, max_tokens=DEFAULT_EVAL_TOKENS)
+    assert first["task"]["pruned"] == pytest.approx(expected, rel=1e-4)
     assert first["task"]["base"] == pytest.approx(base, rel=1e-4)
     table = at.dataframe[0].value
     assert "perplexity" in table.columns and "accuracy" not in table.columns
@@ -40,7 +42,8 @@ def test_the_tour_runs_on_tiny_gpt2_in_perplexity(tmp_path, monkeypatch):
     assert decide["task"]["base"] == pytest.approx(base, rel=1e-4)
     prepared = pipeline.prepare(model, ScoringSpec("unstructured", "magnitude", calib_batches=2), dataset=data)
     plan = pipeline.preview(prepared, PlanSpec(decide["sparsity"], "global"))
-    expected = None if plan.collapsed else tasks.perplexity(pipeline.apply(model, prepared, plan), data)
+    expected = None if plan.collapsed else tasks.perplexity(pipeline.apply(model, prepared, plan), data,
+                                                            max_tokens=DEFAULT_EVAL_TOKENS)
     assert decide["task"]["values"]["magnitude"] == pytest.approx(expected, rel=1e-4)
     shown = at.dataframe[1].value
     assert list(shown.columns) == ["criterion", "perplexity"]

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from explorer.cli import main
+from explorer.specs import DEFAULT_EVAL_TOKENS
 
 
 def prune(capsys, *argv):
@@ -59,3 +60,26 @@ def test_text_data_for_an_image_model_is_one_line(capsys):
     code = main(["prune", "--model", "mlp", "--data", "text", "--sparsity", "0.5"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "tokenizer" in err
+
+
+def test_a_causal_lms_perplexity_says_how_many_test_tokens_it_read_by_default_and_with_eval_tokens_0(capsys):
+    from explorer import pipeline, tasks
+    from explorer.specs import ModelSpec
+
+    model, dataset, _ = pipeline.resolve_model(ModelSpec("tiny_gpt2", data="text"))
+    scored, total = tasks.eval_tokens(dataset, "test", DEFAULT_EVAL_TOKENS)
+    argv = ["prune", "--model", "tiny_gpt2", "--data", "text", "--criterion", "magnitude", "--sparsity", "0.5"]
+    assert main(argv) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "test perplexity" in line)
+    base = tasks.perplexity(model, dataset, max_tokens=DEFAULT_EVAL_TOKENS)
+    assert line.endswith(f"(no fine-tune) on the first {scored:,} of {total:,} test tokens; --eval-tokens 0 for all")
+    assert f" {base:.4g} -> " in line
+    (whole,) = prune(capsys, *argv[1:], "--eval-tokens", "0")
+    assert whole["task"]["tokens"] == {"scored": total, "total": total}
+    assert whole["recipe"]["measure"]["eval_tokens"] == 0
+    assert whole["task"]["base"] == pytest.approx(tasks.perplexity(model, dataset), rel=1e-6)
+    assert main([*argv, "--eval-tokens", "0"]) == 0
+    assert f"(no fine-tune) on all {total:,} test tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv, "--eval-tokens", "-5"])
+    assert "--eval-tokens: expected a whole number from 0 to" in capsys.readouterr().err
