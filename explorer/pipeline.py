@@ -215,7 +215,8 @@ def prepare(model: nn.Module, scoring: ScoringSpec, *, dataset: Dataset | None =
         calib = calibration(model, dataset, scoring, seed=seed)
     input_shape = tuple(example_input.shape[1:])
     layers = dict(prunable_layers(model))
-    model_flops = measure.flops(model, example_input)
+    model_flops = measure.remembered(model, ("flops", tuple(example_input.shape), example_input.dtype),
+                                     lambda: measure.flops(model, example_input))  # the base's, reused while unchanged
     prepared_groups: list[structural.ChannelGroup] = []
     attention: dict[str, heads.HeadInfo] = {}
     hessians: dict[str, torch.Tensor] = {}

@@ -179,3 +179,21 @@ def _magnitude_plan(model, dataset):
 
     prepared = pipeline.prepare(model, ScoringSpec(criterion="magnitude"), dataset=dataset)
     return prepared, pipeline.preview(prepared, PlanSpec(sparsity=0.5))
+
+
+def test_the_base_figures_reuse_the_plans_flop_trace_while_the_model_is_unchanged(gpt2, monkeypatch):
+    from explorer.specs import ScoringSpec
+
+    model, dataset = gpt2
+    model = pipeline.clone_model(model)  # a fresh object: nothing remembered yet
+    traced, real = [], measure.flops
+    monkeypatch.setattr(measure, "flops", lambda *a, **k: traced.append(a[0]) or real(*a, **k))
+    example = dataset.example_input(64)
+    pipeline.prepare(model, ScoringSpec(criterion="magnitude"), dataset=dataset, lean=True)
+    figures = measure.measure_baseline(model, example)
+    assert len(traced) == 1  # the plan's trace, read again by the base figures
+    assert figures["flops_effective"] == real(model, example[:1])["effective"]
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)  # an in-place edit: traced again
+    measure.measure_baseline(model, example)
+    assert len(traced) == 2
