@@ -175,7 +175,7 @@ def task_label(task: dict) -> str:
 
 
 def tokens_help(task: dict) -> str:
-    """' Scored on the first 2,016 of 8,607 test tokens; ...' for a perplexity that says how many it read, else ''."""
+    """' Scored on the first 1,020 of 8,607 test tokens; ...' for a perplexity that says how many it read, else ''."""
     if "tokens" not in task:
         return ""
     hint = "a recipe's measure.eval_tokens: 0 scores them all"

@@ -578,7 +578,7 @@ def measure_run(base_model: nn.Module, pruned_model: nn.Module, dataset: Dataset
         metrics.update(accuracy=None, base_accuracy=None, delta_accuracy=None)
         task = {"name": name, "measure": result["measure"], "base": base_task_value, "pruned": result["value"],
                 "higher_is_better": result["higher_is_better"], "measures": result["measures"]}
-        if name == "perplexity":  # {scored, total}: what an output line says ("on the first 2,041 of 8,607 ...")
+        if name == "perplexity":  # {scored, total}: what an output line says ("on the first 1,020 of 8,607 ...")
             task["tokens"] = dict(zip(("scored", "total"), tasks.eval_tokens(dataset, "test", spec.token_budget)))
     if spec.latency and stopped():
         metrics["cancelled"] = "latency"

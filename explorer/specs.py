@@ -302,8 +302,9 @@ class BudgetSpec:
         return 0, self.epochs + (self.start_epochs if from_scratch else 0)
 
 
-DEFAULT_EVAL_TOKENS = 2048  # a perplexity's default token budget: two whole-split perplexities of a 124 M model
-# cost several times its plan on this CPU (bench/RESULTS_llm_scale.md); every output line says how many were scored
+DEFAULT_EVAL_TOKENS = 1024  # a perplexity's default token budget (the 7 B streamed rows' too): two whole-split
+# perplexities of a 124 M model cost 8-14x its plan on this CPU, two of 2,048 tokens 3.3x, of 1,024 under 3x
+# (bench/RESULTS_llm_scale.md); every output line says how many were scored, and 0 scores them all
 
 
 @dataclass(frozen=True)

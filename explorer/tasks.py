@@ -165,7 +165,7 @@ def _budget_rows(used: torch.Tensor, token_budget: int) -> int:
 def eval_tokens(dataset: Dataset, split: str = "test", token_budget: int | None = None) -> tuple[int, int]:
     """``(scored, total)``: the tokens `perplexity` reads under ``token_budget`` (None: all) and the split's
     tokens, each sequence counted up to its last real token; for an output line such as "on the first
-    2,041 of 8,607 test tokens"."""
+    1,020 of 8,607 test tokens"."""
     x, _ = dataset.split(split)
     if x.ndim != 2 or not len(x):
         return 0, 0
@@ -175,7 +175,7 @@ def eval_tokens(dataset: Dataset, split: str = "test", token_budget: int | None 
 
 
 def tokens_phrase(tokens: dict, hint: str = "") -> str:
-    """'on the first 2,041 of 8,607 test tokens; --eval-tokens 0 for all' or 'on all 8,607 test tokens', from
+    """'on the first 1,020 of 8,607 test tokens; --eval-tokens 0 for all' or 'on all 8,607 test tokens', from
     ``{scored, total}`` (`eval_tokens`); ``hint`` (such as '--eval-tokens 0 for all') follows a partial count."""
     scored, total = tokens["scored"], tokens["total"]
     if scored >= total:

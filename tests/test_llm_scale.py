@@ -153,7 +153,7 @@ def test_by_default_both_perplexities_read_the_first_test_tokens_of_the_budget_a
 
     model, dataset = gpt2
     pruned = pipeline.apply(model, *_magnitude_plan(model, dataset))
-    assert MeasureSpec().eval_tokens == DEFAULT_EVAL_TOKENS == 2048
+    assert MeasureSpec().eval_tokens == DEFAULT_EVAL_TOKENS == 1024
     m = pipeline.measure_run(model, pruned, dataset, MeasureSpec(latency=False), peak_memory=False)
     scored, total = _budget_by_hand(dataset, DEFAULT_EVAL_TOKENS)
     assert m["task"]["tokens"] == {"scored": scored, "total": total}
