@@ -99,13 +99,14 @@ metrics_shown = list(dict.fromkeys(shown["metric"]))
 metric = metrics_shown[0] if metrics_shown else "accuracy"
 if len(metrics_shown) > 1:
     metric = pick_metric.selectbox("Metric to plot (runs judged by it)", metrics_shown, key="cmp_metric",
-                                   help="Accuracy, perplexity and fidelity are different scales: each chart "
-                                        "plots the runs of one metric.")
+                                   help="Accuracy, perplexity and fidelity are different scales, and perplexities "
+                                        "scored on different tokens do not compare: each chart plots the runs of "
+                                        "one metric.")
 if "accuracy" not in metrics_shown:  # transformers judged by perplexity or fidelity have no accuracy
     shown = shown.drop(columns=["accuracy", "Δ accuracy (pts)"])
 one_metric = metrics_shown[0] if len(metrics_shown) == 1 else None
 value_format = ("percent" if one_metric in ("accuracy", figures.METRIC_LABELS["top1"])
-                else "%.2f" if one_metric == "perplexity" else "%.3f")
+                else "%.2f" if one_metric and figures.metric_kind(one_metric) == "perplexity" else "%.3f")
 kernels = shown["speed-up 2:4 kernels"]
 shown = shown.assign(**{"speed-up 2:4 kernels": [  # a number where the kernels ran, a dash (and a line below) elsewhere
     "—" if value is None or value != value else f"{value:.2f}x" for value in kernels]})

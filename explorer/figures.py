@@ -33,6 +33,7 @@ METRIC_LABELS = {"accuracy": "accuracy", "perplexity": "perplexity", "top1": "fi
                  "cosine": "fidelity (cosine similarity)", "kl": "fidelity (KL divergence)"}
 PERCENT_MEASURES = ("accuracy", "top1")
 LOWER_IS_BETTER = ("perplexity", "fidelity (KL divergence)")
+SCORED_ON = " · "  # 'perplexity · first 1,020 of 8,607 tokens': a label's metric, then what it was scored on
 
 
 TOOLBAR_PX = 48  # plotly's toolbar (modebar), a strip at the top right of every chart: titles go below it
@@ -315,7 +316,7 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
             "structure": run.structure, "criterion": run.criterion, "scope": run.scope, "sparsity": run.sparsity,
             "fine-tune epochs": finetune.get("epochs_done", 0),
             "trained epochs": trained,
-            "metric": METRIC_LABELS.get(task.get("measure"), task.get("name", "accuracy")),
+            "metric": _metric_label(run, task),
             "metric value": task.get("pruned"), "base value": task.get("base"), "accuracy": m.get("accuracy"),
             "Δ accuracy (pts)": 100 * m["delta_accuracy"] if m.get("delta_accuracy") is not None else None,
             "params": m.get("params_total"), "non-zero params": m.get("params_nonzero"),
@@ -331,6 +332,25 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
                       else "pruned only"),
         })
     return pd.DataFrame(rows)
+
+
+def _metric_label(run, task: dict) -> str:
+    """The task metric's name; a perplexity also says which tokens it read, so that runs scored on different
+    tokens (a recipe's ``eval_tokens``, or runs stored before the 1,024-token default) never share an axis."""
+    label = METRIC_LABELS.get(task.get("measure"), task.get("name", "accuracy"))
+    if task.get("measure") != "perplexity":
+        return label
+    tokens = task.get("tokens")
+    if tokens:
+        scored, total = tokens["scored"], tokens["total"]
+        return f"{label}{SCORED_ON}{'all' if scored >= total else f'first {scored:,} of'} {total:,} tokens"
+    budget = ((run.recipe or {}).get("measure") or {}).get("eval_tokens")
+    return f"{label}{SCORED_ON}" + (f"first <= {budget:,} tokens" if budget else "all tokens")
+
+
+def metric_kind(label: str) -> str:
+    """The metric a `runs_frame` label names, without the tokens it was scored on ('perplexity')."""
+    return label.split(SCORED_ON)[0]
 
 
 def _trained_epochs(run, finetune: dict) -> int:
@@ -374,7 +394,7 @@ def sweep_chart(table: pd.DataFrame, x: str, color: str | None, metric: str = "a
 
 def _metric_axis(metric: str) -> dict:
     """The y axis of a task metric: percent for accuracy and agreement; lower-is-better said in the title."""
-    title = metric + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
+    title = metric + (" (lower is better)" if metric_kind(metric) in LOWER_IS_BETTER else "")
     percent = metric in (METRIC_LABELS[m] for m in PERCENT_MEASURES)
     # ".1~%": 99.5% stays apart from 99% on a narrow range (".0%" read "100% 99% 99% 99%"), 20% stays 20%
     return dict(title=dict(text=title), tickformat=".1~%" if percent else None)

@@ -110,15 +110,17 @@ def test_tiny_bert_heads_and_tiny_gpt2_reach_compare_with_their_task_metrics(tmp
     by_model = {row["model"]: row for _, row in table.iterrows()}
     assert by_model["tiny_bert on text"]["metric"] == "fidelity (top-1 agreement)"
     assert by_model["tiny_bert on text"]["metric value"] == pytest.approx(bert["task"]["pruned"])
-    assert by_model["tiny_gpt2 on text"]["metric"] == "perplexity"
+    scored, total = tasks.eval_tokens(gpt2["dataset"], "test", DEFAULT_EVAL_TOKENS)  # what the default budget reads
+    label = f"perplexity · {'all' if scored >= total else f'first {scored:,} of'} {total:,} tokens"
+    assert by_model["tiny_gpt2 on text"]["metric"] == label
     assert by_model["tiny_gpt2 on text"]["metric value"] == pytest.approx(gpt2_run["task"]["pruned"])
     assert "accuracy" not in table.columns  # nothing here is judged by accuracy
     picker = at.selectbox(key="cmp_metric")
-    assert set(picker.options) == {"fidelity (top-1 agreement)", "perplexity"}
-    picker.set_value("perplexity").run()
+    assert set(picker.options) == {"fidelity (top-1 agreement)", label}
+    picker.set_value(label).run()
     assert not at.exception
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
-    assert figure["layout"]["yaxis"]["title"]["text"] == "perplexity (lower is better)"
+    assert figure["layout"]["yaxis"]["title"]["text"] == f"{label} (lower is better)"
     plotted = [y for trace in figure["data"] for y in numbers(trace["y"])]
     assert plotted == pytest.approx([gpt2_run["task"]["pruned"]])
     assert len(RunStore().list()) == 2

@@ -215,3 +215,24 @@ def test_trajectories_plot_a_transformers_own_metric_where_it_has_no_accuracy():
                                             "val_metric": 0.8}]})
     assert accuracy.layout.annotations[0].text == "validation accuracy" and list(accuracy.data[0].y) == [0.8]
     assert tuple(accuracy.layout.yaxis.range) == (0, 1.02)
+
+
+def test_perplexities_scored_on_different_tokens_are_different_metrics():
+    """A run's perplexity label says what it read, so Compare never puts 1,020-token and whole-split runs on one axis."""
+    common = dict(model_name="gpt2", dataset="text", structure="unstructured", criterion="wanda", scope="local",
+                  sparsity=0.5)
+
+    def run(id, tokens=None, budget=None):
+        task = {"name": "perplexity", "measure": "perplexity", "base": 30.0, "pruned": 40.0}
+        return Run(**common, id=id, metrics={"task": {**task, **({"tokens": tokens} if tokens else {})}},
+                   recipe={"measure": {"eval_tokens": budget}})
+
+    table = figures.runs_frame([run(1, {"scored": 1020, "total": 8607}), run(2, {"scored": 8607, "total": 8607}),
+                                run(3, budget=None), run(4, budget=2048), run(5, {"scored": 1020, "total": 8607})])
+    assert list(table["metric"]) == ["perplexity · first 1,020 of 8,607 tokens", "perplexity · all 8,607 tokens",
+                                     "perplexity · all tokens", "perplexity · first <= 2,048 tokens",
+                                     "perplexity · first 1,020 of 8,607 tokens"]
+    assert {figures.metric_kind(label) for label in table["metric"]} == {"perplexity"}
+    figure = figures.accuracy_vs_sparsity(table, table["metric"][0])
+    assert figure.layout.yaxis.title.text == "perplexity · first 1,020 of 8,607 tokens (lower is better)"
+    assert sorted(y for trace in figure.data for y in trace.y if y == y) == [40.0, 40.0]  # runs 1 and 5 only
