@@ -23,7 +23,7 @@ import os
 import tempfile
 from pathlib import Path
 
-CACHE_VERSION = 1  # 1: compressed size with deflate's run-length strategy (explorer.measure)
+CACHE_VERSION = 2  # 1: compressed size with deflate's run-length strategy; 2: in independent 16 MiB blocks
 _CHUNK = 1 << 22
 
 

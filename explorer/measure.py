@@ -11,9 +11,11 @@ Every number carries its unit in its name: ``flops``, ``latency_ms``, ``size_byt
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import weakref
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -195,6 +197,9 @@ def compare_latency(
     return result
 
 
+DEFLATE_BLOCK = 16 << 20  # compressed sizes deflate the serialised file in independent blocks of 16 MiB
+
+
 def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]:
     """Serialised state-dict size, raw and deflate-compressed.
 
@@ -204,9 +209,12 @@ def compressed_size_bytes(model: nn.Module, *, level: int = 6) -> dict[str, int]
     unstructured sparsity pays. Deflate runs with zlib's run-length strategy (``Z_RLE``): float
     weights hold almost no repeated strings for the default strategy's search to find, only zero
     runs and skewed byte statistics, which run-length plus Huffman coding capture as well (sizes
-    within about 1 % of the default strategy's) about five times faster, 100 MB/s on one core.
+    within about 1 % of the default strategy's) about five times faster, 100 MB/s on one core. The file is
+    deflated in independent blocks of `DEFLATE_BLOCK` bytes on two threads (pigz's ``--independent``: each
+    block a whole zlib stream; a run-length coder loses only the run across each boundary and 11 bytes of
+    framing, 0.0001 % of a 16 MiB block), so both cores work: a 0.5 GB GPT-2 in ~2 s instead of ~4.
     """
-    sink = _DeflateCounter(level, zlib.Z_RLE)
+    sink = _DeflateCounter(level, zlib.Z_RLE, block=DEFLATE_BLOCK)
     torch.save(as_deployed(model).state_dict(), sink)
     return {"raw": sink.raw, "compressed": sink.finish()}
 
@@ -226,22 +234,66 @@ class _DeflateCounter:
 
     The same numbers as ``len(raw)`` and ``len(zlib.compress(raw, level))`` of the whole buffer, without
     holding the serialised model (and its compressed copy) in memory: a 1 B model would need 8 GB for both.
+    With ``block``, the deflate size is that of each ``block`` bytes compressed on its own (the sum of
+    ``len(zlib.compress(piece))``), two blocks at a time on threads (zlib lets go of the GIL), at most four
+    blocks in memory.
     """
 
-    def __init__(self, level: int, strategy: int = zlib.Z_DEFAULT_STRATEGY):
+    def __init__(self, level: int, strategy: int = zlib.Z_DEFAULT_STRATEGY, *, block: int | None = None):
         self.raw, self.compressed = 0, 0
-        self._deflate = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, strategy)
+        self._level, self._strategy, self._block = level, strategy, block
+        self._deflate = None if block else self._new()
+        self._pending, self._pool, self._running = bytearray(), None, collections.deque()
+
+    def _new(self):
+        return zlib.compressobj(self._level, zlib.DEFLATED, zlib.MAX_WBITS, 8, self._strategy)
+
+    def _size(self, piece: bytes) -> int:
+        deflate = self._new()
+        return len(deflate.compress(piece)) + len(deflate.flush())
+
+    def _submit(self, piece: bytes) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deflate")
+        self._running.append(self._pool.submit(self._size, piece))
+        while len(self._running) > 2:
+            self.compressed += self._running.popleft().result()
 
     def write(self, data) -> int:
-        self.raw += len(data)
-        self.compressed += len(self._deflate.compress(data))
-        return len(data)
+        size = len(data)
+        self.raw += size
+        if self._block is None:
+            self.compressed += len(self._deflate.compress(data))
+            return size
+        view = memoryview(data).cast("B")
+        if self._pending:
+            take = self._block - len(self._pending)
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) < self._block:
+                return size
+            self._submit(bytes(self._pending))
+            self._pending = bytearray()
+        while len(view) >= self._block:  # a tensor's storage comes in one write: cut it without copying it whole
+            self._submit(bytes(view[:self._block]))
+            view = view[self._block:]
+        self._pending += view
+        return size
 
     def flush(self) -> None:
         """torch.save may flush; counting has nothing to flush until `finish`."""
 
     def finish(self) -> int:
-        self.compressed += len(self._deflate.flush())
+        if self._block is None:
+            self.compressed += len(self._deflate.flush())
+            return self.compressed
+        if self._pending or not self.raw:
+            self._submit(bytes(self._pending))
+            self._pending = bytearray()
+        while self._running:
+            self.compressed += self._running.popleft().result()
+        if self._pool is not None:
+            self._pool.shutdown()
         return self.compressed
 
 

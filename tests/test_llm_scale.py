@@ -24,8 +24,27 @@ def test_compressed_size_is_the_deflate_size_of_the_whole_serialised_state_dict(
     raw = buffer.getvalue()
     deflate = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)  # the run-length strategy
     compressed = len(deflate.compress(raw)) + len(deflate.flush())
+    assert len(raw) < measure.DEFLATE_BLOCK  # one block: one stream
     assert measure.compressed_size_bytes(model) == {"raw": len(raw), "compressed": compressed}
     assert abs(compressed / len(zlib.compress(raw, 6)) - 1) < 0.02  # what the default strategy gives, within 2 %
+
+
+@pytest.mark.parametrize("block", [4096, 100_003])
+def test_a_larger_file_is_deflated_in_independent_blocks(gpt2, monkeypatch, block):
+    """Blocks of DEFLATE_BLOCK bytes, each its own zlib stream, whatever sizes torch.save writes in."""
+    model, _ = gpt2
+    buffer = io.BytesIO()
+    torch.save(measure.as_deployed(model).state_dict(), buffer)
+    raw = buffer.getvalue()
+
+    def deflated(piece):
+        deflate = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
+        return len(deflate.compress(piece)) + len(deflate.flush())
+
+    monkeypatch.setattr(measure, "DEFLATE_BLOCK", block)
+    expected = sum(deflated(raw[start:start + block]) for start in range(0, len(raw), block))
+    assert measure.compressed_size_bytes(model) == {"raw": len(raw), "compressed": expected}
+    assert abs(expected / deflated(raw) - 1) < 0.01  # the blocks cost next to nothing
 
 
 @pytest.mark.parametrize("source", ["tiny_gpt2", "lenet5"])
