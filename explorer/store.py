@@ -389,7 +389,7 @@ class RunStore:
                 message = str(exc) if isinstance(exc, StoreError) else \
                     f"Could not copy the weights {weights} into the store ({exc.strerror or exc})"
                 left = runs[index:]
-                if done:
+                if done or run.id is not None:  # a run stored before its weights failed keeps its id: never stored twice
                     _write_whole(path, json.dumps([run.to_dict() for run in left], indent=1))
                 raise StoreError(f"{message} Restored {len(done)} of {len(runs)} runs from {path}; the other "
                                  f"{len(left)} stay in it: fix the store and restore again.", kept=path) from None

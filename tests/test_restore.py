@@ -83,6 +83,25 @@ def test_a_refusal_midway_leaves_only_the_rest_in_the_file(tmp_path, monkeypatch
     assert sorted(run.sparsity for run in store.list()) == [0.3, 0.6, 0.9]  # each once
 
 
+def test_weights_that_cannot_be_copied_leave_the_run_stored_once(tmp_path, monkeypatch):
+    model = build("mlp", (1, 8, 8), 10)
+    kept = _refused(tmp_path, model)
+    store = RunStore(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("explorer.store.shutil.copyfile", full)
+    with pytest.raises(StoreError, match="No space left on device.*Restored 0 of 1 runs") as caught:
+        store.restore(kept)
+    assert "\n" not in str(caught.value) and kept.exists()
+    monkeypatch.undo()
+    [again] = store.restore(kept)
+    assert [run.id for run in store.list()] == [again.id]  # the row stored before the copy failed, not a second
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(load_model(store.weights_path(again.id))(x), model(x))
+
+
 @pytest.mark.parametrize("content", [b"\xff\x00 not json", b'{"model_name": "mlp"}', b'[{"model_name": "mlp"}]',
                                      b'[{"model_name": "mlp", "dataset": "d", "evil": 1}]', b"[1, 2]"])
 def test_a_file_that_is_not_kept_runs_is_one_line(tmp_path, content):
